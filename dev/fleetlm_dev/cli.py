@@ -1,0 +1,128 @@
+"""`fleetlm-dev`: the developer's command line (build, local cluster, demo, benchmarks).
+
+Each subcommand is a thin shell around a module that does the work, so tests call the modules
+directly and the CLI stays a table of verbs.
+"""
+
+from __future__ import annotations
+
+import argparse
+import importlib
+import json
+import logging
+import pathlib
+import sys
+from collections.abc import Callable, Sequence
+
+from fleetlm_dev import cluster, k8s_build, paths
+
+
+def _cmd_build(args: argparse.Namespace) -> int:
+    toolset = k8s_build.build(args.k8s_version, force=args.force) if args.k8s_version else k8s_build.ensure_built()
+    print(k8s_build.describe(toolset))
+    return 0
+
+
+def _cmd_cluster_up(args: argparse.Namespace) -> int:
+    directory = pathlib.Path(args.dir).expanduser().resolve()
+    plane = cluster.up(directory, timeout_s=args.timeout)
+    if args.json:
+        print(json.dumps({"kubeconfig": str(plane.kubeconfig), "server": plane.server,
+                          "version": plane.k8s_version, "dir": str(directory)}))
+        return 0
+    print(f"control plane {plane.k8s_version} is up at {plane.server}", file=sys.stderr)
+    print(f"  use it:   export KUBECONFIG={plane.kubeconfig}", file=sys.stderr)
+    print(f"  stop it:  fleetlm-dev cluster down --dir {directory}", file=sys.stderr)
+    print(plane.kubeconfig)
+    return 0
+
+
+def _cmd_cluster_down(args: argparse.Namespace) -> int:
+    directory = pathlib.Path(args.dir).expanduser().resolve()
+    stopped = cluster.down(directory)
+    for name in stopped:
+        print(f"stopped {name}", file=sys.stderr)
+    if not stopped:
+        print("nothing was running", file=sys.stderr)
+    return 0
+
+
+def _cmd_cluster_status(args: argparse.Namespace) -> int:
+    directory = pathlib.Path(args.dir).expanduser().resolve()
+    plane = cluster.ControlPlane.load(directory)
+    running = plane.running()
+    for name, alive in running.items():
+        print(f"{name:<24} {'running' if alive else 'stopped'}")
+    print(f"kubeconfig: {plane.kubeconfig}")
+    return 0 if running and all(running.values()) else 1
+
+
+def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
+    """Subcommands owned by other modules parse their own arguments (`main(argv) -> int`)."""
+
+    def run(args: argparse.Namespace) -> int:
+        entry = importlib.import_module(module)
+        return int(entry.main(list(args.rest)))
+
+    return run
+
+
+def _cmd_demo(args: argparse.Namespace) -> int:
+    from fleetlm_dev import demo  # noqa: PLC0415  (pulls in the runtime only when asked)
+
+    return demo.main(dir=pathlib.Path(args.dir).expanduser().resolve(), keep=args.keep)
+
+
+def build_parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="fleetlm-dev", description=__doc__.splitlines()[0])
+    parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
+    verbs = parser.add_subparsers(dest="verb", required=True)
+
+    build = verbs.add_parser("build", help="build the control plane and helm from the Go module proxy (cached)")
+    build.add_argument("--k8s-version", default=None, help=f"Kubernetes release (default {k8s_build.K8S_VERSION})")
+    build.add_argument("--force", action="store_true", help="rebuild even when the cache is complete")
+    build.set_defaults(func=_cmd_build)
+
+    cluster_parser = verbs.add_parser("cluster", help="a local control plane on loopback")
+    cluster_verbs = cluster_parser.add_subparsers(dest="cluster_verb", required=True)
+    default_dir = str(paths.default_cluster_dir())
+    up = cluster_verbs.add_parser("up", help="start etcd, apiserver, controller-manager, scheduler")
+    up.add_argument("--dir", default=default_dir, help=f"state, logs and kubeconfig (default {default_dir})")
+    up.add_argument("--timeout", type=float, default=180, help="seconds to wait for readiness")
+    up.add_argument("--json", action="store_true", help="print a JSON line instead of prose")
+    up.set_defaults(func=_cmd_cluster_up)
+    down = cluster_verbs.add_parser("down", help="stop exactly the processes `up` started")
+    down.add_argument("--dir", default=default_dir)
+    down.set_defaults(func=_cmd_cluster_down)
+    status = cluster_verbs.add_parser("status", help="which components run")
+    status.add_argument("--dir", default=default_dir)
+    status.set_defaults(func=_cmd_cluster_status)
+
+    demo = verbs.add_parser("demo", help="the local demo: control plane, runtime on the built-in model")
+    demo.add_argument("--dir", default=default_dir)
+    demo.add_argument("--keep", action="store_true", help="leave everything running when the demo ends")
+    demo.set_defaults(func=_cmd_demo)
+
+    bench = verbs.add_parser("bench", help="benchmarks that print figures against a baseline")
+    bench_verbs = bench.add_subparsers(dest="bench_verb", required=True)
+    engine = bench_verbs.add_parser("engine", help="engine tokens/s vs sequential generate()", add_help=False)
+    engine.add_argument("rest", nargs=argparse.REMAINDER)
+    engine.set_defaults(func=_delegate("fleetlm_dev.bench_engine"))
+    return parser
+
+
+def main(argv: Sequence[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
+    try:
+        return int(args.func(args))
+    except (cluster.ClusterError, k8s_build.BuildError) as error:
+        print(f"fleetlm-dev: error: {error}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

@@ -1,0 +1,48 @@
+"""Fixtures shared by every test tier.
+
+`control_plane` is one real Kubernetes control plane (etcd, kube-apiserver, kube-controller-manager,
+kube-scheduler) per test session, built from the Go module proxy on first use and cached outside the
+repository. It is stopped — by the PIDs it started — when the session ends, passing or failing.
+"""
+
+from __future__ import annotations
+
+import os
+import pathlib
+import uuid
+from collections.abc import Iterator
+
+import pytest
+
+from fleetlm_dev import cluster, k8s_build
+
+REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
+
+
+@pytest.fixture(scope="session")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.ControlPlane]:
+    toolset = k8s_build.ensure_built()
+    plane = cluster.ControlPlane(directory=tmp_path_factory.mktemp("control-plane"), bin_dir=toolset.bin_dir)
+    plane.start()
+    previous = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(plane.kubeconfig)
+    try:
+        yield plane
+    finally:
+        if previous is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = previous
+        plane.stop()
+
+
+@pytest.fixture
+def namespace(control_plane: cluster.ControlPlane) -> Iterator[str]:
+    """A fresh namespace per test, deleted afterwards (without waiting for it to finish)."""
+    name = f"t-{uuid.uuid4().hex[:10]}"
+    control_plane.kubectl("create", "namespace", name)
+    try:
+        yield name
+    finally:
+        control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
+
