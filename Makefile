@@ -8,11 +8,18 @@ VENV := $(FLEETLM_CACHE)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv k8s lint test demo crds
+.PHONY: venv k8s lint test demo
 
-venv:
+# Installed once per change of pyproject.toml (the stamp); the install is editable, so code changes
+# need no reinstall. pip shows what it fetches: on a fresh machine that is several GB (torch).
+STAMP := $(VENV)/.fleetlm-installed
+
+$(STAMP): pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	@$(PY) -m pip install --quiet --disable-pip-version-check -e '.[dev]'
+	$(PY) -m pip install --disable-pip-version-check --progress-bar off -e '.[dev]'
+	@touch $(STAMP)
+
+venv: $(STAMP)
 
 # The control plane and helm, built from the Go module proxy once; a no-op when the cache is complete.
 k8s: venv
