@@ -1,0 +1,1209 @@
+"""Pydantic models of the LLMService resource: the one source of truth for its schema.
+
+This module decides what an LLMService may say: every field, its JSON name, its description (which
+`kubectl explain` shows), its default and its validation. Rules that span fields are written once as
+`CelRule`s: `crdgen` puts them into the CRD as `x-kubernetes-validations`, and the validators below
+enforce the same rules with the same messages, so pure code (tests, examples, the operator) refuses
+the same manifests the API server refuses. It never talks to a cluster and never imports kopf,
+kubernetes or aiohttp.
+
+Python names are snake_case; JSON names are camelCase through the alias generator. Optional spec
+fields are omitted (never null) when unset, so that CEL `has()` means "the user set it".
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import datetime
+import re
+from collections.abc import Mapping
+from typing import Annotated, Any, Literal, Self
+
+import pydantic
+import pydantic_core
+from pydantic import alias_generators
+
+from fleetlm_operator.api import names
+from fleetlm_runtime import contract
+
+# --------------------------------------------------------------------------------------------------
+# CEL rules shared by the CRD and the validators.
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class CelRule:
+    """One `x-kubernetes-validations` entry. The validators below raise `message` when it fails."""
+
+    rule: str
+    message: str
+    field_path: str | None = None  # relative to where the rule sits, e.g. ".min"
+    reason: str | None = None  # FieldValueInvalid (default), FieldValueRequired, FieldValueDuplicate, ...
+    optional_old_self: bool = False  # a transition rule that also runs on create (oldSelf is optional)
+
+    def to_schema(self) -> dict[str, Any]:
+        entry: dict[str, Any] = {"rule": self.rule, "message": self.message}
+        if self.field_path is not None:
+            entry["fieldPath"] = self.field_path
+        if self.reason is not None:
+            entry["reason"] = self.reason
+        if self.optional_old_self:
+            entry["optionalOldSelf"] = True
+        return entry
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Cel:
+    """Annotation metadata that attaches CEL rules to one field's schema (a scalar or a list)."""
+
+    rules: tuple[CelRule, ...]
+
+    def __get_pydantic_json_schema__(
+        self,
+        core_schema: pydantic_core.CoreSchema,
+        handler: pydantic.GetJsonSchemaHandler,
+    ) -> dict[str, Any]:
+        schema = dict(handler(core_schema))
+        schema["x-kubernetes-validations"] = [
+            *schema.get("x-kubernetes-validations", []),
+            *(rule.to_schema() for rule in self.rules),
+        ]
+        return schema
+
+
+def _cel_extra(*rules: CelRule) -> dict[str, Any]:
+    """`json_schema_extra` for a model whose schema carries object-level CEL rules."""
+    return {"x-kubernetes-validations": [rule.to_schema() for rule in rules]}
+
+
+class RuleViolation(ValueError):
+    """A failed cross-field rule; its text is the CEL rule's message."""
+
+
+def _require(ok: bool, rule: CelRule) -> None:
+    if not ok:
+        raise RuleViolation(rule.message)
+
+
+# Validation context key: the object was read back from the API server, which already ran its
+# transition rules against the old object. Pure code has no old object, so it skips those rules.
+STORED = "stored"
+
+
+def _is_stored(info: pydantic.ValidationInfo) -> bool:
+    return bool(info.context and info.context.get(STORED))
+
+
+# --------------------------------------------------------------------------------------------------
+# Scalar types.
+
+# Go-style durations as users write them: "500ms", "2s", "1m30s", "5m". Bounded so that CEL's
+# duration() never overflows and CEL cost estimation stays small; no backslashes, so the same text is
+# a valid CEL string literal.
+DURATION_PATTERN = "^([0-9]{1,5}([.][0-9]{1,6})?(ms|s|m|h)){1,4}$"
+_DURATION_PART = re.compile(r"([0-9]{1,5}(?:[.][0-9]{1,6})?)(ms|s|m|h)")
+_UNIT_SECONDS = {"ms": 0.001, "s": 1.0, "m": 60.0, "h": 3600.0}
+
+
+def parse_duration_s(text: str) -> float:
+    """Seconds in a duration such as "1m30s" (the subset of Go's syntax that DURATION_PATTERN allows)."""
+    if re.fullmatch(DURATION_PATTERN, text) is None:
+        raise ValueError(f"not a duration: {text!r} (write e.g. 500ms, 2s, 1m30s, 5m)")
+    return sum(float(number) * _UNIT_SECONDS[unit] for number, unit in _DURATION_PART.findall(text))
+
+
+def _well_formed(expression: str) -> str:
+    """CEL: `expression` matches DURATION_PATTERN (so a malformed value gets only the pattern's error)."""
+    return f"{expression}.matches('{DURATION_PATTERN}')"
+
+
+# A well-formed duration is above zero exactly when it has a non-zero digit ("0s", "0.0ms" have none).
+POSITIVE_DURATION = CelRule(
+    rule=f"!{_well_formed('self')} || self.matches('[1-9]')", message="must be a duration above zero"
+)
+INTERVAL_AT_LEAST_1S = CelRule(
+    rule=f"!{_well_formed('self')} || duration(self) >= duration('1s')", message="must be at least 1s"
+)
+
+
+def _positive_duration(value: str) -> str:
+    if parse_duration_s(value) <= 0:
+        raise ValueError(POSITIVE_DURATION.message)
+    return value
+
+
+def _interval_at_least_1s(value: str) -> str:
+    if parse_duration_s(value) < 1:
+        raise ValueError(INTERVAL_AT_LEAST_1S.message)
+    return value
+
+
+Duration = Annotated[str, pydantic.StringConstraints(pattern=DURATION_PATTERN, max_length=32)]
+PositiveDuration = Annotated[Duration, pydantic.AfterValidator(_positive_duration), Cel((POSITIVE_DURATION,))]
+IntervalDuration = Annotated[Duration, pydantic.AfterValidator(_interval_at_least_1s), Cel((INTERVAL_AT_LEAST_1S,))]
+
+# Kubernetes resource quantities ("4", 4, "500m", "24Gi"), as controller-gen renders resource.Quantity.
+QUANTITY_PATTERN = (
+    r"^(\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))(([KMGTPE]i)|[numkMGTPE]|([eE](\+|-)?(([0-9]+(\.[0-9]*)?)|(\.[0-9]+))))?$"
+)
+
+
+def _check_quantity(value: int | str) -> int | str:
+    if isinstance(value, int):
+        if value < 0:
+            raise ValueError("a resource quantity may not be negative")
+    elif re.fullmatch(QUANTITY_PATTERN, value) is None or value.startswith("-"):
+        raise ValueError(f"not a resource quantity: {value!r} (write e.g. 4, 500m, 24Gi)")
+    return value
+
+
+Quantity = Annotated[
+    int | str,
+    pydantic.AfterValidator(_check_quantity),
+    pydantic.WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "pattern": QUANTITY_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+
+# A DNS-1123 label, at most 32 characters: QoS class names (a Prometheus label value in the runtime).
+DNS_LABEL_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?$"
+ClassName = Annotated[str, pydantic.StringConstraints(pattern=DNS_LABEL_PATTERN, min_length=1, max_length=32)]
+# A DNS-1123 subdomain: names of Secrets, ConfigMaps, PriorityClasses.
+DNS_SUBDOMAIN_PATTERN = r"^[a-z0-9]([-a-z0-9]*[a-z0-9])?(\.[a-z0-9]([-a-z0-9]*[a-z0-9])?)*$"
+ObjectName = Annotated[str, pydantic.StringConstraints(pattern=DNS_SUBDOMAIN_PATTERN, min_length=1, max_length=253)]
+
+# Where the weights come from. No backslashes, so the same text is a valid CEL string literal.
+MODEL_SOURCE_PATTERN = (
+    "^(builtin:tiny"
+    "|pvc://[a-z0-9]([-a-z0-9]*[a-z0-9])?(/[-A-Za-z0-9._/@+=:,~]*)?"
+    "|/[-A-Za-z0-9._/@+=:,~]+"
+    "|(hf://)?[A-Za-z0-9][-A-Za-z0-9._]*(/[A-Za-z0-9][-A-Za-z0-9._]*)?)$"
+)
+MODEL_SOURCE = CelRule(
+    rule=f"self.matches('{MODEL_SOURCE_PATTERN}')",
+    message=(
+        "spec.model.source must be a Hugging Face id (org/name or hf://org/name), pvc://<claim>/<path>, "
+        "an absolute path inside the image, or builtin:tiny"
+    ),
+)
+
+
+def _check_model_source(value: str) -> str:
+    if re.fullmatch(MODEL_SOURCE_PATTERN, value) is None:
+        raise ValueError(MODEL_SOURCE.message)
+    return value
+
+
+ModelSource = Annotated[
+    str,
+    pydantic.StringConstraints(min_length=1, max_length=512),
+    pydantic.AfterValidator(_check_model_source),
+    Cel((MODEL_SOURCE,)),
+]
+
+# --------------------------------------------------------------------------------------------------
+# Base classes.
+
+
+class _SpecModel(pydantic.BaseModel):
+    """Spec parts: camelCase on the wire, unknown fields refused (the API server prunes or refuses them)."""
+
+    model_config = pydantic.ConfigDict(
+        alias_generator=alias_generators.to_camel,
+        validate_by_alias=True,
+        validate_by_name=True,
+        serialize_by_alias=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+
+class _StatusModel(pydantic.BaseModel):
+    """Status parts: written by the operator; unknown fields from a newer operator are ignored."""
+
+    model_config = pydantic.ConfigDict(
+        alias_generator=alias_generators.to_camel,
+        validate_by_alias=True,
+        validate_by_name=True,
+        serialize_by_alias=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+
+def _compact(value: Any) -> Any:
+    """JSON value without nulls and empty collections: what the CRD stores as a section's default."""
+    if isinstance(value, dict):
+        pairs = ((key, _compact(item)) for key, item in value.items())
+        return {key: item for key, item in pairs if item is not None and item not in ({}, [])}
+    if isinstance(value, list):
+        return [_compact(item) for item in value]
+    return value
+
+
+def _section(factory: Any, description: str) -> Any:
+    """A spec section that is always present.
+
+    The CRD defaults it to the fully defaulted object, not to {}: the API server checks a default
+    against the CEL rules before nested defaults apply, so `{}` would fail `self.min <= self.max`.
+    """
+    default = factory().model_dump(mode="json", by_alias=True, exclude_none=True)
+    return pydantic.Field(
+        default_factory=factory, description=description, json_schema_extra={"default": _compact(default)}
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.model
+
+
+Dtype = Literal["auto", "float32", "bfloat16", "float16"]
+
+
+class ModelSpec(_SpecModel):
+    """Which model the runtime loads and how."""
+
+    source: ModelSource = pydantic.Field(
+        description=(
+            "Where the weights come from. A Hugging Face id such as `Qwen/Qwen2.5-0.5B-Instruct` (or "
+            "`hf://Qwen/Qwen2.5-0.5B-Instruct`; the pod needs network access), `pvc://<claim>/<path>` for "
+            "weights on a PersistentVolumeClaim in the same namespace (mounted read-only), an absolute path "
+            "baked into the image such as `/models/llama`, or `builtin:tiny` for a small random model made "
+            "at start (CPU demos and tests)."
+        ),
+    )
+    revision: str | None = pydantic.Field(
+        default=None,
+        max_length=128,
+        description=(
+            "Hugging Face revision (branch, tag or commit) to load. Only used for Hugging Face ids; "
+            "unset means the repository's default branch. Pin a commit in production."
+        ),
+    )
+    dtype: Dtype = pydantic.Field(
+        default="auto",
+        description=(
+            "Weight and activation precision. `auto` picks bfloat16 (or float16 where bf16 is unsupported) "
+            "on a GPU and float32 on CPU."
+        ),
+    )
+    max_context_length: int | None = pydantic.Field(
+        default=None,
+        ge=1,
+        le=1_048_576,
+        description=(
+            "Longest prompt plus completion, in tokens, that the runtime accepts; longer prompts are refused "
+            "with HTTP 400. Unset means the model's own limit."
+        ),
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.runtime
+
+
+class ResourceList(_SpecModel):
+    """CPU and memory amounts, as in a container's resources."""
+
+    cpu: Quantity | None = pydantic.Field(default=None, description="CPU cores, e.g. `4` or `500m`.")
+    memory: Quantity | None = pydantic.Field(default=None, description="Memory, e.g. `24Gi`.")
+
+
+class Resources(_SpecModel):
+    """CPU and memory requests and limits of each runtime container (GPUs are set by `gpus`)."""
+
+    requests: ResourceList = _section(ResourceList, "Amounts the scheduler reserves for each runtime pod.")
+    limits: ResourceList = _section(ResourceList, "Caps on each runtime pod; a pod over its memory limit is killed.")
+
+
+TOLERATION_EXISTS_NO_VALUE = CelRule(
+    rule="self.operator != 'Exists' || !has(self.value) || self.value == ''",
+    message="value must be empty when operator is Exists",
+    field_path=".value",
+)
+TOLERATION_EMPTY_KEY_NEEDS_EXISTS = CelRule(
+    rule="(has(self.key) && self.key != '') || self.operator == 'Exists'",
+    message="operator must be Exists when key is empty",
+    field_path=".operator",
+)
+
+
+class Toleration(_SpecModel):
+    """A taint the runtime pods tolerate, as in a pod's `tolerations`."""
+
+    model_config = pydantic.ConfigDict(
+        json_schema_extra=_cel_extra(TOLERATION_EXISTS_NO_VALUE, TOLERATION_EMPTY_KEY_NEEDS_EXISTS)
+    )
+
+    key: str | None = pydantic.Field(
+        default=None, max_length=316, description="Taint key to match; empty with `Exists` matches every taint."
+    )
+    operator: Literal["Exists", "Equal"] = pydantic.Field(
+        default="Equal", description="`Equal` matches key and value; `Exists` matches the key alone."
+    )
+    value: str | None = pydantic.Field(default=None, max_length=63, description="Taint value to match (with `Equal`).")
+    effect: Literal["NoSchedule", "PreferNoSchedule", "NoExecute"] | None = pydantic.Field(
+        default=None, description="Taint effect to match; unset matches every effect."
+    )
+    toleration_seconds: int | None = pydantic.Field(
+        default=None,
+        ge=0,
+        description="With `NoExecute`: how long the pod stays bound after the taint appears; unset is forever.",
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _rules(self) -> Self:
+        _require(self.operator != "Exists" or not self.value, TOLERATION_EXISTS_NO_VALUE)
+        _require(bool(self.key) or self.operator == "Exists", TOLERATION_EMPTY_KEY_NEEDS_EXISTS)
+        return self
+
+
+class KeyRef(_SpecModel):
+    """One key of a Secret or ConfigMap in the LLMService's namespace."""
+
+    name: ObjectName = pydantic.Field(description="Name of the Secret or ConfigMap.")
+    key: str = pydantic.Field(min_length=1, max_length=253, description="Key inside it.")
+    optional: bool | None = pydantic.Field(
+        default=None, description="Start the pod even when the object or key is missing."
+    )
+
+
+ENV_SOURCE_EXACTLY_ONE = CelRule(
+    rule="has(self.secretKeyRef) != has(self.configMapKeyRef)",
+    message="set exactly one of secretKeyRef or configMapKeyRef",
+)
+
+
+class EnvVarSource(_SpecModel):
+    """Where an environment variable's value comes from."""
+
+    model_config = pydantic.ConfigDict(json_schema_extra=_cel_extra(ENV_SOURCE_EXACTLY_ONE))
+
+    secret_key_ref: KeyRef | None = pydantic.Field(
+        default=None, description="A key of a Secret, e.g. a Hugging Face token for gated models."
+    )
+    config_map_key_ref: KeyRef | None = pydantic.Field(default=None, description="A key of a ConfigMap.")
+
+    @pydantic.model_validator(mode="after")
+    def _rules(self) -> Self:
+        _require((self.secret_key_ref is None) != (self.config_map_key_ref is None), ENV_SOURCE_EXACTLY_ONE)
+        return self
+
+
+ENV_VALUE_XOR_SOURCE = CelRule(
+    rule="!(has(self.value) && has(self.valueFrom))",
+    message="value and valueFrom are mutually exclusive",
+    field_path=".valueFrom",
+)
+
+
+class EnvVar(_SpecModel):
+    """An extra environment variable for the runtime container."""
+
+    model_config = pydantic.ConfigDict(json_schema_extra=_cel_extra(ENV_VALUE_XOR_SOURCE))
+
+    name: str = pydantic.Field(
+        min_length=1,
+        max_length=128,
+        pattern=r"^[-._a-zA-Z][-._a-zA-Z0-9]*$",
+        description="Variable name, e.g. `HF_TOKEN`.",
+    )
+    value: str | None = pydantic.Field(default=None, max_length=32768, description="Literal value.")
+    value_from: EnvVarSource | None = pydantic.Field(
+        default=None, description="Read the value from a Secret or ConfigMap key instead."
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _rules(self) -> Self:
+        _require(self.value is None or self.value_from is None, ENV_VALUE_XOR_SOURCE)
+        return self
+
+
+ENV_NAMES_UNIQUE = CelRule(
+    rule="self.all(e, self.exists_one(f, f.name == e.name))",
+    message="spec.runtime.env names must be unique",
+)
+
+NodeSelectorValue = Annotated[str, pydantic.StringConstraints(max_length=63)]
+
+
+class RuntimeSpec(_SpecModel):
+    """How each runtime pod runs: image, GPUs, CPU and memory, placement and environment."""
+
+    image: str | None = pydantic.Field(
+        default=None,
+        min_length=1,
+        max_length=512,
+        description=(
+            "Runtime container image, e.g. `ghcr.io/fleetlm/runtime:0.1.0`. Unset uses the operator's default "
+            "runtime image."
+        ),
+    )
+    gpus: int = pydantic.Field(
+        default=1,
+        ge=0,
+        le=16,
+        description=(
+            "GPUs per replica, requested as `nvidia.com/gpu`. 0 runs on CPU, which only suits "
+            "`builtin:tiny` and very small models."
+        ),
+    )
+    resources: Resources = _section(Resources, "CPU and memory requests and limits of each runtime container.")
+    node_selector: dict[str, NodeSelectorValue] = pydantic.Field(
+        default_factory=dict,
+        max_length=32,
+        description=("Node labels the runtime pods must match, e.g. `{cloud.google.com/gke-accelerator: nvidia-l4}`."),
+    )
+    tolerations: list[Toleration] = pydantic.Field(
+        default_factory=list,
+        max_length=32,
+        description=(
+            "Taints the runtime pods tolerate. With `gpus > 0` the operator adds a toleration for "
+            "`nvidia.com/gpu` unless one is listed."
+        ),
+    )
+    priority_class_name: ObjectName | None = pydantic.Field(
+        default=None,
+        description="PriorityClass of the runtime pods, so an important service can preempt others for GPUs.",
+    )
+    env: Annotated[list[EnvVar], Cel((ENV_NAMES_UNIQUE,))] = pydantic.Field(
+        default_factory=list,
+        max_length=64,
+        description="Extra environment variables for the runtime container; they win over the operator's.",
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _rules(self) -> Self:
+        env_names = [variable.name for variable in self.env]
+        _require(len(env_names) == len(set(env_names)), ENV_NAMES_UNIQUE)
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.replicas
+
+REPLICAS_MIN_LE_MAX = CelRule(
+    rule="self.min <= self.max",
+    message="spec.replicas.min must be less than or equal to spec.replicas.max",
+    field_path=".min",
+)
+# Refuses a new or changed `desired` outside [min, max] (kubectl scale, HPA), but lets the user lower
+# `max` below a `desired` that someone else wrote: the operator then clamps (see `effective_replicas`).
+REPLICAS_DESIRED_IN_RANGE = CelRule(
+    rule=(
+        "!has(self.desired) || (self.desired >= self.min && self.desired <= self.max) || "
+        "(oldSelf.hasValue() && has(oldSelf.value().desired) && oldSelf.value().desired == self.desired)"
+    ),
+    message="spec.replicas.desired must lie within spec.replicas.min and spec.replicas.max",
+    field_path=".desired",
+    optional_old_self=True,
+)
+
+
+class ReplicasSpec(_SpecModel):
+    """How many runtime pods run: bounds for the autoscaler and the count that `/scale` writes."""
+
+    model_config = pydantic.ConfigDict(json_schema_extra=_cel_extra(REPLICAS_MIN_LE_MAX, REPLICAS_DESIRED_IN_RANGE))
+
+    min: int = pydantic.Field(
+        default=1,
+        ge=0,
+        le=1000,
+        description="Fewest replicas the autoscaler keeps. 0 parks the service (it never scales up from 0).",
+    )
+    max: int = pydantic.Field(default=1, ge=1, le=1000, description="Most replicas the autoscaler may run. At least 1.")
+    desired: int | None = pydantic.Field(
+        default=None,
+        ge=0,
+        le=1000,
+        description=(
+            "Replica count written through the `/scale` subresource: by `kubectl scale`, by an HPA or KEDA, or "
+            "by the operator's own autoscaler. Unset means `min`. Must lie within min..max when written."
+        ),
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _rules(self, info: pydantic.ValidationInfo) -> Self:
+        _require(self.min <= self.max, REPLICAS_MIN_LE_MAX)
+        if self.desired is not None and not _is_stored(info):
+            _require(self.min <= self.desired <= self.max, REPLICAS_DESIRED_IN_RANGE)
+        return self
+
+    @property
+    def effective(self) -> int:
+        """The replica count to run: `desired` (or `min`) clamped into min..max."""
+        wanted = self.min if self.desired is None else self.desired
+        return max(self.min, min(self.max, wanted))
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.slo
+
+SLO_NEEDS_TARGET = CelRule(
+    rule="has(self.ttft) || has(self.tpot)",
+    message="spec.slo must set ttft, tpot or both",
+    reason="FieldValueRequired",
+)
+
+
+class SLOSpec(_SpecModel):
+    """The latency the service promises, at a percentile over a sliding window."""
+
+    model_config = pydantic.ConfigDict(json_schema_extra=_cel_extra(SLO_NEEDS_TARGET))
+
+    ttft: PositiveDuration | None = pydantic.Field(
+        default=None,
+        description=("Time to first token: from request arrival to the first streamed token, e.g. `500ms` or `2s`."),
+    )
+    tpot: PositiveDuration | None = pydantic.Field(
+        default=None,
+        description="Time per output token after the first (inter-token latency), e.g. `50ms`.",
+    )
+    percentile: float = pydantic.Field(
+        default=95.0,
+        gt=0,
+        lt=100,
+        description=(
+            "Percentile the targets apply to, strictly between 0 and 100; 95 means 95% of requests must meet "
+            "them. 99.9 is allowed."
+        ),
+    )
+    window: PositiveDuration = pydantic.Field(
+        default="5m",
+        description=(
+            "Sliding window over which percentiles and SLO attainment are computed, e.g. `5m`. At least "
+            "`spec.autoscaling.interval`."
+        ),
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _rules(self) -> Self:
+        _require(self.ttft is not None or self.tpot is not None, SLO_NEEDS_TARGET)
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.qos
+
+
+class ClassSLO(_SpecModel):
+    """Latency targets for one QoS class; unset targets fall back to `spec.slo`."""
+
+    ttft: PositiveDuration | None = pydantic.Field(
+        default=None, description="Time-to-first-token target for this class, e.g. `300ms`."
+    )
+    tpot: PositiveDuration | None = pydantic.Field(
+        default=None, description="Time-per-output-token target for this class, e.g. `40ms`."
+    )
+
+
+class QoSClass(_SpecModel):
+    """One class of traffic: how it is ordered, shared and shed."""
+
+    name: ClassName = pydantic.Field(
+        description=(
+            "Class name: lowercase letters, digits and '-', at most 32 characters, such as `critical`, "
+            "`standard` or `batch`. It is the `qos_class` label of the runtime's metrics."
+        )
+    )
+    priority: int = pydantic.Field(
+        ge=0,
+        le=1000,
+        description=(
+            "Scheduling priority: lower runs sooner (0 is the most urgent). Lower classes are aged, never starved."
+        ),
+    )
+    weight: int = pydantic.Field(
+        default=1,
+        ge=1,
+        le=1000,
+        description="Fair-share weight among classes of equal priority; the tuner may adjust it.",
+    )
+    sheddable: bool = pydantic.Field(
+        default=False,
+        description=(
+            "Whether requests of this class may be refused with HTTP 429 so that higher classes keep their SLO "
+            "(at max replicas the tuner sheds sheddable classes first)."
+        ),
+    )
+    queue_limit: int | None = pydantic.Field(
+        default=None,
+        ge=1,
+        le=1_000_000,
+        description="Most requests of this class that may wait per replica; more are refused with HTTP 429.",
+    )
+    slo: ClassSLO | None = pydantic.Field(
+        default=None, description="Latency targets for this class, overriding `spec.slo` where set."
+    )
+
+
+class SecretKeyRef(_SpecModel):
+    """A key of a Secret in the LLMService's namespace."""
+
+    name: ObjectName = pydantic.Field(description="Name of the Secret.")
+    key: str = pydantic.Field(
+        default="api-keys.yaml",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+        description="Key inside the Secret that holds the YAML map of API key to class name.",
+    )
+
+
+QOS_CLASS_NAMES_UNIQUE = CelRule(
+    rule="self.all(c, self.exists_one(d, d.name == c.name))",
+    message="spec.qos.classes names must be unique",
+)
+QOS_DEFAULT_CLASS_LISTED = CelRule(
+    rule="!has(self.defaultClass) || (has(self.classes) && self.classes.exists(c, c.name == self.defaultClass))",
+    message="spec.qos.defaultClass must name one of spec.qos.classes",
+    field_path=".defaultClass",
+)
+QOS_DEFAULT_CLASS_REQUIRED = CelRule(
+    rule="!has(self.classes) || size(self.classes) == 0 || has(self.defaultClass)",
+    message="spec.qos.defaultClass is required when spec.qos.classes is set",
+    field_path=".defaultClass",
+    reason="FieldValueRequired",
+)
+QOS_ONE_CLASS_NOT_SHEDDABLE = CelRule(
+    rule="!has(self.classes) || size(self.classes) == 0 || self.classes.exists(c, !c.sheddable)",
+    message="spec.qos.classes must include at least one class that is not sheddable",
+    field_path=".classes",
+)
+
+
+class QoSSpec(_SpecModel):
+    """Classes of traffic and how a request is put into one."""
+
+    model_config = pydantic.ConfigDict(
+        json_schema_extra=_cel_extra(QOS_DEFAULT_CLASS_LISTED, QOS_DEFAULT_CLASS_REQUIRED, QOS_ONE_CLASS_NOT_SHEDDABLE)
+    )
+
+    classes: Annotated[list[QoSClass], Cel((QOS_CLASS_NAMES_UNIQUE,))] = pydantic.Field(
+        default_factory=list,
+        max_length=16,
+        description="QoS classes, at most 16, names unique. Empty means one class for all requests.",
+    )
+    default_class: ClassName | None = pydantic.Field(
+        default=None,
+        description="Class of requests that carry no (known) API key; required when `classes` is set.",
+    )
+    api_keys_secret_ref: SecretKeyRef | None = pydantic.Field(
+        default=None,
+        description=(
+            "Secret whose key holds a YAML map from API key to class name, mounted read-only into the runtime. "
+            "A request's class comes from its key, so clients cannot raise their own class."
+        ),
+    )
+    allow_header_class: bool = pydantic.Field(
+        default=False,
+        description=(
+            f"Let clients pick their class with the `{contract.HEADER_QOS_CLASS}` header or the "
+            f"`{contract.FIELD_QOS_CLASS}` body field. Only for trusted callers: anyone may then claim the "
+            "highest class."
+        ),
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _rules(self) -> Self:
+        class_names = [qos_class.name for qos_class in self.classes]
+        _require(len(class_names) == len(set(class_names)), QOS_CLASS_NAMES_UNIQUE)
+        _require(self.default_class is None or self.default_class in class_names, QOS_DEFAULT_CLASS_LISTED)
+        _require(not self.classes or self.default_class is not None, QOS_DEFAULT_CLASS_REQUIRED)
+        _require(
+            not self.classes or any(not qos_class.sheddable for qos_class in self.classes),
+            QOS_ONE_CLASS_NOT_SHEDDABLE,
+        )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.batching
+
+
+class IntRange(_SpecModel):
+    """Inclusive bounds within which the tuner may move a limit."""
+
+    min: int = pydantic.Field(default=1, ge=1, le=1_048_576, description="Lowest value the tuner may set.")
+    max: int = pydantic.Field(ge=1, le=1_048_576, description="Highest value the tuner may set.")
+
+
+BATCH_SIZE_RANGE_ORDERED = CelRule(
+    rule="self.maxBatchSizeRange.min <= self.maxBatchSizeRange.max",
+    message="spec.batching.maxBatchSizeRange.min must be less than or equal to spec.batching.maxBatchSizeRange.max",
+    field_path=".maxBatchSizeRange",
+)
+BATCH_TOKENS_RANGE_ORDERED = CelRule(
+    rule="self.maxBatchTokensRange.min <= self.maxBatchTokensRange.max",
+    message=(
+        "spec.batching.maxBatchTokensRange.min must be less than or equal to spec.batching.maxBatchTokensRange.max"
+    ),
+    field_path=".maxBatchTokensRange",
+)
+BATCH_SIZE_IN_RANGE = CelRule(
+    rule="self.maxBatchSize >= self.maxBatchSizeRange.min && self.maxBatchSize <= self.maxBatchSizeRange.max",
+    message="spec.batching.maxBatchSize must lie within spec.batching.maxBatchSizeRange",
+    field_path=".maxBatchSize",
+)
+BATCH_TOKENS_IN_RANGE = CelRule(
+    rule=("self.maxBatchTokens >= self.maxBatchTokensRange.min && self.maxBatchTokens <= self.maxBatchTokensRange.max"),
+    message="spec.batching.maxBatchTokens must lie within spec.batching.maxBatchTokensRange",
+    field_path=".maxBatchTokens",
+)
+BATCH_TOKENS_COVER_SIZE = CelRule(
+    rule="self.maxBatchTokens >= self.maxBatchSize",
+    message=(
+        "spec.batching.maxBatchTokens must be at least spec.batching.maxBatchSize "
+        "(every running sequence needs one token per step)"
+    ),
+    field_path=".maxBatchTokens",
+)
+
+
+class BatchingSpec(_SpecModel):
+    """Continuous-batching limits: where they start and how far the tuner may move them."""
+
+    model_config = pydantic.ConfigDict(
+        json_schema_extra=_cel_extra(
+            BATCH_SIZE_RANGE_ORDERED,
+            BATCH_TOKENS_RANGE_ORDERED,
+            BATCH_SIZE_IN_RANGE,
+            BATCH_TOKENS_IN_RANGE,
+            BATCH_TOKENS_COVER_SIZE,
+        )
+    )
+
+    max_batch_size: int = pydantic.Field(
+        default=32,
+        ge=1,
+        le=4096,
+        description="Initial limit on sequences decoded together in one step (vLLM's max_num_seqs).",
+    )
+    max_batch_tokens: int = pydantic.Field(
+        default=8192,
+        ge=1,
+        le=1_048_576,
+        description=(
+            "Initial token budget per step, prefill and decode together (vLLM's max_num_batched_tokens); "
+            "longer prompts are prefilled in chunks."
+        ),
+    )
+    max_batch_size_range: IntRange = pydantic.Field(
+        default_factory=lambda: IntRange(min=1, max=1024),
+        description="Bounds within which the tuner may move `maxBatchSize`.",
+        json_schema_extra={"default": {"min": 1, "max": 1024}},
+    )
+    max_batch_tokens_range: IntRange = pydantic.Field(
+        default_factory=lambda: IntRange(min=16, max=131072),
+        description="Bounds within which the tuner may move `maxBatchTokens`.",
+        json_schema_extra={"default": {"min": 16, "max": 131072}},
+    )
+    autotune: bool = pydantic.Field(
+        default=True,
+        description=(
+            "Let the operator move the limits within their ranges: shrink them when latency SLOs slip while "
+            "the queue is short, grow them when there is headroom and a queue. Changes never restart pods."
+        ),
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _rules(self) -> Self:
+        size_range, tokens_range = self.max_batch_size_range, self.max_batch_tokens_range
+        _require(size_range.min <= size_range.max, BATCH_SIZE_RANGE_ORDERED)
+        _require(tokens_range.min <= tokens_range.max, BATCH_TOKENS_RANGE_ORDERED)
+        _require(size_range.min <= self.max_batch_size <= size_range.max, BATCH_SIZE_IN_RANGE)
+        _require(tokens_range.min <= self.max_batch_tokens <= tokens_range.max, BATCH_TOKENS_IN_RANGE)
+        _require(self.max_batch_tokens >= self.max_batch_size, BATCH_TOKENS_COVER_SIZE)
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.caching
+
+
+class PrefixCacheSpec(_SpecModel):
+    """Reuse of KV cache across requests that share a prompt prefix (system prompts, chat history)."""
+
+    enabled: bool = pydantic.Field(default=True, description="Keep and reuse KV cache of shared prefixes.")
+    max_tokens: int | None = pydantic.Field(
+        default=None,
+        ge=1,
+        le=100_000_000,
+        description="Most prefix tokens kept, evicted least recently used. Unset lets it use the whole KV cache.",
+    )
+
+
+class ResponseCacheSpec(_SpecModel):
+    """Serving exact repeats of deterministic requests (temperature 0 or a fixed seed) from memory."""
+
+    enabled: bool = pydantic.Field(default=False, description="Cache responses of deterministic requests.")
+    max_entries: int = pydantic.Field(
+        default=1024, ge=1, le=1_000_000, description="Most responses kept per replica, evicted least recently used."
+    )
+    ttl: PositiveDuration = pydantic.Field(
+        default="10m", description="How long a cached response may be served, e.g. `10m`."
+    )
+
+
+class CachingSpec(_SpecModel):
+    """Prefix (KV) cache and response cache settings. Changing them restarts the pods."""
+
+    prefix_cache: PrefixCacheSpec = _section(PrefixCacheSpec, "Prefix (KV) cache reuse.")
+    response_cache: ResponseCacheSpec = _section(ResponseCacheSpec, "Exact-repeat response cache.")
+
+
+# --------------------------------------------------------------------------------------------------
+# spec.autoscaling
+
+PROMETHEUS_URL_REQUIRED = CelRule(
+    rule="self.metricsSource != 'prometheus' || has(self.prometheusUrl)",
+    message="spec.autoscaling.prometheusUrl is required when spec.autoscaling.metricsSource is prometheus",
+    field_path=".prometheusUrl",
+    reason="FieldValueRequired",
+)
+
+
+class AutoscalingSpec(_SpecModel):
+    """The operator's tuning loop: where it reads metrics, how often, and how it damps changes."""
+
+    model_config = pydantic.ConfigDict(json_schema_extra=_cel_extra(PROMETHEUS_URL_REQUIRED))
+
+    enabled: bool = pydantic.Field(
+        default=True,
+        description=(
+            "Let the operator scale replicas within spec.replicas.min..max. Turn off when an HPA or KEDA drives "
+            "the `/scale` subresource instead."
+        ),
+    )
+    metrics_source: Literal["pods", "prometheus"] = pydantic.Field(
+        default="pods",
+        description="`pods` scrapes each ready pod's /metrics directly; `prometheus` queries `prometheusUrl`.",
+    )
+    prometheus_url: str | None = pydantic.Field(
+        default=None,
+        max_length=2048,
+        pattern=r"^https?://[^ ]+$",
+        description=(
+            "Base URL of the Prometheus HTTP API, e.g. `http://prometheus-operated.monitoring.svc:9090`; "
+            "required with `metricsSource: prometheus`."
+        ),
+    )
+    interval: IntervalDuration = pydantic.Field(
+        default="15s", description="How often the loop collects, decides and acts, e.g. `15s`; at least `1s`."
+    )
+    scale_up_stabilization: Duration = pydantic.Field(
+        default="0s",
+        description="How long a higher replica recommendation must hold before scaling up, e.g. `30s`.",
+    )
+    scale_down_stabilization: Duration = pydantic.Field(
+        default="5m",
+        description="How long a lower replica recommendation must hold before scaling down one step, e.g. `5m`.",
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _rules(self) -> Self:
+        _require(self.metrics_source != "prometheus" or self.prometheus_url is not None, PROMETHEUS_URL_REQUIRED)
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# spec
+
+SLO_WINDOW_COVERS_INTERVAL = CelRule(
+    rule=(
+        "!has(self.slo) || !has(self.slo.window) || !has(self.autoscaling) || !has(self.autoscaling.interval) || "
+        f"!{_well_formed('self.slo.window')} || !{_well_formed('self.autoscaling.interval')} || "
+        "duration(self.slo.window) >= duration(self.autoscaling.interval)"
+    ),
+    message="spec.slo.window must be at least spec.autoscaling.interval",
+    field_path=".slo.window",
+)
+
+
+class LLMServiceSpec(_SpecModel):
+    """What the platform team asks for: a model, its pods, its latency promise and its traffic classes."""
+
+    model_config = pydantic.ConfigDict(json_schema_extra=_cel_extra(SLO_WINDOW_COVERS_INTERVAL))
+
+    model: ModelSpec = pydantic.Field(description="Which model to serve: source, revision, dtype, context length.")
+    runtime: RuntimeSpec = _section(
+        RuntimeSpec, "How each runtime pod runs: image, GPUs, CPU and memory, node placement, environment."
+    )
+    replicas: ReplicasSpec = _section(
+        ReplicasSpec, "Replica bounds for the autoscaler, and the count that `kubectl scale` and HPAs write."
+    )
+    slo: SLOSpec | None = pydantic.Field(
+        default=None,
+        description=(
+            "Latency targets (TTFT, TPOT) at a percentile over a window. Unset means no latency promise: the "
+            "operator then scales on queue depth alone and leaves SLOMet Unknown."
+        ),
+    )
+    qos: QoSSpec = _section(QoSSpec, "Traffic classes: priorities, weights, shedding and API-key mapping.")
+    batching: BatchingSpec = _section(
+        BatchingSpec, "Continuous-batching limits and the range the tuner may move them in."
+    )
+    caching: CachingSpec = _section(CachingSpec, "Prefix cache and response cache.")
+    autoscaling: AutoscalingSpec = _section(
+        AutoscalingSpec, "The operator's scaling and tuning loop: metrics source, interval, stabilization."
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _rules(self) -> Self:
+        if self.slo is not None:
+            _require(
+                parse_duration_s(self.slo.window) >= parse_duration_s(self.autoscaling.interval),
+                SLO_WINDOW_COVERS_INTERVAL,
+            )
+        return self
+
+
+# --------------------------------------------------------------------------------------------------
+# status
+
+Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
+MAX_CONDITIONS = 16
+MAX_DECISIONS = 20  # bounded history of the tuner's decisions kept in status
+
+
+class Condition(_StatusModel):
+    """One observation of the service's state, in the shape of metav1.Condition."""
+
+    type: str = pydantic.Field(
+        min_length=1,
+        max_length=64,
+        description="Ready, Progressing, SLOMet, MetricsAvailable or CapacityUnavailable.",
+    )
+    status: Literal["True", "False", "Unknown"] = pydantic.Field(description="True, False or Unknown.")
+    reason: str = pydantic.Field(default="", max_length=1024, description="One-word CamelCase cause.")
+    message: str = pydantic.Field(default="", max_length=32768, description="Human-readable details.")
+    last_transition_time: datetime.datetime = pydantic.Field(
+        description="When the status last changed between True, False and Unknown."
+    )
+    observed_generation: int | None = pydantic.Field(
+        default=None, ge=0, description="metadata.generation the condition was computed from."
+    )
+
+
+class ObservedMetrics(_StatusModel):
+    """What the last collection saw over the SLO window. A metric with no data is absent, never zero."""
+
+    ttft_p95_seconds: float | None = pydantic.Field(
+        default=None, ge=0, description="Time to first token at spec.slo.percentile (p95 by default), in seconds."
+    )
+    tpot_p95_seconds: float | None = pydantic.Field(
+        default=None, ge=0, description="Time per output token at spec.slo.percentile (p95 by default), in seconds."
+    )
+    request_rate: float | None = pydantic.Field(
+        default=None, ge=0, description="Requests finished per second, all replicas together."
+    )
+    queue_depth: float | None = pydantic.Field(
+        default=None, ge=0, description="Requests waiting, all replicas together (mean over the window)."
+    )
+    gpu_utilization: float | None = pydantic.Field(
+        default=None, ge=0, le=1, description="Mean GPU utilization, 0 to 1; absent on CPU."
+    )
+    slo_attainment: float | None = pydantic.Field(
+        default=None, ge=0, le=1, description="Fraction of requests in the window that met every SLO target."
+    )
+    window_seconds: float | None = pydantic.Field(
+        default=None, ge=0, description="Length of the window the numbers cover, in seconds."
+    )
+    collected_at: datetime.datetime | None = pydantic.Field(
+        default=None, description="When the numbers were collected."
+    )
+    num_pods_sampled: int | None = pydantic.Field(default=None, ge=0, description="Pods whose metrics were read.")
+    num_pods_expected: int | None = pydantic.Field(
+        default=None, ge=0, description="Ready pods at collection time; fewer sampled means partial data."
+    )
+
+
+class Tuning(_StatusModel):
+    """Limits the operator currently applies to the runtime pods (without restarting them)."""
+
+    max_batch_size: int | None = pydantic.Field(
+        default=None, ge=1, description="Current sequences-per-step limit; absent means spec.batching.maxBatchSize."
+    )
+    max_batch_tokens: int | None = pydantic.Field(
+        default=None, ge=1, description="Current token budget per step; absent means spec.batching.maxBatchTokens."
+    )
+    shed_classes: list[str] = pydantic.Field(
+        default_factory=list, max_length=16, description="Sheddable classes currently refused with HTTP 429."
+    )
+    class_weights: dict[str, int] = pydantic.Field(
+        default_factory=dict,
+        max_length=16,
+        description="Current fair-share weight per class, where the tuner moved it from spec.qos.classes.",
+    )
+
+
+class DecisionRecord(_StatusModel):
+    """One thing the operator did, and why."""
+
+    time: datetime.datetime = pydantic.Field(description="When the decision was made.")
+    action: str = pydantic.Field(
+        max_length=64, description="What was done, e.g. ScaleUp, ScaleDown, ShrinkBatch, GrowBatch, Shed."
+    )
+    reason: str = pydantic.Field(max_length=1024, description="Why, with the numbers that drove it.")
+
+
+class LLMServiceStatus(_StatusModel):
+    """What the operator observed and did. Written only by the operator."""
+
+    phase: Phase | None = pydantic.Field(default=None, description="Pending, Progressing, Ready, Degraded or Failed.")
+    replicas: int | None = pydantic.Field(
+        default=None, ge=0, description="Runtime pods that exist (read by the /scale subresource)."
+    )
+    ready_replicas: int | None = pydantic.Field(default=None, ge=0, description="Runtime pods that are ready.")
+    selector: str | None = pydantic.Field(
+        default=None, max_length=1024, description="Label selector of the runtime pods, for the /scale subresource."
+    )
+    endpoint: str | None = pydantic.Field(
+        default=None, max_length=1024, description="In-cluster base URL of the OpenAI-compatible API."
+    )
+    observed_generation: int | None = pydantic.Field(
+        default=None, ge=0, description="metadata.generation the operator last reconciled."
+    )
+    conditions: list[Condition] = pydantic.Field(
+        default_factory=list,
+        max_length=MAX_CONDITIONS,
+        description="Ready, Progressing, SLOMet, MetricsAvailable, CapacityUnavailable.",
+        json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
+    )
+    observed: ObservedMetrics | None = pydantic.Field(
+        default=None, description="Metrics over the SLO window from the last collection."
+    )
+    tuning: Tuning | None = pydantic.Field(default=None, description="Limits currently applied to the pods.")
+    decisions: list[DecisionRecord] = pydantic.Field(
+        default_factory=list,
+        max_length=MAX_DECISIONS,
+        description=f"The last {MAX_DECISIONS} decisions of the tuning loop, oldest first.",
+    )
+
+
+# --------------------------------------------------------------------------------------------------
+# The resource.
+
+NAME_FITS_CHILDREN = CelRule(
+    rule=f"self.metadata.name.size() <= {names.MAX_NAME_LENGTH} && !self.metadata.name.contains('.')",
+    message=(
+        f"metadata.name must be at most {names.MAX_NAME_LENGTH} characters and contain no dots: it names the "
+        "Deployment, Service and PodDisruptionBudget"
+    ),
+)
+
+
+class ObjectMeta(pydantic.BaseModel):
+    """The parts of metadata the operator reads; everything else is ignored."""
+
+    model_config = pydantic.ConfigDict(
+        alias_generator=alias_generators.to_camel,
+        validate_by_alias=True,
+        validate_by_name=True,
+        serialize_by_alias=True,
+        extra="ignore",
+        frozen=True,
+    )
+
+    name: str | None = None
+    namespace: str | None = None
+    uid: str | None = None
+    generation: int | None = None
+    labels: dict[str, str] = pydantic.Field(default_factory=dict)
+    annotations: dict[str, str] = pydantic.Field(default_factory=dict)
+
+
+class LLMService(pydantic.BaseModel):
+    """LLMService serves one language model behind an OpenAI-compatible API and keeps its latency SLO."""
+
+    model_config = pydantic.ConfigDict(
+        alias_generator=alias_generators.to_camel,
+        validate_by_alias=True,
+        validate_by_name=True,
+        serialize_by_alias=True,
+        extra="forbid",
+        frozen=True,
+    )
+
+    api_version: Literal["fleetlm.dev/v1alpha1"] = names.API_VERSION
+    kind: Literal["LLMService"] = names.KIND
+    metadata: ObjectMeta = pydantic.Field(default_factory=ObjectMeta)
+    spec: LLMServiceSpec
+    status: LLMServiceStatus | None = None
+
+    @pydantic.model_validator(mode="after")
+    def _rules(self) -> Self:
+        name = self.metadata.name
+        if name is not None:
+            _require(len(name) <= names.MAX_NAME_LENGTH and "." not in name, NAME_FITS_CHILDREN)
+        return self
+
+    @property
+    def name(self) -> str:
+        if not self.metadata.name:
+            raise ValueError("the LLMService has no metadata.name")
+        return self.metadata.name
+
+    @property
+    def namespace(self) -> str:
+        return self.metadata.namespace or "default"
+
+
+# Every cross-field rule, for tests and documentation.
+OBJECT_RULES: tuple[CelRule, ...] = (
+    NAME_FITS_CHILDREN,
+    SLO_WINDOW_COVERS_INTERVAL,
+    REPLICAS_MIN_LE_MAX,
+    REPLICAS_DESIRED_IN_RANGE,
+    SLO_NEEDS_TARGET,
+    QOS_CLASS_NAMES_UNIQUE,
+    QOS_DEFAULT_CLASS_LISTED,
+    QOS_DEFAULT_CLASS_REQUIRED,
+    QOS_ONE_CLASS_NOT_SHEDDABLE,
+    BATCH_SIZE_RANGE_ORDERED,
+    BATCH_TOKENS_RANGE_ORDERED,
+    BATCH_SIZE_IN_RANGE,
+    BATCH_TOKENS_IN_RANGE,
+    BATCH_TOKENS_COVER_SIZE,
+    PROMETHEUS_URL_REQUIRED,
+    ENV_NAMES_UNIQUE,
+    ENV_VALUE_XOR_SOURCE,
+    ENV_SOURCE_EXACTLY_ONE,
+    TOLERATION_EXISTS_NO_VALUE,
+    TOLERATION_EMPTY_KEY_NEEDS_EXISTS,
+    MODEL_SOURCE,
+    POSITIVE_DURATION,
+    INTERVAL_AT_LEAST_1S,
+)
+
+
+def load_stored(body: Mapping[str, Any]) -> LLMService:
+    """Parse an LLMService as the API server stored it.
+
+    The API server already ran the transition rules against the old object (a `desired` that was valid
+    when written may now lie outside a lowered `max`); the operator clamps instead of refusing.
+    """
+    return LLMService.model_validate(dict(body), context={STORED: True})
+
+
+def initial_tuning(spec: LLMServiceSpec) -> Tuning:
+    """The tuning a fresh service starts from: the spec's initial limits and weights, nothing shed."""
+    return Tuning(
+        max_batch_size=spec.batching.max_batch_size,
+        max_batch_tokens=spec.batching.max_batch_tokens,
+        shed_classes=[],
+        class_weights={qos_class.name: qos_class.weight for qos_class in spec.qos.classes},
+    )
+
+
+def record_decision(
+    history: list[DecisionRecord] | tuple[DecisionRecord, ...],
+    decision: DecisionRecord,
+    *,
+    limit: int = MAX_DECISIONS,
+) -> list[DecisionRecord]:
+    """The history with `decision` appended, oldest entries dropped beyond `limit`."""
+    return [*history, decision][-limit:]

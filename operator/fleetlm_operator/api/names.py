@@ -1,0 +1,60 @@
+"""Well-known names of the LLMService API: group, version, kinds, labels, annotations, conditions.
+
+This module decides the strings that the CRD, the builders, the handlers and the tests share, so that a
+renamed label or condition breaks a test instead of a running cluster. It holds constants only: it never
+imports anything beyond the standard library and never computes a name from a spec (child-object names
+live with the builders).
+"""
+
+from __future__ import annotations
+
+import enum
+
+GROUP = "fleetlm.dev"
+VERSION = "v1alpha1"
+API_VERSION = f"{GROUP}/{VERSION}"
+KIND = "LLMService"
+LIST_KIND = "LLMServiceList"
+PLURAL = "llmservices"
+SINGULAR = "llmservice"
+SHORT_NAMES: tuple[str, ...] = ("llms",)
+CATEGORIES: tuple[str, ...] = ("fleetlm",)
+CRD_NAME = f"{PLURAL}.{GROUP}"
+
+# The LLMService name becomes the Deployment, Service and PodDisruptionBudget name, and a label value.
+MAX_NAME_LENGTH = 63
+
+# Standard labels (https://kubernetes.io/docs/concepts/overview/working-with-objects/common-labels/).
+LABEL_NAME = "app.kubernetes.io/name"
+LABEL_INSTANCE = "app.kubernetes.io/instance"
+LABEL_COMPONENT = "app.kubernetes.io/component"
+LABEL_PART_OF = "app.kubernetes.io/part-of"
+LABEL_MANAGED_BY = "app.kubernetes.io/managed-by"
+
+# Values of the standard labels on every object the operator creates for an LLMService.
+APP_NAME = "fleetlm"
+COMPONENT_RUNTIME = "runtime"
+PART_OF = "fleetlm"
+MANAGED_BY = "fleetlm-operator"
+
+# Our own label: which LLMService an object belongs to (easier to select on than the instance label).
+LABEL_LLMSERVICE = f"{GROUP}/llmservice"
+
+# Pod-template annotation: hash of the spec parts that need new pods (model, runtime, caching, key mounts).
+# A tuning-only change leaves it, and therefore the pod template, unchanged.
+ANNOTATION_CONFIG_HASH = f"{GROUP}/config-hash"
+# Annotations on objects the operator writes, for people reading them.
+ANNOTATION_GENERATED_BY = f"{GROUP}/generated-by"
+
+
+class ConditionType(enum.StrEnum):
+    """Condition types the operator writes into `status.conditions`."""
+
+    READY = "Ready"  # enough ready replicas serve traffic
+    PROGRESSING = "Progressing"  # a rollout or scale is under way
+    SLO_MET = "SLOMet"  # observed latency at the SLO percentile is within target
+    METRICS_AVAILABLE = "MetricsAvailable"  # the last collection had data from every ready pod
+    CAPACITY_UNAVAILABLE = "CapacityUnavailable"  # pods cannot be scheduled (e.g. no free GPU)
+
+
+CONDITION_TYPES: tuple[str, ...] = tuple(member.value for member in ConditionType)

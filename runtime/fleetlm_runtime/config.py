@@ -1,0 +1,269 @@
+"""The runtime's configuration: one validated `RuntimeConfig`, loadable from YAML with `schemaVersion`.
+
+Keys may be written camelCase (as the operator's ConfigMap does) or snake_case; unknown keys are refused,
+and every error names the offending field (`batching.maxBatchTokens: ...`). The operator validates the
+ConfigMap it renders through this same model, so it imports only `contract` and pydantic and must never
+import the engine, torch or aiohttp.
+"""
+
+from __future__ import annotations
+
+import pathlib
+import re
+from typing import Annotated, Any, Literal, TypeVar
+
+import pydantic
+import yaml
+from pydantic import alias_generators
+
+from fleetlm_runtime import contract
+
+# Class names become Prometheus label values and config_info entries: keep them short and plain.
+_CLASS_NAME = re.compile(r"^[a-z0-9]([-a-z0-9_]{0,30}[a-z0-9])?$")
+
+_M = TypeVar("_M", bound=pydantic.BaseModel)
+
+PositiveInt = Annotated[int, pydantic.Field(ge=1)]
+
+
+class ConfigError(ValueError):
+    """The configuration is invalid; the message names each bad field."""
+
+
+class _Model(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(
+        extra="forbid",
+        frozen=True,
+        populate_by_name=True,
+        alias_generator=alias_generators.to_camel,
+        strict=False,
+    )
+
+
+class ModelSource(_Model):
+    """Which weights to serve and how."""
+
+    source: str = pydantic.Field(
+        default="builtin:tiny",
+        min_length=1,
+        description="A local or PVC-mounted directory, a hub id, or `builtin:tiny` (seeded, no download).",
+    )
+    revision: str | None = pydantic.Field(default=None, description="Hub revision (commit, tag or branch).")
+    dtype: Literal["auto", "float32", "float16", "bfloat16"] = pydantic.Field(
+        default="auto", description="`auto`: bfloat16 on a GPU that supports it, float32 on CPU."
+    )
+    max_model_len: PositiveInt | None = pydantic.Field(
+        default=None, description="Context length; defaults to the model's own."
+    )
+    served_model_name: str | None = pydantic.Field(
+        default=None, min_length=1, description="The `model` id clients send and /v1/models lists."
+    )
+
+
+class ServerSettings(_Model):
+    host: str = "127.0.0.1"
+    port: int = pydantic.Field(default=8000, ge=0, le=65535, description="0 picks a free port.")
+    max_request_body_bytes: PositiveInt = pydantic.Field(
+        default=1 << 20, description="Larger request bodies are refused with 413 before they are parsed."
+    )
+    drain_grace_period_s: float = pydantic.Field(
+        default=30.0, ge=0, le=3600, description="After SIGTERM, how long in-flight requests may take."
+    )
+    admin_token_file: str | None = pydantic.Field(
+        default=None, description="File holding the admin bearer token; without it the admin API is closed."
+    )
+    log_format: Literal["text", "json"] = "text"
+    retry_after_s: PositiveInt = pydantic.Field(default=1, description="`Retry-After` sent with 429 answers.")
+
+
+class BatchingLimits(_Model):
+    """Engine limits; `max_batch_size` and `max_batch_tokens` may be changed live (PUT /admin/config)."""
+
+    max_batch_size: PositiveInt = pydantic.Field(default=32, description="Sequences running at once.")
+    max_batch_tokens: PositiveInt = pydantic.Field(
+        default=2048, description="Tokens per engine step (prefill chunks and decodes together)."
+    )
+    max_kv_tokens: PositiveInt | None = pydantic.Field(
+        default=None, description="KV-cache capacity in tokens; default: what the device memory allows."
+    )
+    max_queue_len: PositiveInt = pydantic.Field(
+        default=256, description="Waiting requests (all classes) before new ones get 429."
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _tokens_cover_batch(self) -> BatchingLimits:
+        # Every running sequence must be able to decode in every step (vLLM enforces the same rule).
+        if self.max_batch_tokens < self.max_batch_size:
+            raise ValueError(
+                f"maxBatchTokens ({self.max_batch_tokens}) must be >= maxBatchSize ({self.max_batch_size})"
+            )
+        return self
+
+
+class QoSClass(_Model):
+    name: str = pydantic.Field(description="Lowercase letters, digits, '-' and '_'; at most 32 characters.")
+    priority: int = pydantic.Field(default=0, ge=-1000, le=1000, description="Lower runs sooner (vLLM semantics).")
+    weight: float = pydantic.Field(default=1.0, gt=0, le=1000, description="Fair-share weight.")
+    queue_limit: PositiveInt | None = pydantic.Field(
+        default=None, description="Waiting requests of this class before new ones get 429."
+    )
+    sheddable: bool = pydantic.Field(default=False, description="May be refused first when SLOs are at risk.")
+    ttft_target_s: float | None = pydantic.Field(default=None, gt=0, description="Time-to-first-token SLO.")
+    tpot_target_s: float | None = pydantic.Field(default=None, gt=0, description="Time-per-output-token SLO.")
+
+    @pydantic.field_validator("name")
+    @classmethod
+    def _label_safe(cls, value: str) -> str:
+        if not _CLASS_NAME.match(value):
+            raise ValueError(f"{value!r} is not a valid class name (lowercase letters, digits, '-', '_'; <= 32)")
+        return value
+
+
+class QoSSettings(_Model):
+    classes: list[QoSClass] = pydantic.Field(
+        default_factory=lambda: [QoSClass(name="default")],
+        min_length=1,
+        description="Traffic classes, each with a priority, weight, queue limit and SLO targets.",
+    )
+    default_class: str = "default"
+    allow_class_header: bool = pydantic.Field(
+        default=False,
+        description=f"Let clients pick their class with `{contract.HEADER_QOS_CLASS}` or the "
+        f"`{contract.FIELD_QOS_CLASS}` body field. Off: the class comes from the API key only.",
+    )
+    api_keys_file: str | None = pydantic.Field(
+        default=None, description="YAML mapping `api key -> class name` (a mounted Secret in production)."
+    )
+    require_api_key: bool = pydantic.Field(
+        default=False, description="Refuse (401) requests whose key is not in the api keys file."
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _classes_consistent(self) -> QoSSettings:
+        names = [c.name for c in self.classes]
+        duplicates = sorted({n for n in names if names.count(n) > 1})
+        if duplicates:
+            raise ValueError(f"duplicate class names: {', '.join(duplicates)}")
+        if self.default_class not in names:
+            raise ValueError(f"defaultClass {self.default_class!r} is not one of the classes ({', '.join(names)})")
+        if self.require_api_key and not self.api_keys_file:
+            raise ValueError("requireApiKey needs apiKeysFile")
+        return self
+
+    def by_name(self) -> dict[str, QoSClass]:
+        return {c.name: c for c in self.classes}
+
+
+class PrefixCacheSettings(_Model):
+    # Off until the engine has a prefix cache, so config_info never claims one that is not there.
+    enabled: bool = False
+    max_tokens: PositiveInt | None = pydantic.Field(default=None, description="Bound on cached prefix tokens.")
+
+
+class ResponseCacheSettings(_Model):
+    enabled: bool = False
+    max_entries: PositiveInt = 1024
+    ttl_s: float = pydantic.Field(default=300.0, gt=0)
+
+
+class CachingSettings(_Model):
+    prefix_cache: PrefixCacheSettings = PrefixCacheSettings()
+    response_cache: ResponseCacheSettings = ResponseCacheSettings()
+
+
+class RuntimeConfig(_Model):
+    schema_version: Literal["v1"] = pydantic.Field(default=contract.CONFIG_SCHEMA_VERSION)
+    model: ModelSource = ModelSource()
+    server: ServerSettings = ServerSettings()
+    batching: BatchingLimits = BatchingLimits()
+    qos: QoSSettings = QoSSettings()
+    caching: CachingSettings = CachingSettings()
+
+    @property
+    def served_model_name(self) -> str:
+        return self.model.served_model_name or _default_model_name(self.model.source)
+
+    def with_limits(self, *, max_batch_size: int | None = None, max_batch_tokens: int | None = None) -> RuntimeConfig:
+        """A copy with new batch limits, validated as a whole (so the pair stays consistent)."""
+        batching = self.batching.model_dump()
+        if max_batch_size is not None:
+            batching["max_batch_size"] = max_batch_size
+        if max_batch_tokens is not None:
+            batching["max_batch_tokens"] = max_batch_tokens
+        return self.model_copy(update={"batching": _validate(BatchingLimits, batching, prefix="batching")})
+
+
+def _default_model_name(source: str) -> str:
+    if source.startswith("builtin:"):
+        return source.split(":", 1)[1] or source
+    return source.rstrip("/").rsplit("/", 1)[-1] if "/" in source and pathlib.Path(source).is_absolute() else source
+
+
+def format_validation_error(error: pydantic.ValidationError, *, prefix: str = "") -> str:
+    """`field.path: message` lines, camelCase, as a user wrote them."""
+    lines = []
+    for item in error.errors():
+        loc = ".".join(_camel(str(part)) for part in item["loc"])
+        where = ".".join(p for p in (prefix, loc) if p) or "config"
+        lines.append(f"{where}: {item['msg']}")
+    return "; ".join(lines)
+
+
+def _camel(part: str) -> str:
+    return alias_generators.to_camel(part) if "_" in part else part
+
+
+def _validate(model: type[_M], data: Any, *, prefix: str = "") -> _M:
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as error:
+        raise ConfigError(format_validation_error(error, prefix=prefix)) from None
+
+
+def parse_config(data: Any) -> RuntimeConfig:
+    """Validate a mapping (e.g. parsed YAML). A missing `schemaVersion` means the current one."""
+    if data is None:
+        data = {}
+    if not isinstance(data, dict):
+        raise ConfigError(f"config: expected a mapping, got {type(data).__name__}")
+    version = data.get(contract.CONFIG_SCHEMA_VERSION_KEY, data.get("schema_version", contract.CONFIG_SCHEMA_VERSION))
+    if version != contract.CONFIG_SCHEMA_VERSION:
+        raise ConfigError(
+            f"{contract.CONFIG_SCHEMA_VERSION_KEY}: unsupported version {version!r}; "
+            f"this runtime reads {contract.CONFIG_SCHEMA_VERSION!r}"
+        )
+    return _validate(RuntimeConfig, data)
+
+
+def load_config(path: str | pathlib.Path) -> RuntimeConfig:
+    """Read and validate a YAML (or JSON) file."""
+    path = pathlib.Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+    except OSError as error:
+        raise ConfigError(f"cannot read config file {path}: {error.strerror or error}") from None
+    try:
+        data = yaml.safe_load(text)
+    except yaml.YAMLError as error:
+        raise ConfigError(f"{path}: not valid YAML: {error}") from None
+    return parse_config(data)
+
+
+def dump_config(config: RuntimeConfig) -> dict[str, Any]:
+    """camelCase mapping with `schemaVersion`, as written to a ConfigMap; round-trips through parse_config."""
+    return config.model_dump(mode="json", by_alias=True)
+
+
+def load_api_keys(path: str | pathlib.Path, *, classes: set[str]) -> dict[str, str]:
+    """Read a YAML mapping `key -> class`; every class must exist. Keys are secrets: never log them."""
+    path = pathlib.Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, yaml.YAMLError) as error:
+        raise ConfigError(f"qos.apiKeysFile: cannot read {path}: {error}") from None
+    if not isinstance(data, dict) or not all(isinstance(k, str) and isinstance(v, str) for k, v in data.items()):
+        raise ConfigError(f"qos.apiKeysFile: {path} must be a mapping of API key -> class name")
+    unknown = sorted({v for v in data.values() if v not in classes})
+    if unknown:
+        raise ConfigError(f"qos.apiKeysFile: unknown classes {', '.join(unknown)}")
+    return dict(data)
