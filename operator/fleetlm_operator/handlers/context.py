@@ -1,0 +1,28 @@
+"""What every handler shares: the operator's settings and its API clients, kept in kopf's memo."""
+
+from __future__ import annotations
+
+import dataclasses
+
+import kopf
+from kubernetes import client
+
+from fleetlm_operator import settings as settings_module
+from fleetlm_operator.act import apply, leader
+
+MEMO_KEY = "fleetlm"
+
+
+@dataclasses.dataclass(slots=True)
+class OperatorContext:
+    settings: settings_module.OperatorSettings
+    api_client: client.ApiClient
+    applier: apply.Applier
+    elector: leader.LeaseElector | None = None
+
+
+def get(memo: kopf.Memo) -> OperatorContext:
+    ctx = memo.get(MEMO_KEY)
+    if not isinstance(ctx, OperatorContext):
+        raise kopf.TemporaryError("the operator is still starting", delay=2)
+    return ctx

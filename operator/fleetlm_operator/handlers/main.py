@@ -1,0 +1,10 @@
+"""All of the operator's handlers; importing this module registers them with kopf.
+
+Run with `fleetlm-operator` or `kopf run --standalone -A -m fleetlm_operator.handlers.main`.
+"""
+
+from __future__ import annotations
+
+from fleetlm_operator.handlers import lifecycle, reconcile
+
+HANDLER_MODULES = (lifecycle, reconcile)

@@ -1,0 +1,191 @@
+"""Reconcile an LLMService into its children and keep its status in step with its pods.
+
+On create, update and resume: parse the stored object, render every child with the builders, adopt
+them (owner references, so deleting the LLMService garbage-collects them), apply them with server-side
+apply, and write status. The admin-token Secret is created once and never rotated by a reconcile (the
+pods hold it). A ServiceMonitor is applied only where its CRD is installed.
+
+Deployment and pod events refresh the owner's status (ready replicas, phase, rollout and capacity
+conditions) without re-rendering anything.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+import secrets
+import time
+from collections.abc import Mapping
+from typing import Any
+
+import kopf
+
+from fleetlm_operator import metrics
+from fleetlm_operator.api import models, names
+from fleetlm_operator.builders import configmap, deployment, meta, pdb, secret, service, servicemonitor
+from fleetlm_operator.handlers import context
+from fleetlm_operator.status import conditions, summary
+
+
+def _now() -> datetime.datetime:
+    return datetime.datetime.now(tz=datetime.UTC)
+
+
+def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
+    """The LLMService as the models expect it: only the metadata fields they read."""
+    metadata = body.get("metadata", {})
+    return {
+        "apiVersion": body.get("apiVersion"),
+        "kind": body.get("kind"),
+        "metadata": {key: metadata.get(key) for key in ("name", "namespace", "uid", "generation", "labels",
+                                                        "annotations") if metadata.get(key) is not None},
+        "spec": dict(body.get("spec", {})),
+        "status": dict(body.get("status", {}) or {}) or None,
+    }
+
+
+def current_tuning(svc: models.LLMService) -> models.Tuning:
+    """The limits the pods should run with now.
+
+    With `autotune` the tuner owns the limits: the ones in status are kept, clamped into the spec's
+    (possibly changed) ranges. Without it the spec's values apply as written. Shedding and weights the
+    tuner set survive only for classes that still exist.
+    """
+    initial = models.initial_tuning(svc.spec)
+    stored = svc.status.tuning if svc.status is not None and svc.status.tuning is not None else None
+    if stored is None:
+        return initial
+    size, tokens = initial.max_batch_size, initial.max_batch_tokens
+    if svc.spec.batching.autotune:
+        size_range, tokens_range = svc.spec.batching.max_batch_size_range, svc.spec.batching.max_batch_tokens_range
+        size = min(max(stored.max_batch_size or size or 1, size_range.min), size_range.max)
+        tokens = min(max(stored.max_batch_tokens or tokens or 1, tokens_range.min), tokens_range.max)
+    class_names = {qos_class.name for qos_class in svc.spec.qos.classes}
+    return models.Tuning(
+        max_batch_size=size,
+        max_batch_tokens=tokens,
+        shed_classes=[name for name in stored.shed_classes if name in class_names],
+        class_weights={**(initial.class_weights or {}),
+                       **{k: v for k, v in (stored.class_weights or {}).items() if k in class_names}},
+    )
+
+
+def render_children(svc: models.LLMService, *, tuning: models.Tuning, default_image: str,
+                    with_service_monitor: bool) -> list[dict[str, Any]]:
+    """Every child but the admin Secret, in the order they should be applied (config before pods)."""
+    children = [
+        configmap.build_config_map(svc, tuning=tuning),
+        service.build_service(svc),
+        deployment.build_deployment(svc, default_image=default_image),
+        pdb.build_pod_disruption_budget(svc),
+    ]
+    if with_service_monitor:
+        children.append(servicemonitor.build_service_monitor(svc))
+    return children
+
+
+def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.Logger,
+              cause: str) -> dict[str, Any]:
+    """Apply every child of `body`; returns the status to write."""
+    started = time.monotonic()
+    try:
+        svc = models.load_stored(_plain(body))
+    except ValueError as error:
+        metrics.RECONCILES.labels(result="invalid").inc()
+        # The API server's schema should have refused it; never half-create children for it.
+        raise kopf.PermanentError(f"invalid LLMService: {error}") from error
+    tuning = current_tuning(svc)
+
+    token_secret = secret.build_admin_token_secret(svc, token=secrets.token_urlsafe(32))
+    kopf.adopt(token_secret, owner=body)
+    _, created = ctx.applier.create_if_missing(token_secret)
+    if created:
+        metrics.CHILDREN_APPLIED.labels(kind="Secret").inc()
+
+    with_monitor = ctx.applier.has_kind(servicemonitor.API_VERSION, "ServiceMonitor")
+    applied = []
+    for child in render_children(svc, tuning=tuning, default_image=ctx.settings.runtime_image,
+                                 with_service_monitor=with_monitor):
+        kopf.adopt(child, owner=body)
+        ctx.applier.apply(child)
+        metrics.CHILDREN_APPLIED.labels(kind=child["kind"]).inc()
+        applied.append(f"{child['kind']}/{child['metadata']['name']}")
+
+    if cause != "resume":
+        kopf.info(body, reason="Reconciled", message=f"applied {', '.join(applied)}")
+    status = rollout_status(svc, body=body, ctx=ctx)
+    status["tuning"] = tuning.model_dump(mode="json", by_alias=True, exclude_none=True)
+    metrics.RECONCILES.labels(result="ok").inc()
+    metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
+    logger.info("reconciled %s/%s (%s): %s", svc.namespace, svc.name, cause, ", ".join(applied))
+    return status
+
+
+def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: context.OperatorContext) -> dict[str, Any]:
+    """Status fields derived from the Deployment and its pods, merged into the stored conditions."""
+    found = ctx.applier.read_deployment(svc.name, svc.namespace)
+    pods = ctx.applier.list_pods(svc.namespace, meta.selector_string(svc))
+    rollout = summary.summarize(deployment=found, pods=pods, min_ready=svc.spec.replicas.min)
+    stored = body.get("status", {}) or {}
+    merged = conditions.merge(stored.get("conditions", []) or [], rollout.conditions, now=_now(),
+                              observed_generation=body.get("metadata", {}).get("generation"))
+    if not any(c["type"] == names.ConditionType.SLO_MET for c in merged):
+        merged = conditions.merge(merged, [
+            conditions.Condition(names.ConditionType.SLO_MET, "Unknown", "NotYetObserved",
+                                 "no latency window has been observed yet"),
+            conditions.Condition(names.ConditionType.METRICS_AVAILABLE, "Unknown", "NotYetCollected",
+                                 "metrics have not been collected yet"),
+        ], now=_now(), observed_generation=body.get("metadata", {}).get("generation"))
+    return {
+        "phase": rollout.phase,
+        "replicas": rollout.replicas,
+        "readyReplicas": rollout.ready_replicas,
+        "selector": meta.selector_string(svc),
+        "endpoint": service.endpoint_url(svc),
+        "observedGeneration": body.get("metadata", {}).get("generation"),
+        "conditions": merged,
+    }
+
+
+@kopf.on.resume(names.GROUP, names.VERSION, names.PLURAL)
+@kopf.on.create(names.GROUP, names.VERSION, names.PLURAL)
+@kopf.on.update(names.GROUP, names.VERSION, names.PLURAL, field="spec")
+def on_spec(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, reason: str,
+            **_: Any) -> None:
+    ctx = context.get(memo)
+    status = reconcile(body, ctx=ctx, logger=logger, cause=str(reason))
+    for key, value in status.items():
+        patch.status[key] = value
+
+
+def _refresh_owner(namespace: str | None, owner: str | None, *, memo: kopf.Memo) -> None:
+    if not namespace or not owner:
+        return
+    ctx = context.get(memo)
+    stored = ctx.applier.read_llmservice(owner, namespace)
+    if stored is None:
+        return
+    try:
+        svc = models.load_stored(_plain(stored))
+    except ValueError:
+        return  # the spec handler reports invalid objects
+    status = rollout_status(svc, body=stored, ctx=ctx)
+    current = stored.get("status", {}) or {}
+    changed = {key: value for key, value in status.items() if current.get(key) != value}
+    # Conditions carry timestamps that only move on transitions, so an unchanged rollout writes nothing.
+    if changed:
+        ctx.applier.patch_llmservice_status(owner, namespace, changed)
+
+
+_CHILD_FILTER = {names.LABEL_MANAGED_BY: names.MANAGED_BY}
+
+
+@kopf.on.event("apps", "v1", "deployments", labels=_CHILD_FILTER)
+def on_deployment_event(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    _refresh_owner(meta.namespace, meta.labels.get(names.LABEL_LLMSERVICE), memo=memo)
+
+
+@kopf.on.event("", "v1", "pods", labels=_CHILD_FILTER)
+def on_pod_event(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    _refresh_owner(meta.namespace, meta.labels.get(names.LABEL_LLMSERVICE), memo=memo)
+

@@ -1,0 +1,31 @@
+"""The operator's own Prometheus metrics (reconciles, errors, tuning decisions, leadership).
+
+A private registry, served by the operator on its metrics port; label values are bounded (kind of
+object, action, result), never object names of unbounded count.
+"""
+
+from __future__ import annotations
+
+import prometheus_client
+
+REGISTRY = prometheus_client.CollectorRegistry(auto_describe=True)
+
+RECONCILES = prometheus_client.Counter(
+    "fleetlm_operator_reconciles", "LLMService reconciliations by result.", ["result"], registry=REGISTRY)
+RECONCILE_SECONDS = prometheus_client.Histogram(
+    "fleetlm_operator_reconcile_duration_seconds", "Time to reconcile one LLMService.", registry=REGISTRY,
+    buckets=(0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30))
+CHILDREN_APPLIED = prometheus_client.Counter(
+    "fleetlm_operator_children_applied", "Child objects applied (server-side apply) by kind.", ["kind"],
+    registry=REGISTRY)
+DECISIONS = prometheus_client.Counter(
+    "fleetlm_operator_tuning_decisions", "Tuning decisions taken, by action.", ["action"], registry=REGISTRY)
+MANAGED_SERVICES = prometheus_client.Gauge(
+    "fleetlm_operator_llmservices", "LLMService objects this operator currently manages.", registry=REGISTRY)
+IS_LEADER = prometheus_client.Gauge(
+    "fleetlm_operator_leader", "1 while this replica holds the leader lease.", registry=REGISTRY)
+
+
+def serve(port: int) -> None:
+    """Start the /metrics HTTP server in a daemon thread (prometheus-client's own server)."""
+    prometheus_client.start_http_server(port, registry=REGISTRY)
