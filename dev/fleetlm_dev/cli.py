@@ -62,7 +62,7 @@ def _delegate(module: str) -> Callable[[argparse.Namespace], int]:
 
     def run(args: argparse.Namespace) -> int:
         entry = importlib.import_module(module)
-        return int(entry.main(list(args.rest)))
+        return int(entry.main(list(args.extra)))
 
     return run
 
@@ -106,14 +106,27 @@ def build_parser() -> argparse.ArgumentParser:
     bench = verbs.add_parser("bench", help="benchmarks that print figures against a baseline")
     bench_verbs = bench.add_subparsers(dest="bench_verb", required=True)
     engine = bench_verbs.add_parser("engine", help="engine tokens/s vs sequential generate()", add_help=False)
-    engine.add_argument("rest", nargs=argparse.REMAINDER)
-    engine.set_defaults(func=_delegate("fleetlm_dev.bench_engine"))
+    engine.set_defaults(func=_delegate("fleetlm_dev.bench_engine"), delegated=True)
+    serve = bench_verbs.add_parser("serve", help="load generator against a running server (vLLM's metrics)",
+                                   add_help=False)
+    serve.set_defaults(func=_delegate("fleetlm_dev.bench_serve"), delegated=True)
+    operator_bench = bench_verbs.add_parser("operator", help="N LLMService objects at once: time and memory",
+                                            add_help=False)
+    operator_bench.set_defaults(func=_delegate("fleetlm_dev.bench_operator"), delegated=True)
+
+    simulate = verbs.add_parser("simulate", help="replay the tuning policy against simulated replicas",
+                                add_help=False)
+    simulate.set_defaults(func=_delegate("fleetlm_dev.simulate"), delegated=True)
     return parser
 
 
 def main(argv: Sequence[str] | None = None) -> int:
     parser = build_parser()
-    args = parser.parse_args(argv)
+    # Delegated verbs parse their own arguments (including --help): pass them what is left over.
+    args, extra = parser.parse_known_args(argv)
+    if extra and not getattr(args, "delegated", False):
+        parser.error(f"unrecognized arguments: {' '.join(extra)}")
+    args.extra = extra
     logging.basicConfig(level=args.log_level.upper(), format="%(asctime)s %(levelname)s %(name)s: %(message)s")
     try:
         return int(args.func(args))

@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import logging
 import threading
+import time
 from collections.abc import Mapping
 from typing import Any
 
@@ -24,6 +25,7 @@ from fleetlm_operator.api import names
 logger = logging.getLogger(__name__)
 
 FIELD_MANAGER = "fleetlm-operator"
+NEGATIVE_CACHE_S = 60.0
 
 
 class Applier:
@@ -34,25 +36,35 @@ class Applier:
         self._apps = client.AppsV1Api(api_client)
         self._custom = client.CustomObjectsApi(api_client)
         self._lock = threading.Lock()  # the discovery cache is not safe for concurrent refreshes
+        self._absent_checked: dict[tuple[str, str], float] = {}
 
     def _resource(self, api_version: str, kind: str) -> Any:
         with self._lock:
             return self._dynamic.resources.get(api_version=api_version, kind=kind)
 
     def has_kind(self, api_version: str, kind: str) -> bool:
-        """Whether the cluster serves this kind now (e.g. the ServiceMonitor CRD of prometheus-operator)."""
+        """Whether the cluster serves this kind (e.g. the ServiceMonitor CRD of prometheus-operator).
+
+        Discovery is cached; a "no" is re-checked with fresh discovery at most once a minute, so a CRD
+        installed after start-up is noticed without a full discovery on every reconcile.
+        """
+        key = (api_version, kind)
         try:
             self._resource(api_version, kind)
             return True
         except dynamic_exceptions.ResourceNotFoundError:
-            # Discovery is cached; a CRD installed after start-up shows up after a refresh.
-            with self._lock:
-                self._dynamic.resources.invalidate_cache()
-            try:
-                self._resource(api_version, kind)
-                return True
-            except dynamic_exceptions.ResourceNotFoundError:
+            pass
+        now = time.monotonic()
+        with self._lock:
+            if now - self._absent_checked.get(key, -NEGATIVE_CACHE_S) < NEGATIVE_CACHE_S:
                 return False
+            self._absent_checked[key] = now
+            self._dynamic.resources.invalidate_cache()
+        try:
+            self._resource(api_version, kind)
+            return True
+        except dynamic_exceptions.ResourceNotFoundError:
+            return False
 
     def apply(self, manifest: Mapping[str, Any]) -> dict[str, Any]:
         """Server-side apply `manifest`; returns the object as stored."""

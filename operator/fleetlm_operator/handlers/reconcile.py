@@ -11,6 +11,7 @@ conditions) without re-rendering anything.
 
 from __future__ import annotations
 
+import asyncio
 import datetime
 import logging
 import secrets
@@ -178,14 +179,35 @@ def _refresh_owner(namespace: str | None, owner: str | None, *, memo: kopf.Memo)
 
 
 _CHILD_FILTER = {names.LABEL_MANAGED_BY: names.MANAGED_BY}
+# A rollout produces a burst of Deployment and Pod events; refresh each owner once per burst.
+REFRESH_DEBOUNCE_S = 0.5
+_pending_refresh: set[tuple[str, str]] = set()
+_refresh_tasks: set[asyncio.Task[None]] = set()
+
+
+def _request_refresh(namespace: str | None, owner: str | None, *, memo: kopf.Memo) -> None:
+    if not namespace or not owner or (namespace, owner) in _pending_refresh:
+        return
+    _pending_refresh.add((namespace, owner))
+
+    async def refresh_later() -> None:
+        await asyncio.sleep(REFRESH_DEBOUNCE_S)
+        _pending_refresh.discard((namespace, owner))
+        try:
+            await asyncio.to_thread(_refresh_owner, namespace, owner, memo=memo)
+        except Exception:  # a failed refresh is retried by the next event; never kill the loop
+            logging.getLogger(__name__).exception("status refresh of %s/%s failed", namespace, owner)
+
+    task = asyncio.create_task(refresh_later())
+    _refresh_tasks.add(task)
+    task.add_done_callback(_refresh_tasks.discard)
 
 
 @kopf.on.event("apps", "v1", "deployments", labels=_CHILD_FILTER)
-def on_deployment_event(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
-    _refresh_owner(meta.namespace, meta.labels.get(names.LABEL_LLMSERVICE), memo=memo)
+async def on_deployment_event(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    _request_refresh(meta.namespace, meta.labels.get(names.LABEL_LLMSERVICE), memo=memo)
 
 
 @kopf.on.event("", "v1", "pods", labels=_CHILD_FILTER)
-def on_pod_event(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
-    _refresh_owner(meta.namespace, meta.labels.get(names.LABEL_LLMSERVICE), memo=memo)
-
+async def on_pod_event(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
+    _request_refresh(meta.namespace, meta.labels.get(names.LABEL_LLMSERVICE), memo=memo)

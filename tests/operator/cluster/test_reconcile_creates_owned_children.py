@@ -82,10 +82,11 @@ def test_status_reports_phase_selector_endpoint_and_conditions(kube: Any, make_e
         return next((c for c in conditions if c["type"] == "CapacityUnavailable" and c["status"] == "True"), None)
 
     assert wait_for("CapacityUnavailable=True", capacity_unavailable)["reason"] == "Unschedulable"
-    status = kube.get("llmservice", name)["status"]
+    # The Deployment's own status catches up a moment later (its pod exists but cannot run).
+    status = wait_for("status.replicas=1", lambda: (s := kube.get("llmservice", name)["status"])
+                      .get("replicas") == 1 and s)
     assert status["phase"] == "Pending"
     assert status["readyReplicas"] == 0
-    assert status["replicas"] == 1
 
     events = kube.plane.kubectl("get", "events", "-n", kube.namespace, "--field-selector",
                                 f"involvedObject.name={name},involvedObject.kind=LLMService", "-o",
