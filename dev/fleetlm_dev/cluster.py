@@ -255,20 +255,35 @@ class ControlPlane:
             self.stop()
             raise
 
-    def _write_kubeconfig(self) -> None:
+    def kubeconfig_for(self, user: str, groups: Sequence[str] = ()) -> pathlib.Path:
+        """A kubeconfig that authenticates as `user` in `groups` (a client certificate from the test CA).
+
+        `system:serviceaccount:<ns>:<name>` gives a ServiceAccount's identity, so RBAC made for an
+        in-cluster pod (e.g. by the Helm chart) can be exercised by a process on this machine.
+        """
+        stem = user.replace(":", "_")
+        cert, key = pki.issue_client_cert(self.pki, user=user, groups=tuple(groups), stem=stem)
+        path = self.directory / f"kubeconfig-{stem}"
+        self._write_kubeconfig(path=path, cert=cert, key=key)
+        return path
+
+    def _write_kubeconfig(self, *, path: pathlib.Path | None = None, cert: pathlib.Path | None = None,
+                          key: pathlib.Path | None = None) -> None:
         credentials = self.pki
-        self.kubeconfig.write_text(json.dumps({
+        path = path or self.kubeconfig
+        path.write_text(json.dumps({
             "apiVersion": "v1",
             "kind": "Config",
             "clusters": [{"name": "fleetlm-local", "cluster": {
                 "server": self.server, "certificate-authority": str(credentials.ca_cert)}}],
             "users": [{"name": "admin", "user": {
-                "client-certificate": str(credentials.admin_cert), "client-key": str(credentials.admin_key)}}],
+                "client-certificate": str(cert or credentials.admin_cert),
+                "client-key": str(key or credentials.admin_key)}}],
             "contexts": [{"name": "fleetlm-local", "context": {
                 "cluster": "fleetlm-local", "user": "admin", "namespace": "default"}}],
             "current-context": "fleetlm-local",
         }, indent=2) + "\n")
-        self.kubeconfig.chmod(0o600)
+        path.chmod(0o600)
 
     # ---------------------------------------------------------------------------------------------
     # Stop

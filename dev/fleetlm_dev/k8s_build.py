@@ -38,6 +38,8 @@ K8S_FALLBACK_VERSION = "v1.36.3"  # used only when the proxy does not serve a mo
 ETCD_VERSION = "v3.6.16"
 HELM_VERSION = "v3.22.0"
 
+# Bump when the recipe (flags, versions, what is built) changes: an older cache is then rebuilt.
+RECIPE_VERSION = 2
 KUBE_COMMANDS = ("kube-apiserver", "kube-controller-manager", "kube-scheduler")
 MANIFEST_NAME = "manifest.json"
 
@@ -92,6 +94,8 @@ def load_complete(k8s_version: str = K8S_VERSION) -> Toolset | None:
         manifest = json.loads(manifest_path.read_text())
         records = tuple(BinaryRecord(**entry) for entry in manifest["binaries"])
     except (ValueError, KeyError, TypeError):
+        return None
+    if manifest.get("recipe_version") != RECIPE_VERSION:
         return None
     for record in records:
         binary = bin_dir / record.name
@@ -247,10 +251,14 @@ def _build_etcd(*, work: pathlib.Path, out: pathlib.Path, log: pathlib.Path) -> 
         label=f"etcd {ETCD_VERSION}", total=total, cwd=wrapper, log=log)
 
 
-def _build_helm(*, work: pathlib.Path, out: pathlib.Path, log: pathlib.Path) -> None:
+def _build_helm(k8s_version: str, *, work: pathlib.Path, out: pathlib.Path, log: pathlib.Path) -> None:
     module = "helm.sh/helm/v3"
+    major, minor = k8s_version.lstrip("v").split(".")[:2]
+    # As helm's Makefile does: without k8sVersionMajor/Minor, `helm template` assumes Kubernetes 1.20
+    # and refuses charts whose kubeVersion asks for more.
     ldflags = (f"-s -w -X {module}/internal/version.version={HELM_VERSION} "
-               f"-X {module}/internal/version.gitTreeState=clean")
+               f"-X {module}/internal/version.gitTreeState=clean "
+               f"-X {module}/pkg/chartutil.k8sVersionMajor={major} -X {module}/pkg/chartutil.k8sVersionMinor={minor}")
     wrapper = work / "helm-wrapper"
     shutil.rmtree(wrapper, ignore_errors=True)
     wrapper.mkdir(parents=True)
@@ -305,10 +313,11 @@ def build(k8s_version: str = K8S_VERSION, *, force: bool = False) -> Toolset:
           file=sys.stderr, flush=True)
     _build_kube(k8s_version, work=work, out=partial_bin, log=log)
     _build_etcd(work=work, out=partial_bin, log=log)
-    _build_helm(work=work, out=partial_bin, log=log)
+    _build_helm(k8s_version, work=work, out=partial_bin, log=log)
     records = tuple(_record(partial_bin / name) for name in (*KUBE_COMMANDS, "etcd", "helm"))
     elapsed = time.monotonic() - started
     manifest = {
+        "recipe_version": RECIPE_VERSION,
         "k8s_version": k8s_version,
         "etcd_version": ETCD_VERSION,
         "helm_version": HELM_VERSION,

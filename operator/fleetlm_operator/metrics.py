@@ -29,3 +29,24 @@ IS_LEADER = prometheus_client.Gauge(
 def serve(port: int) -> None:
     """Start the /metrics HTTP server in a daemon thread (prometheus-client's own server)."""
     prometheus_client.start_http_server(port, registry=REGISTRY)
+
+# Per-LLMService series (bounded by the number of services) so a dashboard can draw targets and limits
+# next to the runtime's latency histograms.
+SERVICE_REPLICAS = prometheus_client.Gauge(
+    "fleetlm_operator_llmservice_replicas", "Runtime replicas of an LLMService, desired and ready.",
+    ["namespace", "llmservice", "state"], registry=REGISTRY)
+SERVICE_SLO_TARGET = prometheus_client.Gauge(
+    "fleetlm_operator_llmservice_slo_target_seconds", "Latency target of an LLMService's SLO (ttft, tpot).",
+    ["namespace", "llmservice", "slo"], registry=REGISTRY)
+SERVICE_BATCH_LIMIT = prometheus_client.Gauge(
+    "fleetlm_operator_llmservice_batch_limit", "Batch limits currently applied (max_batch_size, max_batch_tokens).",
+    ["namespace", "llmservice", "limit"], registry=REGISTRY)
+
+_PER_SERVICE = (SERVICE_REPLICAS, SERVICE_SLO_TARGET, SERVICE_BATCH_LIMIT)
+
+
+def forget_service(namespace: str, name: str) -> None:
+    """Drop every per-service series of a deleted LLMService."""
+    for gauge in _PER_SERVICE:
+        for labels in [key for key in gauge._metrics if key[:2] == (namespace, name)]:
+            gauge.remove(*labels)

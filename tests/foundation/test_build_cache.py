@@ -22,7 +22,8 @@ def cache(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Pa
         path.write_bytes(name.encode() * 100)
         records.append({"name": name, "size_bytes": path.stat().st_size, "sha256": k8s_build._sha256(path),
                         "version": f"{name} v1.99.0"})
-    (bin_dir / k8s_build.MANIFEST_NAME).write_text(json.dumps({"binaries": records}))
+    (bin_dir / k8s_build.MANIFEST_NAME).write_text(
+        json.dumps({"recipe_version": k8s_build.RECIPE_VERSION, "binaries": records}))
     return bin_dir
 
 
@@ -47,6 +48,13 @@ def test_a_modified_binary_is_detected(cache: pathlib.Path) -> None:
     data = bytearray((cache / "etcd").read_bytes())
     data[0] ^= 0xFF
     (cache / "etcd").write_bytes(bytes(data))
+    assert k8s_build.load_complete("v1.99.0") is None
+
+
+def test_a_cache_from_an_older_recipe_is_rebuilt(cache: pathlib.Path) -> None:
+    manifest = json.loads((cache / k8s_build.MANIFEST_NAME).read_text())
+    manifest["recipe_version"] = k8s_build.RECIPE_VERSION - 1
+    (cache / k8s_build.MANIFEST_NAME).write_text(json.dumps(manifest))
     assert k8s_build.load_complete("v1.99.0") is None
 
 

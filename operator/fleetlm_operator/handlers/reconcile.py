@@ -116,10 +116,23 @@ def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.
         kopf.info(body, reason="Reconciled", message=f"applied {', '.join(applied)}")
     status = rollout_status(svc, body=body, ctx=ctx)
     status["tuning"] = tuning.model_dump(mode="json", by_alias=True, exclude_none=True)
+    _export_service_gauges(svc, tuning=tuning, ready=int(status.get("readyReplicas") or 0))
     metrics.RECONCILES.labels(result="ok").inc()
     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
     logger.info("reconciled %s/%s (%s): %s", svc.namespace, svc.name, cause, ", ".join(applied))
     return status
+
+
+def _export_service_gauges(svc: models.LLMService, *, tuning: models.Tuning, ready: int) -> None:
+    labels = {"namespace": svc.namespace, "llmservice": svc.name}
+    metrics.SERVICE_REPLICAS.labels(**labels, state="desired").set(svc.spec.replicas.effective)
+    metrics.SERVICE_REPLICAS.labels(**labels, state="ready").set(ready)
+    if svc.spec.slo is not None:
+        for slo, value in (("ttft", svc.spec.slo.ttft), ("tpot", svc.spec.slo.tpot)):
+            if value is not None:
+                metrics.SERVICE_SLO_TARGET.labels(**labels, slo=slo).set(models.parse_duration_s(value))
+    metrics.SERVICE_BATCH_LIMIT.labels(**labels, limit="max_batch_size").set(tuning.max_batch_size or 0)
+    metrics.SERVICE_BATCH_LIMIT.labels(**labels, limit="max_batch_tokens").set(tuning.max_batch_tokens or 0)
 
 
 def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: context.OperatorContext) -> dict[str, Any]:
@@ -176,6 +189,12 @@ def _refresh_owner(namespace: str | None, owner: str | None, *, memo: kopf.Memo)
     # Conditions carry timestamps that only move on transitions, so an unchanged rollout writes nothing.
     if changed:
         ctx.applier.patch_llmservice_status(owner, namespace, changed)
+
+
+@kopf.on.delete(names.GROUP, names.VERSION, names.PLURAL, optional=True)
+def on_delete(meta: kopf.Meta, **_: Any) -> None:
+    # optional=True: no finalizer; children go by garbage collection, this only forgets metrics.
+    metrics.forget_service(str(meta.namespace), str(meta.name))
 
 
 _CHILD_FILTER = {names.LABEL_MANAGED_BY: names.MANAGED_BY}

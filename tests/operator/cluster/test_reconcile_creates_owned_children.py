@@ -41,6 +41,9 @@ def test_children_appear_with_the_right_fields_and_owner(kube: Any, make_example
     mounts = {m["mountPath"] for m in container["volumeMounts"]}
     assert {"/etc/fleetlm/config", "/etc/fleetlm/admin"} <= mounts
 
+    # The test cluster has no ServiceMonitor CRD, so none is made (the Helm test covers the other case).
+    assert kube.plane.kubectl("get", "crd", "servicemonitors.monitoring.coreos.com", check=False).returncode != 0
+
     runtime_yaml = yaml.safe_load(config["data"]["runtime.yaml"])
     assert runtime_yaml["batching"] == {"maxBatchSize": 8, "maxBatchTokens": 512}
     assert len(base64.b64decode(token["data"]["token"])) >= 32

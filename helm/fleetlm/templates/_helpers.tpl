@@ -1,0 +1,79 @@
+{{/* Chart name, truncated to the 63 characters a label value allows. */}}
+{{- define "fleetlm.name" -}}
+{{- .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* The release's full name: the release name, or release-chart when they differ. */}}
+{{- define "fleetlm.fullname" -}}
+{{- if contains .Chart.Name .Release.Name -}}
+{{- .Release.Name | trunc 63 | trimSuffix "-" -}}
+{{- else -}}
+{{- printf "%s-%s" .Release.Name .Chart.Name | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fleetlm.chart" -}}
+{{- printf "%s-%s" .Chart.Name .Chart.Version | replace "+" "_" | trunc 63 | trimSuffix "-" -}}
+{{- end -}}
+
+{{/* Labels that select the operator pods; never change them (Deployment selectors are immutable). */}}
+{{- define "fleetlm.selectorLabels" -}}
+app.kubernetes.io/name: {{ include "fleetlm.name" . }}
+app.kubernetes.io/instance: {{ .Release.Name }}
+app.kubernetes.io/component: operator
+{{- end -}}
+
+{{- define "fleetlm.labels" -}}
+{{ include "fleetlm.selectorLabels" . }}
+app.kubernetes.io/part-of: fleetlm
+app.kubernetes.io/managed-by: {{ .Release.Service }}
+app.kubernetes.io/version: {{ .Chart.AppVersion | quote }}
+helm.sh/chart: {{ include "fleetlm.chart" . }}
+{{- end -}}
+
+{{- define "fleetlm.serviceAccountName" -}}
+{{- if .Values.serviceAccount.create -}}
+{{- default (include "fleetlm.fullname" .) .Values.serviceAccount.name -}}
+{{- else -}}
+{{- required "serviceAccount.name is required when serviceAccount.create is false" .Values.serviceAccount.name -}}
+{{- end -}}
+{{- end -}}
+
+{{- define "fleetlm.image" -}}
+{{- printf "%s:%s" .Values.operator.image.repository (default .Chart.AppVersion .Values.operator.image.tag) -}}
+{{- end -}}
+
+{{/*
+Least privilege: exactly the verbs the operator uses on the objects it manages. It never deletes
+anything (owner references let the garbage collector remove children), never lists Secrets, and
+touches no other kinds.
+*/}}
+{{- define "fleetlm.managedRules" }}
+- apiGroups: ["fleetlm.dev"]
+  resources: ["llmservices"]
+  verbs: ["get", "list", "watch", "patch"]
+- apiGroups: ["fleetlm.dev"]
+  resources: ["llmservices/status"]
+  verbs: ["get", "patch"]
+- apiGroups: ["apps"]
+  resources: ["deployments"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["services", "configmaps"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: [""]
+  resources: ["secrets"]  # the admin-token Secret: read back and created once; never listed
+  verbs: ["get", "create"]
+- apiGroups: [""]
+  resources: ["pods"]
+  verbs: ["get", "list", "watch"]
+- apiGroups: ["policy"]
+  resources: ["poddisruptionbudgets"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["monitoring.coreos.com"]
+  resources: ["servicemonitors"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["", "events.k8s.io"]
+  resources: ["events"]
+  verbs: ["create", "patch"]
+{{- end }}
