@@ -32,7 +32,7 @@ def _now() -> datetime.datetime:
     return datetime.datetime.now(tz=datetime.UTC)
 
 
-def _plain(body: Mapping[str, Any]) -> dict[str, Any]:
+def plain_body(body: Mapping[str, Any]) -> dict[str, Any]:
     """The LLMService as the models expect it: only the metadata fields they read."""
     metadata = body.get("metadata", {})
     return {
@@ -90,7 +90,7 @@ def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.
     """Apply every child of `body`; returns the status to write."""
     started = time.monotonic()
     try:
-        svc = models.load_stored(_plain(body))
+        svc = models.load_stored(plain_body(body))
     except ValueError as error:
         metrics.RECONCILES.labels(result="invalid").inc()
         # The API server's schema should have refused it; never half-create children for it.
@@ -180,7 +180,7 @@ def _refresh_owner(namespace: str | None, owner: str | None, *, memo: kopf.Memo)
     if stored is None:
         return
     try:
-        svc = models.load_stored(_plain(stored))
+        svc = models.load_stored(plain_body(stored))
     except ValueError:
         return  # the spec handler reports invalid objects
     status = rollout_status(svc, body=stored, ctx=ctx)

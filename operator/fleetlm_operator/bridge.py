@@ -1,0 +1,141 @@
+"""Between the LLMService API and the tuning policy: spec -> PolicySpec, window and decision -> status.
+
+Pure: pydantic models and policy values in, plain values out; `now` is a parameter. The policy never
+sees the CRD models, and the handlers never compute status fields themselves.
+"""
+
+from __future__ import annotations
+
+import datetime
+from typing import Any
+
+from fleetlm_operator.api import models, names
+from fleetlm_operator.policy import decide as decide_mod
+from fleetlm_operator.policy import spec as policy_spec
+from fleetlm_operator.policy import window as window_mod
+from fleetlm_operator.status import conditions
+
+MAX_DECISIONS_IN_STATUS = 5
+
+
+def _seconds(value: str | None) -> float | None:
+    return None if value is None else models.parse_duration_s(value)
+
+
+def policy_spec_of(spec: models.LLMServiceSpec) -> policy_spec.PolicySpec:
+    slo = spec.slo
+    batching = spec.batching
+    classes = tuple(
+        policy_spec.ClassSpec(
+            name=qos_class.name,
+            priority=qos_class.priority,
+            sheddable=qos_class.sheddable,
+            ttft_s=_seconds(qos_class.slo.ttft) if qos_class.slo is not None else None,
+            tpot_s=_seconds(qos_class.slo.tpot) if qos_class.slo is not None else None,
+        )
+        for qos_class in spec.qos.classes
+    )
+    return policy_spec.PolicySpec(
+        slo=policy_spec.SLOSpec(
+            ttft_s=_seconds(slo.ttft) if slo is not None else None,
+            tpot_s=_seconds(slo.tpot) if slo is not None else None,
+            percentile=slo.percentile if slo is not None else 95.0,
+        ),
+        min_replicas=spec.replicas.min,
+        max_replicas=spec.replicas.max,
+        batching=policy_spec.BatchingSpec(
+            max_batch_size=batching.max_batch_size,
+            max_batch_tokens=batching.max_batch_tokens,
+            min_max_batch_size=batching.max_batch_size_range.min,
+            max_max_batch_size=batching.max_batch_size_range.max,
+            min_max_batch_tokens=batching.max_batch_tokens_range.min,
+            max_max_batch_tokens=batching.max_batch_tokens_range.max,
+            autotune=batching.autotune,
+        ),
+        classes=classes,
+        interval_s=models.parse_duration_s(spec.autoscaling.interval),
+        scale_up_stabilization_s=models.parse_duration_s(spec.autoscaling.scale_up_stabilization),
+        scale_down_stabilization_s=models.parse_duration_s(spec.autoscaling.scale_down_stabilization),
+        autoscaling=spec.autoscaling.enabled,
+    )
+
+
+def window_length_s(spec: models.LLMServiceSpec) -> float:
+    """How long the collector keeps a baseline scrape: the SLO window, at least one interval."""
+    interval = models.parse_duration_s(spec.autoscaling.interval)
+    window = models.parse_duration_s(spec.slo.window) if spec.slo is not None else interval
+    return max(window, interval)
+
+
+def _timestamp(now: datetime.datetime) -> str:
+    return now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+
+
+def observed_status(window: window_mod.ObservedWindow, *, now: datetime.datetime) -> dict[str, Any]:
+    """status.observed: what the window saw; unknown figures stay absent (never written as zero)."""
+    queue = window.num_waiting
+    fields = {
+        "ttftP95Seconds": window.ttft_quantile_s,
+        "tpotP95Seconds": window.tpot_quantile_s,
+        "requestRate": window.finished_per_s,
+        "queueDepth": queue,
+        "gpuUtilization": window.gpu_utilization,
+        "sloAttainment": window.slo_attainment,
+        "windowSeconds": round(window.window_s, 3) if window.window_s > 0 else None,
+        "collectedAt": _timestamp(now),
+        "numPodsSampled": window.num_pods_sampled,
+        "numPodsExpected": window.num_pods_expected,
+    }
+    return {key: (round(value, 6) if isinstance(value, float) else value) for key, value in fields.items()
+            if value is not None}
+
+
+def decision_conditions(decision: decide_mod.Decision) -> list[conditions.Condition]:
+    available = conditions.Condition(
+        names.ConditionType.METRICS_AVAILABLE,
+        "True" if decision.metrics_available else "False",
+        "Collected" if decision.metrics_available else "Incomplete",
+        "every ready pod reported a full window" if decision.metrics_available else decision.metrics_reason,
+    )
+    if decision.slo_met is None:
+        slo = conditions.Condition(names.ConditionType.SLO_MET, "Unknown", "NotEnoughTraffic",
+                                   "too few requests in the window to judge the SLO")
+    elif decision.slo_met:
+        slo = conditions.Condition(names.ConditionType.SLO_MET, "True", "WithinTarget",
+                                   "latency at the SLO percentile is within target")
+    else:
+        slo = conditions.Condition(names.ConditionType.SLO_MET, "False", "TargetMissed",
+                                   "; ".join(r for r in decision.reasons if "SLO" in r or "attain" in r)[:1000]
+                                   or "latency at the SLO percentile is over target")
+    return [available, slo]
+
+
+def decision_actions(decision: decide_mod.Decision, *, current_replicas: int, current_limits: tuple[int, int],
+                     current_shed: tuple[str, ...]) -> list[str]:
+    """What changed, as short action names (also the label of the operator's decisions metric)."""
+    actions = []
+    if decision.replicas > current_replicas:
+        actions.append("scale_up")
+    elif decision.replicas < current_replicas:
+        actions.append("scale_down")
+    size, tokens = current_limits
+    if (decision.max_batch_size, decision.max_batch_tokens) != (size, tokens):
+        grew = decision.max_batch_size > size or decision.max_batch_tokens > tokens
+        actions.append("batch_grow" if grew else "batch_shrink")
+    if set(decision.shed_classes) - set(current_shed):
+        actions.append("shed")
+    if set(current_shed) - set(decision.shed_classes):
+        actions.append("unshed")
+    return actions
+
+
+def decision_record(decision: decide_mod.Decision, *, actions: list[str], now: datetime.datetime) -> dict[str, Any]:
+    return {
+        "time": _timestamp(now),
+        "action": ",".join(actions) if actions else "hold",
+        "reason": "; ".join(decision.reasons)[:1024] or "no change needed",
+    }
+
+
+def bounded_history(history: list[dict[str, Any]], record: dict[str, Any]) -> list[dict[str, Any]]:
+    return [*history, record][-MAX_DECISIONS_IN_STATUS:]

@@ -1,0 +1,186 @@
+"""The SLO tuner, a kopf timer per LLMService: collect -> policy.decide -> act.
+
+Every `spec.autoscaling.interval`: read the ready pods' metrics (direct scrape, or Prometheus), turn
+the last two readings into a window, ask the pure policy for a decision, then act on it: write the
+desired replicas where /scale reads them (the reconcile handler scales the Deployment), rewrite the
+ConfigMap and push batch limits and shed classes to every ready pod without restarting it, and record
+status (observed metrics, tuning, the last decisions, SLOMet and MetricsAvailable), an Event and the
+operator's metrics. The tuner's state lives in an annotation, so it survives operator restarts.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import dataclasses
+import datetime
+import json
+import logging
+import time
+from typing import Any
+
+import kopf
+
+from fleetlm_operator import bridge, metrics
+from fleetlm_operator.act import push
+from fleetlm_operator.api import models, names
+from fleetlm_operator.builders import configmap, meta
+from fleetlm_operator.collect import prometheus, scrape
+from fleetlm_operator.handlers import context, reconcile
+from fleetlm_operator.policy import decide as decide_mod
+from fleetlm_operator.policy import spec as policy_spec
+from fleetlm_operator.policy import state as state_mod
+from fleetlm_operator.policy import window as window_mod
+from fleetlm_operator.status import conditions
+
+TICK_S = 5.0  # how often the timer wakes; the tuner acts every spec.autoscaling.interval
+ANNOTATION_STATE = f"{names.GROUP}/tuner-state"
+MEMO_KEY = "fleetlm_tuner"
+
+
+@dataclasses.dataclass(slots=True)
+class TunerMemory:
+    """Per-object, in-process only: losing it on restart costs one window of baseline, nothing else."""
+
+    last_tick_s: float = 0.0
+    previous: dict[str, window_mod.PodSample] = dataclasses.field(default_factory=dict)
+
+
+def _ready_endpoints(pods: list[dict[str, Any]]) -> dict[str, str]:
+    """pod name -> http://<pod IP>:<http port>, for pods that are Ready and have an IP."""
+    endpoints = {}
+    for pod in pods:
+        status = pod.get("status", {}) or {}
+        if pod.get("metadata", {}).get("deletionTimestamp") or not status.get("podIP"):
+            continue
+        ready = conditions.find(status.get("conditions", []) or [], "Ready")
+        if not ready or ready.get("status") != "True":
+            continue
+        port = meta.HTTP_PORT
+        for container in pod.get("spec", {}).get("containers", []):
+            for declared in container.get("ports", []) or []:
+                if declared.get("name") == meta.HTTP_PORT_NAME:
+                    port = int(declared["containerPort"])
+        endpoints[pod["metadata"]["name"]] = f"http://{status['podIP']}:{port}"
+    return endpoints
+
+
+def _load_state(body: kopf.Body, logger: logging.Logger) -> state_mod.TunerState:
+    raw = body.get("metadata", {}).get("annotations", {}).get(ANNOTATION_STATE)
+    if not raw:
+        return state_mod.TunerState()
+    try:
+        return state_mod.TunerState.from_json(raw)
+    except ValueError as error:
+        logger.warning("ignoring unreadable tuner state (%s); starting afresh", error)
+        return state_mod.TunerState()
+
+
+async def _collect(svc: models.LLMService, endpoints: dict[str, str], *, ctx: context.OperatorContext,
+                   now_s: float) -> tuple[dict[str, window_mod.PodSample], dict[str, str]]:
+    if svc.spec.autoscaling.metrics_source == "prometheus":
+        result = await prometheus.query_pods(str(svc.spec.autoscaling.prometheus_url), namespace=svc.namespace,
+                                             pods=sorted(endpoints), at_s=now_s)
+        return result.samples, result.errors
+    scraped = await scrape.scrape_pods(endpoints)
+    return scraped.samples, scraped.errors
+
+
+async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.OperatorContext, memory: TunerMemory,
+                    logger: logging.Logger, now_s: float) -> decide_mod.Decision | None:
+    svc = models.load_stored(reconcile.plain_body(body))
+    spec = bridge.policy_spec_of(svc.spec)
+    deployment = await asyncio.to_thread(ctx.applier.read_deployment, svc.name, svc.namespace)
+    if deployment is None:
+        return None  # the reconcile handler has not created it yet
+    pods = await asyncio.to_thread(ctx.applier.list_pods, svc.namespace, meta.selector_string(svc))
+    endpoints = _ready_endpoints(pods)
+    current, errors = await _collect(svc, endpoints, ctx=ctx, now_s=now_s)
+    window = window_mod.from_scrapes(memory.previous, current, expected_pods=endpoints, spec=spec, now_s=now_s,
+                                     max_age_s=2 * spec.interval_s)
+    if errors and window.complete:  # never read a missing pod as an idle one
+        window = dataclasses.replace(window, complete=False, reason="; ".join(errors.values()))
+    elif errors:
+        window = dataclasses.replace(window, reason="; ".join([window.reason, *errors.values()]).strip("; "))
+    memory.previous = {**{p: s for p, s in memory.previous.items() if p in endpoints}, **current}
+
+    desired = int(deployment.get("spec", {}).get("replicas", svc.spec.replicas.effective) or 0)
+    ready = int((deployment.get("status") or {}).get("readyReplicas", 0) or 0)
+    state = _load_state(body, logger)
+    decision = decide_mod.decide(policy_spec.PolicyInput(spec=spec, current_replicas=desired, ready_replicas=ready),
+                                 window, state, now=now_s)
+    tuning_now = reconcile.current_tuning(svc)
+    current_limits = (tuning_now.max_batch_size or 0, tuning_now.max_batch_tokens or 0)
+    actions = bridge.decision_actions(decision, current_replicas=desired, current_limits=current_limits,
+                                      current_shed=tuple(tuning_now.shed_classes))
+    await _act(svc, body=body, decision=decision, actions=actions, endpoints=endpoints, ctx=ctx, logger=logger)
+
+    now = datetime.datetime.fromtimestamp(now_s, tz=datetime.UTC)
+    stored = body.get("status", {}) or {}
+    patch.metadata.setdefault("annotations", {})[ANNOTATION_STATE] = decision.state.to_json()
+    patch.status["observed"] = bridge.observed_status(window, now=now)
+    patch.status["tuning"] = {**tuning_now.model_dump(mode="json", by_alias=True, exclude_none=True),
+                              "maxBatchSize": decision.max_batch_size, "maxBatchTokens": decision.max_batch_tokens,
+                              "shedClasses": list(decision.shed_classes)}
+    if actions:
+        record = bridge.decision_record(decision, actions=actions, now=now)
+        patch.status["decisions"] = bridge.bounded_history(list(stored.get("decisions", []) or []), record)
+    patch.status["conditions"] = conditions.merge(stored.get("conditions", []) or [],
+                                                  bridge.decision_conditions(decision), now=now,
+                                                  observed_generation=body.get("metadata", {}).get("generation"))
+    return decision
+
+
+async def _act(svc: models.LLMService, *, body: kopf.Body, decision: decide_mod.Decision, actions: list[str],
+               endpoints: dict[str, str], ctx: context.OperatorContext, logger: logging.Logger) -> None:
+    reason_text = "; ".join(decision.reasons)[:1000]
+    for action in actions:
+        metrics.DECISIONS.labels(action=action).inc()
+    if "scale_up" in actions or "scale_down" in actions:
+        # Written where /scale reads it; the spec handler scales the Deployment (one writer of replicas).
+        await asyncio.to_thread(ctx.applier.patch_llmservice_replicas, svc.name, svc.namespace, decision.replicas)
+        kopf.info(body, reason="ScaledUp" if "scale_up" in actions else "ScaledDown",
+                  message=f"replicas -> {decision.replicas}: {reason_text}")
+    tuning_changed = any(a in actions for a in ("batch_grow", "batch_shrink", "shed", "unshed"))
+    if not tuning_changed:
+        return
+    tuning = models.Tuning(max_batch_size=decision.max_batch_size, max_batch_tokens=decision.max_batch_tokens,
+                           shed_classes=list(decision.shed_classes),
+                           class_weights=reconcile.current_tuning(svc).class_weights)
+    # New pods read the ConfigMap; running pods get the same values pushed live (no restart).
+    config = configmap.build_config_map(svc, tuning=tuning)
+    kopf.adopt(config, owner=body)
+    await asyncio.to_thread(ctx.applier.apply, config)
+    token = await asyncio.to_thread(ctx.applier.read_secret_value, meta.admin_secret_name(svc), svc.namespace,
+                                    meta.ADMIN_TOKEN_KEY)
+    if token and endpoints:
+        result = await push.push_tuning(endpoints, token=token, body=push.tuning_body(
+            max_batch_size=decision.max_batch_size, max_batch_tokens=decision.max_batch_tokens,
+            shed_classes=decision.shed_classes))
+        for pod, error in result.failed.items():
+            logger.warning("could not push tuning to %s: %s", pod, error)
+    kopf.info(body, reason="Tuned", message=f"{','.join(actions)}: batch {decision.max_batch_size} seqs / "
+                                            f"{decision.max_batch_tokens} tokens, shed {list(decision.shed_classes)}: "
+                                            f"{reason_text}")
+
+
+@kopf.timer(names.GROUP, names.VERSION, names.PLURAL, interval=TICK_S, initial_delay=TICK_S)
+async def tune(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+    ctx = context.get(memo)
+    memory = memo.get(MEMO_KEY)
+    if not isinstance(memory, TunerMemory):
+        memory = TunerMemory()
+        memo[MEMO_KEY] = memory
+    try:
+        svc = models.load_stored(reconcile.plain_body(body))
+    except ValueError:
+        return  # the spec handler reports an invalid object
+    interval_s = models.parse_duration_s(svc.spec.autoscaling.interval)
+    now_s = time.time()
+    if now_s - memory.last_tick_s < interval_s - 0.5:
+        return
+    memory.last_tick_s = now_s
+    decision = await tune_once(body, patch=patch, ctx=ctx, memory=memory, logger=logger, now_s=now_s)
+    if decision is not None:
+        logger.info("tuned %s/%s: replicas %d, batch %d/%d, shed %s; %s", svc.namespace, svc.name,
+                    decision.replicas, decision.max_batch_size, decision.max_batch_tokens,
+                    list(decision.shed_classes), json.dumps(list(decision.reasons))[:500])

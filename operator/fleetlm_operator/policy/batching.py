@@ -1,0 +1,195 @@
+"""Batch limits (max_batch_size, max_batch_tokens): shrink on a latency miss the queue does not explain,
+grow with headroom and a queue; damped and bounded.
+
+The law is AIMD with hysteresis. A TPOT miss (attainment at the target) while the queue is short means
+the running batch itself is too slow per token: both limits shrink multiplicatively. max_batch_size grows
+by a step while requests queue or batches run near the size the replica rule aims for, KV cache has room,
+and the TPOT predicted for a *full* larger batch (step time = fixed + per-sequence part) stays under a
+share of the target: a bigger batch is the cheaper answer before more replicas. A TTFT miss with a short
+queue and TPOT headroom grows the per-step token budget (faster chunked prefill). One change per
+cooldown, no growth for a while after a shrink, nothing outside the spec's bounds, no growth on
+incomplete data. Pure: no clock (`now` is a parameter), no I/O, never imports collect/act/handlers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from fleetlm_operator.policy import spec as spec_mod
+from fleetlm_operator.policy import window as window_mod
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchLimits:
+    max_batch_size: int
+    max_batch_tokens: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class BatchDecision:
+    limits: BatchLimits
+    direction: int  # +1 grew, -1 shrank, 0 held
+    reasons: tuple[str, ...]
+
+
+def initial_limits(batching: spec_mod.BatchingSpec) -> BatchLimits:
+    return BatchLimits(max_batch_size=batching.max_batch_size, max_batch_tokens=batching.max_batch_tokens)
+
+
+def clamp(limits: BatchLimits, batching: spec_mod.BatchingSpec) -> BatchLimits:
+    """Within the spec's bounds, and with a token budget that covers one token per running sequence."""
+    size = min(batching.max_max_batch_size, max(batching.min_max_batch_size, limits.max_batch_size))
+    tokens = min(batching.max_max_batch_tokens, max(batching.min_max_batch_tokens, limits.max_batch_tokens, size))
+    return BatchLimits(max_batch_size=size, max_batch_tokens=tokens)
+
+
+def decide_batch_limits(
+    spec: spec_mod.PolicySpec,
+    window: window_mod.ObservedWindow,
+    *,
+    current: BatchLimits,
+    changed_s: float | None,
+    direction: int,
+    now: float,
+) -> BatchDecision:
+    """The batch limits for the next interval, with the numbers that chose them."""
+    batching, tuning = spec.batching, spec.tuning
+    if not batching.autotune:
+        initial = clamp(initial_limits(batching), batching)
+        return BatchDecision(initial, 0, (f"batch: autotune off, limits {_fmt(initial)} from the spec",))
+    clamped = clamp(current, batching)
+    if clamped != current:
+        moved = 1 if clamped.max_batch_size > current.max_batch_size else -1
+        return BatchDecision(clamped, moved, (f"batch: {_fmt(current)} -> {_fmt(clamped)} to fit the spec's bounds",))
+    if window.num_pods_sampled == 0:
+        return BatchDecision(current, 0, (f"batch: hold {_fmt(current)}, no metrics ({window.reason})",))
+    if changed_s is not None and now - changed_s < tuning.batch_cooldown_intervals * spec.interval_s:
+        return BatchDecision(current, 0, (f"batch: hold {_fmt(current)}, last change {now - changed_s:.0f}s ago",))
+
+    pct = f"p{spec.slo.percentile:g}"
+    ttft_target_s, tpot_target_s = spec.slo.ttft_s, spec.slo.tpot_s
+    enough = window.num_requests >= tuning.min_requests_for_latency
+    ttft_s, tpot_s = window.ttft_quantile_s, window.tpot_quantile_s
+    # The vLLM TPOT buckets are as wide as a typical target (0.025-0.05 s), so the quantile is read off
+    # coarse steps: a miss is judged by attainment at the target (exact at a bucket bound) and headroom
+    # by the exact mean (histogram sum / count).
+    tpot_mean_s = window.tpot_mean_s
+    target_attainment = spec.slo.target_attainment
+    waiting = window.waiting_per_pod
+    running = window.running_per_pod
+    short_queue = waiting is not None and waiting <= tuning.short_queue_per_pod
+    size, tokens = current.max_batch_size, current.max_batch_tokens
+
+    tpot_missed = (
+        enough
+        and tpot_target_s is not None
+        and window.tpot_attainment is not None
+        and window.tpot_attainment < target_attainment
+    )
+    if tpot_missed and short_queue:
+        shrunk = clamp(
+            BatchLimits(
+                max_batch_size=math.floor(size * tuning.batch_shrink_factor),
+                max_batch_tokens=math.floor(tokens * tuning.batch_shrink_factor),
+            ),
+            batching,
+        )
+        why = (
+            f"TPOT attainment {window.tpot_attainment:.1%} < {target_attainment:.0%} (TPOT {pct} {_secs(tpot_s)}, "
+            f"target {tpot_target_s:.3f}s) with a short queue ({waiting:.1f} waiting/pod)"
+        )
+        if shrunk == current:
+            return BatchDecision(current, 0, (f"batch: hold {_fmt(current)} at the lower bounds; {why}",))
+        return BatchDecision(shrunk, -1, (f"batch: shrink {_fmt(current)} -> {_fmt(shrunk)}: {why}",))
+
+    if not window.complete:
+        return BatchDecision(
+            current, 0, (f"batch: hold {_fmt(current)}, no growth on incomplete metrics ({window.reason})",)
+        )
+    if (
+        direction < 0
+        and changed_s is not None
+        and now - changed_s < tuning.batch_regrow_hold_intervals * spec.interval_s
+    ):
+        return BatchDecision(current, 0, (f"batch: hold {_fmt(current)}, shrank {now - changed_s:.0f}s ago",))
+    if not enough:
+        return BatchDecision(
+            current, 0, (f"batch: hold {_fmt(current)}, {window.num_requests} requests are too few to judge latency",)
+        )
+
+    grow_limit_s = None if tpot_target_s is None else tuning.batch_grow_below_tpot * tpot_target_s
+    tpot_ok = window.tpot_attainment is None or window.tpot_attainment >= target_attainment
+    kv_ok = window.kv_usage_max is not None and window.kv_usage_max < tuning.batch_grow_kv_max
+    occupancy = running / size if running is not None else None
+    # "A queue": requests waiting, or batches running near the occupancy the replica rule sizes for (it
+    # would add pods next); a bigger batch is the cheaper answer while TPOT has headroom.
+    queued = (waiting is not None and waiting > tuning.short_queue_per_pod) or (
+        occupancy is not None and occupancy >= tuning.batch_grow_occupancy * tuning.target_occupancy
+    )
+    # Headroom is judged where it matters, at a *full* larger batch: the step time is a fixed part plus a
+    # per-sequence part, TPOT(b) ~ 1 + b/h, so TPOT(B') ~ TPOT (1 + B'/h) / (1 + b/h) at today's batch b.
+    # The largest B' with TPOT(B') within the growth limit bounds the step; a TTFT miss does not stop
+    # growth (with a queue behind a full batch, a larger batch is the cure).
+    ceiling = batching.max_max_batch_size
+    if grow_limit_s is not None:
+        if tpot_mean_s is None or running is None or running < 1.0:
+            ceiling = size
+        else:
+            half = tuning.batch_half_cost_seqs
+            ceiling = min(ceiling, math.floor(half * ((grow_limit_s / tpot_mean_s) * (1.0 + running / half) - 1.0)))
+    if tpot_ok and kv_ok and queued and ceiling > size:
+        step = max(1, math.ceil(batching.max_batch_size * tuning.batch_grow_fraction), size // 2)
+        grown = clamp(BatchLimits(max_batch_size=min(size + step, ceiling), max_batch_tokens=tokens), batching)
+        tpot_txt = (
+            "no TPOT target"
+            if grow_limit_s is None or tpot_target_s is None
+            else f"mean TPOT {_secs(tpot_mean_s)} at {running:.0f} running/pod predicts <= "
+            f"{tuning.batch_grow_below_tpot:g} x {tpot_target_s:.3f}s up to {ceiling} seqs"
+        )
+        return BatchDecision(
+            grown,
+            +1,
+            (
+                f"batch: grow {_fmt(current)} -> {_fmt(grown)}: {tpot_txt}, KV {window.kv_usage_max:.2f}, "
+                f"batch {_pct(occupancy)} full, {_num(waiting)} waiting/pod",
+            ),
+        )
+    tpot_headroom = grow_limit_s is None or (tpot_mean_s is not None and tpot_mean_s <= grow_limit_s and tpot_ok)
+    ttft_missed = ttft_target_s is not None and ttft_s is not None and ttft_s > ttft_target_s
+    if ttft_missed and short_queue and tpot_headroom and tokens < batching.max_max_batch_tokens:
+        step = max(1, math.ceil(batching.max_batch_tokens * tuning.batch_grow_fraction))
+        grown = clamp(BatchLimits(max_batch_size=size, max_batch_tokens=tokens + step), batching)
+        return BatchDecision(
+            grown,
+            +1,
+            (
+                f"batch: grow {_fmt(current)} -> {_fmt(grown)}: TTFT {pct} {ttft_s:.3f}s > target "
+                f"{ttft_target_s:.3f}s with a short queue and TPOT headroom (faster prefill)",
+            ),
+        )
+    return BatchDecision(
+        current,
+        0,
+        (
+            f"batch: hold {_fmt(current)} (TTFT {pct} {_secs(ttft_s)}, TPOT {pct} {_secs(tpot_s)}, "
+            f"mean TPOT {_secs(tpot_mean_s)}, "
+            f"batch {_pct(occupancy)} full, {_num(waiting)} waiting/pod, KV {_num(window.kv_usage_max)})",
+        ),
+    )
+
+
+def _fmt(limits: BatchLimits) -> str:
+    return f"{limits.max_batch_size} seqs/{limits.max_batch_tokens} tokens"
+
+
+def _secs(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.3f}s"
+
+
+def _pct(value: float | None) -> str:
+    return "n/a" if value is None else f"{100 * value:.0f}%"
+
+
+def _num(value: float | None) -> str:
+    return "n/a" if value is None else f"{value:.2f}"

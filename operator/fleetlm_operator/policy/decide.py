@@ -1,0 +1,128 @@
+"""The SLO tuner's decision: (spec + fleet, observed window, tuner state, now) -> Decision, with reasons.
+
+Three rules in order: batch limits (`batching`), then replicas sized for those limits (`replicas`), then
+QoS shedding given the replica count (`shedding`). The decision carries the next `TunerState` for the
+handler to persist, and every reason as data so status and Events can explain it. This function is the
+whole policy: it reads no clock (`now` is wall-clock epoch seconds from the caller), no environment,
+does no I/O, and never imports kopf, a Kubernetes client, aiohttp, or collect/act/handlers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+
+from fleetlm_operator.policy import batching, replicas, shedding
+from fleetlm_operator.policy import spec as spec_mod
+from fleetlm_operator.policy import state as state_mod
+from fleetlm_operator.policy import window as window_mod
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Decision:
+    replicas: int
+    max_batch_size: int
+    max_batch_tokens: int
+    shed_classes: tuple[str, ...]
+    reasons: tuple[str, ...]
+    state: state_mod.TunerState  # persist this; pass it back next tick
+    metrics_available: bool  # -> condition MetricsAvailable
+    metrics_reason: str  # "" when complete
+    slo_met: bool | None  # -> condition SLOMet; None: too little traffic to judge
+    recommended_replicas: int | None  # what this tick's data asked for, before stabilization
+
+
+def current_limits(spec: spec_mod.PolicySpec, state: state_mod.TunerState) -> batching.BatchLimits:
+    """The batch limits in force: the tuner's last values, else the spec's initial ones, within bounds."""
+    initial = batching.initial_limits(spec.batching)
+    return batching.clamp(
+        batching.BatchLimits(
+            max_batch_size=state.max_batch_size if state.max_batch_size is not None else initial.max_batch_size,
+            max_batch_tokens=state.max_batch_tokens if state.max_batch_tokens is not None else initial.max_batch_tokens,
+        ),
+        spec.batching,
+    )
+
+
+def decide(
+    policy_input: spec_mod.PolicyInput,
+    window: window_mod.ObservedWindow,
+    state: state_mod.TunerState,
+    *,
+    now: float,
+) -> Decision:
+    spec = policy_input.spec
+    tuning = spec.tuning
+    held = current_limits(spec, state)
+    batch = batching.decide_batch_limits(
+        spec, window, current=held, changed_s=state.batch_changed_s, direction=state.batch_direction, now=now
+    )
+    limits = batch.limits
+    assessment = window_mod.assess(window, spec=spec, ignore_classes=state.shed_classes)
+    demand = replicas.estimate_demand(window, tuning=tuning, shed_classes=state.shed_classes)
+    rep = replicas.decide_replicas(
+        policy_input,
+        window,
+        demand=demand,
+        assessment=assessment,
+        max_batch_size=limits.max_batch_size,
+        recommendations=state.recommendations,
+        history_start_s=state.history_start_s,
+        shedding=bool(state.shed_classes),
+        now=now,
+    )
+
+    load_at_max_with_shed: float | None = None
+    if state.shed_classes:
+        with_shed = replicas.estimate_demand(window, tuning=tuning, shed_classes=state.shed_classes, include_shed=True)
+        if with_shed is not None:
+            load_at_max_with_shed = replicas.projected_occupancy(
+                with_shed, replicas=spec.max_replicas, max_batch_size=limits.max_batch_size, tuning=tuning
+            )
+    shed = shedding.decide_shedding(
+        spec,
+        window,
+        replicas=rep.replicas,
+        ready_replicas=policy_input.ready_replicas,
+        wanted=rep.wanted,
+        load_at_max_with_shed=load_at_max_with_shed,
+        assessment=assessment,
+        shed=state.shed_classes,
+        changed_s=state.shed_changed_s,
+        clear_since_s=state.unshed_clear_since_s,
+        now=now,
+    )
+
+    reasons: list[str] = []
+    if not window.complete:
+        reasons.append(f"metrics incomplete: {window.reason}")
+    reasons.extend(rep.reasons)
+    reasons.extend(batch.reasons)
+    reasons.extend(shed.reasons)
+    batch_moved = limits != held
+    scaled = rep.replicas != policy_input.current_replicas
+    new_state = state_mod.TunerState(
+        recommendations=rep.recommendations,
+        history_start_s=rep.history_start_s,
+        max_batch_size=limits.max_batch_size,
+        max_batch_tokens=limits.max_batch_tokens,
+        batch_changed_s=now if batch_moved else state.batch_changed_s,
+        batch_direction=batch.direction if batch_moved else state.batch_direction,
+        shed_classes=shed.shed_classes,
+        shed_changed_s=shed.changed_s,
+        unshed_clear_since_s=shed.clear_since_s,
+        last_replicas=rep.replicas,
+        last_scale_s=now if scaled else state.last_scale_s,
+        updated_s=now,
+    )
+    return Decision(
+        replicas=rep.replicas,
+        max_batch_size=limits.max_batch_size,
+        max_batch_tokens=limits.max_batch_tokens,
+        shed_classes=shed.shed_classes,
+        reasons=tuple(reasons),
+        state=new_state,
+        metrics_available=window.complete,
+        metrics_reason=window.reason,
+        slo_met=assessment.met,
+        recommended_replicas=rep.recommendation,
+    )

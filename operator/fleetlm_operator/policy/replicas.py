@@ -1,0 +1,331 @@
+"""How many replicas: up fast, down slowly, never down on missing data.
+
+Demand is measured in batch slots (sequences that must run at once): Little's law on the arrival rate and
+the mean service time, at least what is running now, plus the waiting backlog spread over a drain time.
+Because a fuller batch is a slower batch (TPOT ~ 1 + b/h), concurrency grows faster than 1/N when
+replicas go away; the policy takes that slowdown out ("work", independent of the fleet size) and projects
+it onto any other fleet size. The fleet is sized so batches run `target_occupancy` full; the band of
+occupancies narrows for small batch limits, whose batches swing relatively more (Poisson).
+
+Up: as soon as the demand would fill the fleet (pods still starting included) past `scale_up_occupancy`,
+or the SLO is missed under load, to the size the demand asks for, several replicas at once (capped per
+step). Down: one replica per tick, only when every tick of the scale-down stabilization window had
+complete data, no queue, no starting pods, no shedding and latency headroom, the window's *average* work
+would fill one replica fewer at most `scale_down_occupancy`, and no tick of it would have scaled that
+smaller fleet up. Averaging (KubeAI's moving average) keeps noise from stepping a steady fleet down; the
+band between the thresholds keeps it from stepping back up. Pure: `now` is a parameter; no clock, no
+I/O, never imports collect/act/handlers.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+
+from fleetlm_operator.policy import spec as spec_mod
+from fleetlm_operator.policy import state as state_mod
+from fleetlm_operator.policy import window as window_mod
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Demand:
+    """What the fleet must carry now, in batch slots."""
+
+    slots: float  # concurrency + backlog drain, over the whole fleet
+    concurrency_slots: float
+    backlog_slots: float
+    running_per_pod: float  # the batch the service time was measured at
+    basis: str  # how it was estimated, for the reasons
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ReplicaDecision:
+    replicas: int
+    recommendation: int | None  # what this tick's data asked for (None: not recorded)
+    wanted: int | None  # replicas at target occupancy for the demand, unclamped
+    reasons: tuple[str, ...]
+    recommendations: tuple[state_mod.Recommendation, ...]
+    history_start_s: float
+
+
+def estimate_demand(
+    window: window_mod.ObservedWindow,
+    *,
+    tuning: spec_mod.Tuning,
+    shed_classes: tuple[str, ...] = (),
+    include_shed: bool = False,
+) -> Demand | None:
+    """Batch slots the fleet needs; None when the window cannot say (no pods, no queue gauges).
+
+    Pods expected but not scraped are taken to carry as much as the average scraped pod; pods scraped
+    without a baseline (just started) are not: the arrivals were counted on the pods that took them.
+    Refusals of classes being shed are not load the fleet carries; `include_shed` counts them (as the
+    clients send them, retries included, so on the high side) to ask whether the fleet could take the
+    classes back.
+    """
+    running = window.num_running
+    waiting = window.num_waiting
+    sampled = window.num_pods_sampled
+    if running is None or waiting is None or sampled == 0:
+        return None
+    unseen = max(0, window.num_pods_expected - sampled)
+    scale_unseen = 1.0 + unseen / sampled
+    service_s = window.mean_service_s
+    basis = "running"
+    concurrency = running * scale_unseen
+    if window.arrival_per_s is not None and service_s is not None and window.num_pods_with_delta > 0:
+        carried = window.num_pods_with_delta
+        refused_shed = sum(
+            window.classes[name].rejected_per_s or 0.0 for name in shed_classes if name in window.classes
+        )
+        arrival = window.arrival_per_s - (0.0 if include_shed else refused_shed)
+        arrival = max(0.0, arrival) * (carried + unseen) / carried
+        little = arrival * service_s
+        if little > concurrency:
+            concurrency, basis = little, f"arrivals {arrival:.2f}/s x service {service_s:.2f}s"
+        else:
+            basis = f"running (>= arrivals {arrival:.2f}/s x service {service_s:.2f}s)"
+    # Each waiting request needs a slot for one service time; spreading the backlog over the drain
+    # time asks for more replicas the deeper the queue, and none once it is gone.
+    queued = waiting * scale_unseen
+    backlog = queued * service_s / tuning.backlog_drain_s if service_s is not None else queued
+    return Demand(
+        slots=concurrency + backlog,
+        concurrency_slots=concurrency,
+        backlog_slots=backlog,
+        running_per_pod=running / sampled,
+        basis=basis,
+    )
+
+
+def work(demand: Demand, *, tuning: spec_mod.Tuning) -> float:
+    """The demand with the batch slowdown taken out: C / (1 + b/h) + backlog, for fleet concurrency C
+    measured with batches of b sequences running.
+
+    With service time proportional to 1 + b/h, per-pod concurrency on N' pods solves c' = q (1 + c'/h)
+    for q = work / N', whatever fleet carried it: the figure moves between fleet sizes.
+    """
+    return (
+        demand.concurrency_slots / (1.0 + demand.running_per_pod / tuning.batch_half_cost_seqs) + demand.backlog_slots
+    )
+
+
+def occupancy_on(work_slots: float, *, replicas: int, max_batch_size: int, tuning: spec_mod.Tuning) -> float:
+    """How full batches of `max_batch_size` would run if `replicas` pods carried this work (inf: never settle)."""
+    if replicas <= 0:
+        return math.inf if work_slots > 0 else 0.0
+    half = tuning.batch_half_cost_seqs
+    per_pod = work_slots / replicas
+    if per_pod >= half:
+        return math.inf
+    return per_pod / (1.0 - per_pod / half) / max_batch_size
+
+
+def projected_occupancy(demand: Demand, *, replicas: int, max_batch_size: int, tuning: spec_mod.Tuning) -> float:
+    """How full the batches would run if `replicas` pods carried this demand."""
+    return occupancy_on(work(demand, tuning=tuning), replicas=replicas, max_batch_size=max_batch_size, tuning=tuning)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Band:
+    """Occupancy thresholds for one batch limit."""
+
+    target: float
+    up: float
+    down: float
+
+
+def band(*, max_batch_size: int, tuning: spec_mod.Tuning) -> Band:
+    """The occupancy band, narrowed for small batches so Poisson swings of the batch rarely hit the limit.
+
+    The largest u with u B + z sqrt(u B) <= B is u = ((sqrt(z^2 + 4B) - z) / 2)^2 / B; the tuning's
+    thresholds scale down with it when it is below the nominal target.
+    """
+    z = tuning.fluctuation_z
+    root = (math.sqrt(z * z + 4.0 * max_batch_size) - z) / 2.0
+    fits = root * root / max_batch_size
+    scale = min(1.0, fits / tuning.target_occupancy)
+    return Band(
+        target=tuning.target_occupancy * scale,
+        up=tuning.scale_up_occupancy * scale,
+        down=tuning.scale_down_occupancy * scale,
+    )
+
+
+def replicas_for(work_slots: float, *, max_batch_size: int, tuning: spec_mod.Tuning) -> float:
+    """Replicas (fractional) whose batches would run exactly at the band's target with this work."""
+    slots = band(max_batch_size=max_batch_size, tuning=tuning).target * max_batch_size
+    return work_slots * (1.0 + slots / tuning.batch_half_cost_seqs) / slots
+
+
+def wanted_replicas(demand: Demand, *, max_batch_size: int, tuning: spec_mod.Tuning) -> int:
+    """The fewest replicas whose batches would run at most the band's target full."""
+    return max(
+        0, math.ceil(replicas_for(work(demand, tuning=tuning), max_batch_size=max_batch_size, tuning=tuning) - 1e-9)
+    )
+
+
+def decide_replicas(
+    policy_input: spec_mod.PolicyInput,
+    window: window_mod.ObservedWindow,
+    *,
+    demand: Demand | None,
+    assessment: window_mod.SLOAssessment,
+    max_batch_size: int,
+    recommendations: tuple[state_mod.Recommendation, ...],
+    history_start_s: float | None,
+    shedding: bool,
+    now: float,
+) -> ReplicaDecision:
+    spec = policy_input.spec
+    tuning = spec.tuning
+    current = policy_input.current_replicas
+    starting = policy_input.starting_replicas
+    low, high = spec.min_replicas, spec.max_replicas
+    horizon_s = max(spec.scale_up_stabilization_s, spec.scale_down_stabilization_s) + spec.interval_s
+    history = tuple(r for r in recommendations if r.at_s >= now - horizon_s)[-state_mod.MAX_RECOMMENDATIONS :]
+    start_s = now if history_start_s is None else min(history_start_s, now)
+
+    def result(
+        replicas: int, rec: int | None, wanted: int | None, work_slots: float | None, *reasons: str
+    ) -> ReplicaDecision:
+        recorded = history
+        if rec is not None:
+            recorded = (*history, state_mod.Recommendation(at_s=now, replicas=rec, work=work_slots))
+        return ReplicaDecision(replicas, rec, wanted, reasons, recorded[-state_mod.MAX_RECOMMENDATIONS :], start_s)
+
+    if not spec.autoscaling:
+        return result(current, None, None, None, f"replicas: autoscaling off, {current} as set through /scale")
+    if current < low:
+        return result(low, None, None, None, f"replicas: {current} -> {low}, below spec min {low}")
+    if current > high:
+        return result(high, None, None, None, f"replicas: {current} -> {high}, above spec max {high}")
+    if current == 0:
+        return result(
+            0, None, None, None, "replicas: 0, the service is parked (min 0); the tuner does not scale up from 0"
+        )
+    floor = max(low, 1)
+
+    if demand is None:
+        why = window.reason or "queue gauges absent"
+        return result(
+            current,
+            current,
+            None,
+            None,
+            f"replicas: hold {current}, no usable metrics ({why}); never scale down on missing data",
+        )
+
+    work_slots = work(demand, tuning=tuning)
+    wanted = wanted_replicas(demand, max_batch_size=max_batch_size, tuning=tuning)
+    limits = band(max_batch_size=max_batch_size, tuning=tuning)
+    # Projected onto every pod asked for, those still starting included: their capacity is on its way.
+    load_now = occupancy_on(work_slots, replicas=current, max_batch_size=max_batch_size, tuning=tuning)
+    waiting = window.waiting_per_pod or 0.0
+    demand_txt = (
+        f"demand {demand.slots:.0f} slots ({demand.basis}; backlog {demand.backlog_slots:.0f}) fills "
+        f"{max_batch_size}-seq batches {load_now:.0%} on {current} replicas"
+        + (f" ({starting} starting)" if starting else "")
+    )
+
+    up: int | None = None
+    why_up = ""
+    if load_now > limits.up:
+        up = max(wanted, current + 1)
+        why_up = f"{demand_txt} > {limits.up:.0%}"
+    elif (
+        assessment.met is False
+        and starting == 0
+        and (waiting > tuning.short_queue_per_pod or load_now >= limits.target)
+    ):
+        up = max(wanted, current + 1)
+        why_up = f"SLO missed under load ({assessment.detail}); {demand_txt}"
+
+    if up is not None:
+        cap = max(math.ceil(current * tuning.max_scale_up_factor), current + tuning.max_scale_up_min_step)
+        rec = min(high, up, cap)
+        if rec <= current:
+            return result(current, current, wanted, work_slots, f"replicas: hold {current} at spec max; {why_up}")
+        in_window = [r.replicas for r in history if r.at_s > now - spec.scale_up_stabilization_s]
+        target = min([*in_window, rec])
+        if target <= current:
+            return result(
+                current,
+                rec,
+                wanted,
+                work_slots,
+                f"replicas: hold {current}, scale-up to {rec} waits for {spec.scale_up_stabilization_s:.0f}s "
+                f"stabilization; {why_up}",
+            )
+        capped = " (step cap)" if rec == cap and cap < min(high, up) else ""
+        return result(target, rec, wanted, work_slots, f"replicas: scale up {current} -> {target}{capped}: {why_up}")
+
+    # Down, or hold. A tick that could not justify a scale-down records no work, which blocks scale-down
+    # until it has left the stabilization window.
+    blockers: list[str] = []
+    if not window.complete:
+        blockers.append(f"incomplete metrics ({window.reason})")
+    if starting:
+        blockers.append(f"{starting} pods starting")
+    if shedding:
+        blockers.append("shedding")
+    if not assessment.headroom:
+        blockers.append(f"no latency headroom ({assessment.detail})")
+    if waiting > tuning.short_queue_per_pod:
+        blockers.append(f"{waiting:.1f} waiting/pod")
+    if blockers:
+        return result(
+            current,
+            current,
+            wanted,
+            None,
+            f"replicas: hold {current}: {demand_txt}; no scale-down: {', '.join(blockers)}",
+        )
+    rec = max(floor, min(current, wanted))
+    if current <= floor:
+        return result(current, rec, wanted, work_slots, f"replicas: hold {current} at min {floor}: {demand_txt}")
+
+    covered_s = now - start_s
+    if covered_s < spec.scale_down_stabilization_s:
+        return result(
+            current,
+            rec,
+            wanted,
+            work_slots,
+            f"replicas: hold {current}, only {covered_s:.0f}s of history < {spec.scale_down_stabilization_s:.0f}s "
+            f"stabilization; {demand_txt}",
+        )
+    in_window = [r for r in history if r.at_s > now - spec.scale_down_stabilization_s]
+    blocked = sum(1 for r in in_window if r.work is None)
+    if blocked:
+        return result(
+            current,
+            rec,
+            wanted,
+            work_slots,
+            f"replicas: hold {current}, {blocked} tick(s) of the last {spec.scale_down_stabilization_s:.0f}s could "
+            f"not justify a scale-down; {demand_txt}",
+        )
+    works = [*(r.work for r in in_window if r.work is not None), work_slots]
+    fewer = current - 1
+    mean_load = occupancy_on(sum(works) / len(works), replicas=fewer, max_batch_size=max_batch_size, tuning=tuning)
+    peak_load = occupancy_on(max(works), replicas=fewer, max_batch_size=max_batch_size, tuning=tuning)
+    if mean_load > limits.down or peak_load > limits.up:
+        return result(
+            current,
+            rec,
+            wanted,
+            work_slots,
+            f"replicas: hold {current}: {fewer} replicas would run {mean_load:.0%} full on average over the last "
+            f"{spec.scale_down_stabilization_s:.0f}s (scale down at <= {limits.down:.0%}), "
+            f"{peak_load:.0%} at peak; {demand_txt}",
+        )
+    return result(
+        fewer,
+        rec,
+        wanted,
+        work_slots,
+        f"replicas: scale down {current} -> {fewer} (one step): {fewer} replicas would run {mean_load:.0%} full on "
+        f"average over the last {spec.scale_down_stabilization_s:.0f}s, {peak_load:.0%} at peak; {demand_txt}; "
+        f"{assessment.detail}",
+    )

@@ -1,0 +1,117 @@
+"""The tuner's memory between ticks, kept as plain JSON so it survives operator restarts.
+
+`TunerState` holds what the anti-flap rules need from the past: recent replica recommendations (for the
+stabilization windows), the batch limits in force and when they last moved, the classes being shed and
+since when shedding could end. The handler stores `to_json()` in an annotation or in status and hands
+`from_json()` back on the next tick, on this operator or its successor. Timestamps are wall-clock epoch
+seconds (the `now` the handler passes), so they keep their meaning across restarts. This module decides
+nothing and does no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from collections.abc import Mapping
+from typing import Any
+
+SCHEMA_VERSION = 1
+MAX_RECOMMENDATIONS = 256  # bounds the annotation; 64 minutes of 15 s ticks
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Recommendation:
+    """What one tick's data asked for, before stabilization.
+
+    `work`: the fleet's load in batch slots with the batch-size slowdown taken out (independent of how
+    many replicas carried it); None on a tick whose data could not justify a scale-down (incomplete
+    metrics, starting pods, a queue, no latency headroom), which then blocks scale-down for a window.
+    """
+
+    at_s: float
+    replicas: int
+    work: float | None = None
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class TunerState:
+    recommendations: tuple[Recommendation, ...] = ()
+    history_start_s: float | None = None  # first tick this state has seen: stabilization needs a full window
+    max_batch_size: int | None = None  # None: the spec's initial value
+    max_batch_tokens: int | None = None
+    batch_changed_s: float | None = None
+    batch_direction: int = 0  # +1 grew, -1 shrank, 0 never moved
+    shed_classes: tuple[str, ...] = ()  # in the order they were shed
+    shed_changed_s: float | None = None
+    unshed_clear_since_s: float | None = None  # since when unshedding has been justified
+    last_replicas: int | None = None  # what the last decision asked for
+    last_scale_s: float | None = None
+    updated_s: float | None = None
+
+    def to_dict(self) -> dict[str, Any]:
+        return {
+            "version": SCHEMA_VERSION,
+            "recommendations": [[r.at_s, r.replicas, r.work] for r in self.recommendations],
+            "historyStartS": self.history_start_s,
+            "maxBatchSize": self.max_batch_size,
+            "maxBatchTokens": self.max_batch_tokens,
+            "batchChangedS": self.batch_changed_s,
+            "batchDirection": self.batch_direction,
+            "shedClasses": list(self.shed_classes),
+            "shedChangedS": self.shed_changed_s,
+            "unshedClearSinceS": self.unshed_clear_since_s,
+            "lastReplicas": self.last_replicas,
+            "lastScaleS": self.last_scale_s,
+            "updatedS": self.updated_s,
+        }
+
+    @classmethod
+    def from_dict(cls, data: Mapping[str, Any]) -> TunerState:
+        """Read a stored state. Raises ValueError for a newer schema or malformed values.
+
+        Missing keys take their defaults, so a state written by an older operator still loads.
+        """
+        version = data.get("version", SCHEMA_VERSION)
+        if not isinstance(version, int) or version > SCHEMA_VERSION:
+            raise ValueError(f"tuner state version {version!r} is newer than {SCHEMA_VERSION}")
+        try:
+            recommendations = tuple(
+                Recommendation(
+                    at_s=float(row[0]), replicas=int(row[1]), work=_opt_float(row[2]) if len(row) > 2 else None
+                )
+                for row in data.get("recommendations", [])
+            )
+            return cls(
+                recommendations=recommendations[-MAX_RECOMMENDATIONS:],
+                history_start_s=_opt_float(data.get("historyStartS")),
+                max_batch_size=_opt_int(data.get("maxBatchSize")),
+                max_batch_tokens=_opt_int(data.get("maxBatchTokens")),
+                batch_changed_s=_opt_float(data.get("batchChangedS")),
+                batch_direction=int(data.get("batchDirection", 0)),
+                shed_classes=tuple(str(name) for name in data.get("shedClasses", [])),
+                shed_changed_s=_opt_float(data.get("shedChangedS")),
+                unshed_clear_since_s=_opt_float(data.get("unshedClearSinceS")),
+                last_replicas=_opt_int(data.get("lastReplicas")),
+                last_scale_s=_opt_float(data.get("lastScaleS")),
+                updated_s=_opt_float(data.get("updatedS")),
+            )
+        except (TypeError, ValueError) as error:
+            raise ValueError(f"malformed tuner state: {error}") from error
+
+    def to_json(self) -> str:
+        return json.dumps(self.to_dict(), separators=(",", ":"), sort_keys=True)
+
+    @classmethod
+    def from_json(cls, text: str) -> TunerState:
+        data = json.loads(text)
+        if not isinstance(data, dict):
+            raise ValueError("tuner state must be a JSON object")
+        return cls.from_dict(data)
+
+
+def _opt_float(value: Any) -> float | None:
+    return None if value is None else float(value)
+
+
+def _opt_int(value: Any) -> int | None:
+    return None if value is None else int(value)

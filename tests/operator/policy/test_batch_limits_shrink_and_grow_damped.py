@@ -1,0 +1,95 @@
+"""Batch limits: shrink (x0.75) on a TPOT miss with a short queue, grow by a step with predicted headroom and
+a queue, within the spec's bounds, one change per cooldown, no regrowth soon after a shrink."""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Callable
+from typing import Any
+
+import pytest
+
+from fleetlm_operator.policy import batching, window
+from fleetlm_operator.policy import spec as spec_mod
+
+MakeSpec = Callable[..., spec_mod.PolicySpec]
+MakeWindow = Callable[..., window.ObservedWindow]
+
+NOW = 10_000.0
+BUSY = {"running_per_pod": 60.0, "tpot_mean_s": 0.02, "tpot_quantile_s": 0.03}  # near-full 64 batches, fast tokens
+
+
+@dataclasses.dataclass(frozen=True)
+class Case:
+    current: tuple[int, int]
+    window: dict[str, Any]
+    expected: tuple[int, int]
+    direction: int
+    reason_part: str
+    changed_ago_s: float | None = None
+    last_direction: int = 0
+
+
+MISS = {"tpot_attainment": 0.8, "tpot_mean_s": 0.06}
+CASES = {
+    # TPOT missed, short queue: multiplicative decrease of both limits.
+    "shrink-on-tpot-miss": Case((64, 4096), MISS, (48, 3072), -1, "shrink"),
+    # ... but never below the bounds.
+    "shrink-bounded": Case((8, 256), MISS, (8, 256), 0, "lower bounds"),
+    # TPOT missed with a long queue: load, not the batch; the replica rule answers, the batch holds.
+    "long-queue-holds": Case((64, 4096), {**MISS, "waiting_per_pod": 10.0}, (64, 4096), 0, "hold"),
+    # Headroom and full batches: grow by a step (half the limit here).
+    "grow-with-headroom": Case((64, 4096), BUSY, (96, 4096), +1, "grow"),
+    # Growth stops where TPOT at a full batch is predicted to reach the limit: 48*((0.04/0.033)*2.25-1) = 82.
+    "grow-bounded-by-tpot": Case((64, 4096), {**BUSY, "tpot_mean_s": 0.033}, (82, 4096), +1, "up to 82 seqs"),
+    # ... and at the spec's upper bound.
+    "grow-bounded-by-spec": Case(
+        (240, 4096), {**BUSY, "running_per_pod": 230.0, "tpot_mean_s": 0.005}, (256, 4096), +1, "grow"
+    ),
+    # No queue and half-empty batches: nothing to gain.
+    "no-queue-holds": Case((64, 4096), {"running_per_pod": 20.0}, (64, 4096), 0, "hold"),
+    # KV cache nearly full: the batch cannot hold more sequences anyway.
+    "kv-full-holds": Case((64, 4096), {**BUSY, "kv_usage": 0.95}, (64, 4096), 0, "hold"),
+    # Incomplete data: no growth.
+    "incomplete-holds": Case(
+        (64, 4096), {**BUSY, "complete": False, "reason": "no baseline scrape for p1"}, (64, 4096), 0, "incomplete"
+    ),
+    # One change per cooldown (2 intervals).
+    "cooldown": Case((64, 4096), BUSY, (64, 4096), 0, "last change 15s ago", changed_ago_s=15.0, last_direction=+1),
+    # No regrowth for 8 intervals after a shrink, though the cooldown has passed ...
+    "regrow-hold": Case((48, 3072), BUSY, (48, 3072), 0, "shrank 60s ago", changed_ago_s=60.0, last_direction=-1),
+    # ... and growth again once it has.
+    "regrow-after-hold": Case((48, 3072), BUSY, (72, 3072), +1, "grow", changed_ago_s=125.0, last_direction=-1),
+}
+
+
+@pytest.mark.parametrize("case", CASES.values(), ids=CASES.keys())
+def test_batch_rule(make_spec: MakeSpec, make_window: MakeWindow, case: Case) -> None:
+    spec = make_spec()
+    decision = batching.decide_batch_limits(
+        spec,
+        make_window(**case.window),
+        current=batching.BatchLimits(*case.current),
+        changed_s=None if case.changed_ago_s is None else NOW - case.changed_ago_s,
+        direction=case.last_direction,
+        now=NOW,
+    )
+    assert (decision.limits.max_batch_size, decision.limits.max_batch_tokens) == case.expected
+    assert decision.direction == case.direction
+    assert any(case.reason_part in r for r in decision.reasons), decision.reasons
+
+
+def test_autotune_off_keeps_the_spec_values(make_spec: MakeSpec, make_window: MakeWindow) -> None:
+    spec = make_spec(batching=spec_mod.BatchingSpec(max_batch_size=64, max_batch_tokens=4096, autotune=False))
+    decision = batching.decide_batch_limits(
+        spec, make_window(**BUSY), current=batching.BatchLimits(96, 4096), changed_s=None, direction=0, now=NOW
+    )
+    assert decision.limits == batching.BatchLimits(64, 4096)
+
+
+def test_limits_outside_new_bounds_are_clamped_at_once(make_spec: MakeSpec, make_window: MakeWindow) -> None:
+    spec = make_spec(batching=spec_mod.BatchingSpec(max_batch_size=32, max_batch_tokens=2048, max_max_batch_size=64))
+    decision = batching.decide_batch_limits(
+        spec, make_window(), current=batching.BatchLimits(200, 2048), changed_s=NOW - 1.0, direction=1, now=NOW
+    )
+    assert decision.limits.max_batch_size == 64

@@ -1,0 +1,93 @@
+"""Scale-up is fast (several replicas at once when the backlog needs it) and counts pods still starting."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import pytest
+
+from fleetlm_operator.policy import decide, replicas, state, window
+from fleetlm_operator.policy import spec as spec_mod
+
+MakeSpec = Callable[..., spec_mod.PolicySpec]
+MakeWindow = Callable[..., window.ObservedWindow]
+
+
+def overloaded(make_window: MakeWindow) -> window.ObservedWindow:
+    # 4 ready pods with full batches (64) and 40 waiting each; arrivals twice what they finish.
+    return make_window(
+        pods=4,
+        running_per_pod=64.0,
+        waiting_per_pod=40.0,
+        arrival_per_s=128.0,
+        service_s=4.0,
+        ttft_attainment=0.4,
+        ttft_quantile_s=3.0,
+    )
+
+
+def test_a_backlog_asks_for_several_replicas_at_once(make_spec: MakeSpec, make_window: MakeWindow) -> None:
+    spec = make_spec()
+    observed = overloaded(make_window)
+    decision = decide.decide(
+        spec_mod.PolicyInput(spec, current_replicas=4, ready_replicas=4), observed, state.TunerState(), now=1000.0
+    )
+    assert decision.replicas >= 4 + 3
+    assert decision.replicas <= spec.max_replicas
+    assert any("scale up 4 ->" in r for r in decision.reasons)
+
+
+@pytest.mark.parametrize(
+    ("starting_extra", "expect"),
+    [
+        (0, "wanted"),  # nothing on its way: go to what the demand asks for
+        (-3, "wanted"),  # some on their way, not enough: top up to the demand, not ready + demand
+        (2, "hold"),  # more than enough on their way: no new pods
+    ],
+    ids=["none-starting", "too-few-starting", "enough-starting"],
+)
+def test_pods_starting_count_toward_the_demand(
+    make_spec: MakeSpec, make_window: MakeWindow, starting_extra: int, expect: str
+) -> None:
+    # Batch limits held still, so the replica rule alone is on trial.
+    spec = make_spec(
+        tuning=spec_mod.Tuning(max_scale_up_factor=10.0),
+        max_replicas=64,
+        batching=spec_mod.BatchingSpec(max_batch_size=64, max_batch_tokens=4096, autotune=False),
+    )
+    observed = overloaded(make_window)
+    demand = replicas.estimate_demand(observed, tuning=spec.tuning)
+    assert demand is not None
+    wanted = replicas.wanted_replicas(demand, max_batch_size=spec.batching.max_batch_size, tuning=spec.tuning)
+    assert wanted > 8
+    current = wanted + starting_extra if starting_extra else 4
+    decision = decide.decide(
+        spec_mod.PolicyInput(spec, current_replicas=current, ready_replicas=4), observed, state.TunerState(), now=1000.0
+    )
+    if expect == "wanted":
+        assert decision.replicas == wanted
+    else:
+        assert decision.replicas == current
+        assert any("no scale-down" in r and "starting" in r for r in decision.reasons)
+
+
+def test_a_slo_miss_without_load_does_not_add_replicas(make_spec: MakeSpec, make_window: MakeWindow) -> None:
+    # TPOT misses with half-empty batches and no queue: the batch is at fault, not the fleet size.
+    spec = make_spec()
+    observed = make_window(pods=4, running_per_pod=20.0, tpot_attainment=0.8, tpot_quantile_s=0.07, tpot_mean_s=0.06)
+    decision = decide.decide(
+        spec_mod.PolicyInput(spec, current_replicas=4, ready_replicas=4), observed, state.TunerState(), now=1000.0
+    )
+    assert decision.replicas == 4
+    assert decision.max_batch_size < spec.batching.max_batch_size
+
+
+def test_scale_up_is_capped_at_max_replicas(make_spec: MakeSpec, make_window: MakeWindow) -> None:
+    spec = make_spec(max_replicas=6)
+    decision = decide.decide(
+        spec_mod.PolicyInput(spec, current_replicas=4, ready_replicas=4),
+        overloaded(make_window),
+        state.TunerState(),
+        now=1000.0,
+    )
+    assert decision.replicas == 6
