@@ -521,7 +521,12 @@ def from_scrapes(
     coverage_base = dict(num_pods_expected=len(expected), num_pods_sampled=len(fresh))
     if not fresh:
         return build(
-            None, None, Coverage(problems=tuple(problems), **coverage_base), spec=spec, start_s=now_s, end_s=now_s
+            None,
+            None,
+            coverage=Coverage(problems=tuple(problems), **coverage_base),
+            spec=spec,
+            start_s=now_s,
+            end_s=now_s,
         )
 
     baselines = [

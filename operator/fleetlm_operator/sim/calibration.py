@@ -1,0 +1,112 @@
+"""How long one engine step takes, and how long a pod takes to start: the simulator's physics.
+
+A continuous-batching step decodes one token for every running sequence and may carry a chunk of
+prompt tokens (chunked prefill). Its time is modelled as
+
+    step_s = base_s + per_seq_s * num_seqs + per_token_s * num_tokens
+
+where num_tokens counts decode tokens (one per decoding sequence) plus prefill tokens. Larger batches
+give more tokens per second and a slower step (higher TPOT), which is the trade the batch tuner moves
+along. The two built-in profiles are stated assumptions, not measurements; `StepTime.fit` and
+`StepTime.from_benchmark` turn the engine benchmark's figures into a profile. This module decides
+nothing and does no I/O.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from collections.abc import Sequence
+
+import numpy as np
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class StepTime:
+    base_s: float  # fixed cost of a step (kernel launches, scheduling, sampling)
+    per_seq_s: float  # per running sequence (KV reads, attention)
+    per_token_s: float  # per token processed in the step (matmuls); prefill throughput = 1 / per_token_s
+
+    def __post_init__(self) -> None:
+        if self.base_s <= 0 or self.per_seq_s < 0 or self.per_token_s < 0:
+            raise ValueError("step-time coefficients must be non-negative, base_s positive")
+
+    def step_s(self, num_seqs: int, num_tokens: int) -> float:
+        return self.base_s + self.per_seq_s * num_seqs + self.per_token_s * num_tokens
+
+    def decode_step_s(self, batch_size: int) -> float:
+        """A pure decode step: one token per sequence (about the TPOT at that batch size)."""
+        return self.step_s(batch_size, batch_size)
+
+    @classmethod
+    def fit(cls, points: Sequence[tuple[int, int, float]]) -> StepTime:
+        """Least-squares fit to measured steps: (num_seqs, num_tokens, step_s) triples.
+
+        Needs steps where num_tokens differs from num_seqs (some with prefill) to tell the two slopes
+        apart; coefficients come out clamped at zero.
+        """
+        if len(points) < 3:
+            raise ValueError("need at least three measured steps")
+        design = np.array([[1.0, seqs, tokens] for seqs, tokens, _ in points])
+        times = np.array([step_s for _, _, step_s in points])
+        coef, *_ = np.linalg.lstsq(design, times, rcond=None)
+        base, per_seq, per_token = (max(0.0, float(c)) for c in coef)
+        return cls(base_s=max(base, 1e-6), per_seq_s=per_seq, per_token_s=per_token)
+
+    @classmethod
+    def from_benchmark(cls, decode: Sequence[tuple[int, float]], *, prefill_tokens_per_s: float) -> StepTime:
+        """From what `fleetlm-dev bench serve` prints: TPOT at several fixed concurrencies, and prefill speed.
+
+        `decode`: (concurrency, median TPOT seconds) pairs, e.g. from runs with `--max-concurrency 1, 8,
+        32, 64` (at a fixed concurrency the running batch is about that size). `prefill_tokens_per_s`:
+        prompt tokens per second on one replica, e.g. prompt length / (TTFT at concurrency 1).
+        """
+        if len(decode) < 2:
+            raise ValueError("need TPOT at two or more concurrencies")
+        sizes = np.array([size for size, _ in decode], dtype=float)
+        tpots = np.array([tpot for _, tpot in decode], dtype=float)
+        slope, intercept = np.polyfit(sizes, tpots, 1)
+        per_token = 1.0 / prefill_tokens_per_s
+        return cls(
+            base_s=max(float(intercept), 1e-6),
+            per_seq_s=max(0.0, float(slope) - per_token),
+            per_token_s=per_token,
+        )
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Calibration:
+    name: str
+    step: StepTime
+    kv_capacity_tokens: int  # KV cache per replica, in tokens (prompt + output are reserved at admission)
+    startup_s: float  # pod created -> ready (image start, model load, readiness probe)
+    description: str
+
+    def with_startup(self, startup_s: float) -> Calibration:
+        return dataclasses.replace(self, startup_s=startup_s)
+
+
+# Assumed: a mid-size model (about 8B, bf16) on one datacenter GPU under vLLM-like batching. Decode at
+# batch 1 about 15 ms/token, +0.35 ms per extra sequence (batch 64 ~ 37 ms, batch 96 ~ 49 ms);
+# prefill about 20k tokens/s; KV room for ~100k tokens. Start-up 15 s: one tuning interval, i.e. a
+# warm start (image cached, weights on local disk or a sleeping instance woken up); cold GPU pods take
+# 60-120 s, and `--startup-s` shows what that does to step recovery.
+GPU_LIKE = Calibration(
+    name="gpu",
+    step=StepTime(base_s=0.015, per_seq_s=0.0003, per_token_s=0.00005),
+    kv_capacity_tokens=100_000,
+    startup_s=15.0,
+    description="assumed mid-size model on one datacenter GPU (not measured); warm start 15 s",
+)
+
+# Assumed: the runtime's built-in tiny model on a few CPU cores with torch eager: per-step Python and
+# operator overhead dominates (about 20 ms), each sequence adds about 0.5 ms. Start-up 8 s: process,
+# torch import, tiny model built in memory, readiness probe.
+CPU_TINY = Calibration(
+    name="cpu-tiny",
+    step=StepTime(base_s=0.020, per_seq_s=0.0005, per_token_s=0.0001),
+    kv_capacity_tokens=50_000,
+    startup_s=8.0,
+    description="assumed built-in tiny model on CPU (not measured); start-up 8 s",
+)
+
+PROFILES = {profile.name: profile for profile in (GPU_LIKE, CPU_TINY)}
