@@ -8,7 +8,7 @@ VENV := $(FLEETLM_CACHE)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv k8s lint test demo
+.PHONY: venv k8s system-deps lint test demo
 
 # Installed once per change of pyproject.toml (the stamp); the install is editable, so code changes
 # need no reinstall. pip shows what it fetches: on a fresh machine that is several GB (torch).
@@ -25,11 +25,18 @@ venv: $(STAMP)
 k8s: venv
 	@$(VENV)/bin/fleetlm-dev build
 
+# System packages the tests use: Prometheus (Debian's) for the tuner's `metricsSource: prometheus`.
+# Installed only where missing; needs root (CI runs as root) or an existing install.
+system-deps:
+	@command -v prometheus >/dev/null || { \
+	  echo "installing Debian's prometheus package" >&2; \
+	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
+
 lint: venv
 	$(VENV)/bin/ruff check .
 
 # pytest's exit code 5 (no tests collected) is a failure here, not a pass.
-test: venv k8s lint
+test: venv k8s system-deps lint
 	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 

@@ -50,6 +50,16 @@ def _escape(value: str) -> str:
     return value.replace("\\", "\\\\").replace("\n", "\\n").replace('"', '\\"')
 
 
+def _regex_literal(text: str) -> str:
+    """`text` matched literally by an RE2 regex inside a PromQL double-quoted string.
+
+    Python's re.escape is not usable: it escapes characters such as '-' that PromQL's string syntax
+    rejects. Only RE2 metacharacters are escaped, then backslashes are doubled for the string literal.
+    """
+    escaped = re.sub(r"([.^$*+?()\[\]{}|\\])", r"\\\1", text)
+    return _escape(escaped)
+
+
 def render_exposition(series: Iterable[tuple[Mapping[str, str], float]], *, drop_labels: Sequence[str]) -> str:
     """Prometheus text exposition of the given series (labels incl. __name__, value).
 
@@ -61,6 +71,9 @@ def render_exposition(series: Iterable[tuple[Mapping[str, str], float]], *, drop
     for labels, value in series:
         name = labels["__name__"]
         family, kind = _family_of(name)
+        if kind == "counter":
+            # As prometheus-client's classic text format writes it: the TYPE line names `<family>_total`.
+            family = f"{family}_total"
         if kind is not None:
             types[family] = kind
         pairs = ",".join(
@@ -92,9 +105,9 @@ async def query_pods(
     """Every fleetlm series of `pods` at time `at_s` (an instant query), one PodSample per pod found."""
     if not pods:
         return QueryResult(samples={}, errors={})
-    pod_regex = "|".join(re.escape(pod) for pod in pods)
+    pod_regex = "|".join(_regex_literal(pod) for pod in pods)
     query = (
-        f'{{__name__=~"{re.escape(contract.METRIC_PREFIX)}.*", {namespace_label}="{namespace}", '
+        f'{{__name__=~"{_regex_literal(contract.METRIC_PREFIX)}.*", {namespace_label}="{_escape(namespace)}", '
         f'{pod_label}=~"{pod_regex}"}}'
     )
     own_session = session is None
