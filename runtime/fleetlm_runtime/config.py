@@ -27,7 +27,11 @@ PositiveInt = Annotated[int, pydantic.Field(ge=1)]
 
 
 class ConfigError(ValueError):
-    """The configuration is invalid; the message names each bad field."""
+    """The configuration is invalid; the message names each bad field (`field` is the first, camelCase)."""
+
+    def __init__(self, message: str, *, field: str | None = None) -> None:
+        super().__init__(message)
+        self.field = field
 
 
 class _Model(pydantic.BaseModel):
@@ -74,6 +78,12 @@ class ServerSettings(_Model):
     )
     log_format: Literal["text", "json"] = "text"
     retry_after_s: PositiveInt = pydantic.Field(default=1, description="`Retry-After` sent with 429 answers.")
+    stream_interval_tokens: PositiveInt = pydantic.Field(
+        default=1,
+        le=64,
+        description="Send a stream chunk every N tokens (the first at once), as SGLang's --stream-interval: "
+        "fewer writes per token when the engine is fast and streams are many, at the cost of burstier deltas.",
+    )
 
 
 class BatchingLimits(_Model):
@@ -119,6 +129,37 @@ class QoSClass(_Model):
         return value
 
 
+class SheddingSettings(_Model):
+    """When the runtime refuses (429) new requests of sheddable classes before higher classes miss their SLO.
+
+    A sheddable request is refused while any protected class (not sheddable, with a TTFT target) is under
+    pressure: its oldest waiting request has waited, or its recent TTFT p90 has reached, `ttftFraction`
+    of its target; or while the whole queue holds `queueFraction` of `batching.maxQueueLen`.
+    """
+
+    enabled: bool = pydantic.Field(default=True, description="Shed sheddable classes under SLO pressure.")
+    ttft_fraction: float = pydantic.Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Fraction of a protected class's TTFT target at which sheddable requests are refused: "
+        "early, because a shed only helps once the running requests it would have joined have finished.",
+    )
+    queue_fraction: float = pydantic.Field(
+        default=0.5,
+        gt=0,
+        le=1,
+        description="Fraction of batching.maxQueueLen from which sheddable requests are refused.",
+    )
+    window_s: float = pydantic.Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="How far back the recent TTFT of each class is taken (a slow first token keeps sheddable "
+        "classes out this long).",
+    )
+
+
 class QoSSettings(_Model):
     classes: list[QoSClass] = pydantic.Field(
         default_factory=lambda: [QoSClass(name="default")],
@@ -137,6 +178,17 @@ class QoSSettings(_Model):
     require_api_key: bool = pydantic.Field(
         default=False, description="Refuse (401) requests whose key is not in the api keys file."
     )
+    policy: Literal["priority", "fifo"] = pydantic.Field(
+        default=contract.QOS_POLICY_PRIORITY,
+        description="`priority`: classes ordered by priority, queue limits per class, sheddable classes shed "
+        "under SLO pressure. `fifo`: the plain batcher, for comparison: arrival order, the global queue bound only.",
+    )
+    shedding: SheddingSettings = SheddingSettings()
+    shed_classes: list[str] = pydantic.Field(
+        default_factory=list,
+        description="Sheddable classes refused outright (429), as the operator pushes them at max replicas; "
+        "may be changed live (PUT /admin/config).",
+    )
 
     @pydantic.model_validator(mode="after")
     def _classes_consistent(self) -> QoSSettings:
@@ -148,10 +200,27 @@ class QoSSettings(_Model):
             raise ValueError(f"defaultClass {self.default_class!r} is not one of the classes ({', '.join(names)})")
         if self.require_api_key and not self.api_keys_file:
             raise ValueError("requireApiKey needs apiKeysFile")
+        problem = shed_classes_problem(self.shed_classes, self.classes)
+        if problem:
+            raise ValueError(f"shedClasses: {problem}")
         return self
 
     def by_name(self) -> dict[str, QoSClass]:
         return {c.name: c for c in self.classes}
+
+
+def shed_classes_problem(names: list[str], classes: list[QoSClass]) -> str | None:
+    """Why `names` cannot be shed (unknown, not sheddable or repeated), or None when they can."""
+    by_name = {c.name: c for c in classes}
+    unknown = [n for n in names if n not in by_name]
+    if unknown:
+        return f"unknown classes {', '.join(repr(n)[:40] for n in unknown[:8])}; one of: {', '.join(by_name)}"
+    protected = [n for n in names if not by_name[n].sheddable]
+    if protected:
+        return f"{', '.join(protected)} not sheddable: only sheddable classes may be shed"
+    if len(set(names)) != len(names):
+        return "a class is named twice"
+    return None
 
 
 class PrefixCacheSettings(_Model):
@@ -161,9 +230,13 @@ class PrefixCacheSettings(_Model):
 
 
 class ResponseCacheSettings(_Model):
-    enabled: bool = False
-    max_entries: PositiveInt = 1024
-    ttl_s: float = pydantic.Field(default=300.0, gt=0)
+    """Exact repeats of deterministic requests (temperature 0 or a seed) served from memory; may be
+    changed live (PUT /admin/config), which empties the cache."""
+
+    enabled: bool = pydantic.Field(default=True, description="Off: every request is computed.")
+    max_entries: PositiveInt = pydantic.Field(default=1024, description="Responses kept, least recently used out.")
+    max_bytes: PositiveInt = pydantic.Field(default=64 << 20, description="Bound on the cached text, in bytes.")
+    ttl_s: float = pydantic.Field(default=300.0, gt=0, description="How long a cached response may be served.")
 
 
 class CachingSettings(_Model):
@@ -201,12 +274,12 @@ def _default_model_name(source: str) -> str:
 
 def format_validation_error(error: pydantic.ValidationError, *, prefix: str = "") -> str:
     """`field.path: message` lines, camelCase, as a user wrote them."""
-    lines = []
-    for item in error.errors():
-        loc = ".".join(_camel(str(part)) for part in item["loc"])
-        where = ".".join(p for p in (prefix, loc) if p) or "config"
-        lines.append(f"{where}: {item['msg']}")
-    return "; ".join(lines)
+    return "; ".join(f"{_where(item, prefix)}: {item['msg']}" for item in error.errors())
+
+
+def _where(item: Any, prefix: str) -> str:
+    loc = ".".join(_camel(str(part)) for part in item["loc"])
+    return ".".join(p for p in (prefix, loc) if p) or "config"
 
 
 def _camel(part: str) -> str:
@@ -217,7 +290,8 @@ def _validate(model: type[_M], data: Any, *, prefix: str = "") -> _M:
     try:
         return model.model_validate(data)
     except pydantic.ValidationError as error:
-        raise ConfigError(format_validation_error(error, prefix=prefix)) from None
+        first = _where(error.errors()[0], prefix) if error.errors() else None
+        raise ConfigError(format_validation_error(error, prefix=prefix), field=first) from None
 
 
 def parse_config(data: Any) -> RuntimeConfig:

@@ -35,6 +35,17 @@ PATH_ADMIN_CONFIG: Final = "/admin/config"  # GET the applied limits, PUT new on
 HEADER_QOS_CLASS: Final = "X-FleetLM-QoS-Class"
 FIELD_QOS_CLASS: Final = "qos_class"  # extra body field (openai client: extra_body={"qos_class": ...})
 HEADER_REQUEST_ID: Final = "X-Request-Id"
+# On answers to cache-eligible (deterministic) requests: how the response cache served them.
+HEADER_RESPONSE_CACHE: Final = "X-FleetLM-Response-Cache"
+RESPONSE_CACHE_HIT: Final = "hit"  # replayed from the cache
+RESPONSE_CACHE_SHARED: Final = "shared"  # an identical request was computing: its result was shared
+RESPONSE_CACHE_MISS: Final = "miss"  # computed by the engine (and stored)
+
+# QoS policies (`qos.policy` in the runtime config): `priority` orders by class priority and sheds
+# sheddable classes under SLO pressure; `fifo` is the plain batcher (arrival order, one global queue bound).
+QOS_POLICY_PRIORITY: Final = "priority"
+QOS_POLICY_FIFO: Final = "fifo"
+QOS_POLICIES: Final = (QOS_POLICY_PRIORITY, QOS_POLICY_FIFO)
 
 # ------------------------------------------------------------------------------------------------
 # Prometheus label names (bounded: never a request id, a prompt or a user)
@@ -48,13 +59,19 @@ LABEL_GPU: Final = "gpu"  # NVML device index
 
 FINISHED_REASONS: Final = ("stop", "length", "abort", "error")
 
-REJECT_OVERLOADED: Final = "overloaded"  # 429: the class's queue (or the whole queue) is full
+# 429, every cause: a queue is full, or a sheddable class is shed (SLO pressure, or named in the operator's
+# qos.shedClasses). One reason, because the operator counts these refusals as demand it did not serve; the
+# error body's `code` tells the causes apart (queue_full, class_shed, slo_shed).
+REJECT_OVERLOADED: Final = "overloaded"
+CODE_QUEUE_FULL: Final = "queue_full"  # error codes of the 429 answers
+CODE_CLASS_SHED: Final = "class_shed"
+CODE_SLO_SHED: Final = "slo_shed"
 REJECT_TOO_LONG: Final = "too_long"  # 400: prompt (+ max_tokens) longer than the context
 REJECT_INVALID: Final = "invalid"  # 400: malformed JSON, wrong types, out-of-range parameters
 REJECT_TOO_LARGE: Final = "too_large"  # 413: request body over the limit
 REJECT_DRAINING: Final = "draining"  # 503: SIGTERM received
 REJECT_LOADING: Final = "loading"  # 503: model not loaded yet
-REJECT_UNAUTHORIZED: Final = "unauthorized"  # 401: unknown API key where keys are required
+REJECT_UNAUTHORIZED: Final = "unauthorized"  # 401: unknown API key where keys are required; 403: class raise
 REJECT_REASONS: Final = (
     REJECT_OVERLOADED,
     REJECT_TOO_LONG,
@@ -161,6 +178,8 @@ CONFIG_INFO_LABELS: Final = (
     "prefix_cache",  # "true" | "false"
     "response_cache",  # "true" | "false"
     "schema_version",
+    "qos_policy",  # QOS_POLICIES
+    "shed_classes",  # comma-separated classes refused by the operator's push (qos.shedClasses); "" for none
 )
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so dashboards and percentiles line up.

@@ -1,0 +1,258 @@
+"""EngineCore: the synchronous engine. `step()` is schedule -> execute -> update, and the bookkeeping.
+
+It owns the scheduler (what runs), the model runner (how it runs) and the per-request detokenizers (text
+and stop strings), and turns each step into `RequestOutput`s and one `EngineStats`. It is not
+thread-safe: exactly one thread calls it (the `AsyncEngine` worker, or a test). It never sleeps, never
+touches asyncio and knows nothing of HTTP.
+"""
+
+from __future__ import annotations
+
+import logging
+import time
+from collections.abc import Callable, Iterable, Sequence
+
+import torch
+
+from fleetlm_runtime.engine import config as config_mod
+from fleetlm_runtime.engine import detokenizer, outputs, runner, scheduler
+from fleetlm_runtime.engine import request as request_mod
+from fleetlm_runtime.models import loader
+
+logger = logging.getLogger(__name__)
+
+RequestStatus = request_mod.RequestStatus
+
+
+class EngineCore:
+    def __init__(
+        self,
+        config: config_mod.EngineConfig,
+        *,
+        loaded: loader.LoadedModel | None = None,
+        clock: Callable[[], float] = time.monotonic,
+    ) -> None:
+        if config.num_threads is not None:
+            torch.set_num_threads(config.num_threads)
+        if loaded is None:
+            loaded = loader.load(
+                config.model, dtype=config.dtype, device=config.device, max_model_len=config.max_model_len
+            )
+        self.config = config
+        self.loaded = loaded
+        self.tokenizer = loaded.tokenizer
+        if config.max_model_len is not None and config.max_model_len > loaded.max_model_len:
+            raise request_mod.InvalidParameterError(
+                "max_model_len", f"{config.max_model_len} exceeds this model's context of {loaded.max_model_len} tokens"
+            )
+        self.max_model_len = config.max_model_len or loaded.max_model_len
+        kv_capacity = config.max_kv_tokens or config.max_batch_size * self.max_model_len
+        self.scheduler = scheduler.Scheduler(
+            limits=scheduler.SchedulerLimits(
+                max_batch_size=config.max_batch_size, max_batch_tokens=config.max_batch_tokens
+            ),
+            kv_capacity_tokens=kv_capacity,
+            policy=config.scheduling_policy,
+            clock=clock,
+        )
+        self.runner = runner.ModelRunner(
+            loaded=loaded, max_model_len=self.max_model_len, seed=config.seed, fast_path=config.fast_path
+        )
+        self._clock = clock
+        self._detokenizers: dict[str, detokenizer.IncrementalDetokenizer] = {}
+
+    # ----------------------------------------------------------------------------------------------
+    # Requests
+
+    def make_request(
+        self,
+        *,
+        req_id: str,
+        prompt_token_ids: Sequence[int],
+        sampling_params: request_mod.SamplingParams,
+        arrival_time_s: float | None = None,
+        qos_class: str = "default",
+        priority: int = 0,
+    ) -> request_mod.Request:
+        """Validate against the model and the KV capacity; pure, so any thread may call it.
+
+        Raises InvalidParameterError naming the parameter (prompt too long, max_tokens over the context).
+        """
+        req = request_mod.resolve_request(
+            req_id=req_id,
+            prompt_token_ids=prompt_token_ids,
+            sampling_params=sampling_params,
+            max_model_len=self.max_model_len,
+            vocab_size=self.loaded.vocab_size,
+            eos_token_ids=self.loaded.eos_token_ids,
+            arrival_time_s=self._clock() if arrival_time_s is None else arrival_time_s,
+            qos_class=qos_class,
+            priority=priority,
+        )
+        if req.kv_reservation > self.scheduler.kv.capacity_tokens:
+            raise request_mod.InvalidParameterError(
+                "max_tokens",
+                f"prompt + max_tokens = {req.kv_reservation} tokens exceeds the engine's KV capacity of "
+                f"{self.scheduler.kv.capacity_tokens} tokens",
+            )
+        return req
+
+    def add_request(self, req: request_mod.Request) -> None:
+        self.scheduler.add_request(req)
+        params = req.sampling_params
+        if params.detokenize:
+            self._detokenizers[req.req_id] = detokenizer.IncrementalDetokenizer(
+                self.tokenizer,
+                prompt_token_ids=req.prompt_token_ids,
+                stop=params.stop,
+                include_stop_str_in_output=params.include_stop_str_in_output,
+            )
+
+    def abort_requests(
+        self,
+        req_ids: Iterable[str],
+        *,
+        status: RequestStatus = RequestStatus.FINISHED_ABORTED,
+        error: str | None = None,
+    ) -> list[outputs.RequestOutput]:
+        """End requests now and free their KV at once (logical reservation and runner slot)."""
+        finished = self.scheduler.finish_requests(req_ids, status)
+        self._free_finished()
+        return [self._final_output(req, error=error) for req in finished]
+
+    def has_unfinished_requests(self) -> bool:
+        return self.scheduler.has_unfinished_requests()
+
+    def update_limits(self, *, max_batch_size: int | None = None, max_batch_tokens: int | None = None) -> None:
+        """Takes effect at the next step. Raises InvalidParameterError (naming the field) if invalid."""
+        current = self.scheduler.limits
+        self.scheduler.update_limits(
+            scheduler.SchedulerLimits(
+                max_batch_size=current.max_batch_size if max_batch_size is None else max_batch_size,
+                max_batch_tokens=current.max_batch_tokens if max_batch_tokens is None else max_batch_tokens,
+            )
+        )
+
+    @property
+    def limits(self) -> scheduler.SchedulerLimits:
+        return self.scheduler.limits
+
+    @property
+    def kv_usage(self) -> float:
+        return self.scheduler.kv.usage
+
+    # ----------------------------------------------------------------------------------------------
+    # The step
+
+    def step(self) -> tuple[list[outputs.RequestOutput], outputs.EngineStats | None]:
+        """Run one iteration. Returns the outputs of every request that produced a token or finished,
+        and the step's stats (None when there was nothing to run)."""
+        started = time.perf_counter()
+        sched_out = self.scheduler.schedule()
+        if not sched_out.req_ids:
+            if sched_out.finished_req_ids:
+                self.runner.free(sched_out.finished_req_ids)
+            return [], None
+        try:
+            runner_out = self.runner.execute(sched_out)
+        except Exception as exc:  # a bug or OOM must fail these requests, not kill the engine
+            logger.exception("engine step failed; failing the %d requests in it", sched_out.num_reqs)
+            failed = self.abort_requests(
+                sched_out.req_ids, status=RequestStatus.FINISHED_ERROR, error=f"engine step failed: {exc}"
+            )
+            self.runner.last_model_s = 0.0
+            return failed, self._make_stats(sched_out, started)
+        updated = self.scheduler.update_from_output(sched_out, runner_out)
+        request_outputs = self._make_outputs(updated)
+        self._free_finished()
+        return request_outputs, self._make_stats(sched_out, started)
+
+    def _make_outputs(self, updated: list[request_mod.Request]) -> list[outputs.RequestOutput]:
+        # Runs once per token of every running request: kept flat, with locals for the lookups.
+        detokenizers = self._detokenizers
+        make = outputs.RequestOutput
+        running = RequestStatus.RUNNING
+        made: list[outputs.RequestOutput] = []
+        stopped: list[request_mod.Request] = []
+        for req in updated:
+            token = req.output_token_ids[-1]
+            finished = req.status is not running
+            finish_reason = req.status.finish_reason if finished else None
+            text = ""
+            detok = detokenizers.get(req.req_id)
+            if detok is not None:
+                text, stop = detok.step(token, finished=finished)
+                if stop is not None and not finished:
+                    stopped.append(req)
+                    req.stop_reason = stop
+                    finished = True
+                    finish_reason = request_mod.FinishReason.STOP
+                if finished:
+                    del detokenizers[req.req_id]
+            made.append(
+                make(  # positional, in RequestOutput's field order: this is the per-token hot path
+                    req.req_id,
+                    [token],
+                    text,
+                    finished,
+                    finish_reason,
+                    req.stop_reason,
+                    len(req.prompt_token_ids),
+                    len(req.output_token_ids),
+                )
+            )
+        if stopped:
+            # Stop strings end requests after the token-level update; release them like any other finish.
+            stop_reasons = {req.req_id: req.stop_reason for req in stopped}
+            for req in self.scheduler.finish_requests(stop_reasons, RequestStatus.FINISHED_STOPPED):
+                req.stop_reason = stop_reasons[req.req_id]
+        return made
+
+    def _final_output(self, req: request_mod.Request, *, error: str | None = None) -> outputs.RequestOutput:
+        detok = self._detokenizers.pop(req.req_id, None)
+        return outputs.RequestOutput(
+            req_id=req.req_id,
+            new_token_ids=[],
+            text=detok.flush() if detok is not None else "",
+            finished=True,
+            finish_reason=req.status.finish_reason,
+            stop_reason=req.stop_reason,
+            num_prompt_tokens=len(req.prompt_token_ids),
+            num_output_tokens=len(req.output_token_ids),
+            error=error,
+        )
+
+    def _free_finished(self) -> None:
+        # The scheduler has released the reservations; release the slots now rather than at the next
+        # schedule(), so an idle engine holds no KV either.
+        finished = self.scheduler.take_finished_req_ids()
+        if finished:
+            self.runner.free(finished)
+
+    def _make_stats(self, sched_out: outputs.SchedulerOutput, started: float) -> outputs.EngineStats:
+        sched = self.scheduler
+        events, itls = sched.take_events()
+        kv = sched.kv
+        return outputs.EngineStats(
+            now_s=self._clock(),
+            step_duration_s=time.perf_counter() - started,
+            model_duration_s=self.runner.last_model_s,
+            batch_size=len(sched_out.req_ids),
+            num_tokens=len(sched_out.input_token_ids),
+            num_prefill_tokens=sched_out.num_prefill_tokens,
+            num_decode_tokens=len(sched_out.input_token_ids) - sched_out.num_prefill_tokens,
+            num_running=len(sched.running),
+            num_waiting=len(sched.waiting),
+            running_by_class=dict(sched.running_by_class),
+            waiting_by_class=dict(sched.waiting_by_class),
+            kv_usage=kv.usage,
+            num_kv_tokens_reserved=kv.num_reserved_tokens,
+            kv_capacity_tokens=kv.capacity_tokens,
+            max_batch_size=sched.limits.max_batch_size,
+            max_batch_tokens=sched.limits.max_batch_tokens,
+            events=tuple(events),
+            inter_token_latencies_s=tuple(itls),
+        )
+
+    def close(self) -> None:
+        self.runner.close()

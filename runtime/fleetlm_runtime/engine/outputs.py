@@ -1,0 +1,125 @@
+"""Plain data that crosses the engine's internal and external boundaries.
+
+`SchedulerOutput` (scheduler -> runner), `RunnerOutput` (runner -> scheduler), `RequestOutput` (engine ->
+client stream) and `EngineStats` (engine -> metrics, once per step). Lists rather than tensors, with the
+length of each list in a comment, as vLLM does. No torch and no behaviour here.
+"""
+
+from __future__ import annotations
+
+import enum
+from dataclasses import dataclass, field
+
+from fleetlm_runtime.engine import request as request_mod
+
+
+@dataclass(frozen=True, slots=True)
+class NewRequestData:
+    """Sent to the runner once, on the step a request is admitted."""
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: request_mod.SamplingParams
+    max_num_tokens: int  # prompt + max_tokens: how far its KV can grow
+
+
+@dataclass(slots=True)
+class SchedulerOutput:
+    """What runs in one step. Requests appear in batch order; all per-request lists align."""
+
+    new_reqs: list[NewRequestData]  # [num_new] admitted this step (they also appear in req_ids)
+    req_ids: list[str]  # [num_reqs]
+    num_scheduled_tokens: list[int]  # [num_reqs]
+    num_computed_tokens: list[int]  # [num_reqs] position of each request's first scheduled token
+    do_sample: list[bool]  # [num_reqs] True when this step reaches the end of the request's known tokens
+    input_token_ids: list[int]  # [total_num_tokens] each request's scheduled tokens, in batch order
+    finished_req_ids: list[str]  # [num_finished] requests that left since the previous step: free their KV
+    num_prefill_tokens: int = 0  # prompt tokens in this step (the rest are decode tokens)
+
+    @property
+    def total_num_tokens(self) -> int:
+        return len(self.input_token_ids)
+
+    @property
+    def num_reqs(self) -> int:
+        return len(self.req_ids)
+
+    @classmethod
+    def make_empty(cls, finished_req_ids: list[str] | None = None) -> SchedulerOutput:
+        return cls(
+            new_reqs=[],
+            req_ids=[],
+            num_scheduled_tokens=[],
+            num_computed_tokens=[],
+            do_sample=[],
+            input_token_ids=[],
+            finished_req_ids=finished_req_ids or [],
+        )
+
+
+@dataclass(slots=True)
+class RunnerOutput:
+    """Tokens sampled in one step, for the requests whose `do_sample` was set, in batch order."""
+
+    req_ids: list[str]  # [num_sampled]
+    sampled_token_ids: list[int]  # [num_sampled]
+
+
+@dataclass(slots=True)
+class RequestOutput:
+    """One chunk of a request's stream: the tokens (and text) produced since the previous chunk."""
+
+    req_id: str
+    new_token_ids: list[int]  # [num_new_tokens], usually one
+    text: str  # detokenized delta; "" when detokenize is off or text is held back at a stop-string prefix
+    finished: bool
+    finish_reason: request_mod.FinishReason | None = None
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended the request
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0  # cumulative
+    error: str | None = None  # set with finish_reason == ERROR
+
+
+class EventKind(enum.StrEnum):
+    SCHEDULED = "scheduled"  # left the queue and got KV (queue time = time_s - arrival_time_s)
+    FIRST_TOKEN = "first_token"  # TTFT = time_s - arrival_time_s
+    FINISHED = "finished"  # e2e = time_s - arrival_time_s; the other fields are filled in
+
+
+@dataclass(frozen=True, slots=True)
+class RequestEvent:
+    kind: EventKind
+    req_id: str
+    qos_class: str
+    time_s: float  # time.monotonic() of the event
+    arrival_time_s: float
+    finish_reason: request_mod.FinishReason | None = None  # FINISHED only
+    num_prompt_tokens: int = 0
+    num_output_tokens: int = 0
+    scheduled_time_s: float | None = None  # FINISHED only; None if it never left the queue
+    first_token_time_s: float | None = None  # FINISHED only; None if it produced no token
+
+
+@dataclass(frozen=True, slots=True)
+class EngineStats:
+    """One step's figures, handed to the stats callback (Prometheus lives behind it, not here)."""
+
+    now_s: float  # time.monotonic() at the end of the step
+    step_duration_s: float  # wall time of schedule + execute + update
+    model_duration_s: float  # of which in the model's forward and output head (the rest is engine overhead)
+    batch_size: int  # sequences in this step
+    num_tokens: int  # tokens in this step (prefill + decode)
+    num_prefill_tokens: int
+    num_decode_tokens: int
+    num_running: int
+    num_waiting: int
+    running_by_class: dict[str, int]
+    waiting_by_class: dict[str, int]
+    kv_usage: float  # reserved KV tokens / capacity, in [0, 1]
+    num_kv_tokens_reserved: int
+    kv_capacity_tokens: int
+    max_batch_size: int  # limits in force for this step (so a pushed change can be confirmed)
+    max_batch_tokens: int
+    events: tuple[RequestEvent, ...] = ()
+    # One entry per decode token in this step: time since that request's previous token.
+    inter_token_latencies_s: tuple[float, ...] = field(default=())

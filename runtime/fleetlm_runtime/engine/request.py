@@ -1,0 +1,229 @@
+"""Requests as the engine sees them: sampling parameters, lifecycle status and per-request state.
+
+`SamplingParams` is the validated, immutable description of *how* to generate (OpenAI semantics);
+`Request` is the mutable state of one generation inside the engine (tokens so far, how many of them
+are in the KV cache, timings). Both are plain Python: this module must never import torch, the
+tokenizer or anything from the server, so the scheduler and its tests stay fast.
+"""
+
+from __future__ import annotations
+
+import enum
+import math
+from collections.abc import Sequence
+from dataclasses import dataclass, field
+
+# OpenAI caps `stop` at 4 sequences; we allow a few more but keep it bounded, because every stop string
+# is searched in the text tail on each step.
+MAX_STOP_STRINGS = 16
+MAX_STOP_STRING_CHARS = 256
+
+
+class InvalidParameterError(ValueError):
+    """A request parameter is invalid; `param` names it so the HTTP layer can echo it (OpenAI `param`)."""
+
+    def __init__(self, param: str, message: str) -> None:
+        super().__init__(f"{param}: {message}")
+        self.param = param
+        self.message = message
+
+
+class RequestStatus(enum.IntEnum):
+    """Ordered so that `status > PREEMPTED` means finished (vLLM's convention)."""
+
+    WAITING = 0
+    RUNNING = 1
+    PREEMPTED = 2  # reserved for the QoS issue (preemption by recompute); never set yet
+    FINISHED_STOPPED = 3
+    FINISHED_LENGTH = 4
+    FINISHED_ABORTED = 5
+    FINISHED_ERROR = 6
+
+    @property
+    def is_finished(self) -> bool:
+        return self > RequestStatus.PREEMPTED
+
+    @property
+    def finish_reason(self) -> FinishReason | None:
+        return _FINISH_REASONS.get(self)
+
+
+class FinishReason(enum.StrEnum):
+    """Why a stream ended, with the OpenAI spellings (`stop`, `length`) plus our `abort` and `error`."""
+
+    STOP = "stop"
+    LENGTH = "length"
+    ABORT = "abort"
+    ERROR = "error"
+
+
+_FINISH_REASONS = {
+    RequestStatus.FINISHED_STOPPED: FinishReason.STOP,
+    RequestStatus.FINISHED_LENGTH: FinishReason.LENGTH,
+    RequestStatus.FINISHED_ABORTED: FinishReason.ABORT,
+    RequestStatus.FINISHED_ERROR: FinishReason.ERROR,
+}
+
+
+@dataclass(frozen=True, slots=True, kw_only=True)
+class SamplingParams:
+    """How to pick tokens and when to stop. Validated on construction; errors name the parameter.
+
+    `temperature == 0` (or `top_k == 1`) is greedy decoding. `max_tokens=None` means "up to the model's
+    context length". `seed` makes sampling reproducible for this request whatever else is batched with
+    it. Stop strings end generation as soon as they appear in the detokenized text; the text returned
+    stops before them unless `include_stop_str_in_output`.
+    """
+
+    max_tokens: int | None = 16
+    temperature: float = 1.0
+    top_p: float = 1.0
+    top_k: int = 0  # 0 (or -1) disables top-k
+    seed: int | None = None
+    stop: tuple[str, ...] = ()
+    stop_token_ids: tuple[int, ...] = ()
+    ignore_eos: bool = False
+    include_stop_str_in_output: bool = False
+    detokenize: bool = True  # False skips text for token-only clients (saves work on every step)
+
+    def __post_init__(self) -> None:
+        if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
+            raise InvalidParameterError("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
+        if not _is_number(self.temperature) or not 0.0 <= self.temperature <= 100.0:
+            raise InvalidParameterError("temperature", f"must be in [0, 100], got {self.temperature!r}")
+        if not _is_number(self.top_p) or not 0.0 < self.top_p <= 1.0:
+            raise InvalidParameterError("top_p", f"must be in (0, 1], got {self.top_p!r}")
+        if not isinstance(self.top_k, int) or self.top_k < -1:
+            raise InvalidParameterError("top_k", f"must be -1, 0 (disabled) or >= 1, got {self.top_k!r}")
+        if self.top_k == -1:
+            object.__setattr__(self, "top_k", 0)
+        if self.seed is not None and (not isinstance(self.seed, int) or not 0 <= self.seed < 2**63):
+            raise InvalidParameterError("seed", f"must be an integer in [0, 2**63), got {self.seed!r}")
+        stop = (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+        if len(stop) > MAX_STOP_STRINGS:
+            raise InvalidParameterError("stop", f"at most {MAX_STOP_STRINGS} stop strings, got {len(stop)}")
+        for item in stop:
+            if not isinstance(item, str) or not item or len(item) > MAX_STOP_STRING_CHARS:
+                raise InvalidParameterError(
+                    "stop", f"stop strings must be non-empty strings of at most {MAX_STOP_STRING_CHARS} chars"
+                )
+        object.__setattr__(self, "stop", stop)
+        if stop and not self.detokenize:
+            raise InvalidParameterError("stop", "stop strings need text: they cannot be used with detokenize=False")
+        token_ids = tuple(self.stop_token_ids)
+        if any(not isinstance(t, int) or t < 0 for t in token_ids):
+            raise InvalidParameterError("stop_token_ids", "must be non-negative integers")
+        object.__setattr__(self, "stop_token_ids", token_ids)
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0 or self.top_k == 1
+
+
+def _is_number(value: object) -> bool:
+    return isinstance(value, int | float) and not isinstance(value, bool) and math.isfinite(value)
+
+
+@dataclass(slots=True, eq=False)
+class Request:
+    """One generation inside the engine. Mutated only by the scheduler (and the engine core for stops).
+
+    Token accounting follows vLLM's single-counter model: `num_computed_tokens` says how many of
+    `prompt_token_ids + output_token_ids` already have KV in the cache. A prefill, a prefill chunk and a
+    decode are the same thing: schedule `num_tokens - num_computed_tokens` more tokens.
+    """
+
+    req_id: str
+    prompt_token_ids: list[int]
+    sampling_params: SamplingParams
+    max_tokens: int  # resolved against the context length, never None
+    stop_token_ids: frozenset[int]  # stop_token_ids plus the model's EOS ids unless ignore_eos
+    arrival_time_s: float
+    qos_class: str = "default"
+    priority: int = 0  # lower runs sooner (vLLM semantics); the QoS issue maps classes onto it
+    status: RequestStatus = RequestStatus.WAITING
+    output_token_ids: list[int] = field(default_factory=list)
+    num_computed_tokens: int = 0
+    stop_reason: int | str | None = None  # the stop token id or stop string that ended it
+    scheduled_time_s: float | None = None  # first admission into the running batch
+    first_token_time_s: float | None = None
+    last_token_time_s: float | None = None
+    finished_time_s: float | None = None
+
+    @property
+    def num_prompt_tokens(self) -> int:
+        return len(self.prompt_token_ids)
+
+    @property
+    def num_output_tokens(self) -> int:
+        return len(self.output_token_ids)
+
+    @property
+    def num_tokens(self) -> int:
+        return len(self.prompt_token_ids) + len(self.output_token_ids)
+
+    @property
+    def kv_reservation(self) -> int:
+        """KV tokens this request may come to hold: admission reserves them up front (no preemption)."""
+        return len(self.prompt_token_ids) + self.max_tokens
+
+    @property
+    def is_finished(self) -> bool:
+        return self.status > RequestStatus.PREEMPTED
+
+    def __lt__(self, other: Request) -> bool:
+        # Priority queues order by (priority, arrival); lower priority value runs sooner.
+        return (self.priority, self.arrival_time_s) < (other.priority, other.arrival_time_s)
+
+
+def resolve_request(
+    *,
+    req_id: str,
+    prompt_token_ids: Sequence[int],
+    sampling_params: SamplingParams,
+    max_model_len: int,
+    vocab_size: int,
+    eos_token_ids: frozenset[int],
+    arrival_time_s: float,
+    qos_class: str = "default",
+    priority: int = 0,
+) -> Request:
+    """Validate a request against the model and build its engine state; errors name the parameter.
+
+    The context check is the one users hit most: a prompt plus `max_tokens` longer than the context is
+    refused here, before it can occupy a queue slot.
+    """
+    prompt = list(prompt_token_ids)
+    if not prompt:
+        raise InvalidParameterError("prompt", "the prompt must contain at least one token")
+    if any(not isinstance(t, int) or not 0 <= t < vocab_size for t in prompt):
+        raise InvalidParameterError("prompt", f"token ids must be integers in [0, {vocab_size})")
+    if len(prompt) >= max_model_len:
+        raise InvalidParameterError(
+            "prompt",
+            f"the prompt has {len(prompt)} tokens, but this model's context is {max_model_len} tokens "
+            "and at least one must remain for output",
+        )
+    room = max_model_len - len(prompt)
+    max_tokens = sampling_params.max_tokens
+    if max_tokens is None:
+        max_tokens = room
+    elif max_tokens > room:
+        raise InvalidParameterError(
+            "max_tokens",
+            f"max_tokens={max_tokens} plus the prompt's {len(prompt)} tokens exceeds the model's context "
+            f"of {max_model_len} tokens; request at most {room} tokens or shorten the prompt",
+        )
+    stop_ids = set(sampling_params.stop_token_ids)
+    if not sampling_params.ignore_eos:
+        stop_ids |= eos_token_ids
+    return Request(
+        req_id=req_id,
+        prompt_token_ids=prompt,
+        sampling_params=sampling_params,
+        max_tokens=max_tokens,
+        stop_token_ids=frozenset(stop_ids),
+        arrival_time_s=arrival_time_s,
+        qos_class=qos_class,
+        priority=priority,
+    )

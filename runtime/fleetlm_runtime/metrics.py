@@ -1,0 +1,302 @@
+"""Prometheus collectors for the runtime, fed from the engine's per-step `EngineStats`.
+
+Names, labels and buckets come from `contract` (vLLM's semantics under the `fleetlm_` prefix). Every
+collector lives on a private `CollectorRegistry`, so two apps in one process (tests) never collide and
+nothing leaks into the global registry. Labels are bounded: model, qos_class, finished_reason, reason,
+result, gpu; never a request id. This module depends on the engine's data types; the engine must never
+import it (as with vLLM's stat loggers), and it must never block: `record()` runs on the event loop.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Iterable, Iterator, Sequence
+
+import prometheus_client
+from prometheus_client import core, registry
+
+from fleetlm_runtime import config as config_mod
+from fleetlm_runtime import contract, gpu
+from fleetlm_runtime.engine import outputs
+
+CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
+_M = contract.LABEL_MODEL
+_C = contract.LABEL_QOS_CLASS
+
+# Latencies are observed only for requests that ran to their natural end; an abort's "e2e" is the
+# time the client gave up, which would drag percentiles toward whatever timeout the client had.
+_COMPLETED = frozenset({"stop", "length"})
+
+
+class _ConfigInfoCollector(registry.Collector):
+    """`fleetlm_config_info{...} 1` with exactly one label set: the limits in force now."""
+
+    def __init__(self, model_name: str) -> None:
+        self._model_name = model_name
+        self._labels: dict[str, str] = {}
+
+    def set(self, labels: dict[str, str]) -> None:
+        self._labels = dict(labels)  # swapped whole, so a scrape never sees half an update
+
+    def collect(self) -> Iterator[core.Metric]:
+        if not self._labels:
+            return
+        names = [_M, *contract.CONFIG_INFO_LABELS]
+        family = core.GaugeMetricFamily(
+            contract.CONFIG_INFO, "Limits and switches in force (value 1); the labels carry them.", labels=names
+        )
+        family.add_metric([self._model_name, *(self._labels[n] for n in contract.CONFIG_INFO_LABELS)], 1.0)
+        yield family
+
+
+class _GpuCollector(registry.Collector):
+    """Samples NVML at scrape time, so idle pods cost nothing; yields nothing on CPU machines."""
+
+    def __init__(self, model_name: str, sampler: gpu.NvmlSampler) -> None:
+        self._model_name = model_name
+        self._sampler = sampler
+
+    def collect(self) -> Iterator[core.Metric]:
+        samples = self._sampler.sample()
+        labels = [_M, contract.LABEL_GPU]
+        util = core.GaugeMetricFamily(contract.GPU_UTILIZATION_RATIO, "GPU busy fraction (NVML), 0..1.", labels=labels)
+        used = core.GaugeMetricFamily(contract.GPU_MEMORY_USED_BYTES, "GPU memory in use (NVML).", labels=labels)
+        total = core.GaugeMetricFamily(contract.GPU_MEMORY_TOTAL_BYTES, "GPU memory size (NVML).", labels=labels)
+        for s in samples:
+            values = [self._model_name, str(s.index)]
+            util.add_metric(values, s.utilization_ratio)
+            used.add_metric(values, float(s.memory_used_bytes))
+            total.add_metric(values, float(s.memory_total_bytes))
+        yield from (util, used, total)
+
+
+class RuntimeMetrics:
+    """All runtime collectors. `record()` takes one engine step; the server adds rejections."""
+
+    def __init__(
+        self,
+        *,
+        model_name: str,
+        max_model_len: int,
+        qos_classes: Sequence[str] = ("default",),
+        gpu_sampler: gpu.NvmlSampler | None = None,
+    ) -> None:
+        # `_created` series double the payload and read as extra gauge families to text parsers (the
+        # operator's among them); vLLM-style scrapers do not use them. This switch is process-wide.
+        prometheus_client.disable_created_metrics()
+        self.model_name = model_name
+        self.registry = registry.CollectorRegistry(auto_describe=True)
+        r = self.registry
+        m = model_name
+        by_class = [_M, _C]
+
+        self._running = prometheus_client.Gauge(
+            contract.NUM_REQUESTS_RUNNING, "Requests in the running batch.", by_class, registry=r
+        )
+        self._waiting = prometheus_client.Gauge(
+            contract.NUM_REQUESTS_WAITING, "Requests waiting to be scheduled.", by_class, registry=r
+        )
+        self._kv_usage = prometheus_client.Gauge(
+            contract.KV_CACHE_USAGE_PERC, "Fraction of KV-cache capacity reserved, 0..1.", [_M], registry=r
+        ).labels(m)
+        self._batch_size = prometheus_client.Gauge(
+            contract.BATCH_SIZE, "Sequences in the latest engine step.", [_M], registry=r
+        ).labels(m)
+        self._ready = prometheus_client.Gauge(
+            contract.SERVER_READY, "1 while /ready answers 200 (loaded, not draining).", [_M], registry=r
+        ).labels(m)
+
+        self._prompt_tokens = prometheus_client.Counter(
+            contract.PROMPT_TOKENS, "Prompt tokens of finished requests.", by_class, registry=r
+        )
+        self._generation_tokens = prometheus_client.Counter(
+            contract.GENERATION_TOKENS, "Generated tokens of finished requests.", by_class, registry=r
+        )
+        self._success = prometheus_client.Counter(
+            contract.REQUEST_SUCCESS,
+            "Finished requests by finish reason.",
+            [*by_class, contract.LABEL_FINISHED_REASON],
+            registry=r,
+        )
+        self._rejected = prometheus_client.Counter(
+            contract.REQUESTS_REJECTED,
+            "Requests refused before reaching the engine, by reason.",
+            [*by_class, contract.LABEL_REASON],
+            registry=r,
+        )
+        # Declared now so dashboards and the operator find them; they stay at zero until the engine
+        # preempts or has caches (a zero here is the truth: none happened).
+        self._preemptions = prometheus_client.Counter(
+            contract.NUM_PREEMPTIONS, "Preemptions (recompute).", [_M], registry=r
+        ).labels(m)
+        self._prefix_queries = prometheus_client.Counter(
+            contract.PREFIX_CACHE_QUERIES, "Prompt tokens looked up in the prefix cache.", [_M], registry=r
+        ).labels(m)
+        self._prefix_hits = prometheus_client.Counter(
+            contract.PREFIX_CACHE_HITS, "Prompt tokens found in the prefix cache.", [_M], registry=r
+        ).labels(m)
+        response_lookups = prometheus_client.Counter(
+            contract.RESPONSE_CACHE_LOOKUPS, "Response-cache lookups.", [_M, contract.LABEL_RESULT], registry=r
+        )
+        self._response_hits = response_lookups.labels(m, "hit")
+        self._response_misses = response_lookups.labels(m, "miss")
+
+        def hist(name: str, doc: str, buckets: Iterable[float], labels: list[str]) -> prometheus_client.Histogram:
+            return prometheus_client.Histogram(name, doc, labels, buckets=tuple(buckets), registry=r)
+
+        self._ttft = hist(
+            contract.TIME_TO_FIRST_TOKEN_SECONDS, "Arrival to first token.", contract.TTFT_BUCKETS_S, by_class
+        )
+        self._itl = hist(
+            contract.INTER_TOKEN_LATENCY_SECONDS, "Time between tokens of a stream.", contract.ITL_BUCKETS_S, [_M]
+        ).labels(m)
+        self._tpot = hist(
+            contract.REQUEST_TIME_PER_OUTPUT_TOKEN_SECONDS,
+            "Per request: decode time / (output tokens - 1).",
+            contract.ITL_BUCKETS_S,
+            by_class,
+        )
+        latency = contract.REQUEST_LATENCY_BUCKETS_S
+        self._e2e = hist(contract.E2E_REQUEST_LATENCY_SECONDS, "Arrival to last token.", latency, by_class)
+        self._queue = hist(contract.REQUEST_QUEUE_TIME_SECONDS, "Arrival to first scheduling.", latency, by_class)
+        self._inference = hist(
+            contract.REQUEST_INFERENCE_TIME_SECONDS, "First scheduling to last token.", latency, by_class
+        )
+        self._prefill = hist(
+            contract.REQUEST_PREFILL_TIME_SECONDS, "First scheduling to first token.", latency, by_class
+        )
+        self._decode = hist(contract.REQUEST_DECODE_TIME_SECONDS, "First token to last token.", latency, by_class)
+        token_buckets = contract.build_1_2_5_buckets(max(1, max_model_len))
+        self._req_prompt_tokens = hist(
+            contract.REQUEST_PROMPT_TOKENS, "Prompt tokens per finished request.", token_buckets, [_M]
+        ).labels(m)
+        self._req_generation_tokens = hist(
+            contract.REQUEST_GENERATION_TOKENS, "Generated tokens per finished request.", token_buckets, [_M]
+        ).labels(m)
+        self._iteration_tokens = hist(
+            contract.ITERATION_TOKENS, "Tokens per engine step.", contract.ITERATION_TOKENS_BUCKETS, [_M]
+        ).labels(m)
+        self._iteration_batch = hist(
+            contract.ITERATION_BATCH_SIZE, "Sequences per engine step.", contract.ITERATION_TOKENS_BUCKETS, [_M]
+        ).labels(m)
+
+        self._config_info = _ConfigInfoCollector(m)
+        r.register(self._config_info)
+        self._gpu_sampler = gpu_sampler
+        if gpu_sampler is not None:
+            r.register(_GpuCollector(m, gpu_sampler))
+
+        # Per-class children, created once: a label lookup per token would cost more than the token.
+        self._classes: list[str] = []
+        for name in qos_classes:
+            self._add_class(name)
+        self._ready.set(0)
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _add_class(self, qos_class: str) -> None:
+        if qos_class in self._classes:
+            return
+        self._classes.append(qos_class)
+        m = self.model_name
+        # Touch every per-class series so it exists (at zero) before the first request of that class.
+        self._running.labels(m, qos_class).set(0)
+        self._waiting.labels(m, qos_class).set(0)
+        self._prompt_tokens.labels(m, qos_class)
+        self._generation_tokens.labels(m, qos_class)
+        for reason in contract.FINISHED_REASONS:
+            self._success.labels(m, qos_class, reason)
+
+    def record(self, stats: outputs.EngineStats) -> None:
+        """One engine step: gauges, per-step histograms, then the request events it carried."""
+        m = self.model_name
+        for qos_class in (*stats.running_by_class, *stats.waiting_by_class):
+            if qos_class not in self._classes:
+                self._add_class(qos_class)
+        for qos_class in self._classes:
+            self._running.labels(m, qos_class).set(stats.running_by_class.get(qos_class, 0))
+            self._waiting.labels(m, qos_class).set(stats.waiting_by_class.get(qos_class, 0))
+        self._kv_usage.set(stats.kv_usage)
+        self._batch_size.set(stats.batch_size)
+        if stats.num_tokens:  # idle wake-ups are not iterations
+            self._iteration_tokens.observe(stats.num_tokens)
+            self._iteration_batch.observe(stats.batch_size)
+        observe_itl = self._itl.observe
+        for itl_s in stats.inter_token_latencies_s:
+            observe_itl(itl_s)
+        for event in stats.events:
+            self._record_event(event)
+
+    def _record_event(self, event: outputs.RequestEvent) -> None:
+        m, c = self.model_name, event.qos_class
+        if c not in self._classes:
+            self._add_class(c)
+        if event.kind is outputs.EventKind.FIRST_TOKEN:
+            self._ttft.labels(m, c).observe(event.time_s - event.arrival_time_s)
+            return
+        if event.kind is not outputs.EventKind.FINISHED:
+            return  # SCHEDULED: queue time is taken from FINISHED, which carries every timestamp
+        reason = str(event.finish_reason) if event.finish_reason is not None else "error"
+        self._success.labels(m, c, reason).inc()
+        self._prompt_tokens.labels(m, c).inc(event.num_prompt_tokens)
+        self._generation_tokens.labels(m, c).inc(event.num_output_tokens)
+        if reason not in _COMPLETED:
+            return
+        self._req_prompt_tokens.observe(event.num_prompt_tokens)
+        self._req_generation_tokens.observe(event.num_output_tokens)
+        self._e2e.labels(m, c).observe(event.time_s - event.arrival_time_s)
+        scheduled, first = event.scheduled_time_s, event.first_token_time_s
+        if scheduled is not None:
+            self._queue.labels(m, c).observe(scheduled - event.arrival_time_s)
+            self._inference.labels(m, c).observe(event.time_s - scheduled)
+            if first is not None:
+                self._prefill.labels(m, c).observe(first - scheduled)
+        if first is not None:
+            decode_s = event.time_s - first
+            self._decode.labels(m, c).observe(decode_s)
+            if event.num_output_tokens > 1:
+                self._tpot.labels(m, c).observe(decode_s / (event.num_output_tokens - 1))
+
+    def set_idle(self, *, kv_usage: float) -> None:
+        """No request in the engine: nothing runs or waits (used when no step reported it)."""
+        m = self.model_name
+        for qos_class in self._classes:
+            self._running.labels(m, qos_class).set(0)
+            self._waiting.labels(m, qos_class).set(0)
+        self._batch_size.set(0)
+        self._kv_usage.set(kv_usage)
+
+    def record_rejection(self, reason: str, qos_class: str) -> None:
+        self._rejected.labels(self.model_name, qos_class, reason).inc()
+
+    def record_response_cache(self, *, hit: bool) -> None:
+        """One lookup of a cache-eligible request: a hit (stored or shared) or a miss (computed)."""
+        (self._response_hits if hit else self._response_misses).inc()
+
+    def record_preemptions(self, count: int) -> None:
+        self._preemptions.inc(count)
+
+    def set_ready(self, ready: bool) -> None:
+        self._ready.set(1 if ready else 0)
+
+    def set_config(self, cfg: config_mod.RuntimeConfig, *, max_kv_tokens: int | None) -> None:
+        """Publish the limits in force; call after every applied change (startup and PUT /admin/config)."""
+        classes = sorted(cfg.qos.classes, key=lambda c: (c.priority, c.name))
+        kv = max_kv_tokens if max_kv_tokens is not None else cfg.batching.max_kv_tokens
+        self._config_info.set(
+            {
+                "max_batch_size": str(cfg.batching.max_batch_size),
+                "max_batch_tokens": str(cfg.batching.max_batch_tokens),
+                "max_kv_tokens": "" if kv is None else str(kv),
+                "max_queue_len": str(cfg.batching.max_queue_len),
+                "qos_classes": ",".join(c.name for c in classes),
+                "default_qos_class": cfg.qos.default_class,
+                "prefix_cache": str(cfg.caching.prefix_cache.enabled).lower(),
+                "response_cache": str(cfg.caching.response_cache.enabled).lower(),
+                "schema_version": cfg.schema_version,
+                "qos_policy": cfg.qos.policy,
+                "shed_classes": ",".join(cfg.qos.shed_classes),
+            }
+        )
+
+    def render(self) -> bytes:
+        return prometheus_client.generate_latest(self.registry)

@@ -1,0 +1,158 @@
+"""QoS rules at the door: which class a client may ask for, and whether a new request is admitted.
+
+Two pure decisions, table-tested, with no clock, no I/O and no HTTP (the server feeds them the time and
+the load it sees):
+
+- `may_choose(ceiling, requested)`: a client that names its class (header or body field, where the config
+  allows it) may only move *down*: never to a lower priority value, never from sheddable to protected,
+  never to a larger weight at the same priority. The ceiling is its API key's class (the default class
+  for requests without a known key). So nobody raises their own class by adding a header.
+- `admit(...)`: admit, or refuse with 429 and why. In order: the operator's `qos.shedClasses`; the global
+  queue bound (`batching.maxQueueLen`); the class's `queueLimit`; then, for sheddable classes only, SLO
+  pressure: the whole queue at `shedding.queueFraction` of its bound, or a protected class (not sheddable,
+  with a TTFT target) whose oldest waiting request has waited, or whose recent TTFT p90 has reached,
+  `shedding.ttftFraction` of its target. Sheddable traffic is thus turned away while the classes above it
+  still meet their targets, not after. With `qos.policy: fifo` only the global bound applies (the plain
+  batcher, kept as a baseline).
+
+`RecentTTFT` keeps the bounded per-class samples the pressure rule reads. Imports only `config` and
+`contract`; it must never import the engine, aiohttp or prometheus-client.
+"""
+
+from __future__ import annotations
+
+import collections
+import dataclasses
+import math
+from collections.abc import Mapping
+
+from fleetlm_runtime import config as config_mod
+from fleetlm_runtime import contract
+
+TTFT_QUANTILE = 0.9  # the "recent TTFT" of a class: this quantile of its samples in the window
+MAX_TTFT_SAMPLES = 512  # per class; a window at high rate keeps the newest
+
+
+# ------------------------------------------------------------------------------------------------
+# Class choice
+
+
+def may_choose(ceiling: config_mod.QoSClass, requested: config_mod.QoSClass) -> bool:
+    """Whether a client entitled to `ceiling` may run in `requested`: only if it is nowhere better."""
+    if requested.name == ceiling.name:
+        return True
+    if requested.priority < ceiling.priority:
+        return False  # runs sooner
+    if ceiling.sheddable and not requested.sheddable:
+        return False  # would be protected from shedding
+    # Weights share capacity among classes of equal priority: a larger one is a bigger share.
+    return not (requested.priority == ceiling.priority and requested.weight > ceiling.weight)
+
+
+# ------------------------------------------------------------------------------------------------
+# Admission
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class ClassLoad:
+    """What the server sees of one class right now."""
+
+    num_waiting: int = 0  # admitted, not yet given a batch slot
+    oldest_wait_s: float = 0.0  # how long the oldest of those has waited (0 when none waits)
+    recent_ttft_s: float | None = None  # TTFT p90 over the recent window; None: no sample in it
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Verdict:
+    admit: bool
+    code: str | None = None  # contract.CODE_*: queue_full, class_shed, slo_shed
+    message: str = ""
+
+    @classmethod
+    def ok(cls) -> Verdict:
+        return cls(admit=True)
+
+
+def admit(
+    qos_class: str,
+    *,
+    qos: config_mod.QoSSettings,
+    max_queue_len: int,
+    load: Mapping[str, ClassLoad],
+) -> Verdict:
+    """Admit a new request of `qos_class` given the load, or say why not (every refusal is a 429)."""
+    classes = qos.by_name()
+    cls = classes[qos_class]
+    total_waiting = sum(item.num_waiting for item in load.values())
+    mine = load.get(qos_class, ClassLoad())
+    fifo = qos.policy == contract.QOS_POLICY_FIFO
+
+    if not fifo and qos_class in qos.shed_classes:
+        return Verdict(
+            False, contract.CODE_CLASS_SHED, f"class {qos_class!r} is being shed: the service is at capacity"
+        )
+    if total_waiting >= max_queue_len:
+        return Verdict(False, contract.CODE_QUEUE_FULL, f"the queue is full ({max_queue_len} waiting)")
+    if fifo:
+        return Verdict.ok()
+    if cls.queue_limit is not None and mine.num_waiting >= cls.queue_limit:
+        return Verdict(
+            False, contract.CODE_QUEUE_FULL, f"the queue for class {qos_class!r} is full ({cls.queue_limit} waiting)"
+        )
+    if not cls.sheddable or not qos.shedding.enabled:
+        return Verdict.ok()
+
+    shedding = qos.shedding
+    if total_waiting >= shedding.queue_fraction * max_queue_len:
+        return Verdict(
+            False,
+            contract.CODE_SLO_SHED,
+            f"class {qos_class!r} is shed: {total_waiting} requests wait "
+            f"(>= {shedding.queue_fraction:.0%} of the queue)",
+        )
+    for other in qos.classes:
+        target = other.ttft_target_s
+        if other.sheddable or target is None:
+            continue
+        seen = load.get(other.name, ClassLoad())
+        delay = max(seen.oldest_wait_s, seen.recent_ttft_s or 0.0)
+        if delay >= shedding.ttft_fraction * target:
+            return Verdict(
+                False,
+                contract.CODE_SLO_SHED,
+                f"class {qos_class!r} is shed to keep class {other.name!r} within its TTFT target "
+                f"({delay * 1000:.0f} ms of {target * 1000:.0f} ms)",
+            )
+    return Verdict.ok()
+
+
+# ------------------------------------------------------------------------------------------------
+# Recent TTFT per class
+
+
+class RecentTTFT:
+    """TTFT samples per class over a sliding window, bounded in count; the caller passes the time."""
+
+    def __init__(self, *, max_samples: int = MAX_TTFT_SAMPLES) -> None:
+        self._max_samples = max_samples
+        self._samples: dict[str, collections.deque[tuple[float, float]]] = {}
+
+    def observe(self, qos_class: str, *, now_s: float, ttft_s: float) -> None:
+        samples = self._samples.get(qos_class)
+        if samples is None:
+            samples = self._samples[qos_class] = collections.deque(maxlen=self._max_samples)
+        samples.append((now_s, ttft_s))
+
+    def quantile(self, qos_class: str, *, now_s: float, window_s: float, q: float = TTFT_QUANTILE) -> float | None:
+        """The q-quantile (nearest rank) of the samples newer than `window_s`; None when there are none."""
+        samples = self._samples.get(qos_class)
+        if not samples:
+            return None
+        cutoff = now_s - window_s
+        while samples and samples[0][0] < cutoff:
+            samples.popleft()
+        if not samples:
+            return None
+        values = sorted(ttft for _, ttft in samples)
+        rank = max(1, math.ceil(q * len(values)))
+        return values[rank - 1]

@@ -1,0 +1,102 @@
+"""The aiohttp application: `create_app(config, engine_factory)` wires state, routes, metrics and the engine.
+
+Everything the handlers share sits under typed `web.AppKey`s (no globals), and the engine's life is one
+`cleanup_ctx`: a startup task builds it (weights load in a thread, so /health answers and requests get
+503 meanwhile), and after `yield` the engine is shut down, aborting whatever is left. The engine reaches
+the metrics only through the stats callback given here; it never imports the server.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+from collections.abc import AsyncIterator
+
+from aiohttp import web
+
+from fleetlm_runtime import config as config_mod
+from fleetlm_runtime import contract
+from fleetlm_runtime import metrics as metrics_mod
+from fleetlm_runtime.engine import async_engine
+from fleetlm_runtime.engine import config as engine_config
+from fleetlm_runtime.server import routes
+from fleetlm_runtime.server import state as state_mod
+
+log = logging.getLogger(__name__)
+
+engine_task_key = web.AppKey("engine_task", asyncio.Task[None])
+
+
+def engine_config_from(cfg: config_mod.RuntimeConfig, *, device: str = "cpu") -> engine_config.EngineConfig:
+    """The engine's own settings from the runtime config (the engine knows nothing of pydantic)."""
+    return engine_config.EngineConfig(
+        model=cfg.model.source,
+        dtype=cfg.model.dtype,
+        device=device,
+        max_model_len=cfg.model.max_model_len,
+        max_batch_size=cfg.batching.max_batch_size,
+        max_batch_tokens=cfg.batching.max_batch_tokens,
+        max_kv_tokens=cfg.batching.max_kv_tokens,
+        # The FIFO policy is the plain batcher kept as a baseline: arrival order whatever the class.
+        scheduling_policy="fcfs" if cfg.qos.policy == contract.QOS_POLICY_FIFO else "priority",
+    )
+
+
+def default_engine_factory(cfg: config_mod.RuntimeConfig, *, device: str = "cpu") -> state_mod.EngineFactory:
+    async def build(on_stats: state_mod.StatsCallback) -> async_engine.AsyncEngine:
+        return await async_engine.AsyncEngine.create(engine_config_from(cfg, device=device), stats_callback=on_stats)
+
+    return build
+
+
+def create_app(
+    config: config_mod.RuntimeConfig,
+    engine_factory: state_mod.EngineFactory | None = None,
+    *,
+    metrics: metrics_mod.RuntimeMetrics | None = None,
+    admin_token: str | None = None,
+    api_keys: dict[str, str] | None = None,
+) -> web.Application:
+    """The app serving `config`. The engine comes from `engine_factory` (default: built from the config
+    on CPU), started when the app starts; until it is up, /ready and the API answer 503."""
+    if metrics is None:
+        metrics = metrics_mod.RuntimeMetrics(
+            model_name=config.served_model_name,
+            max_model_len=config.model.max_model_len or 2048,
+            qos_classes=[c.name for c in config.qos.classes],
+        )
+    state = state_mod.ServerState(
+        config=config, metrics=metrics, admin_token=admin_token, api_keys=dict(api_keys or {})
+    )
+    metrics.set_config(config, max_kv_tokens=config.batching.max_kv_tokens)
+    factory = engine_factory or default_engine_factory(config)
+    # The body limit is enforced by aiohttp while reading (413), before anything is parsed.
+    app = web.Application(client_max_size=config.server.max_request_body_bytes, middlewares=[routes.error_middleware])
+    app[state_mod.state_key] = state
+    routes.setup_routes(app)
+
+    async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
+        task = asyncio.create_task(_bring_up(state, factory), name="fleetlm-engine-startup")
+        app[engine_task_key] = task
+        yield
+        state.start_draining()
+        if not task.done():
+            task.cancel()
+        with contextlib.suppress(asyncio.CancelledError, Exception):
+            await task
+        if state.engine is not None:
+            await state.engine.shutdown()
+
+    app.cleanup_ctx.append(engine_ctx)
+    return app
+
+
+async def _bring_up(state: state_mod.ServerState, factory: state_mod.EngineFactory) -> None:
+    try:
+        engine = await factory(state.on_engine_stats)
+    except Exception as error:
+        state.set_failed(error)
+        log.exception("the engine failed to start")
+        raise
+    state.set_ready(engine)

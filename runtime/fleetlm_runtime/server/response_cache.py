@@ -1,0 +1,63 @@
+"""The server's side of the response cache: which requests may use it, their key, and what is stored.
+
+`key_for()` returns None for a request whose output is not fixed by its inputs (sampled without a seed)
+or when the cache is off; otherwise the key covers the model section of the config (source, revision,
+dtype, context length) and the served name, the rendered prompt's token ids, every field of the engine's
+`SamplingParams` (so a parameter added there joins the key by itself) and the client's key digest, so
+tenants never share answers (a hit would tell one what another asked). A `Recorder` collects what the
+engine streamed for one request, and yields a `CachedResponse` only for a natural end (stop or length):
+an abort, an error or a cut stream is never stored. No aiohttp here; openai.py replays hits.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+from typing import Any
+
+from fleetlm_runtime.caches import responses
+from fleetlm_runtime.engine import outputs
+from fleetlm_runtime.engine import request as request_mod
+from fleetlm_runtime.server import state as state_mod
+
+_CACHEABLE = frozenset({request_mod.FinishReason.STOP, request_mod.FinishReason.LENGTH})
+_FLOAT_FIELDS = ("temperature", "top_p")  # 0 and 0.0 must be one key
+
+
+def key_for(
+    state: state_mod.ServerState, *, prompt_ids: list[int], params: request_mod.SamplingParams, salt: str
+) -> str | None:
+    if state.response_cache is None:
+        return None
+    if not responses.is_deterministic(temperature=params.temperature, top_k=params.top_k, seed=params.seed):
+        return None
+    sampling: dict[str, Any] = dataclasses.asdict(params)
+    for name in _FLOAT_FIELDS:
+        sampling[name] = float(sampling[name])
+    model = {"served": state.model_name, **state.config.model.model_dump(mode="json")}
+    return responses.make_key(model=model, prompt_token_ids=prompt_ids, sampling=sampling, salt=salt)
+
+
+class Recorder:
+    """What the engine streamed for one request, in the pieces it came in."""
+
+    __slots__ = ("last", "pieces")
+
+    def __init__(self) -> None:
+        self.pieces: list[str] = []
+        self.last: outputs.RequestOutput | None = None
+
+    def add(self, out: outputs.RequestOutput) -> None:
+        if out.text:
+            self.pieces.append(out.text)
+        self.last = out
+
+    def result(self, *, num_prompt_tokens: int) -> responses.CachedResponse | None:
+        last = self.last
+        if last is None or not last.finished or last.finish_reason not in _CACHEABLE:
+            return None
+        return responses.CachedResponse(
+            pieces=tuple(self.pieces),
+            finish_reason=str(last.finish_reason),
+            num_prompt_tokens=num_prompt_tokens,
+            num_output_tokens=last.num_output_tokens,
+        )

@@ -1,0 +1,245 @@
+"""OpenAI request bodies (pydantic, strict types) and the OpenAI error shape.
+
+A body is parsed in two steps so every failure becomes a 400 that names its parameter: `parse_json()`
+refuses malformed JSON (and NaN/Infinity, which JSON does not have), then `validate()` checks types and
+ranges with OpenAI's semantics. Unknown fields are ignored, as OpenAI and vLLM do, so newer clients keep
+working. Options we do not implement (n > 1, logprobs, echo, penalties, tools, ...) are refused by name
+rather than silently ignored. Nothing here touches the engine or aiohttp beyond building responses.
+"""
+
+from __future__ import annotations
+
+import json
+from typing import Annotated, Any, Literal, TypeVar
+
+import pydantic
+from aiohttp import web
+
+from fleetlm_runtime import contract
+
+_M = TypeVar("_M", bound=pydantic.BaseModel)
+
+MAX_PROMPT_CHARS = 4_000_000  # far above any context; a guard so a hostile body cannot make tokenizing slow
+MAX_MESSAGES = 4096
+
+
+class APIError(Exception):
+    """An error answered in OpenAI's shape. `reason` feeds the rejection counter (contract.REJECT_*)."""
+
+    def __init__(
+        self,
+        status: int,
+        message: str,
+        *,
+        type: str = "invalid_request_error",
+        code: str | None = None,
+        param: str | None = None,
+        reason: str = contract.REJECT_INVALID,
+        headers: dict[str, str] | None = None,
+    ) -> None:
+        super().__init__(message)
+        self.status = status
+        self.message = message
+        self.type = type
+        self.code = code
+        self.param = param
+        self.reason = reason
+        self.headers = headers or {}
+
+    def body(self) -> dict[str, Any]:
+        return {"error": {"message": self.message, "type": self.type, "code": self.code, "param": self.param}}
+
+    def response(self) -> web.Response:
+        return web.json_response(self.body(), status=self.status, headers=self.headers)
+
+
+def invalid(param: str | None, message: str, *, reason: str = contract.REJECT_INVALID) -> APIError:
+    return APIError(400, message, param=param, code="invalid_value" if param else None, reason=reason)
+
+
+def _no_constants(name: str) -> Any:
+    raise ValueError(f"{name} is not valid JSON")
+
+
+def parse_json(raw: bytes) -> Any:
+    """The decoded body, or a 400 that says why it is not JSON."""
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError:
+        raise invalid(None, "the request body is not valid UTF-8") from None
+    try:
+        return json.loads(text, parse_constant=_no_constants)
+    except (ValueError, RecursionError) as error:
+        raise invalid(None, f"the request body is not valid JSON: {error}") from None
+
+
+class _Request(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(strict=True, extra="ignore", allow_inf_nan=False, frozen=True)
+
+
+class StreamOptions(_Request):
+    include_usage: bool = False
+
+
+# Parameters both endpoints share, with OpenAI's ranges.
+NonNegInt = Annotated[int, pydantic.Field(ge=0, lt=2**63)]
+StopField = Annotated[
+    str | Annotated[list[Annotated[str, pydantic.Field(min_length=1, max_length=256)]], pydantic.Field(max_length=16)]
+    | None,
+    pydantic.Field(default=None),
+]
+
+
+class _Sampling(_Request):
+    model: str | None = None  # OpenAI requires it; we check it against the served name in the handler
+    max_tokens: Annotated[int, pydantic.Field(ge=1, le=1_000_000)] | None = None
+    temperature: Annotated[float, pydantic.Field(ge=0.0, le=2.0)] | None = None
+    top_p: Annotated[float, pydantic.Field(gt=0.0, le=1.0)] | None = None
+    top_k: Annotated[int, pydantic.Field(ge=-1, le=1_000_000)] | None = None  # vLLM extension
+    n: Annotated[int, pydantic.Field(ge=1, le=128)] | None = None
+    seed: Annotated[int, pydantic.Field(ge=0, lt=2**63)] | None = None
+    stop: StopField
+    stop_token_ids: Annotated[list[NonNegInt], pydantic.Field(max_length=64)] | None = None  # vLLM extension
+    ignore_eos: bool = False  # vLLM extension
+    include_stop_str_in_output: bool = False  # vLLM extension
+    stream: bool | None = False
+    stream_options: StreamOptions | None = None
+    presence_penalty: Annotated[float, pydantic.Field(ge=-2.0, le=2.0)] | None = None
+    frequency_penalty: Annotated[float, pydantic.Field(ge=-2.0, le=2.0)] | None = None
+    logit_bias: dict[str, float] | None = None
+    user: Annotated[str, pydantic.Field(max_length=256)] | None = None
+    qos_class: Annotated[str, pydantic.Field(max_length=64)] | None = None  # see contract.FIELD_QOS_CLASS
+
+    def refuse_unsupported(self) -> None:
+        """OpenAI options we do not implement: refused by name, never silently ignored."""
+        if self.n not in (None, 1):
+            raise invalid("n", "only n=1 is supported")
+        if self.presence_penalty not in (None, 0, 0.0):
+            raise invalid("presence_penalty", "presence_penalty is not supported; omit it or send 0")
+        if self.frequency_penalty not in (None, 0, 0.0):
+            raise invalid("frequency_penalty", "frequency_penalty is not supported; omit it or send 0")
+        if self.logit_bias:
+            raise invalid("logit_bias", "logit_bias is not supported")
+        if self.stream_options is not None and not self.stream:
+            raise invalid("stream_options", "stream_options is only allowed when stream is true")
+
+    @property
+    def include_usage(self) -> bool:
+        return bool(self.stream_options and self.stream_options.include_usage)
+
+    @property
+    def stop_list(self) -> tuple[str, ...]:
+        if self.stop is None:
+            return ()
+        return (self.stop,) if isinstance(self.stop, str) else tuple(self.stop)
+
+
+TokenIds = Annotated[list[Annotated[int, pydantic.Field(ge=0, lt=2**31)]], pydantic.Field(max_length=1_000_000)]
+
+
+class CompletionRequest(_Sampling):
+    prompt: (
+        Annotated[str, pydantic.Field(max_length=MAX_PROMPT_CHARS)]
+        | TokenIds
+        | Annotated[list[Annotated[str, pydantic.Field(max_length=MAX_PROMPT_CHARS)]], pydantic.Field(max_length=1)]
+        | Annotated[list[TokenIds], pydantic.Field(max_length=1)]
+    )
+    echo: bool = False
+    logprobs: Annotated[int, pydantic.Field(ge=0, le=20)] | None = None
+    best_of: Annotated[int, pydantic.Field(ge=1, le=128)] | None = None
+    suffix: str | None = None
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.echo:
+            raise invalid("echo", "echo is not supported")
+        if self.logprobs is not None:
+            raise invalid("logprobs", "logprobs is not supported")
+        if self.best_of not in (None, 1):
+            raise invalid("best_of", "only best_of=1 is supported")
+        if self.suffix:
+            raise invalid("suffix", "suffix is not supported")
+
+    def single_prompt(self) -> str | list[int]:
+        """The one prompt (a list of one is unwrapped); several prompts per request are refused."""
+        prompt = self.prompt
+        if isinstance(prompt, str):
+            return prompt
+        if not prompt:
+            raise invalid("prompt", "the prompt must not be empty")
+        first = prompt[0]
+        if isinstance(first, int):
+            return [t for t in prompt if isinstance(t, int)]
+        if isinstance(first, str):
+            return first
+        return list(first)
+
+
+class TextPart(_Request):
+    type: Literal["text"]
+    text: Annotated[str, pydantic.Field(max_length=MAX_PROMPT_CHARS)]
+
+
+class ChatMessage(_Request):
+    role: Literal["system", "developer", "user", "assistant", "tool"]
+    content: Annotated[str, pydantic.Field(max_length=MAX_PROMPT_CHARS)] | list[TextPart] | None = None
+    name: Annotated[str, pydantic.Field(max_length=256)] | None = None
+
+    def text(self) -> str:
+        if self.content is None:
+            return ""
+        if isinstance(self.content, str):
+            return self.content
+        return "".join(part.text for part in self.content)
+
+
+class ChatCompletionRequest(_Sampling):
+    messages: Annotated[list[ChatMessage], pydantic.Field(min_length=1, max_length=MAX_MESSAGES)]
+    max_completion_tokens: Annotated[int, pydantic.Field(ge=1, le=1_000_000)] | None = None
+    logprobs: bool | None = None
+    top_logprobs: Annotated[int, pydantic.Field(ge=0, le=20)] | None = None
+    tools: list[Any] | None = None
+    tool_choice: Any = None
+    response_format: dict[str, Any] | None = None
+    add_generation_prompt: bool = True  # vLLM extension
+
+    def refuse_unsupported(self) -> None:
+        super().refuse_unsupported()
+        if self.logprobs or self.top_logprobs:
+            raise invalid("logprobs", "logprobs is not supported")
+        if self.tools:
+            raise invalid("tools", "tool calling is not supported")
+        if self.tool_choice not in (None, "none", "auto"):
+            raise invalid("tool_choice", "tool calling is not supported")
+        if self.response_format is not None and self.response_format.get("type") not in ("text", None):
+            raise invalid("response_format", "only response_format {'type': 'text'} is supported")
+        both = self.max_tokens is not None and self.max_completion_tokens is not None
+        if both and self.max_tokens != self.max_completion_tokens:
+            raise invalid("max_completion_tokens", "max_tokens and max_completion_tokens disagree")
+
+    @property
+    def effective_max_tokens(self) -> int | None:
+        return self.max_completion_tokens if self.max_completion_tokens is not None else self.max_tokens
+
+
+def validate(model: type[_M], data: Any) -> _M:
+    """Validate a decoded body; a 400 naming the first bad parameter otherwise."""
+    if not isinstance(data, dict):
+        raise invalid(None, f"the request body must be a JSON object, got {type(data).__name__}")
+    try:
+        return model.model_validate(data)
+    except pydantic.ValidationError as error:
+        raise _validation_error(error) from None
+
+
+def _validation_error(error: pydantic.ValidationError) -> APIError:
+    errors = error.errors(include_url=False, include_input=False)
+    first = errors[0]
+    param = str(first["loc"][0]) if first["loc"] else None
+    if param and first["type"] == "missing":
+        return invalid(param, f"{param} is required", reason=contract.REJECT_INVALID)
+    # A union reports one error per member; the message names the parameter and what it accepts.
+    details = "; ".join(
+        f"{'.'.join(str(p) for p in e['loc'])}: {e['msg']}" for e in errors if e["loc"] and str(e["loc"][0]) == param
+    )
+    return invalid(param, f"invalid {param}: {details[:500]}" if param else details[:500])

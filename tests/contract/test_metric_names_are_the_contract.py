@@ -1,0 +1,81 @@
+"""The contract module is the one source of metric names: the runtime exports exactly those families.
+
+The operator reads /metrics through `fleetlm_runtime.contract`; if the runtime renamed a metric without
+changing the contract, these tests fail here instead of the tuning loop going blind in production.
+"""
+
+from __future__ import annotations
+
+import ast
+import pathlib
+
+from prometheus_client import parser
+
+from fleetlm_runtime import config, contract, metrics
+
+RUNTIME = pathlib.Path(contract.__file__).parent
+
+
+def _exported_families() -> dict[str, str]:
+    m = metrics.RuntimeMetrics(model_name="tiny", max_model_len=2048, qos_classes=["default", "batch"])
+    m.set_config(config.RuntimeConfig(), max_kv_tokens=4096)
+    return {f.name: f.type for f in parser.text_string_to_metric_families(m.render().decode())}
+
+
+def test_every_declared_family_is_exported_with_its_type() -> None:
+    exported = _exported_families()
+    for name in contract.COUNTERS:
+        assert exported.get(name) == "counter", name
+    for name in contract.HISTOGRAMS:
+        assert exported.get(name) == "histogram", name
+    for name in contract.GAUGES - contract.GPU_METRICS:
+        assert exported.get(name) == "gauge", name
+
+
+def test_nothing_is_exported_that_the_contract_does_not_name() -> None:
+    declared = contract.COUNTERS | contract.GAUGES | contract.HISTOGRAMS
+    assert set(_exported_families()) <= declared
+
+
+def test_names_carry_the_prefix_and_counters_export_total() -> None:
+    for name in contract.COUNTERS | contract.GAUGES | contract.HISTOGRAMS:
+        assert name.startswith(contract.METRIC_PREFIX)
+    text = metrics.RuntimeMetrics(model_name="tiny", max_model_len=64).render().decode()
+    assert contract.sample_name(contract.GENERATION_TOKENS) + "{" in text
+    assert contract.sample_name(contract.GENERATION_TOKENS) == "fleetlm_generation_tokens_total"
+
+
+def test_gpu_metrics_are_absent_without_a_gpu_sampler() -> None:
+    assert not set(_exported_families()) & contract.GPU_METRICS
+
+
+def test_config_info_carries_the_contract_labels() -> None:
+    m = metrics.RuntimeMetrics(model_name="tiny", max_model_len=64)
+    cfg = config.RuntimeConfig().with_limits(max_batch_size=7, max_batch_tokens=700)
+    m.set_config(cfg, max_kv_tokens=999)
+    family = next(
+        f for f in parser.text_string_to_metric_families(m.render().decode()) if f.name == contract.CONFIG_INFO
+    )
+    (sample,) = family.samples
+    assert set(sample.labels) == {contract.LABEL_MODEL, *contract.CONFIG_INFO_LABELS}
+    assert sample.labels["max_batch_size"] == "7"
+    assert sample.labels["max_batch_tokens"] == "700"
+    assert sample.labels["max_kv_tokens"] == "999"
+
+
+def test_contract_imports_only_the_standard_library() -> None:
+    tree = ast.parse((RUNTIME / "contract.py").read_text())
+    imported = {
+        (node.module or "").split(".")[0] if isinstance(node, ast.ImportFrom) else alias.name.split(".")[0]
+        for node in ast.walk(tree)
+        if isinstance(node, ast.Import | ast.ImportFrom)
+        for alias in node.names
+    }
+    assert imported <= {"__future__", "typing"}, imported
+
+
+def test_buckets_match_vllm() -> None:
+    assert contract.build_1_2_5_buckets(100) == (1, 2, 5, 10, 20, 50, 100)
+    assert contract.build_1_2_5_buckets(2048)[-1] == 2000
+    assert contract.TTFT_BUCKETS_S[0] == 0.001 and contract.TTFT_BUCKETS_S[-1] == 2560.0
+    assert contract.REQUEST_LATENCY_BUCKETS_S[-1] == 7680.0

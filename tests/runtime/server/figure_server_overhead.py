@@ -1,0 +1,214 @@
+"""Figure: the HTTP server's output tokens/s at N concurrent streams vs the engine's own, same workload.
+
+Not a test (pytest does not collect it): a script that prints a figure, as DESIGN.md asks of benchmarks.
+For each model it runs, in one invocation and alternating so machine noise hits both alike:
+
+* engine: `AsyncEngine` in this process, N closed-loop clients (each sends its next request when the
+  previous one ends), as `fleetlm-dev bench engine` does;
+* server: the real `fleetlm-runtime` process with the same engine settings, driven by
+  `fleetlm_dev.bench_serve` at the same fixed concurrency over HTTP with streaming (SSE) and usage.
+
+Both see the same requests (token-id prompts, greedy, EOS ignored, so both produce exactly the same
+number of tokens) and the same torch thread count. The ratio server/engine is the figure; the client
+shares the machine with the server, so its own parsing cost is inside the ratio (a pessimistic bound).
+
+    python tests/runtime/server/figure_server_overhead.py [--models builtin:tiny,builtin:small] [--json]
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import dataclasses
+import json
+import os
+import pathlib
+import signal
+import socket
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+import urllib.request
+from typing import Any
+
+import yaml
+
+from fleetlm_dev import bench_serve
+from fleetlm_runtime import config as config_mod
+from fleetlm_runtime.engine import async_engine
+from fleetlm_runtime.engine import config as engine_config
+from fleetlm_runtime.engine import request as request_mod
+
+
+def _free_port() -> int:
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
+
+
+def _workload(num: int, seed: int) -> list[bench_serve.RequestSpec]:
+    ds = bench_serve.DatasetConfig(
+        input_len=72, output_len=80, input_dist="uniform", output_dist="uniform", range_ratio=0.75
+    )  # prompts ~18-126 tokens, outputs ~20-140 tokens: the engine benchmark's shape
+    return bench_serve.build_dataset(ds, num=num, seed=seed)
+
+
+async def engine_run(
+    engine: async_engine.AsyncEngine, specs: list[bench_serve.RequestSpec], concurrency: int
+) -> dict[str, float]:
+    queue = list(reversed(specs))
+    tokens = 0
+
+    async def client() -> None:
+        nonlocal tokens
+        while queue:
+            spec = queue.pop()
+            params = request_mod.SamplingParams(max_tokens=spec.output_len, temperature=0.0, ignore_eos=True)
+            async for out in engine.submit(list(spec.prompt), params):
+                tokens += len(out.new_token_ids)
+
+    started = time.perf_counter()
+    await asyncio.gather(*(client() for _ in range(concurrency)))
+    elapsed = time.perf_counter() - started
+    return {"output_tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
+
+
+class _Server:
+    def __init__(
+        self, model: str, *, threads: int, max_batch_size: int, max_batch_tokens: int, stream_interval: int
+    ) -> None:
+        self.dir = pathlib.Path(tempfile.mkdtemp(prefix="fleetlm-overhead-"))
+        self.port = _free_port()
+        self.url = f"http://127.0.0.1:{self.port}"
+        cfg = config_mod.parse_config(
+            {
+                "model": {"source": model, "dtype": "float32"},
+                "batching": {"maxBatchSize": max_batch_size, "maxBatchTokens": max_batch_tokens, "maxQueueLen": 4096},
+                "server": {"streamIntervalTokens": stream_interval},
+            }
+        )
+        (self.dir / "runtime.yaml").write_text(yaml.safe_dump(config_mod.dump_config(cfg)))
+        self.log = (self.dir / "runtime.log").open("wb")
+        env = {**os.environ, "OMP_NUM_THREADS": str(threads), "MKL_NUM_THREADS": str(threads)}
+        script = pathlib.Path(sys.executable).with_name("fleetlm-runtime")
+        cmd = [str(script)] if script.exists() else [sys.executable, "-m", "fleetlm_runtime"]
+        self.proc = subprocess.Popen(
+            [*cmd, "--config", str(self.dir / "runtime.yaml"), "--port", str(self.port), "--log-level", "WARNING"],
+            stdout=self.log,
+            stderr=subprocess.STDOUT,
+            env=env,
+        )
+
+    def wait_ready(self, timeout_s: float = 120) -> None:
+        deadline = time.monotonic() + timeout_s
+        while time.monotonic() < deadline:
+            if self.proc.poll() is not None:
+                raise RuntimeError(f"fleetlm-runtime exited: see {self.dir / 'runtime.log'}")
+            try:
+                with urllib.request.urlopen(self.url + "/ready", timeout=1) as resp:
+                    if resp.status == 200:
+                        return
+            except OSError:
+                pass
+            time.sleep(0.2)
+        raise RuntimeError("fleetlm-runtime did not become ready")
+
+    def stop(self) -> None:
+        if self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+                self.proc.wait()
+        self.log.close()
+
+
+async def server_run(url: str, specs: list[bench_serve.RequestSpec], concurrency: int) -> dict[str, Any]:
+    cfg = bench_serve.BenchConfig(url=url, max_concurrency=concurrency, progress=False, temperature=0.0)
+    outcome = await bench_serve.run_target(cfg, specs)
+    summary = bench_serve.summarize(outcome.results, outcome.duration_s, bench_serve.SLO())
+    return {
+        "output_tokens": summary["total_output_tokens"],
+        "seconds": summary["duration_s"],
+        "tokens_per_s": summary["output_throughput"],
+        "failed": summary["failed"],
+        "ttft_p50_ms": summary["ttft_ms"]["p50"],
+        "itl_p50_ms": summary["itl_ms"]["p50"],
+    }
+
+
+async def measure(model: str, args: argparse.Namespace) -> dict[str, Any]:
+    specs = _workload(args.requests, args.seed)
+    warm = [dataclasses.replace(s, output_len=8) for s in _workload(args.concurrency, args.seed + 1)]
+    limits = {"max_batch_size": args.max_batch_size, "max_batch_tokens": args.max_batch_tokens}
+    engine = await async_engine.AsyncEngine.create(
+        engine_config.EngineConfig(model=model, dtype="float32", num_threads=args.threads, **limits)
+    )
+    server = _Server(model, threads=args.threads, stream_interval=args.stream_interval, **limits)
+    engine_runs: list[dict[str, float]] = []
+    server_runs: list[dict[str, Any]] = []
+    try:
+        await asyncio.to_thread(server.wait_ready)
+        await engine_run(engine, warm, args.concurrency)
+        await server_run(server.url, warm, args.concurrency)
+        for _ in range(args.rounds):  # alternate, so drift in machine load hits both
+            engine_runs.append(await engine_run(engine, specs, args.concurrency))
+            server_runs.append(await server_run(server.url, specs, args.concurrency))
+    finally:
+        server.stop()
+        await engine.shutdown()
+    engine_tps = statistics.median(r["tokens_per_s"] for r in engine_runs)
+    server_tps = statistics.median(r["tokens_per_s"] for r in server_runs)
+    return {
+        "model": model,
+        "concurrency": args.concurrency,
+        "requests_per_round": len(specs),
+        "rounds": args.rounds,
+        "torch_threads": args.threads,
+        "stream_interval_tokens": args.stream_interval,
+        "engine_tokens_per_s": engine_tps,
+        "server_tokens_per_s": server_tps,
+        "server_over_engine": server_tps / engine_tps,
+        "engine_runs": engine_runs,
+        "server_runs": server_runs,
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--models", default="builtin:tiny,builtin:small")
+    p.add_argument("--concurrency", type=int, default=32)
+    p.add_argument("--requests", type=int, default=128, help="requests per round")
+    p.add_argument("--rounds", type=int, default=2)
+    p.add_argument("--threads", type=int, default=1, help="torch threads in both (the engine benchmark's default)")
+    p.add_argument("--max-batch-size", type=int, default=64)
+    p.add_argument("--max-batch-tokens", type=int, default=512)
+    p.add_argument("--stream-interval", type=int, default=1, help="the server's tokens per SSE chunk")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--json", action="store_true")
+    args = p.parse_args(argv)
+    import torch
+
+    torch.set_num_threads(args.threads)
+    results = [asyncio.run(measure(model, args)) for model in args.models.split(",")]
+    if args.json:
+        print(json.dumps(results, indent=2))
+        return 0
+    print(
+        f"server vs engine, {args.concurrency} concurrent streams, torch threads {args.threads}, "
+        f"{os.cpu_count()} CPUs"
+    )
+    print(f"{'model':<16}{'engine tok/s':>14}{'server tok/s':>14}{'server/engine':>15}")
+    for r in results:
+        print(
+            f"{r['model']:<16}{r['engine_tokens_per_s']:>14.0f}{r['server_tokens_per_s']:>14.0f}"
+            f"{r['server_over_engine']:>14.1%}"
+        )
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
