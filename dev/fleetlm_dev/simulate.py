@@ -35,6 +35,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1, help="random seed of arrivals and routing")
     parser.add_argument("--profile", default="gpu", choices=sorted(calibration.PROFILES), help="step-time calibration")
     parser.add_argument("--startup-s", type=float, default=None, help="pod start-up delay (default: the profile's)")
+    parser.add_argument("--calibrate-from", type=pathlib.Path, default=None, metavar="BENCH.json",
+                        help="step times measured by `fleetlm-dev bench engine --json` instead of --profile")
+    parser.add_argument("--model", default="builtin:tiny", help="which model of --calibrate-from to use")
     parser.add_argument(
         "--queue-limit",
         default=str(run.FleetOptions().queue_limit),
@@ -95,6 +98,12 @@ def main(argv: list[str] | None = None) -> int:
     except ValueError as error:
         parser.error(f"--queue-limit: {error}")
     calib = calibration.PROFILES[args.profile]
+    if args.calibrate_from is not None:
+        try:
+            report = json.loads(args.calibrate_from.read_text())
+            calib = calibration.from_engine_benchmark(report, model=args.model)
+        except (OSError, ValueError) as error:
+            parser.error(f"--calibrate-from: {error}")
     if args.startup_s is not None:
         calib = calib.with_startup(args.startup_s)
     options = run.FleetOptions(queue_limit=queue_limit)

@@ -87,6 +87,8 @@ class _Server:
                 "model": {"source": model, "dtype": "float32"},
                 "batching": {"maxBatchSize": max_batch_size, "maxBatchTokens": max_batch_tokens, "maxQueueLen": 4096},
                 "server": {"streamIntervalTokens": stream_interval},
+                # Rounds repeat the same greedy requests: the server must compute them, as the engine does.
+                "caching": {"responseCache": {"enabled": False}},
             }
         )
         (self.dir / "runtime.yaml").write_text(yaml.safe_dump(config_mod.dump_config(cfg)))

@@ -15,6 +15,7 @@ from aiohttp import test_utils
 from prometheus_client import parser
 
 from fleetlm_runtime import config, contract, qos
+from fleetlm_runtime.server import app as app_mod
 
 CLASSES = [
     {"name": "critical", "priority": 0},
@@ -138,3 +139,17 @@ async def test_without_header_permission_the_key_decides(
     assert status == 200
     assert (await _post(server, BODY, {"Authorization": "Bearer unknown"}))[0] == 200  # not required: default
     assert await _served_by_class(server) == {"critical": 1, "standard": 1}
+
+
+def test_command_line_switches(keys_file: pathlib.Path) -> None:
+    from fleetlm_runtime.__main__ import build_parser, config_from_args
+
+    cfg = config_from_args(build_parser().parse_args([]))
+    assert cfg.qos.policy == contract.QOS_POLICY_PRIORITY and not cfg.qos.require_api_key
+    args = ["--api-keys-file", str(keys_file), "--require-api-key", "--qos-policy", "fifo"]
+    cfg = config_from_args(build_parser().parse_args(args))
+    assert cfg.qos.api_keys_file == str(keys_file) and cfg.qos.require_api_key
+    assert cfg.qos.policy == contract.QOS_POLICY_FIFO
+    assert app_mod.engine_config_from(cfg).scheduling_policy == "fcfs"  # arrival order in the engine too
+    with pytest.raises(config.ConfigError, match="requireApiKey needs apiKeysFile"):
+        config_from_args(build_parser().parse_args(["--require-api-key"]))
