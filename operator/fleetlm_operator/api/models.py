@@ -702,8 +702,8 @@ class QoSSpec(_SpecModel):
         default=False,
         description=(
             f"Let clients pick their class with the `{contract.HEADER_QOS_CLASS}` header or the "
-            f"`{contract.FIELD_QOS_CLASS}` body field. Only for trusted callers: anyone may then claim the "
-            "highest class."
+            f"`{contract.FIELD_QOS_CLASS}` body field, but never a better class than their API key (or, "
+            "without a key, the default class) entitles them to: a client may only lower its own class."
         ),
     )
 

@@ -86,6 +86,9 @@ def runtime_config(spec: models.LLMServiceSpec, *, tuning: models.Tuning | None 
         "defaultClass": spec.qos.default_class or DEFAULT_CLASS_NAME,
         "allowClassHeader": spec.qos.allow_header_class,
     }
+    if current.shed_classes:
+        # Pods that start while the tuner sheds a class must shed it too, not wait for the next push.
+        qos["shedClasses"] = list(current.shed_classes)
     if spec.qos.api_keys_secret_ref is not None:
         qos["apiKeysFile"] = f"{meta.API_KEYS_DIR}/{spec.qos.api_keys_secret_ref.key}"
 

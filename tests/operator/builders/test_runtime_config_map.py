@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pathlib
 from typing import Any
 
 import yaml
@@ -99,3 +100,16 @@ def test_without_classes_one_default_class_carries_the_service_slo() -> None:
 
 def test_rendering_is_deterministic() -> None:
     assert configmap.build_config_map(service(MULTICLASS)) == configmap.build_config_map(service(MULTICLASS))
+
+
+
+def test_shed_classes_reach_pods_that_start_later() -> None:
+    example = pathlib.Path(__file__).resolve().parents[3] / "examples" / "llmservice-multiclass.yaml"
+    svc = models.LLMService.model_validate(yaml.safe_load(example.read_text()))
+    sheddable = [c.name for c in svc.spec.qos.classes if c.sheddable]
+    assert sheddable
+    tuning = models.initial_tuning(svc.spec).model_copy(update={"shed_classes": sheddable})
+    rendered = yaml.safe_load(configmap.build_config_map(svc, tuning=tuning)["data"]["runtime.yaml"])
+    assert rendered["qos"]["shedClasses"] == sheddable
+    plain = yaml.safe_load(configmap.build_config_map(svc)["data"]["runtime.yaml"])
+    assert "shedClasses" not in plain["qos"]
