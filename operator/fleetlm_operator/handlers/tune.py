@@ -94,6 +94,19 @@ async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.Operator
         return None  # the reconcile handler has not created it yet
     pods = await asyncio.to_thread(ctx.applier.list_pods, svc.namespace, meta.selector_string(svc))
     endpoints = _ready_endpoints(pods)
+    if not endpoints:
+        # Nothing serves yet (pulling, loading, unschedulable): there is no latency to judge and no pod
+        # to tune. Say so once instead of rewriting status every interval; replicas stay with reconcile.
+        memory.previous = {}
+        stored_conditions = (body.get("status", {}) or {}).get("conditions", []) or []
+        current = conditions.find(stored_conditions, names.ConditionType.METRICS_AVAILABLE)
+        if current is None or current.get("reason") != "NoReadyPods":
+            patch.status["conditions"] = conditions.merge(stored_conditions, [conditions.Condition(
+                names.ConditionType.METRICS_AVAILABLE, "False", "NoReadyPods",
+                "no runtime pod is ready, so there are no metrics to collect")],
+                now=datetime.datetime.fromtimestamp(now_s, tz=datetime.UTC),
+                observed_generation=body.get("metadata", {}).get("generation"))
+        return None
     current, errors = await _collect(svc, endpoints, ctx=ctx, now_s=now_s)
     window = window_mod.from_scrapes(memory.previous, current, expected_pods=endpoints, spec=spec, now_s=now_s,
                                      max_age_s=2 * spec.interval_s)
