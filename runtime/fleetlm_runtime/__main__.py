@@ -68,6 +68,12 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="compute every request (caching.responseCache.enabled: false)",
     )
+    p.add_argument(
+        "--no-prefix-cache",
+        action="store_true",
+        default=None,
+        help="prefill every prompt in full (caching.prefixCache.enabled: false)",
+    )
     p.add_argument("--log-format", choices=("text", "json"), default=None)
     p.add_argument("--log-level", default="INFO")
     p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
@@ -101,6 +107,8 @@ def config_from_args(args: argparse.Namespace) -> config_mod.RuntimeConfig:
             data[section][key] = value
     if args.no_response_cache:
         data["caching"]["responseCache"]["enabled"] = False
+    if args.no_prefix_cache:
+        data["caching"]["prefixCache"]["enabled"] = False
     return config_mod.parse_config(data)
 
 

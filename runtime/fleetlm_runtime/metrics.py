@@ -223,6 +223,11 @@ class RuntimeMetrics:
         observe_itl = self._itl.observe
         for itl_s in stats.inter_token_latencies_s:
             observe_itl(itl_s)
+        if stats.num_preemptions:
+            self._preemptions.inc(stats.num_preemptions)
+        if stats.prefix_cache_queries:
+            self._prefix_queries.inc(stats.prefix_cache_queries)
+            self._prefix_hits.inc(stats.prefix_cache_hits)
         for event in stats.events:
             self._record_event(event)
 

@@ -2,9 +2,9 @@
 
 This is bookkeeping only. The tensors live in `engine/runner.py`; this module must never import torch.
 Admission reserves a request's worst case (prompt + max_tokens) up front, as TGI does on its padded
-path, so a running request can never run out of room and no preemption is needed. `free()` returns the
-whole reservation at once, which is what makes abort and finish release KV immediately. The prefix-cache
-issue replaces the flat counter with a block pool behind the same methods.
+path, so a running request can never run out of room; room for a higher class is made by preempting
+(the scheduler frees a lower one's reservation). `free()` returns the
+whole reservation at once, which is what makes abort and finish release KV immediately.
 """
 
 from __future__ import annotations
@@ -38,6 +38,9 @@ class KVCacheManager:
     @property
     def num_requests(self) -> int:
         return len(self._reserved)
+
+    def reserved_by(self, req_id: str) -> int:
+        return self._reserved.get(req_id, 0)
 
     def can_allocate(self, num_tokens: int) -> bool:
         return self._num_reserved + num_tokens <= self._capacity

@@ -11,6 +11,8 @@ from dataclasses import dataclass
 from fleetlm_runtime.engine import queues
 from fleetlm_runtime.engine import request as request_mod
 
+DEFAULT_PREFIX_CACHE_TOKENS = 8192
+
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EngineConfig:
@@ -25,6 +27,15 @@ class EngineConfig:
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     seed: int = 0  # seeds the streams of requests that give no seed of their own
     fast_path: bool = True  # the lean Llama-family forward where it applies (checked against the modules)
+    # Prefix cache: KV copies of full prompt blocks, reused by later prompts sharing the prefix. Bounded in
+    # tokens (memory beyond max_kv_tokens: this many tokens of KV for every layer); 0 or None disables it.
+    prefix_cache_max_tokens: int | None = DEFAULT_PREFIX_CACHE_TOKENS
+    prefix_cache_block_size: int = 16
+    # Priority policy only: a waiting request gains one priority level per `priority_aging_s` seconds of
+    # waiting (None: strict priority, lower classes may starve), and a higher class that finds the batch
+    # or the KV full preempts (recompute) the lowest-priority, most recently admitted running request.
+    priority_aging_s: float | None = 5.0
+    enable_preemption: bool = True
 
     def __post_init__(self) -> None:
         for name in ("max_batch_size", "max_batch_tokens"):
@@ -39,6 +50,24 @@ class EngineConfig:
             raise request_mod.InvalidParameterError(
                 "max_batch_tokens", f"must be >= max_batch_size ({self.max_batch_size}), got {self.max_batch_tokens}"
             )
+        if not isinstance(self.prefix_cache_block_size, int) or self.prefix_cache_block_size < 1:
+            raise request_mod.InvalidParameterError(
+                "prefix_cache_block_size", f"must be an integer >= 1, got {self.prefix_cache_block_size!r}"
+            )
+        cache_tokens = self.prefix_cache_max_tokens
+        if cache_tokens is not None and (not isinstance(cache_tokens, int) or cache_tokens < 0):
+            raise request_mod.InvalidParameterError(
+                "prefix_cache_max_tokens", f"must be None, 0 (off) or a positive integer, got {cache_tokens!r}"
+            )
+        if cache_tokens and cache_tokens < self.prefix_cache_block_size:
+            raise request_mod.InvalidParameterError(
+                "prefix_cache_max_tokens",
+                f"must be 0 (off) or hold one block of {self.prefix_cache_block_size} tokens, "
+                f"got {self.prefix_cache_max_tokens}",
+            )
+        aging = self.priority_aging_s
+        if aging is not None and (isinstance(aging, bool) or not isinstance(aging, int | float) or not aging > 0):
+            raise request_mod.InvalidParameterError("priority_aging_s", f"must be None or > 0, got {aging!r}")
         if self.scheduling_policy not in ("fcfs", "priority"):
             raise request_mod.InvalidParameterError(
                 "scheduling_policy", f"must be 'fcfs' or 'priority', got {self.scheduling_policy!r}"

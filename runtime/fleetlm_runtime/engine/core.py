@@ -14,6 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
+from fleetlm_runtime.caches import prefix_cache
 from fleetlm_runtime.engine import config as config_mod
 from fleetlm_runtime.engine import detokenizer, outputs, runner, scheduler
 from fleetlm_runtime.engine import request as request_mod
@@ -47,6 +48,11 @@ class EngineCore:
             )
         self.max_model_len = config.max_model_len or loaded.max_model_len
         kv_capacity = config.max_kv_tokens or config.max_batch_size * self.max_model_len
+        index = None
+        if config.prefix_cache_max_tokens:
+            index = prefix_cache.PrefixCacheIndex(
+                max_tokens=config.prefix_cache_max_tokens, block_size=config.prefix_cache_block_size
+            )
         self.scheduler = scheduler.Scheduler(
             limits=scheduler.SchedulerLimits(
                 max_batch_size=config.max_batch_size, max_batch_tokens=config.max_batch_tokens
@@ -54,9 +60,16 @@ class EngineCore:
             kv_capacity_tokens=kv_capacity,
             policy=config.scheduling_policy,
             clock=clock,
+            prefix_cache=index,
+            aging_s=config.priority_aging_s,
+            enable_preemption=config.enable_preemption,
         )
         self.runner = runner.ModelRunner(
-            loaded=loaded, max_model_len=self.max_model_len, seed=config.seed, fast_path=config.fast_path
+            loaded=loaded,
+            max_model_len=self.max_model_len,
+            seed=config.seed,
+            fast_path=config.fast_path,
+            prefix_cache_block_size=config.prefix_cache_block_size,
         )
         self._clock = clock
         self._detokenizers: dict[str, detokenizer.IncrementalDetokenizer] = {}
@@ -151,12 +164,17 @@ class EngineCore:
         sched_out = self.scheduler.schedule()
         if not sched_out.req_ids:
             if sched_out.finished_req_ids:
-                self.runner.free(sched_out.finished_req_ids)
+                self.runner.free(sched_out.finished_req_ids, sched_out.preempted_req_ids)
             return [], None
         try:
             runner_out = self.runner.execute(sched_out)
         except Exception as exc:  # a bug or OOM must fail these requests, not kill the engine
             logger.exception("engine step failed; failing the %d requests in it", sched_out.num_reqs)
+            # The step's prefix-cache saves may not have happened: start the cache afresh rather than
+            # let the index name blocks whose KV copies are missing.
+            if self.scheduler.prefix_cache is not None:
+                self.scheduler.prefix_cache.clear()
+            self.runner.clear_prefix_cache()
             failed = self.abort_requests(
                 sched_out.req_ids, status=RequestStatus.FINISHED_ERROR, error=f"engine step failed: {exc}"
             )
@@ -232,6 +250,7 @@ class EngineCore:
     def _make_stats(self, sched_out: outputs.SchedulerOutput, started: float) -> outputs.EngineStats:
         sched = self.scheduler
         events, itls = sched.take_events()
+        preemptions, prefix_queries, prefix_hits = sched.take_step_counters()
         kv = sched.kv
         return outputs.EngineStats(
             now_s=self._clock(),
@@ -252,6 +271,10 @@ class EngineCore:
             max_batch_tokens=sched.limits.max_batch_tokens,
             events=tuple(events),
             inter_token_latencies_s=tuple(itls),
+            num_preemptions=preemptions,
+            prefix_cache_queries=prefix_queries,
+            prefix_cache_hits=prefix_hits,
+            prefix_cache_tokens=sched.prefix_cache.num_tokens if sched.prefix_cache is not None else 0,
         )
 
     def close(self) -> None:

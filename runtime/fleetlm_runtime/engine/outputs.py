@@ -21,6 +21,9 @@ class NewRequestData:
     prompt_token_ids: list[int]
     sampling_params: request_mod.SamplingParams
     max_num_tokens: int  # prompt + max_tokens: how far its KV can grow
+    # Prefix-cache hit: the runner copies these blocks' KV into the new slot (they cover the first
+    # len(...) * block_size tokens, which the scheduler does not schedule).
+    cached_block_hashes: tuple[bytes, ...] = ()
 
 
 @dataclass(slots=True)
@@ -35,6 +38,11 @@ class SchedulerOutput:
     input_token_ids: list[int]  # [total_num_tokens] each request's scheduled tokens, in batch order
     finished_req_ids: list[str]  # [num_finished] requests that left since the previous step: free their KV
     num_prefill_tokens: int = 0  # prompt tokens in this step (the rest are decode tokens)
+    preempted_req_ids: list[str] = field(default_factory=list)  # also in finished_req_ids: slots to free
+    # Prefix cache, applied by the runner after this step's forward: copy these full blocks out of the
+    # requests' slots [(req_id, block index, hash)], then drop the copies of the evicted hashes.
+    prefix_cache_saves: list[tuple[str, int, bytes]] = field(default_factory=list)
+    prefix_cache_evicted: list[bytes] = field(default_factory=list)
 
     @property
     def total_num_tokens(self) -> int:
@@ -123,3 +131,7 @@ class EngineStats:
     events: tuple[RequestEvent, ...] = ()
     # One entry per decode token in this step: time since that request's previous token.
     inter_token_latencies_s: tuple[float, ...] = field(default=())
+    num_preemptions: int = 0  # requests preempted (recompute) in this step
+    prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache in this step
+    prefix_cache_hits: int = 0  # of which found (their prefill was skipped)
+    prefix_cache_tokens: int = 0  # tokens held by the prefix cache after this step

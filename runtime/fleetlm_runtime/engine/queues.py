@@ -1,8 +1,8 @@
 """Waiting-request queues behind one small interface, so the admission order is pluggable.
 
-Today there are two policies, as in vLLM: `fcfs` (arrival order) and `priority` (lower `priority` value
-first, ties by arrival). The QoS issue adds per-class queues with aging or fair-share behind the same
-`RequestQueue` interface; the scheduler only calls the methods below. Pure Python: no torch, no I/O.
+Two policies, as in vLLM: `fcfs` (arrival order) and `priority` (lower `priority` value first, ties by
+arrival, with aging so lower classes are not starved). The scheduler only calls the methods below. Pure
+Python: no torch, no I/O.
 """
 
 from __future__ import annotations
@@ -11,7 +11,8 @@ import abc
 import collections
 import heapq
 import itertools
-from collections.abc import Iterable, Iterator
+import time
+from collections.abc import Callable, Iterable, Iterator
 from typing import Literal
 
 from fleetlm_runtime.engine import request as request_mod
@@ -80,46 +81,104 @@ class FCFSQueue(RequestQueue):
 
 
 class PriorityQueue(RequestQueue):
-    """A heap on (priority, arrival time, insertion order); the counter keeps ties FIFO and stable."""
+    """One FIFO per priority value; the next request is the head with the best *effective* priority.
 
-    def __init__(self) -> None:
-        self._heap: list[tuple[int, float, int, request_mod.Request]] = []
+    Effective priority = `priority - waited_s / aging_s` (lower runs sooner): a request gains one
+    priority level for every `aging_s` seconds it waits, so a low class behind a steady stream of high
+    ones is admitted after at most about `(its priority - theirs) * aging_s` seconds (aging against
+    starvation; `aging_s=None` turns it off: strict priority). Within a priority value the order is
+    arrival (then insertion); `prepend` puts a request ahead of every other of its priority (the
+    preempted keep their place). Only the heads are compared, so `peek` is O(number of priorities).
+    """
+
+    def __init__(self, *, clock: Callable[[], float] = time.monotonic, aging_s: float | None = None) -> None:
+        if aging_s is not None and not aging_s > 0:
+            raise ValueError(f"aging_s must be None or > 0, got {aging_s!r}")
+        # priority -> heap of (0 if prepended else 1, arrival time, insertion order, request)
+        self._buckets: dict[int, list[tuple[int, float, int, request_mod.Request]]] = {}
         self._counter = itertools.count()
+        self._len = 0
+        self._clock = clock
+        self._aging_s = aging_s
+
+    def effective_priority(self, req: request_mod.Request, now: float | None = None) -> float:
+        if self._aging_s is None:
+            return float(req.priority)
+        now = self._clock() if now is None else now
+        return req.priority - max(0.0, now - req.arrival_time_s) / self._aging_s
+
+    def _push(self, req: request_mod.Request, rank: int) -> None:
+        bucket = self._buckets.get(req.priority)
+        if bucket is None:
+            bucket = self._buckets[req.priority] = []
+        heapq.heappush(bucket, (rank, req.arrival_time_s, next(self._counter), req))
+        self._len += 1
 
     def add(self, req: request_mod.Request) -> None:
-        heapq.heappush(self._heap, (req.priority, req.arrival_time_s, next(self._counter), req))
+        self._push(req, 1)
 
     def prepend(self, req: request_mod.Request) -> None:
-        # A negative counter puts it ahead of every request of equal priority and arrival.
-        heapq.heappush(self._heap, (req.priority, req.arrival_time_s, -next(self._counter), req))
+        self._push(req, 0)
+
+    def _best(self) -> int:
+        buckets = self._buckets
+        if len(buckets) == 1:
+            return next(iter(buckets))
+        if not buckets:
+            raise IndexError("peek from an empty queue")
+        if self._aging_s is None:
+            return min(buckets)
+        now, aging_s = self._clock(), self._aging_s
+        return min(buckets, key=lambda p: (p - max(0.0, now - buckets[p][0][1]) / aging_s, p))
 
     def peek(self) -> request_mod.Request:
-        return self._heap[0][3]
+        return self._buckets[self._best()][0][3]
 
     def pop(self) -> request_mod.Request:
-        return heapq.heappop(self._heap)[3]
+        priority = self._best()
+        bucket = self._buckets[priority]
+        req = heapq.heappop(bucket)[3]
+        if not bucket:
+            del self._buckets[priority]
+        self._len -= 1
+        return req
 
     def remove_many(self, req_ids: set[str]) -> list[request_mod.Request]:
-        # Aborts are rare next to steps; an O(n) rebuild keeps the heap simple and exact.
-        removed = [entry[3] for entry in self._heap if entry[3].req_id in req_ids]
-        if removed:
-            self._heap = [entry for entry in self._heap if entry[3].req_id not in req_ids]
-            heapq.heapify(self._heap)
+        # Aborts are rare next to steps; an O(n) rebuild keeps the heaps simple and exact.
+        removed: list[request_mod.Request] = []
+        for priority, bucket in list(self._buckets.items()):
+            gone = [entry[3] for entry in bucket if entry[3].req_id in req_ids]
+            if not gone:
+                continue
+            removed.extend(gone)
+            kept = [entry for entry in bucket if entry[3].req_id not in req_ids]
+            if kept:
+                heapq.heapify(kept)
+                self._buckets[priority] = kept
+            else:
+                del self._buckets[priority]
+        self._len -= len(removed)
         return removed
 
     def __len__(self) -> int:
-        return len(self._heap)
+        return self._len
 
     def __iter__(self) -> Iterator[request_mod.Request]:
-        return (entry[3] for entry in self._heap)
+        return (entry[3] for bucket in self._buckets.values() for entry in bucket)
 
 
-def create_queue(policy: SchedulingPolicy, requests: Iterable[request_mod.Request] = ()) -> RequestQueue:
+def create_queue(
+    policy: SchedulingPolicy,
+    requests: Iterable[request_mod.Request] = (),
+    *,
+    clock: Callable[[], float] = time.monotonic,
+    aging_s: float | None = None,
+) -> RequestQueue:
     queue: RequestQueue
     if policy == "fcfs":
         queue = FCFSQueue()
     elif policy == "priority":
-        queue = PriorityQueue()
+        queue = PriorityQueue(clock=clock, aging_s=aging_s)
     else:
         raise ValueError(f"unknown scheduling policy {policy!r}; expected 'fcfs' or 'priority'")
     for req in requests:

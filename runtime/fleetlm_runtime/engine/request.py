@@ -33,7 +33,7 @@ class RequestStatus(enum.IntEnum):
 
     WAITING = 0
     RUNNING = 1
-    PREEMPTED = 2  # reserved for the QoS issue (preemption by recompute); never set yet
+    PREEMPTED = 2  # back in the queue after preemption by recompute (its KV was freed)
     FINISHED_STOPPED = 3
     FINISHED_LENGTH = 4
     FINISHED_ABORTED = 5
@@ -149,6 +149,11 @@ class Request:
     first_token_time_s: float | None = None
     last_token_time_s: float | None = None
     finished_time_s: float | None = None
+    num_preemptions: int = 0
+    # Prefix cache: chain hashes of the prompt's full blocks (computed on first admission) and how many
+    # leading blocks are known to be cached (hit on admission, or saved after being computed).
+    block_hashes: list[bytes] | None = None
+    num_cached_blocks: int = 0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -164,7 +169,8 @@ class Request:
 
     @property
     def kv_reservation(self) -> int:
-        """KV tokens this request may come to hold: admission reserves them up front (no preemption)."""
+        """KV tokens this request may come to hold: admission reserves them up front (so a running request
+        never runs out; room for a higher class is made by preemption instead)."""
         return len(self.prompt_token_ids) + self.max_tokens
 
     @property

@@ -15,6 +15,12 @@ Design (the fastest exact one we measured on CPU; `fleetlm-dev bench engine` pri
   Slots `0..N-1` are always the live ones: when a request leaves, the last slot moves into its hole
   (one copy of that request's KV), so decode attention reads a plain slice `K[:N, :, :L]` without any
   gather. Buffers grow geometrically in length and in slots, and shrink when the longest request goes.
+* **Prefix cache copies.** The scheduler decides which full prompt blocks are cached or evicted
+  (`caches/prefix_cache.py`); the runner keeps a copy of each cached block's KV for every layer, copies
+  the blocks of a hit into a new request's slot before the forward, copies newly completed blocks out of
+  the slots after it, and drops evicted ones. A hit thus costs one copy instead of a prefill.
+* **Preemption.** A preempted request's slot is freed like a finished one's, but its sampling state is
+  parked until it returns, so a seeded stream continues where it stopped.
 * **Sampling per batch.** One argmax for greedy batches, vectorised top-k/top-p otherwise
   (`engine/sampling.py`), one `.tolist()` per step.
 
@@ -77,7 +83,13 @@ class _StepMeta:
 
 class ModelRunner:
     def __init__(
-        self, *, loaded: loader.LoadedModel, max_model_len: int, seed: int = 0, fast_path: bool = True
+        self,
+        *,
+        loaded: loader.LoadedModel,
+        max_model_len: int,
+        seed: int = 0,
+        fast_path: bool = True,
+        prefix_cache_block_size: int = 16,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
@@ -96,6 +108,10 @@ class ModelRunner:
         self._slot_len: list[int] = []  # tokens with KV in each live slot
         self._sampling: list[sampling.SamplingState] = []
         self._num_sampled = 0  # live requests that are not greedy
+        self._parked: dict[str, sampling.SamplingState] = {}  # preempted requests' sampling streams
+        # Prefix cache: block hash -> (K, V) of that block for every layer, each [layers, kv_heads, block, dim].
+        self._prefix_blocks: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
+        self._block_size = prefix_cache_block_size
         # KV buffers, one pair per layer: [slot_capacity, kv_heads, len_capacity, head_dim].
         self._k: list[torch.Tensor] = []
         self._v: list[torch.Tensor] = []
@@ -136,6 +152,17 @@ class ModelRunner:
     def num_layers(self) -> int:
         return self._num_layers
 
+    @property
+    def num_prefix_blocks(self) -> int:
+        return len(self._prefix_blocks)
+
+    @property
+    def prefix_cache_bytes(self) -> int:
+        return sum(k.numel() * k.element_size() * 2 for k, _ in self._prefix_blocks.values())
+
+    def clear_prefix_cache(self) -> None:
+        self._prefix_blocks.clear()
+
     def close(self) -> None:
         """Drop the KV buffers. The model keeps the engine's attention implementation: other runners may
         share the model, and outside a runner step it is exactly transformers' SDPA."""
@@ -144,16 +171,24 @@ class ModelRunner:
         self._req_of_slot.clear()
         self._slot_len.clear()
         self._sampling.clear()
+        self._parked.clear()
+        self._prefix_blocks.clear()
 
     def execute(self, sched: outputs.SchedulerOutput) -> outputs.RunnerOutput:
         with torch.inference_mode():
             if sched.finished_req_ids:
-                self._free(sched.finished_req_ids)
+                self._free(sched.finished_req_ids, preempted=sched.preempted_req_ids)
             for new in sched.new_reqs:
                 self._add(new)
             if not sched.req_ids:
-                return outputs.RunnerOutput(req_ids=[], sampled_token_ids=[])
-            return self._execute(sched)
+                result = outputs.RunnerOutput(req_ids=[], sampled_token_ids=[])
+            else:
+                result = self._execute(sched)
+            if sched.prefix_cache_saves:
+                self._save_blocks(sched.prefix_cache_saves)
+            for block_hash in sched.prefix_cache_evicted:
+                self._prefix_blocks.pop(block_hash, None)
+            return result
 
     # ----------------------------------------------------------------------------------------------
     # The step
@@ -384,21 +419,53 @@ class ModelRunner:
         self._slot_of[new.req_id] = slot
         self._req_of_slot.append(new.req_id)
         self._slot_len.append(0)
-        state = sampling.SamplingState.from_params(new.sampling_params, fallback_rng=self._rng)
+        state = self._parked.pop(new.req_id, None)
+        if state is None:
+            state = sampling.SamplingState.from_params(new.sampling_params, fallback_rng=self._rng)
         self._sampling.append(state)
         if not state.greedy:
             self._num_sampled += 1
+        if new.cached_block_hashes:
+            self._load_blocks(slot, new.cached_block_hashes)
 
-    def free(self, req_ids: list[str]) -> None:
-        """Release the slots (and so the KV) of these requests now; unknown ids are ignored."""
+    def _load_blocks(self, slot: int, hashes: tuple[bytes, ...]) -> None:
+        """Copy the KV of cached prefix blocks into positions 0.. of `slot` (a prefix-cache hit)."""
+        blocks = [self._prefix_blocks[h] for h in hashes]  # KeyError: the scheduler's index disagrees
+        length = len(hashes) * self._block_size
+        if length > self._len_capacity:
+            self._grow_len(length)
+        keys = torch.cat([k for k, _ in blocks], dim=2) if len(blocks) > 1 else blocks[0][0]
+        values = torch.cat([v for _, v in blocks], dim=2) if len(blocks) > 1 else blocks[0][1]
+        for layer, (k_buf, v_buf) in enumerate(zip(self._k, self._v, strict=True)):
+            k_buf[slot, :, :length].copy_(keys[layer])
+            v_buf[slot, :, :length].copy_(values[layer])
+        self._slot_len[slot] = length
+
+    def _save_blocks(self, saves: list[tuple[str, int, bytes]]) -> None:
+        """Copy newly cached full blocks out of their requests' slots (after the forward wrote them)."""
+        size = self._block_size
+        for req_id, index, block_hash in saves:
+            slot = self._slot_of[req_id]
+            start, end = index * size, (index + 1) * size
+            self._prefix_blocks[block_hash] = (
+                torch.stack([buf[slot, :, start:end] for buf in self._k]),
+                torch.stack([buf[slot, :, start:end] for buf in self._v]),
+            )
+
+    def free(self, req_ids: list[str], preempted: list[str] | None = None) -> None:
+        """Release the slots (and so the KV) of these requests now; unknown ids are ignored. Those also
+        in `preempted` keep their sampling state for their return."""
         with torch.inference_mode():  # the buffers are inference tensors
-            self._free(req_ids)
+            self._free(req_ids, preempted)
 
-    def _free(self, req_ids: list[str]) -> None:
+    def _free(self, req_ids: list[str], preempted: list[str] | None = None) -> None:
         for req_id in req_ids:
             slot = self._slot_of.pop(req_id, None)
             if slot is None:
+                self._parked.pop(req_id, None)  # a preempted request that ended while waiting
                 continue  # never reached the runner (aborted while waiting) or already freed
+            if preempted and req_id in preempted:
+                self._parked[req_id] = self._sampling[slot]
             if not self._sampling[slot].greedy:
                 self._num_sampled -= 1
             last = self.num_slots - 1

@@ -9,7 +9,17 @@ others keep decoding. Each step runs in three passes:
    never stall streams that are already flowing;
 2. partial prefills: running requests part-way through their prompt get what is left of the budget;
 3. admission: waiting requests, in queue order, join while there is budget, a free sequence slot
-   (`max_batch_size`) and KV capacity for their worst case (prompt + max_tokens).
+   (`max_batch_size`) and KV capacity for their worst case (prompt + max_tokens). With a prefix cache,
+   an admitted request starts with `num_computed_tokens` at its longest cached prefix (whole blocks),
+   whose KV the runner copies into its slot, so only the rest is prefilled.
+
+Before the passes, with the priority policy, preemption by recompute: when the head of the queue cannot
+be admitted because the batch or the KV is full, running requests of a strictly lower priority (the
+lowest first, and among those the most recently admitted; never one whose aged priority is already
+better than the head's) are preempted until it fits: their KV is freed, `num_computed_tokens` goes back
+to 0 and they are put back at the head of their class, keeping their generated tokens, which are
+prefilled again with the prompt when they return (vLLM's recompute). Nothing is preempted unless the
+head then fits.
 
 `update_from_output` appends sampled tokens and applies the token-level stop rules (stop token ids,
 EOS, max_tokens); stop *strings* need text and are applied by the engine core through
@@ -23,6 +33,7 @@ from collections.abc import Callable, Iterable
 from dataclasses import dataclass
 
 from fleetlm_runtime.caches import kv_manager
+from fleetlm_runtime.caches import prefix_cache as prefix_cache_mod
 from fleetlm_runtime.engine import outputs, queues
 from fleetlm_runtime.engine import request as request_mod
 
@@ -61,10 +72,19 @@ class Scheduler:
         kv_capacity_tokens: int,
         policy: queues.SchedulingPolicy = "priority",
         clock: Callable[[], float] = time.monotonic,
+        prefix_cache: prefix_cache_mod.PrefixCacheIndex | None = None,
+        aging_s: float | None = None,
+        enable_preemption: bool = True,
     ) -> None:
         self._limits = limits
         self.kv = kv_manager.KVCacheManager(capacity_tokens=kv_capacity_tokens)
-        self.waiting = queues.create_queue(policy)
+        self.waiting = queues.create_queue(policy, clock=clock, aging_s=aging_s)
+        self._preemption = enable_preemption and isinstance(self.waiting, queues.PriorityQueue)
+        self.prefix_cache = prefix_cache
+        self._pending_saves: list[tuple[request_mod.Request, int]] = []  # (request, blocks now complete)
+        self._num_preemptions = 0  # since the last take_step_counters()
+        self._prefix_queries = 0
+        self._prefix_hits = 0
         self.running: list[request_mod.Request] = []  # admission order
         self.requests: dict[str, request_mod.Request] = {}  # every unfinished request, waiting or running
         self._clock = clock
@@ -101,6 +121,12 @@ class Scheduler:
         """Requests that released KV since the last call (or schedule()); their runner slots can go."""
         finished, self._finished_req_ids = self._finished_req_ids, []
         return finished
+
+    def take_step_counters(self) -> tuple[int, int, int]:
+        """(preemptions, prefix-cache query tokens, prefix-cache hit tokens) since the previous call."""
+        counters = (self._num_preemptions, self._prefix_queries, self._prefix_hits)
+        self._num_preemptions = self._prefix_queries = self._prefix_hits = 0
+        return counters
 
     def take_events(self) -> tuple[list[outputs.RequestEvent], list[float]]:
         """Events and inter-token latencies recorded since the previous call."""
@@ -154,7 +180,8 @@ class Scheduler:
     def _release(self, req: request_mod.Request, now: float) -> None:
         req.finished_time_s = now
         del self.requests[req.req_id]
-        if self.kv.free(req.req_id):
+        # A preempted request may still have state parked in the runner (its sampling stream).
+        if self.kv.free(req.req_id) or req.num_preemptions:
             self._finished_req_ids.append(req.req_id)
         self._events.append(
             outputs.RequestEvent(
@@ -177,11 +204,64 @@ class Scheduler:
     def schedule(self) -> outputs.SchedulerOutput:
         out = outputs.SchedulerOutput.make_empty(self._finished_req_ids)
         self._finished_req_ids = []
+        if self._preemption and self.waiting and self.running:
+            self._maybe_preempt(out)
         budget = self._limits.max_batch_tokens
         budget = self._schedule_decodes(out, budget)
         budget = self._schedule_partial_prefills(out, budget)
         self._admit_waiting(out, budget)
+        if self._pending_saves:
+            self._commit_prefix_blocks(out)
         return out
+
+    def _maybe_preempt(self, out: outputs.SchedulerOutput) -> None:
+        waiting = self.waiting
+        assert isinstance(waiting, queues.PriorityQueue)
+        head = waiting.peek()
+        free_slots = self._limits.max_batch_size - len(self.running)
+        free_kv = self.kv.num_free_tokens
+        need_kv = head.kv_reservation
+        if free_slots >= 1 and free_kv >= need_kv:
+            return
+        head_class = head.priority
+        if not any(req.priority > head_class for req in self.running):
+            return  # the common full batch of one class: nothing to preempt, checked without sorting
+        now = self._clock()
+        head_priority = waiting.effective_priority(head, now)
+        victims: list[request_mod.Request] = []
+        # Lowest priority first; among equals the most recently admitted (sorted() is stable).
+        for req in sorted(reversed(self.running), key=lambda r: -r.priority):
+            if req.priority <= head.priority:
+                break
+            if waiting.effective_priority(req, now) <= head_priority:
+                continue  # aged past the head: preempting it would trade one starvation for another
+            victims.append(req)
+            free_slots += 1
+            free_kv += self.kv.reserved_by(req.req_id)
+            if free_slots >= 1 and free_kv >= need_kv:
+                break
+        if not (free_slots >= 1 and free_kv >= need_kv):
+            return  # preempting every candidate would still not make room: preempt nobody
+        for req in list(victims):  # spare those the others already make room without (a KV shortfall)
+            reserved = self.kv.reserved_by(req.req_id)
+            if free_slots >= 2 and free_kv - reserved >= need_kv:
+                victims.remove(req)
+                free_slots -= 1
+                free_kv -= reserved
+        gone = {req.req_id for req in victims}
+        self.running = [req for req in self.running if req.req_id not in gone]
+        for req in victims:
+            self.kv.free(req.req_id)
+            req.status = RequestStatus.PREEMPTED
+            req.num_computed_tokens = 0
+            req.num_cached_blocks = 0
+            req.num_preemptions += 1
+            _bump(self.running_by_class, req.qos_class, -1)
+            _bump(self.waiting_by_class, req.qos_class, 1)
+            waiting.prepend(req)
+            out.finished_req_ids.append(req.req_id)
+            out.preempted_req_ids.append(req.req_id)
+        self._num_preemptions += len(victims)
 
     def _schedule_decodes(self, out: outputs.SchedulerOutput, budget: int) -> int:
         # The hot path: with a full batch this loop is most of the scheduler's time, so it stays flat.
@@ -220,6 +300,9 @@ class Scheduler:
             if not self.kv.allocate(req.req_id, req.kv_reservation):
                 break
             self.waiting.pop()
+            cached: tuple[bytes, ...] = ()
+            if self.prefix_cache is not None:
+                cached = self._match_prefix(req)
             _bump(self.waiting_by_class, req.qos_class, -1)
             _bump(self.running_by_class, req.qos_class, 1)
             req.status = RequestStatus.RUNNING
@@ -244,14 +327,53 @@ class Scheduler:
                     prompt_token_ids=req.prompt_token_ids,
                     sampling_params=req.sampling_params,
                     max_num_tokens=req.kv_reservation,
+                    cached_block_hashes=cached,
                 )
             )
             budget -= self._schedule_chunk(out, req, min(req.num_tokens - req.num_computed_tokens, budget))
+
+    def _match_prefix(self, req: request_mod.Request) -> tuple[bytes, ...]:
+        """Look the prompt up in the prefix cache; skip the cached blocks. Returns their hashes."""
+        cache = self.prefix_cache
+        assert cache is not None
+        size = cache.block_size
+        if req.block_hashes is None:
+            req.block_hashes = prefix_cache_mod.block_hashes(req.prompt_token_ids, size)
+        # At least one token must be computed, to produce the logits of the next token.
+        hashes = req.block_hashes[: (req.num_tokens - 1) // size]
+        num_hit = cache.match(hashes)
+        self._prefix_queries += len(req.prompt_token_ids)
+        self._prefix_hits += num_hit * size
+        req.num_computed_tokens = num_hit * size
+        req.num_cached_blocks = num_hit
+        return tuple(hashes[:num_hit])
+
+    def _commit_prefix_blocks(self, out: outputs.SchedulerOutput) -> None:
+        """Blocks completed in this step join the cache; the runner copies the new ones out after the
+        forward. Committed after admission, so no request of this step can match a block that has no KV
+        copy yet."""
+        cache = self.prefix_cache
+        assert cache is not None
+        saves = out.prefix_cache_saves
+        for req, num_blocks in self._pending_saves:
+            assert req.block_hashes is not None
+            chain = req.block_hashes[:num_blocks]
+            new = cache.insert(chain)
+            if new:
+                # Every block of the chain is in this request's slot, so any of them can be (re)saved.
+                saves.extend((req.req_id, i, h) for i, h in enumerate(chain) if h in new)
+        self._pending_saves.clear()
+        out.prefix_cache_evicted = cache.take_evicted()
 
     def _schedule_chunk(self, out: outputs.SchedulerOutput, req: request_mod.Request, num_tokens: int) -> int:
         start = req.num_computed_tokens
         end = start + num_tokens
         num_prompt = len(req.prompt_token_ids)
+        if req.block_hashes is not None:
+            complete = min(end, num_prompt) // self.prefix_cache.block_size  # type: ignore[union-attr]
+            if complete > req.num_cached_blocks:
+                req.num_cached_blocks = complete
+                self._pending_saves.append((req, complete))
         if end <= num_prompt:
             out.input_token_ids.extend(req.prompt_token_ids[start:end])
         else:  # only after a recompute (preemption): the chunk runs into the generated tokens

@@ -40,6 +40,11 @@ def engine_config_from(cfg: config_mod.RuntimeConfig, *, device: str = "cpu") ->
         max_kv_tokens=cfg.batching.max_kv_tokens,
         # The FIFO policy is the plain batcher kept as a baseline: arrival order whatever the class.
         scheduling_policy="fcfs" if cfg.qos.policy == contract.QOS_POLICY_FIFO else "priority",
+        prefix_cache_max_tokens=(
+            (cfg.caching.prefix_cache.max_tokens or engine_config.DEFAULT_PREFIX_CACHE_TOKENS)
+            if cfg.caching.prefix_cache.enabled
+            else 0
+        ),
     )
 
 
