@@ -13,7 +13,6 @@ import json
 import os
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import tempfile
@@ -23,7 +22,7 @@ from typing import Any
 
 import yaml
 
-from fleetlm_dev import cluster, k8s_build, paths
+from fleetlm_dev import cluster, k8s_build, paths, testing
 
 CHILD_KINDS = ("deployments", "services", "configmaps", "secrets", "poddisruptionbudgets")
 
@@ -103,11 +102,7 @@ def run(*, plane: cluster.ControlPlane, count: int, timeout_s: float) -> dict[st
             "target_seconds": 60,
         }
     finally:
-        proc.send_signal(signal.SIGTERM)
-        try:
-            proc.wait(timeout=30)
-        except subprocess.TimeoutExpired:
-            proc.kill()
+        testing.stop_process(proc)
 
 
 def _progress(total: int) -> Any:

@@ -25,7 +25,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 
 from fleetlm_dev import k8s_build, paths, pki
 
@@ -160,8 +160,7 @@ class ControlPlane:
         except urllib.error.HTTPError as error:
             return int(error.code), error.read().decode(errors="replace")
 
-    def _wait(self, what: str, check: object, *, deadline: float, record: ProcessRecord | None) -> None:
-        assert callable(check)
+    def _wait(self, what: str, check: Callable[[], bool], *, deadline: float, record: ProcessRecord | None) -> None:
         last_error = ""
         while time.monotonic() < deadline:
             if record is not None and not _alive(record):

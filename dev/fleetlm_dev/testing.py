@@ -1,7 +1,10 @@
-"""Small helpers for tests that drive real processes: poll for a condition, never sleep blindly."""
+"""Small helpers for tests that drive real processes: poll for a condition (never sleep blindly), and stop
+what the test started by its own PID."""
 
 from __future__ import annotations
 
+import signal
+import subprocess
 import time
 from collections.abc import Callable
 from typing import TypeVar
@@ -24,3 +27,14 @@ def wait_for(what: str, probe: Callable[[], T | None], *, timeout_s: float = 60,
         if time.monotonic() > deadline:
             raise WaitTimeout(f"timed out after {timeout_s:.0f}s waiting for {what} (last: {last!r})")
         time.sleep(interval_s)
+
+
+def stop_process(proc: subprocess.Popen[bytes], *, timeout_s: float = 30) -> int:
+    """Stop a process this test started: SIGTERM (so it can drain), SIGKILL after `timeout_s`; its exit code."""
+    if proc.poll() is None:
+        proc.send_signal(signal.SIGTERM)
+        try:
+            return proc.wait(timeout=timeout_s)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+    return proc.wait()

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 from collections.abc import Iterator
@@ -20,7 +19,7 @@ from collections.abc import Iterator
 import pytest
 
 from fleetlm_dev import cluster, k8s_build
-from fleetlm_dev.testing import wait_for
+from fleetlm_dev.testing import stop_process, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -128,8 +127,7 @@ def test_operator_as_the_chart_service_account_reconciles_an_example_and_uninsta
             what = kind.split("/") if "/" in kind else [kind, "tiny-demo"]
             assert plane.kubectl("get", *what, "-n", "demo", check=False).returncode == 0, kind
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        stop_process(proc)
     log = log_path.read_text()
     assert "Forbidden" not in log and '"status": 403' not in log, log[-3000:]
     assert proc.returncode == 0

@@ -10,7 +10,6 @@ about what the objects contain (builders do) or when to write them (handlers do)
 
 from __future__ import annotations
 
-import base64
 import logging
 import threading
 import time
@@ -107,15 +106,14 @@ class Applier:
         pods = self._core.list_namespaced_pod(namespace, label_selector=selector)
         return [dict(self._api_client.sanitize_for_serialization(pod)) for pod in pods.items]
 
-    def read_secret_value(self, name: str, namespace: str, key: str) -> str | None:
+    def read_secret(self, name: str, namespace: str) -> dict[str, Any] | None:
         try:
             found = self._core.read_namespaced_secret(name, namespace)
         except exceptions.ApiException as error:
             if error.status == 404:
                 return None
             raise
-        encoded = (found.data or {}).get(key)
-        return base64.b64decode(encoded).decode() if encoded else None
+        return dict(self._api_client.sanitize_for_serialization(found))
 
     def read_llmservice(self, name: str, namespace: str) -> dict[str, Any] | None:
         try:

@@ -23,7 +23,7 @@ import kopf
 from fleetlm_operator import bridge, metrics
 from fleetlm_operator.act import push
 from fleetlm_operator.api import models, names
-from fleetlm_operator.builders import configmap, meta
+from fleetlm_operator.builders import configmap, meta, secret
 from fleetlm_operator.collect import prometheus, scrape
 from fleetlm_operator.handlers import context, reconcile
 from fleetlm_operator.policy import decide as decide_mod
@@ -75,7 +75,7 @@ def _load_state(body: kopf.Body, logger: logging.Logger) -> state_mod.TunerState
         return state_mod.TunerState()
 
 
-async def _collect(svc: models.LLMService, endpoints: dict[str, str], *, ctx: context.OperatorContext,
+async def _collect(svc: models.LLMService, endpoints: dict[str, str], *,
                    now_s: float) -> tuple[dict[str, window_mod.PodSample], dict[str, str]]:
     if svc.spec.autoscaling.metrics_source == "prometheus":
         result = await prometheus.query_pods(str(svc.spec.autoscaling.prometheus_url), namespace=svc.namespace,
@@ -107,13 +107,12 @@ async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.Operator
                 now=datetime.datetime.fromtimestamp(now_s, tz=datetime.UTC),
                 observed_generation=body.get("metadata", {}).get("generation"))
         return None
-    current, errors = await _collect(svc, endpoints, ctx=ctx, now_s=now_s)
+    current, errors = await _collect(svc, endpoints, now_s=now_s)
     window = window_mod.from_scrapes(memory.previous, current, expected_pods=endpoints, spec=spec, now_s=now_s,
                                      max_age_s=2 * spec.interval_s)
-    if errors and window.complete:  # never read a missing pod as an idle one
-        window = dataclasses.replace(window, complete=False, reason="; ".join(errors.values()))
-    elif errors:
-        window = dataclasses.replace(window, reason="; ".join([window.reason, *errors.values()]).strip("; "))
+    if errors:  # a pod that did not answer is missing data (never an idle pod): say why next to the rest
+        window = dataclasses.replace(window, complete=False,
+                                     reason="; ".join([window.reason, *errors.values()]).strip("; "))
     memory.previous = {**{p: s for p, s in memory.previous.items() if p in endpoints}, **current}
 
     desired = int(deployment.get("spec", {}).get("replicas", svc.spec.replicas.effective) or 0)
@@ -125,7 +124,8 @@ async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.Operator
     current_limits = (tuning_now.max_batch_size or 0, tuning_now.max_batch_tokens or 0)
     actions = bridge.decision_actions(decision, current_replicas=desired, current_limits=current_limits,
                                       current_shed=tuple(tuning_now.shed_classes))
-    await _act(svc, body=body, decision=decision, actions=actions, endpoints=endpoints, ctx=ctx, logger=logger)
+    await _act(svc, body=body, decision=decision, actions=actions, endpoints=endpoints, tuning_now=tuning_now,
+               ctx=ctx, logger=logger)
 
     now = datetime.datetime.fromtimestamp(now_s, tz=datetime.UTC)
     stored = body.get("status", {}) or {}
@@ -144,7 +144,8 @@ async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.Operator
 
 
 async def _act(svc: models.LLMService, *, body: kopf.Body, decision: decide_mod.Decision, actions: list[str],
-               endpoints: dict[str, str], ctx: context.OperatorContext, logger: logging.Logger) -> None:
+               endpoints: dict[str, str], tuning_now: models.Tuning, ctx: context.OperatorContext,
+               logger: logging.Logger) -> None:
     reason_text = "; ".join(decision.reasons)[:1000]
     for action in actions:
         metrics.DECISIONS.labels(action=action).inc()
@@ -158,13 +159,13 @@ async def _act(svc: models.LLMService, *, body: kopf.Body, decision: decide_mod.
         return
     tuning = models.Tuning(max_batch_size=decision.max_batch_size, max_batch_tokens=decision.max_batch_tokens,
                            shed_classes=list(decision.shed_classes),
-                           class_weights=reconcile.current_tuning(svc).class_weights)
+                           class_weights=tuning_now.class_weights)
     # New pods read the ConfigMap; running pods get the same values pushed live (no restart).
     config = configmap.build_config_map(svc, tuning=tuning)
     kopf.adopt(config, owner=body)
     await asyncio.to_thread(ctx.applier.apply, config)
-    token = await asyncio.to_thread(ctx.applier.read_secret_value, meta.admin_secret_name(svc), svc.namespace,
-                                    meta.ADMIN_TOKEN_KEY)
+    token_secret = await asyncio.to_thread(ctx.applier.read_secret, meta.admin_secret_name(svc), svc.namespace)
+    token = secret.read_admin_token(token_secret) if token_secret else None
     if token and endpoints:
         result = await push.push_tuning(endpoints, token=token, body=push.tuning_body(
             max_batch_size=decision.max_batch_size, max_batch_tokens=decision.max_batch_tokens,

@@ -9,7 +9,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import signal
 import subprocess
 import sys
 import urllib.request
@@ -19,7 +18,7 @@ from typing import Any
 import pytest
 
 from fleetlm_dev import cluster
-from fleetlm_dev.testing import wait_for
+from fleetlm_dev.testing import stop_process, wait_for
 
 pytestmark = pytest.mark.cluster
 
@@ -56,13 +55,7 @@ class OperatorProcess:
             return 0, str(error)
 
     def stop(self) -> int:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                return self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-        return self.proc.wait()
+        return stop_process(self.proc)
 
 
 @pytest.fixture

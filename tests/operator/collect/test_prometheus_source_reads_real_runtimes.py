@@ -12,7 +12,6 @@ import asyncio
 import json
 import pathlib
 import shutil
-import signal
 import subprocess
 import sys
 import time
@@ -23,7 +22,7 @@ import pytest
 import yaml
 
 from fleetlm_dev import cluster
-from fleetlm_dev.testing import wait_for
+from fleetlm_dev.testing import stop_process, wait_for
 from fleetlm_operator.collect import prometheus, scrape
 from fleetlm_operator.policy import spec as policy_spec
 from fleetlm_operator.policy import window
@@ -39,13 +38,7 @@ class Process:
             self.proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT)
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait()
+        stop_process(self.proc)
 
 
 def _get(url: str) -> tuple[int, str]:
