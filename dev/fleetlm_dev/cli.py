@@ -110,6 +110,12 @@ def build_parser() -> argparse.ArgumentParser:
     serve = bench_verbs.add_parser("serve", help="load generator against a running server (vLLM's metrics)",
                                    add_help=False)
     serve.set_defaults(func=_delegate("fleetlm_dev.bench_serve"), delegated=True)
+    overhead = bench_verbs.add_parser("server-overhead", help="server tok/s vs the engine's own, 32 streams",
+                                      add_help=False)
+    overhead.set_defaults(func=_delegate("fleetlm_dev.bench_server_overhead"), delegated=True)
+    prefix = bench_verbs.add_parser("prefix-cache", help="TTFT with vs without the prefix cache (shared prompt)",
+                                    add_help=False)
+    prefix.set_defaults(func=_delegate("fleetlm_dev.bench_prefix_cache"), delegated=True)
     operator_bench = bench_verbs.add_parser("operator", help="N LLMService objects at once: time and memory",
                                             add_help=False)
     operator_bench.set_defaults(func=_delegate("fleetlm_dev.bench_operator"), delegated=True)

@@ -12,7 +12,7 @@ Both see the same requests (token-id prompts, greedy, EOS ignored, so both produ
 number of tokens) and the same torch thread count. The ratio server/engine is the figure; the client
 shares the machine with the server, so its own parsing cost is inside the ratio (a pessimistic bound).
 
-    python tests/runtime/server/figure_server_overhead.py [--models builtin:tiny,builtin:small] [--json]
+    fleetlm-dev bench server-overhead [--models builtin:tiny,builtin:small] [--json]
 """
 
 from __future__ import annotations
@@ -192,7 +192,7 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
-    import torch
+    import torch  # noqa: PLC0415  (only the benchmark run needs it, not --help)
 
     torch.set_num_threads(args.threads)
     results = [asyncio.run(measure(model, args)) for model in args.models.split(",")]
