@@ -288,22 +288,28 @@ class ControlPlane:
     # Stop
 
     def stop(self, *, grace_s: float = 15) -> list[str]:
-        """Stop the processes this control plane started (newest first). Returns what was stopped."""
+        """Stop the processes this control plane started (newest first) and return once they are gone."""
         stopped: list[str] = []
+        signalled: list[ProcessRecord] = []
         for record in reversed(self.processes):
+            # Identity is checked once, before signalling: an exiting process loses its /proc/PID/exe link
+            # while it still runs, so from here on only "has it gone" is asked.
             if _alive(record):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(record.pid, signal.SIGTERM)
                 stopped.append(f"{record.name} (pid {record.pid})")
+                signalled.append(record)
         deadline = time.monotonic() + grace_s
-        for record in reversed(self.processes):
-            while _alive(record) and time.monotonic() < deadline:
-                _reap(record.pid)
+        for record in signalled:
+            while not _gone(record.pid) and time.monotonic() < deadline:
                 time.sleep(0.1)
-            if _alive(record):
+            if not _gone(record.pid) and _maybe_ours(record):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(record.pid, signal.SIGKILL)
-            _reap(record.pid)
+        kill_deadline = time.monotonic() + 10
+        for record in signalled:
+            while not _gone(record.pid) and time.monotonic() < kill_deadline:
+                time.sleep(0.05)
         self.processes = []
         if (self.directory / STATE_NAME).exists():
             self.save()
@@ -317,6 +323,24 @@ def _reap(pid: int) -> None:
     # Processes started by this very interpreter would linger as zombies (still "alive") until reaped.
     with contextlib.suppress(ChildProcessError, OSError):
         os.waitpid(pid, os.WNOHANG)
+
+
+def _gone(pid: int) -> bool:
+    """The PID has exited: no such process, or a zombie (reaped here when it is our own child)."""
+    _reap(pid)
+    try:
+        with open(f"/proc/{pid}/stat") as stat:
+            return stat.read().rsplit(")", 1)[1].split()[0] == "Z"
+    except OSError:
+        return True
+
+
+def _maybe_ours(record: ProcessRecord) -> bool:
+    """Still the process we started, or one exiting (its exe link is gone): never a reused PID."""
+    try:
+        return os.readlink(f"/proc/{record.pid}/exe") == record.exe
+    except OSError:
+        return True
 
 
 def _alive(record: ProcessRecord) -> bool:
