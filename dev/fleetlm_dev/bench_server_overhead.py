@@ -3,14 +3,19 @@
 Not a test (pytest does not collect it): a script that prints a figure, as DESIGN.md asks of benchmarks.
 For each model it runs, in one invocation and alternating so machine noise hits both alike:
 
-* engine: `AsyncEngine` in this process, N closed-loop clients (each sends its next request when the
-  previous one ends), as `fleetlm-dev bench engine` does;
-* server: the real `fleetlm-runtime` process with the same engine settings, driven by
-  `fleetlm_dev.bench_serve` at the same fixed concurrency over HTTP with streaming (SSE) and usage.
+* core: the bare `EngineCore` stepped in a plain loop, N requests kept in flight (a finished one is
+  replaced at once): the engine's own tokens/s, with no asyncio, no thread and no serving cost at all.
+  This is the baseline of the figure.
+* async engine: `AsyncEngine` (core on a worker thread) in this process, N closed-loop clients (each sends
+  its next request when the previous one ends), as `fleetlm-dev bench engine` does; for reference.
+* server: the real `fleetlm-runtime` process with the same engine settings (its engine core in its own
+  process, the default), driven by `fleetlm_dev.bench_serve` at the same fixed concurrency over HTTP with
+  streaming (SSE) and usage.
 
-Both see the same requests (token-id prompts, greedy, EOS ignored, so both produce exactly the same
-number of tokens) and the same torch thread count. The ratio server/engine is the figure; the client
-shares the machine with the server, so its own parsing cost is inside the ratio (a pessimistic bound).
+All see the same requests (token-id prompts, greedy, EOS ignored, so all produce exactly the same number
+of tokens, and all detokenize) and the same torch thread count. The ratio server/core is the figure; the
+client shares the machine with the server, so its own parsing cost is inside the ratio (a pessimistic
+bound).
 
     fleetlm-dev bench server-overhead [--models builtin:tiny,builtin:small] [--json]
 """
@@ -31,6 +36,7 @@ import sys
 import tempfile
 import time
 import urllib.request
+import uuid
 from typing import Any
 
 import yaml
@@ -39,6 +45,7 @@ from fleetlm_dev import bench_serve
 from fleetlm_runtime import config as config_mod
 from fleetlm_runtime.engine import async_engine
 from fleetlm_runtime.engine import config as engine_config
+from fleetlm_runtime.engine import core as core_mod
 from fleetlm_runtime.engine import request as request_mod
 
 
@@ -53,6 +60,30 @@ def _workload(num: int, seed: int) -> list[bench_serve.RequestSpec]:
         input_len=72, output_len=80, input_dist="uniform", output_dist="uniform", range_ratio=0.75
     )  # prompts ~18-126 tokens, outputs ~20-140 tokens: the engine benchmark's shape
     return bench_serve.build_dataset(ds, num=num, seed=seed)
+
+
+def core_run(core: core_mod.EngineCore, specs: list[bench_serve.RequestSpec], concurrency: int) -> dict[str, float]:
+    queue = list(reversed(specs))
+    tokens = 0
+
+    def add() -> None:
+        spec = queue.pop()
+        params = request_mod.SamplingParams(max_tokens=spec.output_len, temperature=0.0, ignore_eos=True)
+        core.add_request(
+            core.make_request(req_id=uuid.uuid4().hex, prompt_token_ids=list(spec.prompt), sampling_params=params)
+        )
+
+    started = time.perf_counter()
+    for _ in range(min(concurrency, len(queue))):
+        add()
+    while core.has_unfinished_requests():
+        step_outputs, _ = core.step()
+        for out in step_outputs:
+            tokens += len(out.new_token_ids)
+            if out.finished and queue:
+                add()
+    elapsed = time.perf_counter() - started
+    return {"output_tokens": tokens, "seconds": elapsed, "tokens_per_s": tokens / elapsed}
 
 
 async def engine_run(
@@ -146,22 +177,27 @@ async def measure(model: str, args: argparse.Namespace) -> dict[str, Any]:
     specs = _workload(args.requests, args.seed)
     warm = [dataclasses.replace(s, output_len=8) for s in _workload(args.concurrency, args.seed + 1)]
     limits = {"max_batch_size": args.max_batch_size, "max_batch_tokens": args.max_batch_tokens}
-    engine = await async_engine.AsyncEngine.create(
-        engine_config.EngineConfig(model=model, dtype="float32", num_threads=args.threads, **limits)
-    )
+    cfg = engine_config.EngineConfig(model=model, dtype="float32", num_threads=args.threads, **limits)
+    core = core_mod.EngineCore(cfg)
+    engine = await async_engine.AsyncEngine.create(cfg)
     server = _Server(model, threads=args.threads, stream_interval=args.stream_interval, **limits)
+    core_runs: list[dict[str, float]] = []
     engine_runs: list[dict[str, float]] = []
     server_runs: list[dict[str, Any]] = []
     try:
         await asyncio.to_thread(server.wait_ready)
+        core_run(core, warm, args.concurrency)
         await engine_run(engine, warm, args.concurrency)
         await server_run(server.url, warm, args.concurrency)
-        for _ in range(args.rounds):  # alternate, so drift in machine load hits both
+        for _ in range(args.rounds):  # interleave, so drift in machine load hits all alike
+            core_runs.append(core_run(core, specs, args.concurrency))
             engine_runs.append(await engine_run(engine, specs, args.concurrency))
             server_runs.append(await server_run(server.url, specs, args.concurrency))
     finally:
         server.stop()
         await engine.shutdown()
+        core.close()
+    core_tps = statistics.median(r["tokens_per_s"] for r in core_runs)
     engine_tps = statistics.median(r["tokens_per_s"] for r in engine_runs)
     server_tps = statistics.median(r["tokens_per_s"] for r in server_runs)
     return {
@@ -171,9 +207,12 @@ async def measure(model: str, args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "torch_threads": args.threads,
         "stream_interval_tokens": args.stream_interval,
-        "engine_tokens_per_s": engine_tps,
+        "core_tokens_per_s": core_tps,
+        "async_engine_tokens_per_s": engine_tps,
         "server_tokens_per_s": server_tps,
-        "server_over_engine": server_tps / engine_tps,
+        "server_over_core": server_tps / core_tps,
+        "server_over_async_engine": server_tps / engine_tps,
+        "core_runs": core_runs,
         "engine_runs": engine_runs,
         "server_runs": server_runs,
     }
@@ -200,14 +239,14 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=2))
         return 0
     print(
-        f"server vs engine, {args.concurrency} concurrent streams, torch threads {args.threads}, "
+        f"server vs the bare engine core, {args.concurrency} concurrent streams, torch threads {args.threads}, "
         f"{os.cpu_count()} CPUs"
     )
-    print(f"{'model':<16}{'engine tok/s':>14}{'server tok/s':>14}{'server/engine':>15}")
+    print(f"{'model':<16}{'core tok/s':>12}{'async engine':>14}{'server tok/s':>14}{'server/core':>13}")
     for r in results:
         print(
-            f"{r['model']:<16}{r['engine_tokens_per_s']:>14.0f}{r['server_tokens_per_s']:>14.0f}"
-            f"{r['server_over_engine']:>14.1%}"
+            f"{r['model']:<16}{r['core_tokens_per_s']:>12.0f}{r['async_engine_tokens_per_s']:>14.0f}"
+            f"{r['server_tokens_per_s']:>14.0f}{r['server_over_core']:>12.1%}"
         )
     return 0
 

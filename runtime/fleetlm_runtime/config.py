@@ -84,6 +84,12 @@ class ServerSettings(_Model):
         description="Send a stream chunk every N tokens (the first at once), as SGLang's --stream-interval: "
         "fewer writes per token when the engine is fast and streams are many, at the cost of burstier deltas.",
     )
+    engine_process: bool = pydantic.Field(
+        default=True,
+        description="Run the engine core (scheduler and model) in its own process, as vLLM v1 does, so HTTP "
+        "work never competes with the model for Python's GIL. Off: a thread of the server process (starts "
+        "faster; throughput drops at high token rates).",
+    )
 
 
 class BatchingLimits(_Model):

@@ -1,14 +1,14 @@
-"""AsyncEngine: the asyncio face of the engine. Steps run in one worker thread; streams live on the loop.
+"""AsyncEngine: the asyncio face of the engine. Steps run elsewhere (a thread or a process); streams live
+on the loop.
 
-The event loop never runs the model. `submit()`/`generate()` validate on the caller's thread (so a bad
-request fails at once, before any stream starts), then hand the request to the worker through a locked
-command list; aborts and limit changes travel the same way and apply between two steps. The worker
-loops `EngineCore.step()` while there is work and sleeps on a condition variable when there is none.
+The event loop never runs the model. `submit()`/`generate()` validate on the caller's thread against the
+engine's `EngineInfo` (so a bad request fails at once, before any stream starts), then hand the request to
+the executor (engine/executor.py: a worker thread, or engine/core_process.py: the core in its own
+process); aborts and limit changes travel the same way and apply between two steps.
 
-Outputs come back in batches: the worker appends them to a shared buffer and schedules *one* delivery
-callback on the loop if none is pending, so when the loop is busy several steps are delivered at once and
-each stream receives its tokens merged into one chunk (vLLM's output collector does the same). The stats
-callback runs on the loop thread, once per step, after that step's outputs are delivered.
+Outputs come back in batches: several steps that finished while the loop was busy are delivered at once,
+and each stream receives its tokens merged into one chunk (vLLM's output collector does the same). The
+stats callback runs on the loop thread, once per step, after that step's outputs are delivered.
 
 This module must never import aiohttp or prometheus-client; the server adapts streams and stats.
 """
@@ -21,12 +21,11 @@ import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from dataclasses import dataclass
-from typing import Any
+from typing import Any, Literal
 
 from fleetlm_runtime.engine import config as config_mod
 from fleetlm_runtime.engine import core as core_mod
-from fleetlm_runtime.engine import outputs, scheduler
+from fleetlm_runtime.engine import core_process, executor, outputs, scheduler
 from fleetlm_runtime.engine import request as request_mod
 
 logger = logging.getLogger(__name__)
@@ -40,25 +39,6 @@ class EngineDrainingError(RuntimeError):
 
 class EngineDeadError(RuntimeError):
     """The engine's worker thread died; nothing more will be served (HTTP 503, restart the process)."""
-
-
-@dataclass(frozen=True, slots=True)
-class _Add:
-    req: request_mod.Request
-
-
-@dataclass(frozen=True, slots=True)
-class _Abort:
-    req_ids: tuple[str, ...]
-
-
-@dataclass(frozen=True, slots=True)
-class _Limits:
-    max_batch_size: int | None
-    max_batch_tokens: int | None
-
-
-_Command = _Add | _Abort | _Limits
 
 
 class RequestStream:
@@ -124,33 +104,53 @@ class RequestStream:
             self._engine.abort(self.req_id)
 
 
+ExecutorKind = Literal["thread", "process"]
+
+
 class AsyncEngine:
-    def __init__(self, core: core_mod.EngineCore, *, stats_callback: StatsCallback | None = None) -> None:
-        self.core = core
-        self.tokenizer = core.tokenizer
+    def __init__(
+        self,
+        engine: core_mod.EngineCore | executor.Executor,
+        *,
+        stats_callback: StatsCallback | None = None,
+    ) -> None:
+        """`engine`: an EngineCore to run on a worker thread of this process, or a started executor."""
+        self._executor: executor.Executor = (
+            executor.ThreadExecutor(engine) if isinstance(engine, core_mod.EngineCore) else engine
+        )
+        self.info = self._executor.info
+        self.tokenizer = self._executor.tokenizer
         self._stats_callback = stats_callback
         self._loop: asyncio.AbstractEventLoop | None = None
-        self._thread: threading.Thread | None = None
-        self._cv = threading.Condition()
-        self._commands: list[_Command] = []  # guarded by _cv
-        self._stopping = False  # guarded by _cv
+        self._started = False
         self._out_lock = threading.Lock()
         self._out_pending: list[outputs.RequestOutput] = []  # guarded by _out_lock
         self._stats_pending: list[outputs.EngineStats] = []  # guarded by _out_lock
         self._delivery_scheduled = False  # guarded by _out_lock
         self._streams: dict[str, RequestStream] = {}  # loop thread only
         self._draining = False
+        self._shut_down = False
         self._idle = asyncio.Event()
         self._dead: BaseException | None = None
-        self._limits = (core.limits.max_batch_size, core.limits.max_batch_tokens)  # as last requested
+        self._limits = self._executor.initial_limits  # (max_batch_size, max_batch_tokens) as last requested
 
     @classmethod
     async def create(
-        cls, config: config_mod.EngineConfig, *, stats_callback: StatsCallback | None = None
+        cls,
+        config: config_mod.EngineConfig,
+        *,
+        stats_callback: StatsCallback | None = None,
+        executor_kind: ExecutorKind = "thread",
     ) -> AsyncEngine:
-        """Load the model (in a thread, so the loop keeps serving /health) and start the engine."""
-        core = await asyncio.to_thread(core_mod.EngineCore, config)
-        engine = cls(core, stats_callback=stats_callback)
+        """Load the model (without blocking the loop, so it keeps serving /health) and start the engine:
+        on a worker thread, or in its own process (`executor_kind="process"`)."""
+        if executor_kind == "process":
+            built: core_mod.EngineCore | executor.Executor = await asyncio.to_thread(
+                core_process.ProcessExecutor.launch, config
+            )
+        else:
+            built = await asyncio.to_thread(core_mod.EngineCore, config)
+        engine = cls(built, stats_callback=stats_callback)
         engine.start()
         return engine
 
@@ -158,16 +158,41 @@ class AsyncEngine:
     # Lifecycle
 
     def start(self) -> None:
-        """Bind to the running loop and start the worker thread (idempotent)."""
-        if self._thread is not None:
+        """Bind to the running loop and start the executor (idempotent)."""
+        if self._started:
             return
         self._loop = asyncio.get_running_loop()
-        self._thread = threading.Thread(target=self._run, name="fleetlm-engine", daemon=True)
-        self._thread.start()
+        self._started = True
+        self._executor.start(self)
+
+    @property
+    def core(self) -> core_mod.EngineCore:
+        """The in-process core (thread executor only): for tests and benchmarks that look inside."""
+        core = getattr(self._executor, "core", None)
+        if core is None:
+            raise RuntimeError("the engine core runs in another process; use `info` and `kv_usage`")
+        return core  # type: ignore[no-any-return]
+
+    @property
+    def executor_kind(self) -> ExecutorKind:
+        return "thread" if isinstance(self._executor, executor.ThreadExecutor) else "process"
+
+    @property
+    def max_model_len(self) -> int:
+        return self.info.max_model_len
+
+    @property
+    def kv_capacity_tokens(self) -> int:
+        return self.info.kv_capacity_tokens
+
+    @property
+    def kv_usage(self) -> float:
+        """Reserved KV / capacity, now (thread) or as of the core's last iteration (process)."""
+        return self._executor.kv_usage
 
     @property
     def is_running(self) -> bool:
-        return self._thread is not None and self._thread.is_alive() and self._dead is None
+        return self._started and self._dead is None and self._executor.is_alive
 
     @property
     def is_draining(self) -> bool:
@@ -190,17 +215,13 @@ class AsyncEngine:
         return True
 
     async def shutdown(self) -> None:
-        """Abort whatever is left, stop the worker and wait for it. The engine cannot be restarted."""
+        """Abort whatever is left, stop the executor and wait for it. The engine cannot be restarted."""
         self._draining = True
-        thread = self._thread
-        if thread is None:
+        if self._shut_down:
             return
-        with self._cv:
-            self._stopping = True
-            self._cv.notify()
-        await asyncio.to_thread(thread.join)
+        self._shut_down = True
+        await self._executor.stop()
         self._deliver()  # the final abort outputs
-        self.core.close()
 
     # ----------------------------------------------------------------------------------------------
     # Requests
@@ -225,7 +246,7 @@ class AsyncEngine:
         req_id = req_id or uuid.uuid4().hex
         if req_id in self._streams:
             raise request_mod.InvalidParameterError("request_id", f"{req_id!r} is already in flight")
-        req = self.core.make_request(
+        req = self._executor.make_request(
             req_id=req_id,
             prompt_token_ids=prompt_ids,
             sampling_params=sampling_params or request_mod.SamplingParams(),
@@ -234,7 +255,7 @@ class AsyncEngine:
         )
         stream = RequestStream(self, req_id, prompt_ids)
         self._streams[req_id] = stream
-        self._send(_Add(req))
+        self._executor.send(executor.Add(req))
         return stream
 
     async def generate(
@@ -257,7 +278,7 @@ class AsyncEngine:
     def abort(self, req_id: str) -> None:
         """End a request now; its stream gets a final output with finish_reason 'abort'. Idempotent."""
         if req_id in self._streams:
-            self._send(_Abort((req_id,)))
+            self._executor.send(executor.Abort((req_id,)))
 
     def update_limits(self, *, max_batch_size: int | None = None, max_batch_tokens: int | None = None) -> None:
         """Change batch limits live; validated now (errors name the field), applied before the next step."""
@@ -265,7 +286,7 @@ class AsyncEngine:
         tokens = self._limits[1] if max_batch_tokens is None else max_batch_tokens
         scheduler.SchedulerLimits(max_batch_size=size, max_batch_tokens=tokens)  # validates
         self._limits = (size, tokens)
-        self._send(_Limits(max_batch_size=size, max_batch_tokens=tokens))
+        self._executor.send(executor.Limits(max_batch_size=size, max_batch_tokens=tokens))
 
     @property
     def limits(self) -> tuple[int, int]:
@@ -294,54 +315,25 @@ class AsyncEngine:
         )
 
     # ----------------------------------------------------------------------------------------------
-    # Worker thread
+    # OutputSink: what the executor calls
 
-    def _send(self, command: _Command) -> None:
-        with self._cv:
-            self._commands.append(command)
-            self._cv.notify()
+    def post(self, produced: list[outputs.RequestOutput], stats: outputs.EngineStats | None) -> None:
+        """From the worker thread: buffer, and schedule one delivery on the loop if none is pending."""
+        self._post(produced, stats)
 
-    def _run(self) -> None:
-        core = self.core
-        try:
-            while True:
-                with self._cv:
-                    while not self._commands and not self._stopping and not core.has_unfinished_requests():
-                        self._cv.wait()
-                    commands, self._commands = self._commands, []
-                    stopping = self._stopping
-                produced = self._apply(commands)
-                if stopping:
-                    produced.extend(core.abort_requests(list(core.scheduler.requests)))
-                    self._post(produced, None)
-                    return
-                stats = None
-                if core.has_unfinished_requests():
-                    step_outputs, stats = core.step()
-                    produced.extend(step_outputs)
-                if produced or stats is not None:
-                    self._post(produced, stats)
-        except BaseException as exc:
-            logger.exception("the engine worker died")
-            self._dead = exc
-            loop = self._loop
-            if loop is not None and not loop.is_closed():
-                loop.call_soon_threadsafe(self._fail_all, exc)
+    def deliver(self, produced: list[outputs.RequestOutput], stats: list[outputs.EngineStats]) -> None:
+        """On the loop thread (the process executor's reader): deliver now, after anything buffered."""
+        with self._out_lock:
+            self._out_pending.extend(produced)
+            self._stats_pending.extend(stats)
+        self._deliver()
 
-    def _apply(self, commands: list[_Command]) -> list[outputs.RequestOutput]:
-        core = self.core
-        produced: list[outputs.RequestOutput] = []
-        for command in commands:
-            if isinstance(command, _Add):
-                try:
-                    core.add_request(command.req)
-                except ValueError as exc:  # InvalidParameterError, e.g. the KV capacity changed since submit
-                    produced.append(_error_output(command.req, str(exc)))
-            elif isinstance(command, _Abort):
-                produced.extend(core.abort_requests(command.req_ids))
-            else:
-                core.update_limits(max_batch_size=command.max_batch_size, max_batch_tokens=command.max_batch_tokens)
-        return produced
+    def died(self, error: BaseException) -> None:
+        self._dead = error
+        loop = self._loop
+        if loop is not None and not loop.is_closed():
+            with contextlib.suppress(RuntimeError):
+                loop.call_soon_threadsafe(self._fail_all, error)
 
     def _post(self, produced: list[outputs.RequestOutput], stats: outputs.EngineStats | None) -> None:
         with self._out_lock:
@@ -395,15 +387,3 @@ class AsyncEngine:
             )
         self._streams.clear()
         self._idle.set()
-
-
-def _error_output(req: request_mod.Request, message: str) -> outputs.RequestOutput:
-    return outputs.RequestOutput(
-        req_id=req.req_id,
-        new_token_ids=[],
-        text="",
-        finished=True,
-        finish_reason=request_mod.FinishReason.ERROR,
-        num_prompt_tokens=req.num_prompt_tokens,
-        error=message,
-    )

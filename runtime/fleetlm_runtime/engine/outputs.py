@@ -14,6 +14,20 @@ from fleetlm_runtime.engine import request as request_mod
 
 
 @dataclass(frozen=True, slots=True)
+class EngineInfo:
+    """What a client of the engine needs to know about it, fixed once the model is loaded. It crosses the
+    process boundary when the engine core runs in its own process, so requests are validated (and refused,
+    naming the parameter) before they are sent."""
+
+    model_id: str
+    max_model_len: int  # context length in tokens (prompt + output)
+    vocab_size: int  # ids the model can emit
+    eos_token_ids: frozenset[int]
+    kv_capacity_tokens: int
+    forward_name: str  # "modules" or "llama-fast"
+
+
+@dataclass(frozen=True, slots=True)
 class NewRequestData:
     """Sent to the runner once, on the step a request is admitted."""
 

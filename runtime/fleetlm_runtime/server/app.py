@@ -50,7 +50,11 @@ def engine_config_from(cfg: config_mod.RuntimeConfig, *, device: str = "cpu") ->
 
 def default_engine_factory(cfg: config_mod.RuntimeConfig, *, device: str = "cpu") -> state_mod.EngineFactory:
     async def build(on_stats: state_mod.StatsCallback) -> async_engine.AsyncEngine:
-        return await async_engine.AsyncEngine.create(engine_config_from(cfg, device=device), stats_callback=on_stats)
+        return await async_engine.AsyncEngine.create(
+            engine_config_from(cfg, device=device),
+            stats_callback=on_stats,
+            executor_kind="process" if cfg.server.engine_process else "thread",
+        )
 
     return build
 

@@ -41,11 +41,11 @@ class Phase(enum.StrEnum):
 
 
 def max_model_len(engine: async_engine.AsyncEngine) -> int:
-    return engine.core.max_model_len
+    return engine.max_model_len
 
 
 def kv_capacity_tokens(engine: async_engine.AsyncEngine) -> int:
-    return engine.core.scheduler.kv.capacity_tokens
+    return engine.kv_capacity_tokens
 
 
 @dataclass(eq=False)
@@ -180,7 +180,7 @@ class ServerState:
         runs, so at scrape time an idle engine's gauges are set from its state (then truthfully zero)."""
         engine = self.engine
         if engine is not None and engine.num_unfinished == 0:
-            self.metrics.set_idle(kv_usage=engine.core.kv_usage)
+            self.metrics.set_idle(kv_usage=engine.kv_usage)
 
     # ----------------------------------------------------------------------------------------------
     # Lifecycle and live tuning

@@ -41,11 +41,14 @@ def _small_config(**overrides: Any) -> config.RuntimeConfig:
 
     The response cache is off unless a test turns it on (`caching={"responseCache": {...}}`): the tests
     that send one greedy request twice to compare two paths through the engine must reach the engine twice.
+    In-process servers run the engine core on a thread (`engineProcess: false`): it starts in a fraction of
+    the time and lets tests look inside the core; tests pass `server={"engineProcess": True}` for the
+    production layout, which every real `fleetlm-runtime` process below uses.
     """
     data: dict[str, Any] = {
         "model": {"source": "builtin:tiny", "dtype": "float32", "maxModelLen": 512},
         "batching": {"maxBatchSize": 8, "maxBatchTokens": 256, "maxQueueLen": 64},
-        "server": {"drainGracePeriodS": 10},
+        "server": {"drainGracePeriodS": 10, "engineProcess": False},
         "caching": {"responseCache": {"enabled": False}},
     }
     for section, values in overrides.items():
@@ -196,7 +199,9 @@ class RuntimeProcess:
 
 
 def _process_config(**overrides: Any) -> dict[str, Any]:
-    return config.dump_config(_small_config(**overrides))
+    """The config of a real runtime process: the engine core in its own process, as in production."""
+    server = {"engineProcess": True, **overrides.pop("server", {})}
+    return config.dump_config(_small_config(server=server, **overrides))
 
 
 @pytest.fixture

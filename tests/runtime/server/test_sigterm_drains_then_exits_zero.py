@@ -1,16 +1,33 @@
 """SIGTERM on the real `fleetlm-runtime` process: readiness turns false at once, new requests get 503,
-the in-flight stream runs to its end, and the process exits 0. Past the grace period, what is still
-running is aborted and the process still exits 0."""
+the in-flight stream runs to its end, and the process exits 0, its engine-core process with it. Past the
+grace period, what is still running is aborted and the process still exits 0."""
 
 from __future__ import annotations
 
 import asyncio
 import json
+import pathlib
 import signal
 from collections.abc import Callable
 from typing import Any
 
 import aiohttp
+
+from fleetlm_dev import testing
+
+
+def _children(pid: int) -> list[int]:
+    """Every child of `pid`: the kernel lists them per thread that forked them."""
+    tasks = pathlib.Path(f"/proc/{pid}/task").iterdir()
+    return [int(c) for task in tasks for c in (task / "children").read_text().split()]
+
+
+def _running(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat") as f:
+            return f.read().split(") ", 1)[1][0] != "Z"
+    except FileNotFoundError:
+        return False
 
 
 async def _read_stream(resp: aiohttp.ClientResponse) -> tuple[int, str | None, bool]:
@@ -49,6 +66,8 @@ async def test_sigterm_finishes_in_flight_streams_and_exits_zero(
         assert resp.status == 200
         first = await resp.content.readline()
         assert first.startswith(b"data:")
+        children = _children(proc.proc.pid)  # the engine core (and multiprocessing's resource tracker)
+        assert children, "the engine core should run in its own process"
         proc.proc.send_signal(signal.SIGTERM)
 
         async def ready_status() -> int:
@@ -72,6 +91,8 @@ async def test_sigterm_finishes_in_flight_streams_and_exits_zero(
     code = await asyncio.to_thread(proc.proc.wait, 30)
     assert code == 0, proc.log()
     assert "drained" in proc.log()
+    for child in children:
+        await asyncio.to_thread(testing.wait_for, f"child process {child} to exit", lambda c=child: not _running(c))
 
 
 async def test_grace_period_bounds_the_drain(
