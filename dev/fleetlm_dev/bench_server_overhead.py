@@ -1,23 +1,23 @@
 """Figure: the HTTP server's output tokens/s at N concurrent streams vs the engine's own, same workload.
 
 Not a test (pytest does not collect it): a script that prints a figure, as DESIGN.md asks of benchmarks.
-For each model it runs, in one invocation and alternating so machine noise hits both alike:
+For each model it runs, in one invocation and interleaved so machine noise hits all alike:
 
-* core: the bare `EngineCore` stepped in a plain loop, N requests kept in flight (a finished one is
-  replaced at once): the engine's own tokens/s, with no asyncio, no thread and no serving cost at all.
-  This is the baseline of the figure.
-* async engine: `AsyncEngine` (core on a worker thread) in this process, N closed-loop clients (each sends
-  its next request when the previous one ends), as `fleetlm-dev bench engine` does; for reference.
-* server: the real `fleetlm-runtime` process with the same engine settings (its engine core in its own
-  process, the default), driven by `fleetlm_dev.bench_serve` at the same fixed concurrency over HTTP with
-  streaming (SSE) and usage.
+* engine: `AsyncEngine` in this process with its core in its own process (the server's engine layout),
+  N closed-loop clients (each sends its next request when the previous one ends), as `fleetlm-dev bench
+  engine` drives it. The baseline of the figure: what the server adds to it is HTTP and streaming.
+* server: the real `fleetlm-runtime` process with the same engine settings, driven by
+  `fleetlm_dev.bench_serve` at the same fixed concurrency over HTTP with streaming (SSE) and usage.
+* for reference, `thread`: the same AsyncEngine with the core on a worker thread (`bench engine`'s
+  default layout), and `core`: the bare `EngineCore` stepped in a plain loop with N requests kept in
+  flight, no asyncio, no second thread or process at all (an upper bound no server reaches).
 
 All see the same requests (token-id prompts, greedy, EOS ignored, so all produce exactly the same number
-of tokens, and all detokenize) and the same torch thread count. The ratio server/core is the figure; the
-client shares the machine with the server, so its own parsing cost is inside the ratio (a pessimistic
-bound).
+of tokens, and all detokenize) and the same torch thread count. The ratio server/engine is the figure;
+server/core is printed beside it. The client shares the machine with the server, so its own parsing cost
+is inside the ratios (a pessimistic bound: on 2 cores the core, the server and the client compete).
 
-    fleetlm-dev bench server-overhead [--models builtin:tiny,builtin:small] [--json]
+    fleetlm-dev bench server-overhead [--models builtin:tiny,builtin:small] [--requests N] [--json]
 """
 
 from __future__ import annotations
@@ -179,26 +179,32 @@ async def measure(model: str, args: argparse.Namespace) -> dict[str, Any]:
     limits = {"max_batch_size": args.max_batch_size, "max_batch_tokens": args.max_batch_tokens}
     cfg = engine_config.EngineConfig(model=model, dtype="float32", num_threads=args.threads, **limits)
     core = core_mod.EngineCore(cfg)
-    engine = await async_engine.AsyncEngine.create(cfg)
+    engine = await async_engine.AsyncEngine.create(cfg, executor_kind="process")
+    thread_engine = await async_engine.AsyncEngine.create(cfg, executor_kind="thread")
     server = _Server(model, threads=args.threads, stream_interval=args.stream_interval, **limits)
     core_runs: list[dict[str, float]] = []
     engine_runs: list[dict[str, float]] = []
+    thread_runs: list[dict[str, float]] = []
     server_runs: list[dict[str, Any]] = []
     try:
         await asyncio.to_thread(server.wait_ready)
         core_run(core, warm, args.concurrency)
         await engine_run(engine, warm, args.concurrency)
+        await engine_run(thread_engine, warm, args.concurrency)
         await server_run(server.url, warm, args.concurrency)
         for _ in range(args.rounds):  # interleave, so drift in machine load hits all alike
-            core_runs.append(core_run(core, specs, args.concurrency))
             engine_runs.append(await engine_run(engine, specs, args.concurrency))
             server_runs.append(await server_run(server.url, specs, args.concurrency))
+            thread_runs.append(await engine_run(thread_engine, specs, args.concurrency))
+            core_runs.append(core_run(core, specs, args.concurrency))
     finally:
         server.stop()
         await engine.shutdown()
+        await thread_engine.shutdown()
         core.close()
     core_tps = statistics.median(r["tokens_per_s"] for r in core_runs)
     engine_tps = statistics.median(r["tokens_per_s"] for r in engine_runs)
+    thread_tps = statistics.median(r["tokens_per_s"] for r in thread_runs)
     server_tps = statistics.median(r["tokens_per_s"] for r in server_runs)
     return {
         "model": model,
@@ -207,23 +213,27 @@ async def measure(model: str, args: argparse.Namespace) -> dict[str, Any]:
         "rounds": args.rounds,
         "torch_threads": args.threads,
         "stream_interval_tokens": args.stream_interval,
-        "core_tokens_per_s": core_tps,
-        "async_engine_tokens_per_s": engine_tps,
+        "engine_tokens_per_s": engine_tps,
         "server_tokens_per_s": server_tps,
+        "server_over_engine": server_tps / engine_tps,
+        "thread_engine_tokens_per_s": thread_tps,
+        "core_tokens_per_s": core_tps,
         "server_over_core": server_tps / core_tps,
-        "server_over_async_engine": server_tps / engine_tps,
-        "core_runs": core_runs,
         "engine_runs": engine_runs,
+        "thread_runs": thread_runs,
+        "core_runs": core_runs,
         "server_runs": server_runs,
     }
 
 
 def main(argv: list[str] | None = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--models", default="builtin:tiny,builtin:small")
+    p.add_argument("--models", default="builtin:tiny", help="comma-separated, e.g. builtin:tiny,builtin:small")
     p.add_argument("--concurrency", type=int, default=32)
-    p.add_argument("--requests", type=int, default=128, help="requests per round")
-    p.add_argument("--rounds", type=int, default=2)
+    # The tiny model streams ~20k tokens/s here: 512 requests make runs of ~2 s, long enough to average
+    # out scheduler noise (use fewer with builtin:small, ~300 tokens/s).
+    p.add_argument("--requests", type=int, default=512, help="requests per round")
+    p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--threads", type=int, default=1, help="torch threads in both (the engine benchmark's default)")
     p.add_argument("--max-batch-size", type=int, default=64)
     p.add_argument("--max-batch-tokens", type=int, default=512)
@@ -239,14 +249,17 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(results, indent=2))
         return 0
     print(
-        f"server vs the bare engine core, {args.concurrency} concurrent streams, torch threads {args.threads}, "
-        f"{os.cpu_count()} CPUs"
+        f"server vs engine, {args.concurrency} concurrent streams, torch threads {args.threads}, {os.cpu_count()} CPUs"
     )
-    print(f"{'model':<16}{'core tok/s':>12}{'async engine':>14}{'server tok/s':>14}{'server/core':>13}")
+    print(
+        f"{'model':<16}{'engine tok/s':>13}{'server tok/s':>13}{'server/engine':>14}"
+        f"{'thread tok/s':>13}{'core tok/s':>11}{'server/core':>12}"
+    )
     for r in results:
         print(
-            f"{r['model']:<16}{r['core_tokens_per_s']:>12.0f}{r['async_engine_tokens_per_s']:>14.0f}"
-            f"{r['server_tokens_per_s']:>14.0f}{r['server_over_core']:>12.1%}"
+            f"{r['model']:<16}{r['engine_tokens_per_s']:>13.0f}{r['server_tokens_per_s']:>13.0f}"
+            f"{r['server_over_engine']:>14.1%}{r['thread_engine_tokens_per_s']:>13.0f}"
+            f"{r['core_tokens_per_s']:>11.0f}{r['server_over_core']:>12.1%}"
         )
     return 0
 

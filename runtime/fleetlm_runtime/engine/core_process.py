@@ -7,8 +7,10 @@ and the server reaches well under the engine's own throughput. A process has its
 Shape:
 * The child is *spawned* (safe with CUDA and with the parent's threads), loads the model itself, and sends
   back its `EngineInfo` and its tokenizer (so both sides tokenize identically), or why it failed.
-* Parent -> child: lists of commands (`executor.Add`/`Abort`/`Limits`/`Stop`) on one pipe, written by a
-  sender thread so the event loop never blocks on a full pipe.
+* Parent -> child: lists of commands (`executor.Add`/`Abort`/`Limits`/`Stop`) on one pipe, framed as
+  `multiprocessing.connection` frames them, written from the event loop without blocking (what a full
+  pipe does not take waits in a buffer flushed by `add_writer`). A sender thread would cost the loop a
+  GIL hand-off per request.
 * Child -> parent: one message per engine iteration: outputs as plain tuples (pickling tuples of builtins
   costs a quarter of pickling the dataclasses, and this is paid per token), the step's stats and the KV
   usage. The parent reads them on the event loop (`add_reader`), and drains every message waiting in one
@@ -28,9 +30,8 @@ import multiprocessing
 import multiprocessing.connection
 import os
 import pickle
-import queue
 import signal
-import threading
+import struct
 import time
 from typing import Any
 
@@ -93,15 +94,13 @@ class ProcessExecutor:
         self._process = process
         self._commands = commands
         self._results = results
-        self._outbox: queue.SimpleQueue[executor.Command | None] = queue.SimpleQueue()
-        self._sender = threading.Thread(target=self._send_loop, name="fleetlm-engine-sender", daemon=True)
+        self._unsent = bytearray()  # framed commands the pipe did not take yet (loop thread only)
         self._sink: executor.OutputSink | None = None
         self._loop: asyncio.AbstractEventLoop | None = None
         self._kv_usage = 0.0
         self._stopping = False
         self._closed = False
         self._dead = False
-        self._sender.start()  # before start(): a Stop must go out even if the engine never started
 
     @classmethod
     def launch(cls, config: config_mod.EngineConfig) -> ProcessExecutor:
@@ -153,6 +152,7 @@ class ProcessExecutor:
         self._sink = sink
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._results.fileno(), self._read)
+        os.set_blocking(self._commands.fileno(), False)
 
     def make_request(
         self,
@@ -175,7 +175,32 @@ class ProcessExecutor:
         )
 
     def send(self, command: executor.Command) -> None:
-        self._outbox.put(command)
+        """Queue a command for the core. On the loop thread once started; never blocks there."""
+        if self._closed:
+            return
+        if self._loop is None:  # not started (e.g. shut down before it ever ran): a plain blocking send
+            self._commands.send([command])
+            return
+        payload = pickle.dumps([command], protocol=pickle.HIGHEST_PROTOCOL)
+        self._unsent += struct.pack("!i", len(payload))
+        self._unsent += payload
+        if len(self._unsent) == len(payload) + 4:  # nothing was waiting before: try to write it now
+            self._flush()
+
+    def _flush(self) -> None:
+        try:
+            written = os.write(self._commands.fileno(), self._unsent)
+        except BlockingIOError:
+            written = 0
+        except OSError:  # the child is gone; the reader reports it
+            self._unsent.clear()
+            written = 0
+        del self._unsent[:written]
+        assert self._loop is not None
+        if self._unsent:
+            self._loop.add_writer(self._commands.fileno(), self._flush)
+        else:
+            self._loop.remove_writer(self._commands.fileno())
 
     async def stop(self) -> None:
         """Stop the core (it aborts what is left and posts those outputs), wait for it, deliver the rest."""
@@ -207,25 +232,6 @@ class ProcessExecutor:
 
     # ----------------------------------------------------------------------------------------------
     # Parent internals
-
-    def _send_loop(self) -> None:
-        outbox = self._outbox
-        while True:
-            batch = [outbox.get()]
-            while True:  # everything queued meanwhile goes in one message
-                try:
-                    batch.append(outbox.get_nowait())
-                except queue.Empty:
-                    break
-            done = None in batch
-            commands = [c for c in batch if c is not None]
-            if commands:
-                try:
-                    self._commands.send(commands)
-                except OSError:  # the child is gone; the reader reports it
-                    return
-            if done:
-                return
 
     def _read(self) -> None:
         """On the loop: take every message waiting (bounded), then deliver them at once."""
@@ -261,15 +267,13 @@ class ProcessExecutor:
     def _detach_reader(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
             self._loop.remove_reader(self._results.fileno())
+            self._loop.remove_writer(self._commands.fileno())
 
     def _close(self) -> None:
         if self._closed:
             return
         self._closed = True
         self._detach_reader()
-        self._outbox.put(None)
-        if self._sender.is_alive():
-            self._sender.join(timeout=5)
         self._commands.close()
         self._results.close()
 
