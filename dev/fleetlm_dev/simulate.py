@@ -70,7 +70,14 @@ def _outcome_json(outcome: run.Outcome) -> dict[str, Any]:
         "replicaChanges": outcome.num_changes,
         "recoveryIntervals": outcome.recovery_intervals,
         "steadyChanges": outcome.steady_changes,
+        "engine": _engine_fit(outcome),
     }
+
+
+def _engine_fit(outcome: run.Outcome) -> str | None:
+    """What the policy had learnt of the engine's cost curve by the end of the run (FleetLM only)."""
+    last = outcome.ticks[-1].reasons if outcome.ticks else ()
+    return next((r for r in last if r.startswith("engine:")), None)
 
 
 def _table(outcomes: Sequence[run.Outcome]) -> str:
@@ -194,6 +201,11 @@ def main(argv: list[str] | None = None) -> int:
         )
     print()
     print(_table([o for outcomes in by_trace.values() for o in outcomes]))
+    for outcomes in by_trace.values():
+        for o in outcomes:
+            engine = _engine_fit(o)
+            if engine:
+                print(f"  {o.trace} {o.policy} {engine}")
     for outcomes in by_trace.values():
         for o in outcomes:
             if len(o.attainment_by_class) > 1:

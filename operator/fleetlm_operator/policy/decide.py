@@ -1,17 +1,19 @@
 """The SLO tuner's decision: (spec + fleet, observed window, tuner state, now) -> Decision, with reasons.
 
-Three rules in order: batch limits (`batching`), then replicas sized for those limits (`replicas`), then
-QoS shedding given the replica count (`shedding`). The decision carries the next `TunerState` for the
-handler to persist, and every reason as data so status and Events can explain it. This function is the
-whole policy: it reads no clock (`now` is wall-clock epoch seconds from the caller), no environment,
-does no I/O, and never imports kopf, a Kubernetes client, aiohttp, or collect/act/handlers.
+First the engine's cost curve takes this window's point (`costcurve`); once the fit is trusted, its
+half-cost batch replaces the spec's prior in every rule below. Then three rules in order: batch limits
+(`batching`), then replicas sized for those limits (`replicas`), then QoS shedding given the replica
+count (`shedding`). The decision carries the next `TunerState` for the handler to persist, and every
+reason as data so status and Events can explain it. This function is the whole policy: it reads no clock
+(`now` is wall-clock epoch seconds from the caller), no environment, does no I/O, and never imports
+kopf, a Kubernetes client, aiohttp, or collect/act/handlers.
 """
 
 from __future__ import annotations
 
 import dataclasses
 
-from fleetlm_operator.policy import batching, replicas, shedding
+from fleetlm_operator.policy import batching, costcurve, replicas, shedding
 from fleetlm_operator.policy import spec as spec_mod
 from fleetlm_operator.policy import state as state_mod
 from fleetlm_operator.policy import window as window_mod
@@ -50,6 +52,13 @@ def decide(
     *,
     now: float,
 ) -> Decision:
+    # The engine's own cost line, once trusted, stands in for the spec's assumed half-cost batch.
+    prior = policy_input.spec.tuning
+    cost = costcurve.observe(state.cost, window, tuning=prior, now=now)
+    fitted = costcurve.fit(cost, tuning=prior)
+    if fitted is not None:
+        calibrated = dataclasses.replace(policy_input.spec, tuning=costcurve.calibrated(prior, fitted))
+        policy_input = dataclasses.replace(policy_input, spec=calibrated)
     spec = policy_input.spec
     tuning = spec.tuning
     held = current_limits(spec, state)
@@ -98,6 +107,12 @@ def decide(
     reasons.extend(rep.reasons)
     reasons.extend(batch.reasons)
     reasons.extend(shed.reasons)
+    reasons.append(
+        fitted.describe()
+        if fitted is not None
+        else f"engine: half-cost batch {tuning.batch_half_cost_seqs:g} seqs (spec prior; too few varied "
+        f"windows to fit the TPOT-vs-batch line yet)"
+    )
     batch_moved = limits != held
     scaled = rep.replicas != policy_input.current_replicas
     new_state = state_mod.TunerState(
@@ -113,6 +128,7 @@ def decide(
         last_replicas=rep.replicas,
         last_scale_s=now if scaled else state.last_scale_s,
         updated_s=now,
+        cost=cost,
     )
     return Decision(
         replicas=rep.replicas,

@@ -4,8 +4,10 @@ Demand is measured in batch slots (sequences that must run at once): Little's la
 the mean service time, at least what is running now, plus the waiting backlog spread over a drain time.
 Because a fuller batch is a slower batch (TPOT ~ 1 + b/h), concurrency grows faster than 1/N when
 replicas go away; the policy takes that slowdown out ("work", independent of the fleet size) and projects
-it onto any other fleet size. The fleet is sized so batches run `target_occupancy` full; the band of
-occupancies narrows for small batch limits, whose batches swing relatively more (Poisson).
+it onto any other fleet size. Both need the engine's h, fitted from the windows (`costcurve`), and the
+batch the service time was measured at, the window's average rather than one scrape of the gauge. The
+fleet is sized so batches run `target_occupancy` full; the band of occupancies narrows for small batch
+limits, whose batches swing relatively more (Poisson).
 
 Up: as soon as the demand would fill the fleet (pods still starting included) past `scale_up_occupancy`,
 or the SLO is missed under load, to the size the demand asks for, several replicas at once (capped per
@@ -34,7 +36,7 @@ class Demand:
     slots: float  # concurrency + backlog drain, over the whole fleet
     concurrency_slots: float
     backlog_slots: float
-    running_per_pod: float  # the batch the service time was measured at
+    running_per_pod: float  # the batch per pod behind `concurrency_slots` (gauge, or Little's time average)
     basis: str  # how it was estimated, for the reasons
 
 
@@ -73,6 +75,12 @@ def estimate_demand(
     service_s = window.mean_service_s
     basis = "running"
     concurrency = running * scale_unseen
+    # The batch the slowdown is taken out at must be the one the service time was measured at. With
+    # the gauge as the concurrency that is the gauge itself; with arrivals x service it is the window's
+    # time-averaged running batch (finishes x service), not one instant of the gauge: paired with a
+    # dip of that gauge (it swings by a quarter per scrape on a busy CPU engine) `work` jumps up, and
+    # the fleet scales up on noise. Under overload finishes, not arrivals, say how full batches ran.
+    per_pod = running / sampled
     if window.arrival_per_s is not None and service_s is not None and window.num_pods_with_delta > 0:
         carried = window.num_pods_with_delta
         refused_shed = sum(
@@ -83,6 +91,8 @@ def estimate_demand(
         little = arrival * service_s
         if little > concurrency:
             concurrency, basis = little, f"arrivals {arrival:.2f}/s x service {service_s:.2f}s"
+            averaged = window.mean_running_per_pod
+            per_pod = averaged if averaged is not None and averaged > 0 else per_pod
         else:
             basis = f"running (>= arrivals {arrival:.2f}/s x service {service_s:.2f}s)"
     # Each waiting request needs a slot for one service time; spreading the backlog over the drain
@@ -93,7 +103,7 @@ def estimate_demand(
         slots=concurrency + backlog,
         concurrency_slots=concurrency,
         backlog_slots=backlog,
-        running_per_pod=running / sampled,
+        running_per_pod=per_pod,
         basis=basis,
     )
 

@@ -89,7 +89,18 @@ class Tuning:
     # than 1/N. The step time is taken as fixed + per-sequence cost, TPOT(b) ~ 1 + b / h, with h the batch
     # at which the per-sequence part equals the fixed part (memory-bound decode; 30-100 on vLLM-like
     # engines). Projections of concurrency to another fleet size and of TPOT to a larger batch use it.
+    # This is the prior: once the windows seen pin the engine's own TPOT-vs-batch line (`costcurve`),
+    # the fitted h replaces it. A compute-bound engine (small model on CPU, long prompts whose prefill
+    # shares the steps) has a far smaller h, and a wrong h makes the "work" change with the fleet size:
+    # projections onto fewer pods come out too low (scale-down past the need) and from an overloaded
+    # fleet too high (scale-up overshoot), a limit cycle.
     batch_half_cost_seqs: float = 48.0
+    # The fit: windows weigh half after `cost_fit_half_life_s` (the cost line moves only with the model,
+    # the hardware or the request mix); it is used once it rests on `cost_fit_min_windows` windows and
+    # its slope is `cost_fit_z` standard errors above zero (the batch varied enough to see it).
+    cost_fit_half_life_s: float = 1800.0
+    cost_fit_min_windows: float = 8.0
+    cost_fit_z: float = 3.0
     # Waiting requests are drained within this many seconds of service time: W * service_s / drain_s
     # extra batch slots. Large backlogs therefore ask for several replicas at once.
     backlog_drain_s: float = 20.0
@@ -128,6 +139,8 @@ class Tuning:
             raise ValueError("need 0 < scale_down_occupancy < target_occupancy < scale_up_occupancy")
         if self.batch_half_cost_seqs <= 0:
             raise ValueError("batch_half_cost_seqs must be positive")
+        if self.cost_fit_half_life_s <= 0 or self.cost_fit_min_windows < 3 or self.cost_fit_z <= 0:
+            raise ValueError("cost fit needs a positive half-life and z, and at least 3 windows")
         if not 0 < self.batch_shrink_factor < 1:
             raise ValueError("batch_shrink_factor must lie in (0, 1)")
 

@@ -2,10 +2,11 @@
 
 `TunerState` holds what the anti-flap rules need from the past: recent replica recommendations (for the
 stabilization windows), the batch limits in force and when they last moved, the classes being shed and
-since when shedding could end. The handler stores `to_json()` in an annotation or in status and hands
-`from_json()` back on the next tick, on this operator or its successor. Timestamps are wall-clock epoch
-seconds (the `now` the handler passes), so they keep their meaning across restarts. This module decides
-nothing and does no I/O.
+since when shedding could end, and the running moments of the engine's observed cost curve (TPOT
+against the running batch, see `costcurve`). The handler stores `to_json()` in an annotation or in
+status and hands `from_json()` back on the next tick, on this operator or its successor. Timestamps are
+wall-clock epoch seconds (the `now` the handler passes), so they keep their meaning across restarts.
+This module decides nothing and does no I/O.
 """
 
 from __future__ import annotations
@@ -34,6 +35,35 @@ class Recommendation:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class CostSums:
+    """Exponentially weighted moments of (running batch per pod, mean TPOT) over past windows.
+
+    Centred moments (a weighted Welford update) rather than raw sums: TPOT is ~1e-3 s and the batch
+    ~1e2, so raw sums of squares would cancel badly. `costcurve` updates and fits them; this is data.
+    """
+
+    weight: float = 0.0  # sum of the decayed weights (about the number of recent windows)
+    mean_batch: float = 0.0
+    mean_tpot_s: float = 0.0
+    ss_batch: float = 0.0  # weighted sum of squared deviations of the batch
+    sp_batch_tpot: float = 0.0  # ... of the batch x TPOT cross products
+    ss_tpot: float = 0.0
+    updated_s: float | None = None  # when the last window was added (for the decay)
+
+    def to_list(self) -> list[float | None]:
+        return [
+            self.weight, self.mean_batch, self.mean_tpot_s, self.ss_batch, self.sp_batch_tpot, self.ss_tpot,
+            self.updated_s,
+        ]  # fmt: skip
+
+    @classmethod
+    def from_list(cls, row: Any) -> CostSums:
+        if not isinstance(row, list | tuple) or len(row) != 7:
+            raise ValueError(f"cost curve sums must be a list of 7 numbers, got {row!r}")
+        return cls(*(float(v) for v in row[:6]), updated_s=_opt_float(row[6]))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class TunerState:
     recommendations: tuple[Recommendation, ...] = ()
     history_start_s: float | None = None  # first tick this state has seen: stabilization needs a full window
@@ -47,6 +77,7 @@ class TunerState:
     last_replicas: int | None = None  # what the last decision asked for
     last_scale_s: float | None = None
     updated_s: float | None = None
+    cost: CostSums = CostSums()  # the engine's TPOT-vs-batch observations, for the fitted cost curve
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -63,6 +94,7 @@ class TunerState:
             "lastReplicas": self.last_replicas,
             "lastScaleS": self.last_scale_s,
             "updatedS": self.updated_s,
+            "costCurve": self.cost.to_list(),
         }
 
     @classmethod
@@ -94,6 +126,7 @@ class TunerState:
                 last_replicas=_opt_int(data.get("lastReplicas")),
                 last_scale_s=_opt_float(data.get("lastScaleS")),
                 updated_s=_opt_float(data.get("updatedS")),
+                cost=CostSums.from_list(data["costCurve"]) if data.get("costCurve") is not None else CostSums(),
             )
         except (TypeError, ValueError) as error:
             raise ValueError(f"malformed tuner state: {error}") from error

@@ -68,8 +68,10 @@ def build_window(
     classes: dict[str, window.ClassWindow] | None = None,
     end_s: float = 1000.0,
 ) -> window.ObservedWindow:
-    if arrival_per_s is None and service_s is not None:
-        arrival_per_s = running_per_pod * pods / service_s
+    # Finishes are what Little's law says the running batches complete; arrivals, unless given, match.
+    finished_per_s = running_per_pod * pods / service_s if service_s is not None else arrival_per_s
+    if arrival_per_s is None:
+        arrival_per_s = finished_per_s
     if classes is None:
         classes = {
             "default": window.ClassWindow(
@@ -79,7 +81,7 @@ def build_window(
                 tpot_quantile_s=tpot_quantile_s,
                 ttft_attainment=ttft_attainment,
                 tpot_attainment=tpot_attainment,
-                finished_per_s=arrival_per_s,
+                finished_per_s=finished_per_s,
                 rejected_per_s=0.0,
                 num_running=running_per_pod * pods,
                 num_waiting=waiting_per_pod * pods,
@@ -107,7 +109,7 @@ def build_window(
         ttft_attainment=ttft_attainment,
         tpot_attainment=tpot_attainment,
         slo_attainment=attainment,
-        finished_per_s=arrival_per_s,
+        finished_per_s=finished_per_s,
         arrival_per_s=arrival_per_s,
         rejected_per_s=0.0,
         mean_service_s=service_s,

@@ -26,6 +26,15 @@ FULL = state.TunerState(
     last_replicas=4,
     last_scale_s=50.0,
     updated_s=115.0,
+    cost=state.CostSums(
+        weight=42.5,
+        mean_batch=31.25,
+        mean_tpot_s=0.0032,
+        ss_batch=812.0,
+        sp_batch_tpot=0.071,
+        ss_tpot=6.3e-6,
+        updated_s=115.0,
+    ),
 )
 
 
@@ -42,12 +51,13 @@ def test_older_state_without_new_keys_loads_with_defaults() -> None:
     assert loaded.recommendations == (state.Recommendation(100.0, 3, None),)
     assert loaded.max_batch_size == 48
     assert loaded.shed_classes == ()
+    assert loaded.cost == state.CostSums()  # no fitted cost curve yet: the spec's prior stands
 
 
 @pytest.mark.parametrize(
     "bad",
-    ['{"version": 99}', '{"recommendations": [["x", 1]]}', "[1, 2]"],
-    ids=["newer-version", "malformed-row", "not-an-object"],
+    ['{"version": 99}', '{"recommendations": [["x", 1]]}', "[1, 2]", '{"costCurve": [1, 2]}'],
+    ids=["newer-version", "malformed-row", "not-an-object", "malformed-cost-curve"],
 )
 def test_unreadable_state_is_refused(bad: str) -> None:
     with pytest.raises(ValueError):
