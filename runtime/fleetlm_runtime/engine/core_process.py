@@ -214,7 +214,7 @@ class ProcessExecutor:
             self._process.kill()
             await asyncio.to_thread(self._process.join)
         if self._sink is not None:
-            self._read()  # whatever it posted before exiting
+            self._read(limit=None)  # everything it posted before exiting
         self._close()
 
     @property
@@ -233,16 +233,16 @@ class ProcessExecutor:
     # ----------------------------------------------------------------------------------------------
     # Parent internals
 
-    def _read(self) -> None:
-        """On the loop: take every message waiting (bounded), then deliver them at once."""
+    def _read(self, limit: int | None = MAX_MESSAGES_PER_READ) -> None:
+        """On the loop: take the messages waiting (at most `limit`), then deliver them at once."""
         produced: list[outputs.RequestOutput] = []
         stats: list[outputs.EngineStats] = []
         ended: str | None = None
         results = self._results
+        taken = 0
         try:
-            for _ in range(MAX_MESSAGES_PER_READ):
-                if not results.poll():
-                    break
+            while (limit is None or taken < limit) and not results.closed and results.poll():
+                taken += 1
                 message = results.recv()
                 if message[0] == "out":
                     produced.extend(map(decode_output, message[1]))
