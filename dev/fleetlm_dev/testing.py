@@ -3,6 +3,7 @@ what the test started by its own PID."""
 
 from __future__ import annotations
 
+import pathlib
 import signal
 import subprocess
 import time
@@ -38,3 +39,9 @@ def stop_process(proc: subprocess.Popen[bytes], *, timeout_s: float = 30) -> int
         except subprocess.TimeoutExpired:
             proc.kill()
     return proc.wait()
+
+
+def children_of(pid: int) -> list[int]:
+    """The PIDs of `pid`'s children (Linux lists them per thread that forked them, so all threads)."""
+    tasks = pathlib.Path(f"/proc/{pid}/task").iterdir()
+    return [int(c) for task in tasks for c in (task / "children").read_text().split()]

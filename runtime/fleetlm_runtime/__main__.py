@@ -137,11 +137,9 @@ def setup_logging(fmt: str, level: str) -> None:
 
 
 def resolve_device(device: str | None) -> str:
-    if device:
-        return device
-    import torch  # noqa: PLC0415  (already loaded by the engine modules; kept local to say why it is here)
-
-    return "cuda" if torch.cuda.is_available() else "cpu"
+    """The engine resolves `auto` where it loads the model (CUDA when torch sees a GPU, else the CPU):
+    the server process itself never imports torch when the core runs in its own process."""
+    return device or "auto"
 
 
 async def serve(

@@ -21,12 +21,14 @@ import logging
 import threading
 import uuid
 from collections.abc import AsyncIterator, Callable, Sequence
-from typing import Any, Literal
+from typing import TYPE_CHECKING, Any, Literal
 
 from fleetlm_runtime.engine import config as config_mod
-from fleetlm_runtime.engine import core as core_mod
 from fleetlm_runtime.engine import core_process, executor, outputs, scheduler
 from fleetlm_runtime.engine import request as request_mod
+
+if TYPE_CHECKING:  # torch: the server process with the core in another process never imports it
+    from fleetlm_runtime.engine import core as core_mod
 
 logger = logging.getLogger(__name__)
 
@@ -116,7 +118,9 @@ class AsyncEngine:
     ) -> None:
         """`engine`: an EngineCore to run on a worker thread of this process, or a started executor."""
         self._executor: executor.Executor = (
-            executor.ThreadExecutor(engine) if isinstance(engine, core_mod.EngineCore) else engine
+            engine
+            if isinstance(engine, executor.ThreadExecutor | core_process.ProcessExecutor)
+            else executor.ThreadExecutor(engine)  # type: ignore[arg-type]
         )
         self.info = self._executor.info
         self.tokenizer = self._executor.tokenizer
@@ -149,6 +153,8 @@ class AsyncEngine:
                 core_process.ProcessExecutor.launch, config
             )
         else:
+            from fleetlm_runtime.engine import core as core_mod  # noqa: PLC0415  (torch, for this layout only)
+
             built = await asyncio.to_thread(core_mod.EngineCore, config)
         engine = cls(built, stats_callback=stats_callback)
         engine.start()

@@ -18,7 +18,7 @@ DEFAULT_PREFIX_CACHE_TOKENS = 8192
 class EngineConfig:
     model: str = "builtin:tiny"  # builtin:tiny, builtin:small, or a local safetensors directory
     dtype: str = "auto"  # auto (fp32 on CPU, bf16 on GPU), float32, bfloat16, float16
-    device: str = "cpu"
+    device: str = "cpu"  # or "cuda", "cuda:1", "auto" (CUDA when torch sees a GPU, else the CPU)
     max_model_len: int | None = None  # None: the model's context length
     max_batch_size: int = 64  # running sequences
     max_batch_tokens: int = 512  # tokens per step (prefill chunks + decodes)

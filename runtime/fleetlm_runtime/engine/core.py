@@ -16,7 +16,7 @@ import torch
 
 from fleetlm_runtime.caches import prefix_cache
 from fleetlm_runtime.engine import config as config_mod
-from fleetlm_runtime.engine import detokenizer, outputs, runner, scheduler
+from fleetlm_runtime.engine import detokenizer, outputs, runner, scheduler, validate
 from fleetlm_runtime.engine import request as request_mod
 from fleetlm_runtime.models import loader
 
@@ -98,8 +98,8 @@ class EngineCore:
         qos_class: str = "default",
         priority: int = 0,
     ) -> request_mod.Request:
-        """Validate against the model and the KV capacity (see `make_request`); any thread may call it."""
-        return make_request(
+        """Validate against the model and the KV capacity (`validate.make_request`); any thread may call it."""
+        return validate.make_request(
             self.info,
             req_id=req_id,
             prompt_token_ids=prompt_token_ids,
@@ -278,38 +278,3 @@ class EngineCore:
 
     def close(self) -> None:
         self.runner.close()
-
-
-def make_request(
-    info: outputs.EngineInfo,
-    *,
-    req_id: str,
-    prompt_token_ids: Sequence[int],
-    sampling_params: request_mod.SamplingParams,
-    arrival_time_s: float,
-    qos_class: str = "default",
-    priority: int = 0,
-) -> request_mod.Request:
-    """A request validated against the model and the KV capacity. Pure: it needs only the engine's info, so
-    the server validates in its own process even when the core runs in another.
-
-    Raises InvalidParameterError naming the parameter (prompt too long, max_tokens over the context).
-    """
-    req = request_mod.resolve_request(
-        req_id=req_id,
-        prompt_token_ids=prompt_token_ids,
-        sampling_params=sampling_params,
-        max_model_len=info.max_model_len,
-        vocab_size=info.vocab_size,
-        eos_token_ids=info.eos_token_ids,
-        arrival_time_s=arrival_time_s,
-        qos_class=qos_class,
-        priority=priority,
-    )
-    if req.kv_reservation > info.kv_capacity_tokens:
-        raise request_mod.InvalidParameterError(
-            "max_tokens",
-            f"prompt + max_tokens = {req.kv_reservation} tokens exceeds the engine's KV capacity of "
-            f"{info.kv_capacity_tokens} tokens",
-        )
-    return req

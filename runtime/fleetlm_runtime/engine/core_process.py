@@ -36,10 +36,9 @@ import time
 from typing import Any
 
 from fleetlm_runtime.engine import config as config_mod
-from fleetlm_runtime.engine import core as core_mod
-from fleetlm_runtime.engine import executor, outputs
+from fleetlm_runtime.engine import executor, outputs, validate
 from fleetlm_runtime.engine import request as request_mod
-from fleetlm_runtime.models import loader
+from fleetlm_runtime.models import errors
 
 logger = logging.getLogger(__name__)
 
@@ -164,7 +163,7 @@ class ProcessExecutor:
         priority: int,
     ) -> request_mod.Request:
         # Both processes read the same CLOCK_MONOTONIC, so the child's TTFT counts from this arrival.
-        return core_mod.make_request(
+        return validate.make_request(
             self.info,
             req_id=req_id,
             prompt_token_ids=prompt_token_ids,
@@ -293,10 +292,12 @@ def run_child(
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     _setup_child_logging(*log_settings)
+    from fleetlm_runtime.engine import core as core_mod  # noqa: PLC0415  (torch: only this process loads it)
+
     try:
         core = core_mod.EngineCore(config)
     except BaseException as exc:
-        if not isinstance(exc, request_mod.InvalidParameterError | loader.ModelLoadError):  # a bug: keep its trace
+        if not isinstance(exc, request_mod.InvalidParameterError | errors.ModelLoadError):  # a bug: keep its trace
             logger.exception("the engine failed to load")
         results.send(_describe_error(exc))
         return
@@ -330,7 +331,7 @@ def run_child(
 def _describe_error(exc: BaseException) -> tuple[str, str, str, str]:
     if isinstance(exc, request_mod.InvalidParameterError):
         return ("failed", "parameter", exc.param, exc.message)
-    if isinstance(exc, loader.ModelLoadError):
+    if isinstance(exc, errors.ModelLoadError):
         return ("failed", "model", "", str(exc))
     return ("failed", type(exc).__name__, "", str(exc))
 
@@ -340,7 +341,7 @@ def _rebuild_error(message: tuple[Any, ...]) -> Exception:
     if kind == "parameter":
         return request_mod.InvalidParameterError(param, text)
     if kind == "model":
-        return loader.ModelLoadError(text)
+        return errors.ModelLoadError(text)
     return EngineProcessError(f"the engine process failed to load: {kind}: {text}")
 
 

@@ -20,11 +20,13 @@ import logging
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Protocol
+from typing import TYPE_CHECKING, Any, Protocol
 
-from fleetlm_runtime.engine import core as core_mod
 from fleetlm_runtime.engine import outputs
 from fleetlm_runtime.engine import request as request_mod
+
+if TYPE_CHECKING:  # the server process imports this module without torch; only the core needs it
+    from fleetlm_runtime.engine import core as core_mod
 
 logger = logging.getLogger(__name__)
 

@@ -21,6 +21,7 @@ import torch
 import transformers
 
 from fleetlm_runtime.models import builtin
+from fleetlm_runtime.models.errors import ModelLoadError
 
 # Families whose attention the engine reproduces exactly (tested in tests/runtime/models). Each calls the
 # registered attention function with (query, key, value, mask, scaling[, sliding_window]) only.
@@ -36,10 +37,6 @@ _DTYPES = {
     "float16": torch.float16,
     "fp16": torch.float16,
 }
-
-
-class ModelLoadError(ValueError):
-    """The model cannot be loaded or is not supported; the message says what to do instead."""
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -162,6 +159,13 @@ def _load_cached(spec: str, dtype: torch.dtype, device: str) -> LoadedModel:
     )
 
 
+def resolve_device(device: str | torch.device) -> torch.device:
+    """`auto`: the first CUDA device when torch sees one, else the CPU."""
+    if device == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    return torch.device(device)
+
+
 def load(
     spec: str = "builtin:tiny",
     *,
@@ -170,7 +174,7 @@ def load(
     max_model_len: int | None = None,
 ) -> LoadedModel:
     """The model for `spec`, loaded on the first call and shared afterwards (one load per process)."""
-    torch_device = torch.device(device)
+    torch_device = resolve_device(device)
     resolved = resolve_dtype(dtype, torch_device)
     if not builtin.is_builtin(spec):
         spec = str(pathlib.Path(spec).expanduser().resolve())  # one load whatever the spelling

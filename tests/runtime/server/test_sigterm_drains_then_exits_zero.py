@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import asyncio
 import json
-import pathlib
 import signal
 from collections.abc import Callable
 from typing import Any
@@ -14,12 +13,6 @@ from typing import Any
 import aiohttp
 
 from fleetlm_dev import testing
-
-
-def _children(pid: int) -> list[int]:
-    """Every child of `pid`: the kernel lists them per thread that forked them."""
-    tasks = pathlib.Path(f"/proc/{pid}/task").iterdir()
-    return [int(c) for task in tasks for c in (task / "children").read_text().split()]
 
 
 def _running(pid: int) -> bool:
@@ -66,7 +59,7 @@ async def test_sigterm_finishes_in_flight_streams_and_exits_zero(
         assert resp.status == 200
         first = await resp.content.readline()
         assert first.startswith(b"data:")
-        children = _children(proc.proc.pid)  # the engine core (and multiprocessing's resource tracker)
+        children = testing.children_of(proc.proc.pid)  # the engine core (and multiprocessing's resource tracker)
         assert children, "the engine core should run in its own process"
         proc.proc.send_signal(signal.SIGTERM)
 
