@@ -98,9 +98,11 @@ def build_parser() -> argparse.ArgumentParser:
     status.add_argument("--dir", default=default_dir)
     status.set_defaults(func=_cmd_cluster_status)
 
-    demo = verbs.add_parser("demo", help="the local demo: control plane, runtime on the built-in model")
-    demo.add_argument("--dir", default=default_dir)
-    demo.add_argument("--keep", action="store_true", help="leave everything running when the demo ends")
+    demo = verbs.add_parser(
+        "demo", help="the closed loop locally: control plane, operator, runtime pods on the built-in model, a surge"
+    )
+    demo.add_argument("--dir", default=default_dir, help="state, logs, kubeconfig and demo.png")
+    demo.add_argument("--keep", action="store_true", help="leave the control plane running when the demo ends")
     demo.set_defaults(func=_cmd_demo)
 
     bench = verbs.add_parser("bench", help="benchmarks that print figures against a baseline")

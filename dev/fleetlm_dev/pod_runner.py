@@ -1,0 +1,182 @@
+"""A kubelet stand-in for the local control plane: runs each runtime pod's container as a process.
+
+The local control plane has no nodes and no container runtime, so the pods of an LLMService stay Pending.
+`PodRunner.sync()` plays the kubelet for them, the way Kubernetes would run the container:
+
+* the pod's ConfigMap and Secret volumes are written to a directory of its own, and the container's
+  command runs with each mount path pointing there (the runtime config the operator rendered, its admin
+  token), plus `--host` set to a loopback address of the pod's own (127.x.y.z, port 8000 like the
+  container port);
+* once the process answers /ready, the pod's status is patched Running and Ready with that address as its
+  podIP, so the operator scrapes and tunes it like any pod; a pod that is deleted (scale-down) gets
+  SIGTERM, the drain the runtime does in a real pod.
+
+Only for the demo and for trying the operator without a cluster; nothing here is used in production.
+"""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import json
+import os
+import pathlib
+import random
+import socket
+import subprocess
+import urllib.request
+from dataclasses import dataclass, field
+from typing import Any
+
+from fleetlm_dev import cluster, paths, testing
+
+RUNTIME_PORT = 8000
+
+
+@dataclass
+class RunningPod:
+    name: str
+    ip: str
+    process: subprocess.Popen[bytes]
+    log_path: pathlib.Path
+    ready: bool = False
+    exit_reported: bool = False
+
+    @property
+    def url(self) -> str:
+        return f"http://{self.ip}:{RUNTIME_PORT}"
+
+
+@dataclass
+class PodRunner:
+    plane: cluster.ControlPlane
+    namespace: str
+    selector: str  # label selector of the pods to run, e.g. "app.kubernetes.io/instance=tiny-demo"
+    directory: pathlib.Path
+    pods: dict[str, RunningPod] = field(default_factory=dict)
+
+    def sync(self) -> list[str]:
+        """Start processes for new pods, mark started ones Ready, stop those whose pod is gone.
+        Returns what happened, as lines for the log."""
+        events: list[str] = []
+        listed = json.loads(
+            self.plane.kubectl("get", "pods", "-n", self.namespace, "-l", self.selector, "-o", "json").stdout
+        )["items"]
+        live = {p["metadata"]["name"]: p for p in listed if not p["metadata"].get("deletionTimestamp")}
+        for name in list(self.pods):
+            if name not in live:
+                self._stop(self.pods.pop(name))
+                events.append(f"pod {name} deleted: its runtime got SIGTERM and drained")
+        for name, pod in live.items():
+            running = self.pods.get(name)
+            if running is None:
+                running = self._start(pod)
+                self.pods[name] = running
+                events.append(f"pod {name}: starting fleetlm-runtime on {running.url}")
+            elif not running.ready and running.process.poll() is None and _answers(running.url + "/ready"):
+                self._mark_ready(name, running.ip)
+                running.ready = True
+                events.append(f"pod {name}: ready on {running.url}")
+            elif running.process.poll() is not None and not running.exit_reported:
+                running.exit_reported = True
+                events.append(f"pod {name}: runtime exited with {running.process.returncode}, see {running.log_path}")
+        return events
+
+    def ready_urls(self) -> list[str]:
+        return [p.url for p in self.pods.values() if p.ready and p.process.poll() is None]
+
+    def stop_all(self) -> None:
+        for pod in self.pods.values():
+            self._stop(pod)
+        self.pods.clear()
+
+    # ----------------------------------------------------------------------------------------------
+
+    def _start(self, pod: dict[str, Any]) -> RunningPod:
+        name = pod["metadata"]["name"]
+        root = self.directory / name
+        root.mkdir(parents=True, exist_ok=True)
+        container = pod["spec"]["containers"][0]
+        volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
+        mounts: dict[str, pathlib.Path] = {}
+        for mount in container.get("volumeMounts", []):
+            local = root / mount["name"]
+            local.mkdir(exist_ok=True)
+            self._materialize(volumes.get(mount["name"], {}), local)
+            mounts[mount["mountPath"]] = local
+        command = [_localize(arg, mounts) for arg in container["command"] + container.get("args", [])]
+        binary = paths.venv_bin(command[0])
+        if binary is not None:
+            command[0] = str(binary)
+        ip = _free_loopback_address()
+        env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+        log_path = root / "runtime.log"
+        with log_path.open("wb") as log:
+            process = subprocess.Popen(
+                [*command, "--host", ip],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                env={**_base_env(), **env},
+            )
+        return RunningPod(name=name, ip=ip, process=process, log_path=log_path)
+
+    def _materialize(self, volume: dict[str, Any], target: pathlib.Path) -> None:
+        """ConfigMap and Secret volumes become files, as the kubelet projects them; others stay empty."""
+        if "configMap" in volume:
+            obj = json.loads(
+                self.plane.kubectl(
+                    "get", "configmap", volume["configMap"]["name"], "-n", self.namespace, "-o", "json"
+                ).stdout
+            )
+            for key, value in (obj.get("data") or {}).items():
+                (target / key).write_text(value)
+        elif "secret" in volume:
+            obj = json.loads(
+                self.plane.kubectl(
+                    "get", "secret", volume["secret"]["secretName"], "-n", self.namespace, "-o", "json"
+                ).stdout
+            )
+            for key, value in (obj.get("data") or {}).items():
+                (target / key).write_bytes(base64.b64decode(value))
+
+    def _mark_ready(self, name: str, ip: str) -> None:
+        ready = [{"type": t, "status": "True"} for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")]
+        status = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "conditions": ready}}
+        self.plane.kubectl(
+            "patch", "pod", name, "-n", self.namespace, "--subresource=status", "--type=strategic",
+            "-p", json.dumps(status),
+        )  # fmt: skip
+
+    @staticmethod
+    def _stop(pod: RunningPod) -> None:
+        testing.stop_process(pod.process, timeout_s=30)
+
+
+def _localize(arg: str, mounts: dict[str, pathlib.Path]) -> str:
+    for mount_path, local in mounts.items():
+        if arg == mount_path or arg.startswith(mount_path.rstrip("/") + "/"):
+            return str(local) + arg[len(mount_path.rstrip("/")) :]
+    return arg
+
+
+def _base_env() -> dict[str, str]:
+    # One torch thread per pod: several pods share this machine's cores.
+    return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
+
+
+def _answers(url: str) -> bool:
+    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1.0) as resp:
+        return bool(resp.status == 200)
+    return False
+
+
+def _free_loopback_address() -> str:
+    for _ in range(100):
+        host = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
+        with socket.socket() as probe:
+            try:
+                probe.bind((host, RUNTIME_PORT))
+            except OSError:
+                continue
+            return host
+    raise RuntimeError(f"no free loopback address with port {RUNTIME_PORT}")
