@@ -45,3 +45,12 @@ def children_of(pid: int) -> list[int]:
     """The PIDs of `pid`'s children (Linux lists them per thread that forked them, so all threads)."""
     tasks = pathlib.Path(f"/proc/{pid}/task").iterdir()
     return [int(c) for task in tasks for c in (task / "children").read_text().split()]
+
+
+def is_running(pid: int) -> bool:
+    """Whether `pid` exists and is not a zombie (exited, not yet reaped: gone for our purposes)."""
+    try:
+        stat = pathlib.Path(f"/proc/{pid}/stat").read_text()
+    except FileNotFoundError:
+        return False
+    return stat.rsplit(") ", 1)[1][0] != "Z"

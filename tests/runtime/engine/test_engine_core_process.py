@@ -15,6 +15,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from fleetlm_dev import testing
 from fleetlm_runtime.engine import async_engine, core_process, outputs
 from fleetlm_runtime.engine import config as config_mod
 from fleetlm_runtime.engine import request as request_mod
@@ -39,20 +40,10 @@ async def collect(stream: AsyncIterator[outputs.RequestOutput]) -> tuple[list[in
     return tokens, text, last
 
 
-def _alive(pid: int) -> bool:
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    # A zombie (exited, not yet reaped by its parent) is gone for our purpose.
-    with open(f"/proc/{pid}/stat") as f:
-        return f.read().split(") ", 1)[1][0] != "Z"
-
-
 def _wait_gone(pid: int, timeout_s: float = 20.0) -> bool:
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
-        if not _alive(pid):
+        if not testing.is_running(pid):
             return True
         time.sleep(0.05)
     return False
@@ -179,7 +170,7 @@ def test_the_core_process_exits_when_its_server_is_killed(tmp_path: object) -> N
     try:
         assert server.stdout is not None
         child_pid = int(server.stdout.readline())
-        assert _alive(child_pid)
+        assert testing.is_running(child_pid)
         server.send_signal(signal.SIGKILL)  # no cleanup at all: the child must notice on its own
         server.wait(timeout=10)
         assert _wait_gone(child_pid), "the engine process outlived its server"

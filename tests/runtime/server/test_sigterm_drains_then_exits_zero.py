@@ -15,14 +15,6 @@ import aiohttp
 from fleetlm_dev import testing
 
 
-def _running(pid: int) -> bool:
-    try:
-        with open(f"/proc/{pid}/stat") as f:
-            return f.read().split(") ", 1)[1][0] != "Z"
-    except FileNotFoundError:
-        return False
-
-
 async def _read_stream(resp: aiohttp.ClientResponse) -> tuple[int, str | None, bool]:
     tokens, reason, done = 0, None, False
     async for raw in resp.content:
@@ -84,8 +76,9 @@ async def test_sigterm_finishes_in_flight_streams_and_exits_zero(
     code = await asyncio.to_thread(proc.proc.wait, 30)
     assert code == 0, proc.log()
     assert "drained" in proc.log()
-    for child in children:
-        await asyncio.to_thread(testing.wait_for, f"child process {child} to exit", lambda c=child: not _running(c))
+    await asyncio.to_thread(
+        testing.wait_for, "the engine process to exit", lambda: not any(map(testing.is_running, children))
+    )
 
 
 async def test_grace_period_bounds_the_drain(
