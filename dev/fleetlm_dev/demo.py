@@ -89,7 +89,6 @@ class Traffic:
 
     requests_per_s: float = 0.0
     ttfts: list[float] = field(default_factory=list)
-    sent: int = 0
     failed: int = 0
 
 
@@ -117,10 +116,10 @@ def main(*, dir: pathlib.Path, keep: bool) -> int:
         )
         wait_first_pod(runner)
         say("3/4 traffic: " + ", then ".join(f"{p.name} {p.requests_per_s:g} req/s for {p.seconds:g}s" for p in PHASES))
-        samples = asyncio.run(drive(plane, runner))
+        samples, failed = asyncio.run(drive(plane, runner))
         plot = dir / "demo.png"
         draw(samples, plot)
-        summarize(samples, plot)
+        summarize(samples, plot, failed=failed)
         return 0
     finally:
         say("4/4 stopping the runtime pods, the operator" + ("" if keep else " and the control plane"))
@@ -172,7 +171,8 @@ def wait_first_pod(runner: pod_runner.PodRunner) -> None:
     raise RuntimeError("the first runtime pod did not become ready within 120 s")
 
 
-async def drive(plane: cluster.ControlPlane, runner: pod_runner.PodRunner) -> list[Sample]:
+async def drive(plane: cluster.ControlPlane, runner: pod_runner.PodRunner) -> tuple[list[Sample], int]:
+    """Run the phases; the report samples and how many requests failed."""
     traffic = Traffic()
     samples: list[Sample] = []
     started = time.monotonic()
@@ -199,7 +199,7 @@ async def drive(plane: cluster.ControlPlane, runner: pod_runner.PodRunner) -> li
             await asyncio.wait(inflight, timeout=60)
         stop.set()
         await asyncio.gather(*tasks)
-    return samples
+    return samples, traffic.failed
 
 
 async def _one_request(session: aiohttp.ClientSession, url: str, traffic: Traffic) -> None:
@@ -210,7 +210,6 @@ async def _one_request(session: aiohttp.ClientSession, url: str, traffic: Traffi
         "ignore_eos": True,
         "stream": True,
     }
-    traffic.sent += 1
     start = time.monotonic()
     try:
         async with session.post(url + "/v1/completions", json=body) as resp:
@@ -304,7 +303,7 @@ def draw(samples: list[Sample], path: pathlib.Path) -> None:
     plt.close(fig)
 
 
-def summarize(samples: list[Sample], plot: pathlib.Path) -> None:
+def summarize(samples: list[Sample], plot: pathlib.Path, *, failed: int) -> None:
     peak = max((s.desired for s in samples), default=0)
     final = samples[-1].desired if samples else 0
     met = [s for s in samples if s.ttft_p90_s is not None and s.ttft_p90_s <= 1.0]
@@ -312,4 +311,5 @@ def summarize(samples: list[Sample], plot: pathlib.Path) -> None:
     share = f"{len(met) / len(measured):.0%}" if measured else "-"
     say(f"    replicas: 1 at the start, {peak} at the peak, {final} at the end")
     say(f"    report intervals with client TTFT p90 within the 1s SLO: {share} ({len(met)}/{len(measured)})")
+    say(f"    requests that failed (an error status or a broken stream): {failed}")
     say(f"    plot: {plot}")

@@ -65,7 +65,7 @@ class PodRunner:
         live = {p["metadata"]["name"]: p for p in listed if not p["metadata"].get("deletionTimestamp")}
         for name in list(self.pods):
             if name not in live:
-                self._stop(self.pods.pop(name))
+                testing.stop_process(self.pods.pop(name).process, timeout_s=30)
                 events.append(f"pod {name} deleted: its runtime got SIGTERM and drained")
         for name, pod in live.items():
             running = self.pods.get(name)
@@ -87,7 +87,7 @@ class PodRunner:
 
     def stop_all(self) -> None:
         for pod in self.pods.values():
-            self._stop(pod)
+            testing.stop_process(pod.process, timeout_s=30)
         self.pods.clear()
 
     # ----------------------------------------------------------------------------------------------
@@ -108,7 +108,7 @@ class PodRunner:
         binary = paths.venv_bin(command[0])
         if binary is not None:
             command[0] = str(binary)
-        ip = _free_loopback_address()
+        ip = free_loopback_address()
         env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
         log_path = root / "runtime.log"
         with log_path.open("wb") as log:
@@ -147,10 +147,6 @@ class PodRunner:
             "-p", json.dumps(status),
         )  # fmt: skip
 
-    @staticmethod
-    def _stop(pod: RunningPod) -> None:
-        testing.stop_process(pod.process, timeout_s=30)
-
 
 def _localize(arg: str, mounts: dict[str, pathlib.Path]) -> str:
     for mount_path, local in mounts.items():
@@ -170,7 +166,7 @@ def _answers(url: str) -> bool:
     return False
 
 
-def _free_loopback_address() -> str:
+def free_loopback_address() -> str:
     for _ in range(100):
         host = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
         with socket.socket() as probe:

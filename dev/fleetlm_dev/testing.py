@@ -7,8 +7,12 @@ import pathlib
 import signal
 import subprocess
 import time
-from collections.abc import Callable
-from typing import TypeVar
+from collections.abc import AsyncIterator, Callable
+from typing import TYPE_CHECKING, Any, TypeVar
+
+if TYPE_CHECKING:
+    from fleetlm_runtime.engine.outputs import RequestOutput
+    from fleetlm_runtime.engine.request import SamplingParams
 
 T = TypeVar("T")
 
@@ -54,3 +58,23 @@ def is_running(pid: int) -> bool:
     except FileNotFoundError:
         return False
     return stat.rsplit(") ", 1)[1][0] != "Z"
+
+
+def greedy(max_tokens: int, **extra: Any) -> SamplingParams:
+    """Sampling parameters for a deterministic request (temperature 0) of `max_tokens`."""
+    from fleetlm_runtime.engine.request import SamplingParams  # noqa: PLC0415  (operator tests need no runtime)
+
+    return SamplingParams(max_tokens=max_tokens, temperature=0.0, **extra)
+
+
+async def collect(stream: AsyncIterator[RequestOutput]) -> tuple[list[int], str, RequestOutput]:
+    """Drain an engine stream: all its token ids, its text, and its last (finished) output."""
+    tokens: list[int] = []
+    text = ""
+    last = None
+    async for out in stream:
+        tokens.extend(out.new_token_ids)
+        text += out.text
+        last = out
+    assert last is not None and last.finished
+    return tokens, text, last

@@ -76,7 +76,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--log-format", choices=("text", "json"), default=None)
     p.add_argument("--log-level", default="INFO")
-    p.add_argument("--device", default=None, help="torch device (default: cuda when available, else cpu)")
+    # "auto" is resolved where the model loads, so the server process itself never has to import torch.
+    p.add_argument("--device", default=None, help="torch device (default auto: cuda when available, else cpu)")
     return p
 
 
@@ -134,12 +135,6 @@ def setup_logging(fmt: str, level: str) -> None:
     root = logging.getLogger()
     root.handlers[:] = [handler]
     root.setLevel(level.upper())
-
-
-def resolve_device(device: str | None) -> str:
-    """The engine resolves `auto` where it loads the model (CUDA when torch sees a GPU, else the CPU):
-    the server process itself never imports torch when the core runs in its own process."""
-    return device or "auto"
 
 
 async def serve(
@@ -228,7 +223,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     if admin_token is None:
         log.info("no admin token file: the admin API is disabled")
     with contextlib.suppress(KeyboardInterrupt):
-        return asyncio.run(serve(cfg, admin_token=admin_token, api_keys=api_keys, device=resolve_device(args.device)))
+        return asyncio.run(serve(cfg, admin_token=admin_token, api_keys=api_keys, device=args.device or "auto"))
     return 0
 
 

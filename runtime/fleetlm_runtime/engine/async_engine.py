@@ -24,7 +24,7 @@ from collections.abc import AsyncIterator, Callable, Sequence
 from typing import TYPE_CHECKING, Any, Literal
 
 from fleetlm_runtime.engine import config as config_mod
-from fleetlm_runtime.engine import core_process, executor, outputs, scheduler
+from fleetlm_runtime.engine import core_process, executor, outputs, scheduler, validate
 from fleetlm_runtime.engine import request as request_mod
 
 if TYPE_CHECKING:  # torch: the server process with the core in another process never imports it
@@ -252,7 +252,9 @@ class AsyncEngine:
         req_id = req_id or uuid.uuid4().hex
         if req_id in self._streams:
             raise request_mod.InvalidParameterError("request_id", f"{req_id!r} is already in flight")
-        req = self._executor.make_request(
+        req = validate.make_request(
+            self.info,
+            arrival_time_s=self._executor.clock(),
             req_id=req_id,
             prompt_token_ids=prompt_ids,
             sampling_params=sampling_params or request_mod.SamplingParams(),

@@ -71,22 +71,20 @@ class EngineCore:
             fast_path=config.fast_path,
             prefix_cache_block_size=config.prefix_cache_block_size,
         )
-        self._clock = clock
+        self.clock = clock  # arrival times of requests made here (tests drive it with a fake one)
         self._detokenizers: dict[str, detokenizer.IncrementalDetokenizer] = {}
-
-    # ----------------------------------------------------------------------------------------------
-    # Requests
-
-    @property
-    def info(self) -> outputs.EngineInfo:
-        return outputs.EngineInfo(
-            model_id=self.loaded.model_id,
+        # Fixed once loaded: what a client validates requests against (it may live in another process).
+        self.info = outputs.EngineInfo(
+            model_id=loaded.model_id,
             max_model_len=self.max_model_len,
-            vocab_size=self.loaded.vocab_size,
-            eos_token_ids=self.loaded.eos_token_ids,
+            vocab_size=loaded.vocab_size,
+            eos_token_ids=loaded.eos_token_ids,
             kv_capacity_tokens=self.scheduler.kv.capacity_tokens,
             forward_name=self.runner.forward_name,
         )
+
+    # ----------------------------------------------------------------------------------------------
+    # Requests
 
     def make_request(
         self,
@@ -104,7 +102,7 @@ class EngineCore:
             req_id=req_id,
             prompt_token_ids=prompt_token_ids,
             sampling_params=sampling_params,
-            arrival_time_s=self._clock() if arrival_time_s is None else arrival_time_s,
+            arrival_time_s=self.clock() if arrival_time_s is None else arrival_time_s,
             qos_class=qos_class,
             priority=priority,
         )
@@ -252,7 +250,7 @@ class EngineCore:
         preemptions, prefix_queries, prefix_hits = sched.take_step_counters()
         kv = sched.kv
         return outputs.EngineStats(
-            now_s=self._clock(),
+            now_s=self.clock(),
             step_duration_s=time.perf_counter() - started,
             model_duration_s=self.runner.last_model_s,
             batch_size=len(sched_out.req_ids),

@@ -36,7 +36,7 @@ import time
 from typing import Any
 
 from fleetlm_runtime.engine import config as config_mod
-from fleetlm_runtime.engine import executor, outputs, validate
+from fleetlm_runtime.engine import executor, outputs
 from fleetlm_runtime.engine import request as request_mod
 from fleetlm_runtime.models import errors
 
@@ -90,6 +90,8 @@ class ProcessExecutor:
         self.info = info
         self.tokenizer = tokenizer
         self.initial_limits = initial_limits
+        # Both processes read the same CLOCK_MONOTONIC, so the child's TTFT counts from the arrival here.
+        self.clock = time.monotonic
         self._process = process
         self._commands = commands
         self._results = results
@@ -152,26 +154,6 @@ class ProcessExecutor:
         self._loop = asyncio.get_running_loop()
         self._loop.add_reader(self._results.fileno(), self._read)
         os.set_blocking(self._commands.fileno(), False)
-
-    def make_request(
-        self,
-        *,
-        req_id: str,
-        prompt_token_ids: list[int],
-        sampling_params: request_mod.SamplingParams,
-        qos_class: str,
-        priority: int,
-    ) -> request_mod.Request:
-        # Both processes read the same CLOCK_MONOTONIC, so the child's TTFT counts from this arrival.
-        return validate.make_request(
-            self.info,
-            req_id=req_id,
-            prompt_token_ids=prompt_token_ids,
-            sampling_params=sampling_params,
-            arrival_time_s=time.monotonic(),
-            qos_class=qos_class,
-            priority=priority,
-        )
 
     def send(self, command: executor.Command) -> None:
         """Queue a command for the core. On the loop thread once started; never blocks there."""

@@ -74,17 +74,7 @@ class Executor(Protocol):
     info: outputs.EngineInfo
     tokenizer: Any
     initial_limits: tuple[int, int]  # (max_batch_size, max_batch_tokens) at start
-
-    def make_request(
-        self,
-        *,
-        req_id: str,
-        prompt_token_ids: list[int],
-        sampling_params: request_mod.SamplingParams,
-        qos_class: str,
-        priority: int,
-    ) -> request_mod.Request:
-        """Validated against the engine's info (InvalidParameterError names the parameter); any thread."""
+    clock: Callable[[], float]  # the arrival clock of requests (time.monotonic, or the core's own)
 
     def start(self, sink: OutputSink) -> None: ...
 
@@ -156,7 +146,7 @@ class ThreadExecutor:
         self.info = core.info
         self.tokenizer = core.tokenizer
         self.initial_limits = (core.limits.max_batch_size, core.limits.max_batch_tokens)
-        self.make_request = core.make_request  # on the core's clock (tests drive it with a fake one)
+        self.clock = core.clock
         self._cv = threading.Condition()
         self._commands: list[Command] = []  # guarded by _cv
         self._thread: threading.Thread | None = None

@@ -8,30 +8,16 @@ decides with the pure policy, and acts: /scale and the Deployment, status, Event
 from __future__ import annotations
 
 import json
-import random
-import socket
 from collections.abc import Iterator
 from typing import Any
 
 import pytest
 import yaml
 
-from fleetlm_dev import fake_runtime
+from fleetlm_dev import fake_runtime, pod_runner
 from fleetlm_dev.testing import wait_for
 
 pytestmark = pytest.mark.cluster
-
-
-def _free_loopback_address() -> str:
-    for _ in range(50):
-        host = f"127.{random.randint(1, 254)}.{random.randint(1, 254)}.{random.randint(2, 254)}"
-        with socket.socket() as probe:
-            try:
-                probe.bind((host, 8000))
-                return host
-            except OSError:
-                continue
-    raise RuntimeError("no free loopback address with port 8000")
 
 
 @pytest.fixture
@@ -63,7 +49,7 @@ def _start_pod_runtime(kube: Any, name: str, runtimes: list[fake_runtime.FakeRun
     token = wait_for("the admin token", lambda: kube.get("secret", f"{name}-admin-token"))
     import base64
 
-    runtime = fake_runtime.FakeRuntime(host=_free_loopback_address(), port=8000,
+    runtime = fake_runtime.FakeRuntime(host=pod_runner.free_loopback_address(), port=8000,
                                        admin_token=base64.b64decode(token["data"]["token"]).decode()).start()
     runtimes.append(runtime)
     _mark_ready(kube, pod["metadata"]["name"], runtime.host)

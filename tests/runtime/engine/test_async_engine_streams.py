@@ -8,6 +8,7 @@ from collections.abc import AsyncIterator, Callable
 
 import pytest
 
+from fleetlm_dev.testing import collect, greedy
 from fleetlm_runtime.engine import async_engine, core, outputs
 from fleetlm_runtime.engine import config as config_mod
 from fleetlm_runtime.engine import request as request_mod
@@ -25,22 +26,6 @@ async def engine(tiny: loader.LoadedModel) -> AsyncIterator[async_engine.AsyncEn
     eng.start()
     yield eng
     await eng.shutdown()
-
-
-def greedy(max_tokens: int, **extra: object) -> request_mod.SamplingParams:
-    return request_mod.SamplingParams(max_tokens=max_tokens, temperature=0.0, **extra)  # type: ignore[arg-type]
-
-
-async def collect(stream: AsyncIterator[outputs.RequestOutput]) -> tuple[list[int], str, outputs.RequestOutput]:
-    tokens: list[int] = []
-    text = ""
-    last = None
-    async for out in stream:
-        tokens.extend(out.new_token_ids)
-        text += out.text
-        last = out
-    assert last is not None and last.finished
-    return tokens, text, last
 
 
 async def test_fifty_requests_at_random_times_equal_generate(

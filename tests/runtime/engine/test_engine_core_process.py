@@ -16,28 +16,13 @@ from collections.abc import AsyncIterator, Callable
 import pytest
 
 from fleetlm_dev import testing
+from fleetlm_dev.testing import collect, greedy
 from fleetlm_runtime.engine import async_engine, core_process, outputs
 from fleetlm_runtime.engine import config as config_mod
 from fleetlm_runtime.engine import request as request_mod
 from fleetlm_runtime.models import loader
 
 CONFIG = config_mod.EngineConfig(max_batch_size=8, max_batch_tokens=64, num_threads=1)
-
-
-def greedy(max_tokens: int, **extra: object) -> request_mod.SamplingParams:
-    return request_mod.SamplingParams(max_tokens=max_tokens, temperature=0.0, **extra)  # type: ignore[arg-type]
-
-
-async def collect(stream: AsyncIterator[outputs.RequestOutput]) -> tuple[list[int], str, outputs.RequestOutput]:
-    tokens: list[int] = []
-    text = ""
-    last = None
-    async for out in stream:
-        tokens.extend(out.new_token_ids)
-        text += out.text
-        last = out
-    assert last is not None and last.finished
-    return tokens, text, last
 
 
 def _wait_gone(pid: int, timeout_s: float = 20.0) -> bool:
