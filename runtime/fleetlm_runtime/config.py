@@ -252,6 +252,73 @@ class CachingSettings(_Model):
     response_cache: ResponseCacheSettings = ResponseCacheSettings()
 
 
+_QUANTITY = re.compile(r"^([0-9]+(?:\.[0-9]+)?)(Ki|Mi|Gi|Ti|K|M|G|T)?$")
+_QUANTITY_FACTORS = {
+    None: 1,
+    "K": 10**3,
+    "M": 10**6,
+    "G": 10**9,
+    "T": 10**12,
+    "Ki": 1 << 10,
+    "Mi": 1 << 20,
+    "Gi": 1 << 30,
+    "Ti": 1 << 40,
+}
+
+
+def parse_bytes(value: int | str) -> int:
+    """Bytes from an integer or a Kubernetes quantity string (`512Mi`, `2Gi`, `1.5G`)."""
+    if isinstance(value, bool):
+        raise ValueError(f"expected bytes (an integer or a quantity such as 512Mi), got {value!r}")
+    if isinstance(value, int):
+        number = value
+    else:
+        match = _QUANTITY.match(value.strip())
+        if match is None:
+            raise ValueError(
+                f"{value!r} is not a byte quantity (an integer, or a number with Ki, Mi, Gi, Ti, K, M, G, T)"
+            )
+        number = int(float(match.group(1)) * _QUANTITY_FACTORS[match.group(2)])
+    if number < 1:
+        raise ValueError(f"must be at least 1 byte, got {value!r}")
+    return number
+
+
+class KVCacheSettings(_Model):
+    """The KV memory pool: allocated once at start, in fixed-size blocks, and never grown.
+
+    Its size is `memory` when given (bytes on any device), else on a GPU `gpuMemoryUtilization` of the
+    device's memory less the weights and a reserve for activations (vLLM's rule); on the CPU without
+    `memory`, `batching.maxKvTokens` tokens when set, else a default budget.
+    """
+
+    memory: int | str | None = pydantic.Field(
+        default=None,
+        description="Pool size: bytes, or a quantity such as `512Mi` or `4Gi`. Unset: see gpuMemoryUtilization.",
+    )
+    gpu_memory_utilization: float = pydantic.Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description="On a GPU without `memory`: the fraction of device memory this process may use for weights, "
+        "activations and the KV pool together.",
+    )
+    block_size: PositiveInt = pydantic.Field(
+        default=16, le=256, description="Tokens per KV block (the unit of allocation and of prefix sharing)."
+    )
+
+    @pydantic.field_validator("memory")
+    @classmethod
+    def _bytes(cls, value: int | str | None) -> int | str | None:
+        if value is not None:
+            parse_bytes(value)
+        return value
+
+    @property
+    def memory_bytes(self) -> int | None:
+        return None if self.memory is None else parse_bytes(self.memory)
+
+
 class RuntimeConfig(_Model):
     schema_version: Literal["v1"] = pydantic.Field(default=contract.CONFIG_SCHEMA_VERSION)
     model: ModelSource = ModelSource()
@@ -259,6 +326,7 @@ class RuntimeConfig(_Model):
     batching: BatchingLimits = BatchingLimits()
     qos: QoSSettings = QoSSettings()
     caching: CachingSettings = CachingSettings()
+    kv_cache: KVCacheSettings = KVCacheSettings()
 
     @property
     def served_model_name(self) -> str:
