@@ -87,7 +87,9 @@ def build() -> dict[str, Any]:
         ("Rejections by reason", [
             (f"sum by ({contract.LABEL_REASON}) (rate({contract.REQUESTS_REJECTED}_total{{{SELECTOR}}}"
              "[$__rate_interval]))", "{{reason}}"),
-        ], "reqps", "Requests refused: 429 for an overloaded class, 400 for too long, 503 while draining."),
+        ], "reqps", "Requests refused, by cause: 429 queue_full, shed_slo_guard (the runtime sheds a class to "
+           "protect others), shed_tuner (the operator sheds at max replicas); 400 invalid or too_long; 503 "
+           "draining or loading."),
         ("Throughput", [
             (f"sum(rate({contract.GENERATION_TOKENS}_total{{{SELECTOR}}}[$__rate_interval]))", "output tokens/s"),
             (f"sum(rate({contract.PROMPT_TOKENS}_total{{{SELECTOR}}}[$__rate_interval]))", "prompt tokens/s"),

@@ -59,13 +59,17 @@ LABEL_GPU: Final = "gpu"  # NVML device index
 
 FINISHED_REASONS: Final = ("stop", "length", "abort", "error")
 
-# 429, every cause: a queue is full, or a sheddable class is shed (SLO pressure, or named in the operator's
-# qos.shedClasses). One reason, because the operator counts these refusals as demand it did not serve; the
-# error body's `code` tells the causes apart (queue_full, class_shed, slo_shed).
-REJECT_OVERLOADED: Final = "overloaded"
-CODE_QUEUE_FULL: Final = "queue_full"  # error codes of the 429 answers
-CODE_CLASS_SHED: Final = "class_shed"
-CODE_SLO_SHED: Final = "slo_shed"
+# 429, by cause: a queue is full (the global bound or the class's queueLimit), a sheddable class shed by the
+# runtime's SLO guard, or shed by the operator (named in qos.shedClasses at max replicas). The metric's
+# `reason` and the error body's `code` carry the same cause; the operator counts all three as demand it did
+# not serve (REJECT_REASONS_OVERLOAD).
+REJECT_QUEUE_FULL: Final = "queue_full"
+REJECT_SHED_SLO: Final = "shed_slo_guard"
+REJECT_SHED_TUNER: Final = "shed_tuner"
+REJECT_REASONS_OVERLOAD: Final = (REJECT_QUEUE_FULL, REJECT_SHED_SLO, REJECT_SHED_TUNER)
+CODE_QUEUE_FULL: Final = REJECT_QUEUE_FULL  # error codes of the 429 answers: the cause, as the metric names it
+CODE_CLASS_SHED: Final = REJECT_SHED_TUNER
+CODE_SLO_SHED: Final = REJECT_SHED_SLO
 REJECT_TOO_LONG: Final = "too_long"  # 400: prompt (+ max_tokens) longer than the context
 REJECT_INVALID: Final = "invalid"  # 400: malformed JSON, wrong types, out-of-range parameters
 REJECT_TOO_LARGE: Final = "too_large"  # 413: request body over the limit
@@ -73,7 +77,7 @@ REJECT_DRAINING: Final = "draining"  # 503: SIGTERM received
 REJECT_LOADING: Final = "loading"  # 503: model not loaded yet
 REJECT_UNAUTHORIZED: Final = "unauthorized"  # 401: unknown API key where keys are required; 403: class raise
 REJECT_REASONS: Final = (
-    REJECT_OVERLOADED,
+    *REJECT_REASONS_OVERLOAD,
     REJECT_TOO_LONG,
     REJECT_INVALID,
     REJECT_TOO_LARGE,

@@ -26,7 +26,7 @@ _HISTOGRAMS = {
 }
 # Counter families that may legitimately have no series (created on first event, like rejections):
 # their absence as a *family* still counts as missing, their emptiness does not.
-_REJECT_REASONS_FOR_LOAD = frozenset({contract.REJECT_OVERLOADED})
+_REJECT_REASONS_FOR_LOAD = frozenset(contract.REJECT_REASONS_OVERLOAD)
 
 
 class MetricsParseError(ValueError):

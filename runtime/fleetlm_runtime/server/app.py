@@ -20,6 +20,7 @@ from fleetlm_runtime import contract
 from fleetlm_runtime import metrics as metrics_mod
 from fleetlm_runtime.engine import async_engine
 from fleetlm_runtime.engine import config as engine_config
+from fleetlm_runtime.server import api_keys as api_keys_mod
 from fleetlm_runtime.server import routes
 from fleetlm_runtime.server import state as state_mod
 
@@ -66,9 +67,11 @@ def create_app(
     metrics: metrics_mod.RuntimeMetrics | None = None,
     admin_token: str | None = None,
     api_keys: dict[str, str] | None = None,
+    api_keys_reload_s: float = api_keys_mod.DEFAULT_INTERVAL_S,
 ) -> web.Application:
     """The app serving `config`. The engine comes from `engine_factory` (default: built from the config
-    on CPU), started when the app starts; until it is up, /ready and the API answer 503."""
+    on CPU), started when the app starts; until it is up, /ready and the API answer 503. With
+    `qos.apiKeysFile`, the file is re-read every `api_keys_reload_s` seconds (a rotated Secret applies live)."""
     if metrics is None:
         metrics = metrics_mod.RuntimeMetrics(
             model_name=config.served_model_name,
@@ -98,6 +101,8 @@ def create_app(
             await state.engine.shutdown()
 
     app.cleanup_ctx.append(engine_ctx)
+    if config.qos.api_keys_file:
+        app.cleanup_ctx.append(api_keys_mod.watch_ctx(state, config.qos.api_keys_file, interval_s=api_keys_reload_s))
     return app
 
 

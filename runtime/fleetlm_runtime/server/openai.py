@@ -306,7 +306,7 @@ def _admit(state: state_mod.ServerState, qos_class: str) -> None:
             f"{verdict.message}; retry later",
             type="rate_limit_error",
             code=verdict.code,
-            reason=contract.REJECT_OVERLOADED,
+            reason=verdict.code or contract.REJECT_QUEUE_FULL,
             headers={"Retry-After": str(state.config.server.retry_after_s)},
         )
 

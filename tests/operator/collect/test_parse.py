@@ -41,7 +41,9 @@ def exposition(
 {C.sample_name(C.REQUEST_SUCCESS)}{{finished_reason="stop",model="m",qos_class="batch"}} 4
 """,
         C.REQUESTS_REJECTED: f"""# TYPE {C.sample_name(C.REQUESTS_REJECTED)} counter
-{C.sample_name(C.REQUESTS_REJECTED)}{{model="m",qos_class="batch",reason="{C.REJECT_OVERLOADED}"}} 7
+{C.sample_name(C.REQUESTS_REJECTED)}{{model="m",qos_class="batch",reason="{C.REJECT_QUEUE_FULL}"}} 4
+{C.sample_name(C.REQUESTS_REJECTED)}{{model="m",qos_class="batch",reason="{C.REJECT_SHED_SLO}"}} 2
+{C.sample_name(C.REQUESTS_REJECTED)}{{model="m",qos_class="batch",reason="{C.REJECT_SHED_TUNER}"}} 1
 {C.sample_name(C.REQUESTS_REJECTED)}{{model="m",qos_class="batch",reason="{C.REJECT_INVALID}"}} 100
 """,
         C.TIME_TO_FIRST_TOKEN_SECONDS: f"""# TYPE {C.TIME_TO_FIRST_TOKEN_SECONDS} histogram

@@ -156,7 +156,7 @@ async def test_full_queue_is_429_with_retry_after(
             assert reply["error"]["type"] == "rate_limit_error" and reply["error"]["code"] == "queue_full"
         first.close()
         (await second_task).close()
-    assert _value(await _metrics(server), contract.REQUESTS_REJECTED, reason=contract.REJECT_OVERLOADED) == 1
+    assert _value(await _metrics(server), contract.REQUESTS_REJECTED, reason=contract.REJECT_QUEUE_FULL) == 1
 
 
 async def test_per_class_queue_limit(
@@ -187,7 +187,7 @@ async def test_per_class_queue_limit(
         async with await other as resp:
             assert resp.status == 200
     text = await _metrics(server)
-    assert _value(text, contract.REQUESTS_REJECTED, reason=contract.REJECT_OVERLOADED, qos_class="batch") == 1
+    assert _value(text, contract.REQUESTS_REJECTED, reason=contract.REJECT_QUEUE_FULL, qos_class="batch") == 1
 
 
 async def test_unknown_class_and_class_choice_when_not_allowed(

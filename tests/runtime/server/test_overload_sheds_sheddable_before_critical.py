@@ -57,15 +57,17 @@ def _as(qos_class: str) -> dict[str, str]:
     return {contract.HEADER_QOS_CLASS: qos_class}
 
 
-async def _rejected(server: test_utils.TestServer) -> dict[str, float]:
+async def _rejected(server: test_utils.TestServer) -> dict[tuple[str, str], float]:
+    """429s counted so far, by (class, cause)."""
     async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{server.port}/metrics") as resp:
         text = await resp.text()
-    out: dict[str, float] = {}
+    out: dict[tuple[str, str], float] = {}
     for family in parser.text_string_to_metric_families(text):
         if family.name == contract.REQUESTS_REJECTED:
             for s in family.samples:
-                if s.labels["reason"] == contract.REJECT_OVERLOADED:
-                    out[s.labels["qos_class"]] = out.get(s.labels["qos_class"], 0) + s.value
+                if s.labels["reason"] in contract.REJECT_REASONS_OVERLOAD and s.value:
+                    key = (s.labels["qos_class"], s.labels["reason"])
+                    out[key] = out.get(key, 0) + s.value
     return out
 
 
@@ -107,7 +109,7 @@ async def test_sheddable_is_refused_while_critical_waits_and_critical_succeeds(
         await wait_until("the pressure to pass", lambda: state.admit("sheddable").admit, timeout_s=5)
         async with session.post(url, json=SHORT, headers=_as("sheddable")) as resp:
             assert resp.status == 200
-    assert await _rejected(server) == {"sheddable": 1}
+    assert await _rejected(server) == {("sheddable", contract.REJECT_SHED_SLO): 1}
 
 
 async def _admin(server: test_utils.TestServer, method: str, body: Any = None) -> tuple[int, dict[str, Any]]:
@@ -150,6 +152,8 @@ async def test_the_operator_push_sheds_a_class_live(
             assert json.loads(await resp.text())["error"]["code"] == contract.CODE_CLASS_SHED
         async with session.post(url, json=SHORT, headers=_as("standard")) as resp:
             assert resp.status == 200
+    # The metric names the cause, as the body's code does: shed by the tuner, not by the runtime's guard.
+    assert await _rejected(server) == {("sheddable", contract.REJECT_SHED_TUNER): 1}
     # A protected or unknown class cannot be shed; nothing changes.
     for bad in (["critical"], ["nope"], "sheddable", [1]):
         status, reply = await _admin(server, "PUT", {"qos": {"shedClasses": bad}})
