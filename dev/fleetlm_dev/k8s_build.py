@@ -19,6 +19,7 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
+import fcntl
 import hashlib
 import json
 import os
@@ -28,6 +29,7 @@ import shutil
 import subprocess
 import sys
 import time
+import typing
 from collections.abc import Iterable, Sequence
 
 from fleetlm_dev import paths
@@ -290,7 +292,9 @@ def _record(path: pathlib.Path) -> BinaryRecord:
 
 
 def build(k8s_version: str = K8S_VERSION, *, force: bool = False) -> Toolset:
-    """Return the cached toolset, building whatever is missing. Idempotent; safe to interrupt."""
+    """Return the cached toolset, building whatever is missing. Idempotent; safe to interrupt; concurrent
+    callers (two test sessions, `make` beside a test) take turns on a lock file, and the second finds the
+    first one's build complete instead of deleting its half-built binaries."""
     if not force:
         cached = load_complete(k8s_version)
         if cached is not None:
@@ -299,6 +303,26 @@ def build(k8s_version: str = K8S_VERSION, *, force: bool = False) -> Toolset:
         raise BuildError("the `go` command is needed to build the control plane; install Go >= 1.26")
     root = paths.k8s_cache_dir(k8s_version)
     root.mkdir(parents=True, exist_ok=True)
+    with (root / "build.lock").open("w") as lock:
+        if not _try_lock(lock):
+            print(f"[build] another process is building {root}; waiting for it", file=sys.stderr, flush=True)
+            fcntl.flock(lock, fcntl.LOCK_EX)
+        if not force:
+            cached = load_complete(k8s_version)
+            if cached is not None:
+                return cached
+        return _build_locked(k8s_version, root)
+
+
+def _try_lock(lock: typing.IO[str]) -> bool:
+    try:
+        fcntl.flock(lock, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        return False
+    return True
+
+
+def _build_locked(k8s_version: str, root: pathlib.Path) -> Toolset:
     final_bin = root / "bin"
     partial_bin = root / "bin.partial"
     # A previous interrupted build leaves bin.partial (or a bin without a valid manifest): start clean.

@@ -74,3 +74,29 @@ def test_staging_tag_follows_the_release() -> None:
     assert k8s_build._staging_version("v1.37.2") == "v0.37.2"
     with pytest.raises(ValueError, match="k8s_version"):
         k8s_build._staging_version("1.37")
+
+
+def test_a_second_builder_waits_and_uses_the_first_ones_build(
+    cache: pathlib.Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """Two builds at once (make beside a test session) must not delete each other's half-built binaries:
+    the second waits on the lock, then finds the first one's cache complete and builds nothing."""
+    import fcntl
+    import threading
+
+    manifest = (cache / k8s_build.MANIFEST_NAME).read_text()
+    (cache / k8s_build.MANIFEST_NAME).unlink()  # "not built yet"
+    builds: list[str] = []
+    monkeypatch.setattr(k8s_build, "_build_locked", lambda version, root: builds.append(version))
+    monkeypatch.setattr(k8s_build.shutil, "which", lambda name: "/usr/bin/go")
+    result: list[object] = []
+    with (cache.parent / "build.lock").open("w") as held:
+        fcntl.flock(held, fcntl.LOCK_EX)  # the first builder, mid-build
+        waiter = threading.Thread(target=lambda: result.append(k8s_build.build("v1.99.0")))
+        waiter.start()
+        waiter.join(timeout=1.0)
+        assert waiter.is_alive(), "the second builder did not wait for the lock"
+        (cache / k8s_build.MANIFEST_NAME).write_text(manifest)  # the first builder finishes
+    waiter.join(timeout=10)
+    assert not waiter.is_alive()
+    assert builds == [] and isinstance(result[0], k8s_build.Toolset)
