@@ -32,6 +32,7 @@ class Decision:
     slo_met: bool | None  # -> condition SLOMet; None: too little traffic to judge
     recommended_replicas: int | None  # what this tick's data asked for, before stabilization
     startup_s: float | None = None  # the pods' learnt start-up time (None: no pod seen starting yet)
+    loading: startup.Loading | None = None  # the not-ready pods as this tick counted them
 
 
 def current_limits(spec: spec_mod.PolicySpec, state: state_mod.TunerState) -> batching.BatchLimits:
@@ -147,4 +148,5 @@ def decide(
         slo_met=assessment.met,
         recommended_replicas=rep.recommendation,
         startup_s=learnt.mean_s,
+        loading=loading,
     )
