@@ -9,8 +9,9 @@
 And of issue #14 (point 4), on the same step with 60 s start-ups (`startup60`):
 
 - no overshoot: no scale-up while the step's pods are still loading (no 2 -> 4 -> 8 cascade), and the
-  peak (loading pods included) is not above the oracle's count or, where the policy keeps headroom over
-  the oracle by design (batches at its target occupancy), above what it settles at in the steady window;
+  peak (loading pods included) is not above the oracle's count by more than the headroom the cost bar
+  grants (1.25x, rounded up: the policy runs batches at its target occupancy, the oracle at the SLO's
+  edge, so even its settled fleet is above the oracle's count);
 - recovery: the step bar counted from when a pod asked for at the step can first serve, i.e. within
   3 intervals plus the start-up in intervals (the oracle has no start-up; no policy can beat it);
 - steady: zero replica changes over the steady window, as for the step.
@@ -89,8 +90,17 @@ def _no_overshoot(outcome: run.Outcome) -> Verdict:
     if trace is None or trace.step_at_s is None or trace.steady_from_s is None or not outcome.ticks:
         return Verdict("n/a", False)
     o = overshoot(outcome, step_at_s=trace.step_at_s, steady_from_s=trace.steady_from_s)
-    passed = o.ups_while_loading == 0 and o.peak <= max(o.oracle, o.settled)
-    return Verdict(f"peak {o.peak}/settled {o.settled}/oracle {o.oracle}, {o.ups_while_loading} up(s) loading", passed)
+    limit = overshoot_limit(o.oracle)
+    passed = o.ups_while_loading == 0 and o.peak <= limit
+    return Verdict(
+        f"peak {o.peak} (<= {limit}), settled {o.settled}, oracle {o.oracle}, {o.ups_while_loading} up(s) loading",
+        passed,
+    )
+
+
+def overshoot_limit(oracle: int) -> int:
+    """The most replicas a step may peak at: the oracle's count with the cost bar's headroom."""
+    return math.ceil(oracle * DIURNAL_COST_RATIO - 1e-9)
 
 
 def _steady(outcome: run.Outcome) -> Verdict:
@@ -120,7 +130,7 @@ BARS: tuple[Bar, ...] = (
     Bar(
         "startup60-overshoot",
         "startup60",
-        "60s start-ups: no scale-up while pods load, peak <= max(oracle, settled)",
+        f"60s start-ups: no scale-up while pods load, peak <= {DIURNAL_COST_RATIO}x oracle",
         _no_overshoot,
     ),
     Bar(
