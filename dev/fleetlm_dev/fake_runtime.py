@@ -81,7 +81,10 @@ class FakeRuntime:
         runner = web.AppRunner(app)
         await runner.setup()
         await web.TCPSite(runner, self.host, self.port).start()
+        # Like the runtime: loaded, then ready (no model to load or warm up here), with the timestamps.
+        self.metrics.mark_model_loaded(time.time())
         self.metrics.set_ready(True)
+        self.metrics.mark_ready(time.time())
         ticker = asyncio.create_task(self._tick())
         self._ready.set()
         await self._stop.wait()

@@ -1,6 +1,6 @@
 """`fleetlm-dev simulate`: replay the SLO tuner against simulated replicas and judge the bars of issue #8.
 
-    fleetlm-dev simulate --trace step|diurnal|bursts|class-mix|all [--policy fleetlm|hpa|all] [--json]
+    fleetlm-dev simulate --trace step|startup60|diurnal|bursts|class-mix|all [--policy fleetlm|hpa|all] [--json]
                          [--plot out.png] [--seed N] [--profile gpu|cpu-tiny] [--startup-s S]
                          [--queue-limit N|none]
 
@@ -8,7 +8,9 @@ Every run puts the FleetLM policy beside the plain queue-depth HPA baseline (unl
 on the same arrivals, prints a table of outcomes, then each bar with PASS/FAIL per policy. Exit status 0
 when every bar judged in the run passes for the FleetLM policy (the baseline is expected to fail some),
 1 otherwise, 2 on bad arguments. With `--trace all` and `--plot out.png`, one PNG per trace
-(`out-step.png`, ...). Nothing here talks to a cluster; it is CPU-only and takes well under a minute.
+(`out-step.png`, ...). A trace may fix its own pod start-up (`startup60`: 60 s, whatever the profile or
+`--startup-s` says, which set it for the others). Nothing here talks to a cluster; it is CPU-only and
+takes well under a minute.
 """
 
 from __future__ import annotations
@@ -35,8 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--seed", type=int, default=1, help="random seed of arrivals and routing")
     parser.add_argument("--profile", default="gpu", choices=sorted(calibration.PROFILES), help="step-time calibration")
     parser.add_argument("--startup-s", type=float, default=None, help="pod start-up delay (default: the profile's)")
-    parser.add_argument("--calibrate-from", type=pathlib.Path, default=None, metavar="BENCH.json",
-                        help="step times measured by `fleetlm-dev bench engine --json` instead of --profile")
+    parser.add_argument(
+        "--calibrate-from",
+        type=pathlib.Path,
+        default=None,
+        metavar="BENCH.json",
+        help="step times measured by `fleetlm-dev bench engine --json` instead of --profile",
+    )
     parser.add_argument("--model", default="builtin:tiny", help="which model of --calibrate-from to use")
     parser.add_argument(
         "--queue-limit",
@@ -67,6 +74,7 @@ def _outcome_json(outcome: run.Outcome) -> dict[str, Any]:
         "replicaMinutes": round(outcome.replica_minutes, 2),
         "oracleReplicaMinutes": round(outcome.oracle_replica_minutes, 2),
         "costRatio": round(outcome.cost_ratio, 4),
+        "startupS": outcome.startup_s,
         "replicaChanges": outcome.num_changes,
         "recoveryIntervals": outcome.recovery_intervals,
         "steadyChanges": outcome.steady_changes,
@@ -217,13 +225,16 @@ def main(argv: list[str] | None = None) -> int:
     if verdicts:
         print()
         width = max(len(v["description"]) for v in verdicts)
-        print(f"{'bar':<{width}}  " + "  ".join(f"{p:<22}" for p in policy_names))
+        cell_width = max([22, *(len(v[name]["value"]) + 5 for v in verdicts for name in policy_names if name in v)])
+        print(f"{'bar':<{width}}  " + "  ".join(f"{p:<{cell_width}}" for p in policy_names))
         for row in verdicts:
             cells = []
             for name in policy_names:
                 cell = row.get(name)
                 cells.append(
-                    f"{cell['value'] + ' ' + ('PASS' if cell['pass'] else 'FAIL'):<22}" if cell else f"{'-':<22}"
+                    f"{cell['value'] + ' ' + ('PASS' if cell['pass'] else 'FAIL'):<{cell_width}}"
+                    if cell
+                    else f"{'-':<{cell_width}}"
                 )
             print(f"{row['description']:<{width}}  " + "  ".join(cells))
     for path in plots:

@@ -90,6 +90,66 @@ def observed_status(window: window_mod.ObservedWindow, *, now: datetime.datetime
             if value is not None}
 
 
+def _epoch_s(value: Any) -> float | None:
+    """An API timestamp (RFC 3339, as the API server writes it) in unix seconds; None when absent or unreadable."""
+    if not value:
+        return None
+    try:
+        parsed = datetime.datetime.fromisoformat(str(value).replace("Z", "+00:00"))
+    except ValueError:
+        return None
+    if parsed.tzinfo is None:
+        parsed = parsed.replace(tzinfo=datetime.UTC)
+    return parsed.timestamp()
+
+
+def pod_startups(
+    pods: list[dict[str, Any]], *, now_s: float
+) -> tuple[tuple[float, ...], tuple[policy_spec.PodStartup, ...]]:
+    """(ages of the pods not ready yet, start-ups of the ready ones) from the pods as the API returns them.
+
+    A ready pod's start-up is creation -> its Ready condition's last transition: scheduling, image pull,
+    weight load and warm-up together, which is what a scale-up waits for. Pods whose containers restarted
+    are left out (a crash loop is not a start-up time, and the transition is then the latest recovery), and
+    so are pods being deleted. Ready ones come oldest first, the order the learning expects.
+    """
+    loading: list[float] = []
+    started: list[tuple[float, policy_spec.PodStartup]] = []
+    for pod in pods:
+        metadata = pod.get("metadata", {}) or {}
+        status = pod.get("status", {}) or {}
+        created_s = _epoch_s(metadata.get("creationTimestamp"))
+        if metadata.get("deletionTimestamp") or created_s is None:
+            continue
+        ready = conditions.find(status.get("conditions", []) or [], "Ready")
+        if not ready or ready.get("status") != "True":
+            loading.append(max(0.0, now_s - created_s))
+            continue
+        ready_s = _epoch_s(ready.get("lastTransitionTime"))
+        restarted = any(int(c.get("restartCount", 0) or 0) > 0 for c in status.get("containerStatuses", []) or [])
+        if ready_s is None or restarted or ready_s < created_s:
+            continue
+        started.append(
+            (ready_s, policy_spec.PodStartup(str(metadata.get("name", "")), ready_s - created_s, now_s - ready_s))
+        )
+    started.sort(key=lambda item: item[0])
+    return tuple(sorted(loading)), tuple(pod for _, pod in started)
+
+
+def startup_status(decision: decide_mod.Decision) -> dict[str, Any]:
+    """status.startup: the learnt start-up time and the pods loading now; unknown figures stay absent."""
+    learnt = decision.state.startup
+    loading = decision.loading
+    fields = {
+        "observedSeconds": round(learnt.mean_s, 3) if learnt.mean_s is not None else None,
+        "lastSeconds": round(learnt.last_s, 3) if learnt.last_s is not None else None,
+        "podsObserved": learnt.count,
+        "loadingReplicas": loading.on_the_way if loading is not None else None,
+        "stuckReplicas": loading.stuck if loading is not None else None,
+    }
+    return {key: value for key, value in fields.items() if value is not None}
+
+
 def decision_conditions(decision: decide_mod.Decision) -> list[conditions.Condition]:
     available = conditions.Condition(
         names.ConditionType.METRICS_AVAILABLE,

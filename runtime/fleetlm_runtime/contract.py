@@ -99,6 +99,13 @@ KV_CACHE_USAGE_PERC: Final = "fleetlm_kv_cache_usage_perc"  # {model}; 0..1; vll
 BATCH_SIZE: Final = "fleetlm_batch_size"  # {model}; sequences in the latest step
 CONFIG_INFO: Final = "fleetlm_config_info"  # {model, CONFIG_INFO_LABELS...} = 1; like vllm:cache_config_info
 SERVER_READY: Final = "fleetlm_server_ready"  # {model}; 1 when /ready answers 200
+# Start-up timestamps, unix seconds (Prometheus' process_start_time_seconds convention). The process start
+# is always exported; the other two are absent until the moment happens (never 0), and keep the first time
+# for the life of the process. ready - process start is the pod's own start-up time; counters only grow
+# after ready, so a reader may count a pod's first scrape from the ready time.
+PROCESS_START_TIME_SECONDS: Final = "fleetlm_process_start_time_seconds"  # {model}; like process_start_time_seconds
+MODEL_LOADED_TIME_SECONDS: Final = "fleetlm_model_loaded_time_seconds"  # {model}; weights loaded, engine built
+READY_TIME_SECONDS: Final = "fleetlm_ready_time_seconds"  # {model}; first /ready 200 (after the warm-up step)
 GPU_UTILIZATION_RATIO: Final = "fleetlm_gpu_utilization_ratio"  # {model, gpu}; 0..1; NVML; absent on CPU
 GPU_MEMORY_USED_BYTES: Final = "fleetlm_gpu_memory_used_bytes"  # {model, gpu}; NVML; absent on CPU
 GPU_MEMORY_TOTAL_BYTES: Final = "fleetlm_gpu_memory_total_bytes"  # {model, gpu}; NVML; absent on CPU
@@ -147,6 +154,9 @@ GAUGES: Final = frozenset(
         BATCH_SIZE,
         CONFIG_INFO,
         SERVER_READY,
+        PROCESS_START_TIME_SECONDS,
+        MODEL_LOADED_TIME_SECONDS,
+        READY_TIME_SECONDS,
         GPU_UTILIZATION_RATIO,
         GPU_MEMORY_USED_BYTES,
         GPU_MEMORY_TOTAL_BYTES,
@@ -170,6 +180,8 @@ HISTOGRAMS: Final = frozenset(
 )
 # Exported only where NVML finds a GPU: a reader must treat their absence as "no GPU", never as zero.
 GPU_METRICS: Final = frozenset({GPU_UTILIZATION_RATIO, GPU_MEMORY_USED_BYTES, GPU_MEMORY_TOTAL_BYTES})
+# Declared from the start but without a series until their moment has come (a reader sees "not yet").
+STARTUP_MOMENTS: Final = frozenset({MODEL_LOADED_TIME_SECONDS, READY_TIME_SECONDS})
 
 # The labels of CONFIG_INFO besides `model`: the limits in force, so the operator can confirm a push.
 CONFIG_INFO_LABELS: Final = (

@@ -9,10 +9,11 @@ import it (as with vLLM's stat loggers), and it must never block: `record()` run
 
 from __future__ import annotations
 
+import time
 from collections.abc import Iterable, Iterator, Sequence
 
 import prometheus_client
-from prometheus_client import core, registry
+from prometheus_client import core, process_collector, registry
 
 from fleetlm_runtime import config as config_mod
 from fleetlm_runtime import contract, gpu
@@ -21,6 +22,21 @@ from fleetlm_runtime.engine import outputs
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 _M = contract.LABEL_MODEL
 _C = contract.LABEL_QOS_CLASS
+
+# When this module was imported: the process start where /proc cannot say (not Linux).
+_IMPORTED_AT_S = time.time()
+
+
+def process_start_time_s() -> float:
+    """When this process started, unix seconds: what prometheus-client's process collector reports as
+    `process_start_time_seconds` (from /proc), else the time this module was imported. The runtime's
+    registry is private and has no process collector, so the value is exported once, under the prefix."""
+    collector = process_collector.ProcessCollector(registry=None)
+    for family in collector.collect():
+        if family.name == "process_start_time_seconds" and family.samples:
+            return float(family.samples[0].value)
+    return _IMPORTED_AT_S
+
 
 # Latencies are observed only for requests that ran to their natural end; an abort's "e2e" is the
 # time the client gave up, which would drag percentiles toward whatever timeout the client had.
@@ -84,6 +100,8 @@ class RuntimeMetrics:
         # operator's among them); vLLM-style scrapers do not use them. This switch is process-wide.
         prometheus_client.disable_created_metrics()
         self.model_name = model_name
+        self.model_loaded_at_s: float | None = None
+        self.ready_at_s: float | None = None
         self.registry = registry.CollectorRegistry(auto_describe=True)
         r = self.registry
         m = model_name
@@ -104,6 +122,20 @@ class RuntimeMetrics:
         self._ready = prometheus_client.Gauge(
             contract.SERVER_READY, "1 while /ready answers 200 (loaded, not draining).", [_M], registry=r
         ).labels(m)
+        # Start-up timestamps: the loaded and ready series appear only when that moment comes (absent, not
+        # 0, before), so "not yet" never reads as 1970.
+        prometheus_client.Gauge(
+            contract.PROCESS_START_TIME_SECONDS, "Start time of the process, unix seconds.", [_M], registry=r
+        ).labels(m).set(process_start_time_s())
+        self._model_loaded_time = prometheus_client.Gauge(
+            contract.MODEL_LOADED_TIME_SECONDS, "When the model finished loading, unix seconds.", [_M], registry=r
+        )
+        self._ready_time = prometheus_client.Gauge(
+            contract.READY_TIME_SECONDS,
+            "When /ready first answered 200 (model loaded and one warm-up step run), unix seconds.",
+            [_M],
+            registry=r,
+        )
 
         self._prompt_tokens = prometheus_client.Counter(
             contract.PROMPT_TOKENS, "Prompt tokens of finished requests.", by_class, registry=r
@@ -282,6 +314,18 @@ class RuntimeMetrics:
 
     def set_ready(self, ready: bool) -> None:
         self._ready.set(1 if ready else 0)
+
+    def mark_model_loaded(self, at_s: float) -> None:
+        """The model is loaded (unix seconds); only the first call counts."""
+        if self.model_loaded_at_s is None:
+            self.model_loaded_at_s = at_s
+            self._model_loaded_time.labels(self.model_name).set(at_s)
+
+    def mark_ready(self, at_s: float) -> None:
+        """The server turned ready (unix seconds); only the first call counts."""
+        if self.ready_at_s is None:
+            self.ready_at_s = at_s
+            self._ready_time.labels(self.model_name).set(at_s)
 
     def set_config(self, cfg: config_mod.RuntimeConfig, *, max_kv_tokens: int | None) -> None:
         """Publish the limits in force; call after every applied change (startup and PUT /admin/config)."""

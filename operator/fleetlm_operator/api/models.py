@@ -1040,6 +1040,26 @@ class Tuning(_StatusModel):
     )
 
 
+class StartupStatus(_StatusModel):
+    """How long this service's pods take to start, as the tuner learnt it, and the pods loading now."""
+
+    observed_seconds: float | None = pydantic.Field(
+        default=None, ge=0, description="Learnt start-up time (pod creation -> Ready, smoothed), in seconds."
+    )
+    last_seconds: float | None = pydantic.Field(
+        default=None, ge=0, description="Start-up time of the latest pod that became ready, in seconds."
+    )
+    pods_observed: int | None = pydantic.Field(default=None, ge=0, description="Pods the start-up was learnt from.")
+    loading_replicas: int | None = pydantic.Field(
+        default=None, ge=0, description="Pods not ready yet that the tuner counts as capacity on its way."
+    )
+    stuck_replicas: int | None = pydantic.Field(
+        default=None,
+        ge=0,
+        description="Pods loading for more than twice the learnt start-up time, no longer counted as capacity.",
+    )
+
+
 class DecisionRecord(_StatusModel):
     """One thing the operator did, and why."""
 
@@ -1077,6 +1097,9 @@ class LLMServiceStatus(_StatusModel):
         default=None, description="Metrics over the SLO window from the last collection."
     )
     tuning: Tuning | None = pydantic.Field(default=None, description="Limits currently applied to the pods.")
+    startup: StartupStatus | None = pydantic.Field(
+        default=None, description="The pods' observed start-up time and those loading now, from the tuner."
+    )
     decisions: list[DecisionRecord] = pydantic.Field(
         default_factory=list,
         max_length=MAX_DECISIONS,

@@ -94,6 +94,11 @@ def parse_pod_metrics(text: str, *, pod: str, scraped_at_s: float) -> window.Pod
     if gpu_utilization is None:
         missing.add("gpu_utilization")  # normal on CPU pods; the window does not require it
 
+    # The runtime's start-up timestamps (absent until they happen). Its `_created` series are off, so the
+    # process start gauge is what tells a restart, and the ready time lets a new pod's first scrape count.
+    process_start = _gauge_mean(families.get(contract.PROCESS_START_TIME_SECONDS))
+    ready_at = _gauge_mean(families.get(contract.READY_TIME_SECONDS))
+
     applied: dict[str, str] = {}
     config = families.get(contract.CONFIG_INFO)
     if config is not None and config.samples:
@@ -111,7 +116,8 @@ def parse_pod_metrics(text: str, *, pod: str, scraped_at_s: float) -> window.Pod
         service_by_class=hists["service"],
         finished_by_class=finished or {},
         rejected_by_class=rejected or {},
-        started_at_s=min(created) if created else None,
+        started_at_s=min(created) if created else process_start,
+        ready_at_s=ready_at,
         applied=applied,
         missing=frozenset(missing),
     )

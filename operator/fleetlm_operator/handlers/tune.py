@@ -118,8 +118,10 @@ async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.Operator
     desired = int(deployment.get("spec", {}).get("replicas", svc.spec.replicas.effective) or 0)
     ready = int((deployment.get("status") or {}).get("readyReplicas", 0) or 0)
     state = _load_state(body, logger)
-    decision = decide_mod.decide(policy_spec.PolicyInput(spec=spec, current_replicas=desired, ready_replicas=ready),
-                                 window, state, now=now_s)
+    loading_ages, started = bridge.pod_startups(pods, now_s=now_s)
+    policy_input = policy_spec.PolicyInput(spec=spec, current_replicas=desired, ready_replicas=ready,
+                                           loading_ages_s=loading_ages, started=started)
+    decision = decide_mod.decide(policy_input, window, state, now=now_s)
     tuning_now = reconcile.current_tuning(svc)
     current_limits = (tuning_now.max_batch_size or 0, tuning_now.max_batch_tokens or 0)
     actions = bridge.decision_actions(decision, current_replicas=desired, current_limits=current_limits,
@@ -131,6 +133,7 @@ async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.Operator
     stored = body.get("status", {}) or {}
     patch.metadata.setdefault("annotations", {})[ANNOTATION_STATE] = decision.state.to_json()
     patch.status["observed"] = bridge.observed_status(window, now=now)
+    patch.status["startup"] = bridge.startup_status(decision)
     patch.status["tuning"] = {**tuning_now.model_dump(mode="json", by_alias=True, exclude_none=True),
                               "maxBatchSize": decision.max_batch_size, "maxBatchTokens": decision.max_batch_tokens,
                               "shedClasses": list(decision.shed_classes)}

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fleetlm_operator.policy import batching, costcurve, replicas, shedding
+from fleetlm_operator.policy import batching, costcurve, replicas, shedding, startup
 from fleetlm_operator.policy import spec as spec_mod
 from fleetlm_operator.policy import state as state_mod
 from fleetlm_operator.policy import window as window_mod
@@ -31,6 +31,8 @@ class Decision:
     metrics_reason: str  # "" when complete
     slo_met: bool | None  # -> condition SLOMet; None: too little traffic to judge
     recommended_replicas: int | None  # what this tick's data asked for, before stabilization
+    startup_s: float | None = None  # the pods' learnt start-up time (None: no pod seen starting yet)
+    loading: startup.Loading | None = None  # the not-ready pods as this tick counted them
 
 
 def current_limits(spec: spec_mod.PolicySpec, state: state_mod.TunerState) -> batching.BatchLimits:
@@ -68,6 +70,8 @@ def decide(
     limits = batch.limits
     assessment = window_mod.assess(window, spec=spec, ignore_classes=state.shed_classes)
     demand = replicas.estimate_demand(window, tuning=tuning, shed_classes=state.shed_classes)
+    learnt = startup.observe(state.startup, policy_input.started, tuning=tuning)
+    loading = startup.classify(policy_input, learnt, tuning=tuning)
     rep = replicas.decide_replicas(
         policy_input,
         window,
@@ -78,6 +82,7 @@ def decide(
         history_start_s=state.history_start_s,
         shedding=bool(state.shed_classes),
         now=now,
+        loading=loading,
     )
 
     load_at_max_with_shed: float | None = None
@@ -129,6 +134,7 @@ def decide(
         last_scale_s=now if scaled else state.last_scale_s,
         updated_s=now,
         cost=cost,
+        startup=learnt,
     )
     return Decision(
         replicas=rep.replicas,
@@ -141,4 +147,6 @@ def decide(
         metrics_reason=window.reason,
         slo_met=assessment.met,
         recommended_replicas=rep.recommendation,
+        startup_s=learnt.mean_s,
+        loading=loading,
     )

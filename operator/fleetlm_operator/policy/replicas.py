@@ -25,6 +25,7 @@ import dataclasses
 import math
 
 from fleetlm_operator.policy import spec as spec_mod
+from fleetlm_operator.policy import startup as startup_mod
 from fleetlm_operator.policy import state as state_mod
 from fleetlm_operator.policy import window as window_mod
 
@@ -86,7 +87,10 @@ def estimate_demand(
         refused_shed = sum(
             window.classes[name].rejected_per_s or 0.0 for name in shed_classes if name in window.classes
         )
-        arrival = window.arrival_per_s - (0.0 if include_shed else refused_shed)
+        # Refused requests come back (clients retry a 429): count each once, not once per attempt.
+        refused_other = max(0.0, (window.rejected_per_s or 0.0) - refused_shed)
+        retried = refused_other * (1.0 - 1.0 / tuning.refusal_attempts)
+        arrival = window.arrival_per_s - retried - (0.0 if include_shed else refused_shed)
         arrival = max(0.0, arrival) * (carried + unseen) / carried
         little = arrival * service_s
         if little > concurrency:
@@ -186,11 +190,15 @@ def decide_replicas(
     history_start_s: float | None,
     shedding: bool,
     now: float,
+    loading: startup_mod.Loading | None = None,
 ) -> ReplicaDecision:
     spec = policy_input.spec
     tuning = spec.tuning
     current = policy_input.current_replicas
     starting = policy_input.starting_replicas
+    if loading is None:
+        loading = startup_mod.Loading(on_the_way=starting, stuck=0, oldest_s=None, limit_s=math.inf)
+    on_the_way, stuck = loading.on_the_way, loading.stuck
     low, high = spec.min_replicas, spec.max_replicas
     horizon_s = max(spec.scale_up_stabilization_s, spec.scale_down_stabilization_s) + spec.interval_s
     history = tuple(r for r in recommendations if r.at_s >= now - horizon_s)[-state_mod.MAX_RECOMMENDATIONS :]
@@ -229,26 +237,51 @@ def decide_replicas(
     work_slots = work(demand, tuning=tuning)
     wanted = wanted_replicas(demand, max_batch_size=max_batch_size, tuning=tuning)
     limits = band(max_batch_size=max_batch_size, tuning=tuning)
-    # Projected onto every pod asked for, those still starting included: their capacity is on its way.
-    load_now = occupancy_on(work_slots, replicas=current, max_batch_size=max_batch_size, tuning=tuning)
+    # Projected onto every pod asked for, those still loading included: their capacity is on its way.
+    # While some load, or have just turned ready and were not measured over a window yet, the backlog is
+    # theirs to drain, so only the arrival rate (demand they will not serve) may ask for more; pods
+    # loading for too long are not counted at all. Replicas for a backlog help only if they arrive while
+    # it lasts: with start-ups longer than the drain time the backlog counts in proportion.
+    just_ready = sum(
+        1 for p in policy_input.started if p.ready_for_s is not None and p.ready_for_s < 2 * spec.interval_s
+    )
+    unmeasured = max(0, window.num_pods_sampled - window.num_pods_with_delta, just_ready)
+    backlog_weight = 1.0
+    if on_the_way or unmeasured:
+        backlog_weight = 0.0
+    elif loading.startup_s is not None and loading.startup_s > tuning.backlog_drain_s:
+        backlog_weight = tuning.backlog_drain_s / loading.startup_s
+    backlog = demand.backlog_slots * backlog_weight
+    sizing = dataclasses.replace(demand, slots=demand.concurrency_slots + backlog, backlog_slots=backlog)
+    counted = current - stuck
+    load_now = occupancy_on(work(sizing, tuning=tuning), replicas=counted, max_batch_size=max_batch_size, tuning=tuning)
+    ask = wanted_replicas(sizing, max_batch_size=max_batch_size, tuning=tuning) + stuck
     waiting = window.waiting_per_pod or 0.0
+    loading_txt = []
+    if on_the_way:
+        loading_txt.append(f"{on_the_way} loading, backlog left to them")
+    elif unmeasured:
+        loading_txt.append(f"{unmeasured} just ready, backlog left to them")
+    if stuck:
+        loading_txt.append(f"{stuck} loading > {loading.limit_s:.0f}s, not counted")
     demand_txt = (
-        f"demand {demand.slots:.0f} slots ({demand.basis}; backlog {demand.backlog_slots:.0f}) fills "
-        f"{max_batch_size}-seq batches {load_now:.0%} on {current} replicas"
-        + (f" ({starting} starting)" if starting else "")
+        f"demand {sizing.slots:.0f} slots ({demand.basis}; backlog {sizing.backlog_slots:.0f}) fills "
+        f"{max_batch_size}-seq batches {load_now:.0%} on {counted} replicas"
+        + (f" ({'; '.join(loading_txt)})" if loading_txt else "")
     )
 
     up: int | None = None
     why_up = ""
     if load_now > limits.up:
-        up = max(wanted, current + 1)
+        up = max(ask, current + 1)
         why_up = f"{demand_txt} > {limits.up:.0%}"
     elif (
         assessment.met is False
-        and starting == 0
+        and on_the_way == 0
+        and unmeasured == 0  # a miss from before the new pods served says nothing of the fleet they make
         and (waiting > tuning.short_queue_per_pod or load_now >= limits.target)
     ):
-        up = max(wanted, current + 1)
+        up = max(ask, current + 1)
         why_up = f"SLO missed under load ({assessment.detail}); {demand_txt}"
 
     if up is not None:

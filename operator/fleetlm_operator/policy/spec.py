@@ -109,6 +109,19 @@ class Tuning:
     # Cap on one scale-up: max(current * factor, current + min_step), as AIBrix/HPA cap a step.
     max_scale_up_factor: float = 4.0
     max_scale_up_min_step: int = 4
+    # A refused request (429, queue full) comes back: the openai client and our load tools retry it
+    # (Retry-After, twice by default), so the rejection counter counts each refused request up to this
+    # many times. Refusals are counted as new demand at 1/attempts; counting every attempt asks for
+    # twice or three times the replicas a step needs. Clients that do not retry are then under-counted,
+    # and the next tick once the new pods are ready asks for the rest.
+    refusal_attempts: float = 3.0
+    # Start-up: pods not ready yet are capacity on its way for `startup_stuck_factor` x the learnt start-up
+    # time (creation -> Ready of this service's own pods, smoothed with weight `startup_smoothing` per new
+    # pod); `startup_prior_s` stands in until a pod of the service has been seen starting. While pods load,
+    # only demand they will not serve (the arrival rate, not the backlog they will drain) scales up again.
+    startup_prior_s: float = 300.0
+    startup_stuck_factor: float = 2.0
+    startup_smoothing: float = 0.3
     # Scale-down needs latency headroom: attainment within `headroom_miss_share` of the misses the SLO
     # allows (95% target -> at least 99%), the TTFT quantile and the (exact) mean TPOT at most these
     # fractions of their targets.
@@ -143,6 +156,10 @@ class Tuning:
             raise ValueError("cost fit needs a positive half-life and z, and at least 3 windows")
         if not 0 < self.batch_shrink_factor < 1:
             raise ValueError("batch_shrink_factor must lie in (0, 1)")
+        if self.refusal_attempts < 1:
+            raise ValueError("refusal_attempts must be at least 1")
+        if self.startup_prior_s <= 0 or self.startup_stuck_factor < 1 or not 0 < self.startup_smoothing <= 1:
+            raise ValueError("need startup_prior_s > 0, startup_stuck_factor >= 1, 0 < startup_smoothing <= 1")
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -197,12 +214,26 @@ class PolicySpec:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class PodStartup:
+    """One pod that became ready: creation -> Ready, in seconds."""
+
+    pod: str
+    seconds: float
+    ready_for_s: float | None = None  # how long ago it turned ready (None: not known)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class PolicyInput:
     """The spec plus what the cluster says about the fleet right now."""
 
     spec: PolicySpec
     current_replicas: int  # the Deployment's spec.replicas: asked for, ready or not
     ready_replicas: int
+    # Ages (now - creation, seconds) of the pods that exist and are not ready yet; None: not known (then
+    # every pod asked for and not ready counts as on its way, however long it has been loading).
+    loading_ages_s: tuple[float, ...] | None = None
+    # Pods seen ready, with how long each took from creation (the start-up time is learnt from these).
+    started: tuple[PodStartup, ...] = ()
 
     def __post_init__(self) -> None:
         if self.current_replicas < 0 or self.ready_replicas < 0:

@@ -16,6 +16,8 @@ import json
 from collections.abc import Mapping
 from typing import Any
 
+from fleetlm_operator.policy import startup as startup_mod
+
 SCHEMA_VERSION = 1
 MAX_RECOMMENDATIONS = 256  # bounds the annotation; 64 minutes of 15 s ticks
 
@@ -78,6 +80,7 @@ class TunerState:
     last_scale_s: float | None = None
     updated_s: float | None = None
     cost: CostSums = CostSums()  # the engine's TPOT-vs-batch observations, for the fitted cost curve
+    startup: startup_mod.StartupStats = dataclasses.field(default_factory=startup_mod.StartupStats)  # learnt start-up
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -95,6 +98,7 @@ class TunerState:
             "lastScaleS": self.last_scale_s,
             "updatedS": self.updated_s,
             "costCurve": self.cost.to_list(),
+            "startup": self.startup.to_dict(),
         }
 
     @classmethod
@@ -127,6 +131,11 @@ class TunerState:
                 last_scale_s=_opt_float(data.get("lastScaleS")),
                 updated_s=_opt_float(data.get("updatedS")),
                 cost=CostSums.from_list(data["costCurve"]) if data.get("costCurve") is not None else CostSums(),
+                startup=(
+                    startup_mod.StartupStats.from_dict(data["startup"])
+                    if data.get("startup") is not None
+                    else startup_mod.StartupStats()
+                ),
             )
         except (TypeError, ValueError) as error:
             raise ValueError(f"malformed tuner state: {error}") from error

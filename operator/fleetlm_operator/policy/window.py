@@ -140,7 +140,10 @@ class PodSample:
     service_by_class: Mapping[str, Histogram] = dataclasses.field(default_factory=dict)  # first schedule -> last token
     finished_by_class: Mapping[str, float] = dataclasses.field(default_factory=dict)  # counter
     rejected_by_class: Mapping[str, float] = dataclasses.field(default_factory=dict)  # counter (overload only)
-    started_at_s: float | None = None  # earliest `_created` of the pod's series: about when the process began
+    started_at_s: float | None = None  # when the process began (its start-time gauge, else the earliest `_created`)
+    # When the pod turned ready (the runtime's ready-time gauge): nothing is served, so no counter grows,
+    # before it; a pod first scraped after turning ready inside the window counts from this moment.
+    ready_at_s: float | None = None
     applied: Mapping[str, str] = dataclasses.field(default_factory=dict)  # config_info labels (limits in force)
     missing: frozenset[str] = frozenset()  # REQUIRED_FIELDS (and others) this scrape lacked
 
@@ -569,7 +572,7 @@ def from_scrapes(
             resets += 1
             before = PodSample(pod=sample.pod, scraped_at_s=before.scraped_at_s)  # counts since the restart
         if before is None:
-            started = sample.started_at_s
+            started = sample.ready_at_s if sample.ready_at_s is not None else sample.started_at_s
             if window_start_s is None or started is None or started < window_start_s:
                 no_baseline.append(sample.pod)
                 continue

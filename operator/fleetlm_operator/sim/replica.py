@@ -219,9 +219,10 @@ class Replica:
             service_by_class={n: self.service[i].snapshot() for i, n in enumerate(names)},
             finished_by_class={n: float(self.finished[i]) for i, n in enumerate(names)},
             rejected_by_class={n: float(self.rejected[i]) for i, n in enumerate(names)},
-            # The runtime turns `_created` series off, so a scrape does not say when the process began:
-            # a new pod's first scrape is only a baseline, as it will be in the cluster.
-            started_at_s=None,
+            # The runtime's start-up gauges: the process start and the ready time, from which a new
+            # pod's first scrape counts (nothing was served before it), as in the cluster.
+            started_at_s=self.created_s,
+            ready_at_s=self.ready_s,
         )
 
     # --------------------------------------------------------------------------------------------

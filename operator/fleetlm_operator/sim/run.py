@@ -115,6 +115,7 @@ class Outcome:
     policy: str
     interval_s: float
     attainment_target: float
+    startup_s: float  # how long a new pod took to become ready in this run
     ticks: tuple[Tick, ...]
     num_requests: int
     num_shed: Mapping[str, int]  # refused because their class was shed (not counted in attainment)
@@ -211,6 +212,7 @@ def simulate(
 ) -> Outcome:
     spec = spec or default_spec(trace)
     capacity = oracle.replica_capacity(trace.classes, calib, spec)
+    startup_s = trace.startup_for(calib.startup_s)
     arrivals = workload.generate(trace, rate_per_replica=capacity.rate_per_s, seed=seed)
     names = trace.class_names()
     rng = np.random.default_rng(seed + 1)
@@ -308,8 +310,21 @@ def simulate(
         if k == 0:
             decision = None  # the first scrape is only a baseline
         else:
+            # What the operator reads off the pods: the loading ones' ages, and how long each ready one
+            # took from creation (the initial fleet was there before the run, so it says nothing).
+            policy_input = spec_mod.PolicyInput(
+                spec=spec,
+                current_replicas=before,
+                ready_replicas=len(fleet.ready),
+                loading_ages_s=tuple(tick_s - pod.created_s for pod in fleet.starting),
+                started=tuple(
+                    spec_mod.PodStartup(pod.name, pod.ready_s - pod.created_s, ready_for_s=tick_s - pod.ready_s)
+                    for pod in fleet.ready
+                    if pod.created_s >= 0.0
+                ),
+            )
             decision = policy(
-                spec_mod.PolicyInput(spec=spec, current_replicas=before, ready_replicas=len(fleet.ready)),
+                policy_input,
                 observed,
                 state,
                 now=tick_s,
@@ -325,7 +340,7 @@ def simulate(
                 for _ in range(decision.replicas - before):
                     fleet.add(
                         now=tick_s,
-                        ready_s=tick_s + calib.startup_s,
+                        ready_s=tick_s + startup_s,
                         max_batch_size=limits.max_batch_size,
                         max_batch_tokens=limits.max_batch_tokens,
                     )
@@ -374,6 +389,7 @@ def simulate(
         names=names,
         pod_seconds=fleet.pod_seconds,
         end_s=end_s,
+        startup_s=startup_s,
     )
 
 
@@ -390,6 +406,7 @@ def _score(
     names: tuple[str, ...],
     pod_seconds: float,
     end_s: float,
+    startup_s: float,
 ) -> Outcome:
     interval_s = spec.interval_s
     targets = [spec.targets_for(n) for n in names]
@@ -462,6 +479,7 @@ def _score(
         policy=policy_name,
         interval_s=interval_s,
         attainment_target=target,
+        startup_s=startup_s,
         ticks=tuple(ticks),
         num_requests=count + sum(num_shed),
         num_shed={name: num_shed[i] for i, name in enumerate(names)},

@@ -42,6 +42,10 @@ class Trace:
     step_at_s: float | None = None  # where the step bar measures recovery from
     steady_from_s: float | None = None  # the zero-changes bar counts changes in [steady_from_s, steady_to_s)
     steady_to_s: float | None = None
+    startup_s: float | None = None  # pod start-up for this trace; None: the calibration's
+
+    def startup_for(self, default_s: float) -> float:
+        return default_s if self.startup_s is None else self.startup_s
 
     def class_names(self) -> tuple[str, ...]:
         """Classes in priority order (most urgent first): the order the replicas' queues serve."""
@@ -135,6 +139,17 @@ TRACES: dict[str, Trace] = {
         step_at_s=600.0,
         steady_from_s=600.0 + 900.0,
         steady_to_s=600.0 + 2700.0,
+    ),
+    "startup60": Trace(
+        name="startup60",
+        description="the step (1x -> 4x at 10 min) with 60 s pod start-ups: cold GPU pods loading weights",
+        duration_s=600.0 + 2700.0,
+        load=_step,
+        classes=_CHAT,
+        step_at_s=600.0,
+        steady_from_s=600.0 + 900.0,
+        steady_to_s=600.0 + 2700.0,
+        startup_s=60.0,
     ),
     "diurnal": Trace(
         name="diurnal",

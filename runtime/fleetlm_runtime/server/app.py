@@ -20,6 +20,7 @@ from fleetlm_runtime import contract
 from fleetlm_runtime import metrics as metrics_mod
 from fleetlm_runtime.engine import async_engine
 from fleetlm_runtime.engine import config as engine_config
+from fleetlm_runtime.engine import request as request_mod
 from fleetlm_runtime.server import api_keys as api_keys_mod
 from fleetlm_runtime.server import routes
 from fleetlm_runtime.server import state as state_mod
@@ -107,10 +108,25 @@ def create_app(
 
 
 async def _bring_up(state: state_mod.ServerState, factory: state_mod.EngineFactory) -> None:
+    """Load, then run one warm-up step, then turn ready: the first real request must not pay for lazy
+    initialisation (allocator, kernels, the engine's worker), and /ready must mean "can serve now"."""
     try:
         engine = await factory(state.on_engine_stats)
+        state.set_loaded(engine)
+        await _warm_up(engine, qos_class=state.config.qos.default_class)
     except Exception as error:
         state.set_failed(error)
         log.exception("the engine failed to start")
         raise
     state.set_ready(engine)
+
+
+async def _warm_up(engine: async_engine.AsyncEngine, *, qos_class: str) -> None:
+    """One greedy 1-token generation through the engine, end to end; raises if it does not finish normally."""
+    params = request_mod.SamplingParams(max_tokens=1, temperature=0.0)
+    last = None
+    async for out in engine.generate("warm up", params, req_id=state_mod.WARMUP_REQUEST_ID, qos_class=qos_class):
+        last = out
+    if last is None or not last.finished or str(last.finish_reason) not in ("length", "stop"):
+        reason = None if last is None else last.finish_reason
+        raise RuntimeError(f"the warm-up generation did not finish normally (finish reason {reason})")

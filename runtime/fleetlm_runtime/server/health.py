@@ -1,4 +1,4 @@
-"""Probes and metrics: /health (alive), /ready (loaded and not draining), /metrics (Prometheus text).
+"""Probes and metrics: /health (alive), /ready (loaded, warmed up, not draining), /metrics (Prometheus text).
 
 Kubernetes reads these: liveness must stay cheap and true while the process can serve or drain, and
 readiness must turn false the moment draining starts so the Service stops sending traffic. Nothing here

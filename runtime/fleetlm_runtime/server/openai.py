@@ -74,7 +74,11 @@ async def chat_completions(request: web.Request) -> web.StreamResponse:
 
 
 async def list_models(request: web.Request) -> web.Response:
+    """The served model, once it can serve: while loading (or draining, or failed) a 503 with Retry-After
+    like the other API routes, so a client that probes /v1/models before sending work is not misled. Not
+    counted as a refusal: a probe is not work."""
     state = request.app[state_mod.state_key]
+    state.require_engine()
     card: dict[str, Any] = {
         "id": state.model_name,
         "object": "model",
@@ -95,7 +99,8 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
     state = request.app[state_mod.state_key]
     qos_class = state.config.qos.default_class
     try:
-        engine = state.require_engine()
+        # The body is judged before the phase: a malformed request is the client's 400 whether or not the
+        # model has loaded (a 503 would tell it to retry the same mistake).
         data = schemas.parse_json(await _read_body(request))
         body: schemas.CompletionRequest | schemas.ChatCompletionRequest
         if kind == "chat":
@@ -106,6 +111,7 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
         _check_model(body.model, state)
         client = auth.resolve_client(request, body_class=body.qos_class, qos=state.config.qos, api_keys=state.api_keys)
         qos_class = client.qos_class
+        engine = state.require_engine()
         prompt_ids = await _tokenize(engine, body)
         params = _sampling_params(body)
         _check_context(kind, len(prompt_ids), params.max_tokens, state_mod.max_model_len(engine))

@@ -33,6 +33,10 @@ StatsCallback = Callable[[outputs.EngineStats], None]
 EngineFactory = Callable[[StatsCallback], Awaitable[async_engine.AsyncEngine]]
 
 
+# The request the server runs through the engine before it turns ready; never counted in the metrics.
+WARMUP_REQUEST_ID = "fleetlm-warmup"
+
+
 class Phase(enum.StrEnum):
     LOADING = "loading"
     READY = "ready"
@@ -68,6 +72,7 @@ class ServerState:
     response_cache: responses.ResponseCache | None = None  # None: switched off
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     clock: Callable[[], float] = time.monotonic
+    wall_clock: Callable[[], float] = time.time  # the start-up timestamps are unix time, like Prometheus'
 
     def __post_init__(self) -> None:
         self.idle.set()
@@ -166,8 +171,12 @@ class ServerState:
         )
 
     def on_engine_stats(self, stats: outputs.EngineStats) -> None:
-        """The engine's per-step callback (on the loop thread): metrics, then the queue accounting."""
-        self.metrics.record(stats)
+        """The engine's per-step callback (on the loop thread): metrics, then the queue accounting.
+
+        Steps before ready (the warm-up) are no traffic: counting them would show a request nobody sent
+        and make a new pod's counters start above zero at its ready time."""
+        if self.phase is not Phase.LOADING and not any(e.req_id == WARMUP_REQUEST_ID for e in stats.events):
+            self.metrics.record(stats)
         for event in stats.events:
             if event.kind is outputs.EventKind.FIRST_TOKEN:
                 ttft_s = event.time_s - event.arrival_time_s
@@ -185,12 +194,18 @@ class ServerState:
     # ----------------------------------------------------------------------------------------------
     # Lifecycle and live tuning
 
+    def set_loaded(self, engine: async_engine.AsyncEngine) -> None:
+        """The engine is built and the weights are in memory; still LOADING until the warm-up step ran."""
+        self.metrics.mark_model_loaded(self.wall_clock())
+        self.metrics.set_config(self.config, max_kv_tokens=kv_capacity_tokens(engine))
+
     def set_ready(self, engine: async_engine.AsyncEngine) -> None:
         self.engine = engine
         self.metrics.set_config(self.config, max_kv_tokens=kv_capacity_tokens(engine))
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY
             self.metrics.set_ready(True)
+            self.metrics.mark_ready(self.wall_clock())
             log.info("model %s ready (context %d tokens)", self.model_name, max_model_len(engine))
 
     def set_failed(self, error: BaseException) -> None:

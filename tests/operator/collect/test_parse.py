@@ -169,3 +169,31 @@ def test_the_runtime_exposition_carries_every_required_field() -> None:
     sample = parse.parse_pod_metrics(runtime.render().decode(), pod="p0", scraped_at_s=1.0)
     assert not (sample.missing & window.REQUIRED_FIELDS), sample.missing
     assert set(sample.running_by_class) == {"chat", "batch"}
+
+
+def test_the_start_up_gauges_say_when_the_pod_started_and_turned_ready() -> None:
+    gauges = f"""# TYPE {C.PROCESS_START_TIME_SECONDS} gauge
+{C.PROCESS_START_TIME_SECONDS}{{model="m"}} 1700000000.5
+# TYPE {C.MODEL_LOADED_TIME_SECONDS} gauge
+{C.MODEL_LOADED_TIME_SECONDS}{{model="m"}} 1700000050
+# TYPE {C.READY_TIME_SECONDS} gauge
+{C.READY_TIME_SECONDS}{{model="m"}} 1700000061.25
+"""
+    sample = parse.parse_pod_metrics(exposition(extra=gauges), pod="p0", scraped_at_s=1700000100.0)
+    assert sample.started_at_s == 1700000000.5
+    assert sample.ready_at_s == 1700000061.25
+    # Declared but not there yet (still loading): unknown, never 0.
+    declared = f"# TYPE {C.READY_TIME_SECONDS} gauge\n"
+    loading = parse.parse_pod_metrics(exposition(extra=declared), pod="p0", scraped_at_s=1.0)
+    assert loading.ready_at_s is None and loading.started_at_s is None
+
+
+def test_a_fresh_runtime_reports_its_process_start_and_no_ready_time_yet() -> None:
+    from fleetlm_runtime import metrics
+
+    runtime = metrics.RuntimeMetrics(model_name="tiny", max_model_len=128)
+    sample = parse.parse_pod_metrics(runtime.render().decode(), pod="p0", scraped_at_s=1.0)
+    assert sample.started_at_s is not None and sample.started_at_s > 1e9
+    assert sample.ready_at_s is None
+    runtime.mark_ready(1_800_000_000.0)
+    assert parse.parse_pod_metrics(runtime.render().decode(), pod="p0", scraped_at_s=1.0).ready_at_s == 1.8e9

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import dataclasses
 from collections.abc import Callable
 
 import pytest
@@ -41,7 +42,7 @@ def test_a_backlog_asks_for_several_replicas_at_once(make_spec: MakeSpec, make_w
     ("starting_extra", "expect"),
     [
         (0, "wanted"),  # nothing on its way: go to what the demand asks for
-        (-3, "wanted"),  # some on their way, not enough: top up to the demand, not ready + demand
+        (-3, "arrivals"),  # some on their way, not enough: top up to the arrival rate (they drain the backlog)
         (2, "hold"),  # more than enough on their way: no new pods
     ],
     ids=["none-starting", "too-few-starting", "enough-starting"],
@@ -66,6 +67,11 @@ def test_pods_starting_count_toward_the_demand(
     )
     if expect == "wanted":
         assert decision.replicas == wanted
+    elif expect == "arrivals":
+        steady = dataclasses.replace(demand, slots=demand.concurrency_slots, backlog_slots=0.0)
+        ask = replicas.wanted_replicas(steady, max_batch_size=spec.batching.max_batch_size, tuning=spec.tuning)
+        assert current < ask < wanted
+        assert decision.replicas == ask
     else:
         assert decision.replicas == current
         assert any("no scale-down" in r and "starting" in r for r in decision.reasons)

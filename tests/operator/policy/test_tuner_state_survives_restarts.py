@@ -7,7 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
-from fleetlm_operator.policy import decide, state, window
+from fleetlm_operator.policy import decide, startup, state, window
 from fleetlm_operator.policy import spec as spec_mod
 
 MakeSpec = Callable[..., spec_mod.PolicySpec]
@@ -35,6 +35,7 @@ FULL = state.TunerState(
         ss_tpot=6.3e-6,
         updated_s=115.0,
     ),
+    startup=startup.StartupStats(mean_s=61.5, count=3, last_s=58.0, pods=("svc-a", "svc-b", "svc-c")),
 )
 
 
@@ -52,6 +53,7 @@ def test_older_state_without_new_keys_loads_with_defaults() -> None:
     assert loaded.max_batch_size == 48
     assert loaded.shed_classes == ()
     assert loaded.cost == state.CostSums()  # no fitted cost curve yet: the spec's prior stands
+    assert loaded.startup == startup.StartupStats()  # no start-up learnt yet: the prior stands
 
 
 @pytest.mark.parametrize(

@@ -122,3 +122,17 @@ def test_a_pod_born_inside_the_window_counts_whole() -> None:
     assert observed.complete, observed.reason
     assert observed.num_requests == 10
     assert observed.finished_per_s == pytest.approx(10 / 10.0)  # over the 10 s the new pod existed
+
+
+def test_a_pod_that_loaded_for_long_counts_from_its_ready_time() -> None:
+    # Process started 60 s ago (before the window), ready 5 s into it: its first scrape counts from ready,
+    # where it served nothing before; the process start alone would leave it without a baseline.
+    previous = {"a": sample("a", 100.0)}
+    fresh = sample("n", 115.0, ttft=(8, 10, 10, 10), finished=10, started_at_s=55.0, ready_at_s=105.0)
+    observed = observe(previous, {"a": sample("a", 115.0), "n": fresh}, ["a", "n"])
+    assert observed.complete, observed.reason
+    assert observed.num_pods_with_delta == 2
+    assert observed.finished_per_s == pytest.approx(10 / 10.0)
+    unknown = dataclasses.replace(fresh, ready_at_s=None)
+    partial = observe(previous, {"a": sample("a", 115.0), "n": unknown}, ["a", "n"])
+    assert not partial.complete and "no baseline scrape for n" in partial.reason

@@ -22,3 +22,8 @@ def diurnal_run() -> run.Outcome:
 @pytest.fixture(scope="session")
 def class_mix_run() -> run.Outcome:
     return run.simulate(workload.TRACES["class-mix"], run.POLICIES["fleetlm"], seed=SEED)
+
+
+@pytest.fixture(scope="session")
+def startup60_run() -> run.Outcome:
+    return run.simulate(workload.TRACES["startup60"], run.POLICIES["fleetlm"], seed=SEED)

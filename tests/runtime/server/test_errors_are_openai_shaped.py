@@ -255,7 +255,8 @@ async def test_loading_is_503_and_then_ready(
 
 async def test_draining_is_503(server: test_utils.TestServer) -> None:
     server.app[state_mod.state_key].start_draining()
-    status, headers, reply = await _post(server, "/v1/chat/completions", {"model": "tiny", "messages": []})
+    body = {"model": "tiny", "messages": [{"role": "user", "content": "x"}]}
+    status, headers, reply = await _post(server, "/v1/chat/completions", body)
     assert status == 503 and reply["error"]["code"] == "draining" and "Retry-After" in headers
     async with aiohttp.ClientSession() as session, session.get(f"http://127.0.0.1:{server.port}/ready") as resp:
         assert resp.status == 503
