@@ -78,6 +78,9 @@ def _can_i(plane: cluster.ControlPlane, verb: str, resource: str, namespace: str
     ("create", "poddisruptionbudgets.policy", "demo"),
     ("list", "pods", "demo"),
     ("create", "events", "demo"),
+    ("create", "persistentvolumeclaims", "demo"),
+    ("watch", "jobs.batch", "demo"),
+    ("create", "roles.rbac.authorization.k8s.io", "demo"),
     ("create", "servicemonitors.monitoring.coreos.com", "demo"),
     ("update", "leases.coordination.k8s.io", NAMESPACE),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", None),
@@ -97,6 +100,7 @@ def test_operator_may_do_what_it_needs(installed: cluster.ControlPlane, verb: st
     ("delete", "nodes", None),
     ("patch", "customresourcedefinitions.apiextensions.k8s.io", None),
     ("create", "serviceaccounts/token", NAMESPACE),
+    ("delete", "persistentvolumeclaims", "demo"),  # whenDeleted: Delete goes by garbage collection
 ])
 def test_operator_is_refused_what_it_does_not_need(installed: cluster.ControlPlane, verb: str, resource: str,
                                                    namespace: str | None) -> None:

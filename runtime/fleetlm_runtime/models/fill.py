@@ -47,6 +47,8 @@ REPORT_EVERY_S = 1.0
 # What the runtime loads from a hub repository: config, tokenizer and safetensors weights.
 HUB_PATTERNS = ("*.json", "*.safetensors", "*.txt", "*.model", "*.tiktoken", "*.jinja", "tokenizer*")
 SKIPPED_DIRS = frozenset({".git", ".cache", ".huggingface"})
+# Optional cap on the copy's bandwidth, so one fill cannot saturate a shared volume or link (unset: none).
+ENV_MAX_BYTES_PER_S = "FLEETLM_FILL_MAX_BYTES_PER_S"
 
 # In-cluster API access, as every pod with a ServiceAccount token gets it; the env overrides let the
 # local kubelet stand-in hand the same credentials to a plain process.
@@ -150,7 +152,12 @@ def check_checkpoint(root: pathlib.Path) -> None:
 
 
 def copy_tree(
-    source: pathlib.Path, target: pathlib.Path, *, deadline_s: float, progress: Callable[[int, int], None]
+    source: pathlib.Path,
+    target: pathlib.Path,
+    *,
+    deadline_s: float,
+    progress: Callable[[int, int], None],
+    max_bytes_per_s: int | None = None,
 ) -> list[dict[str, Any]]:
     """Copy every file of `source` into `target`, hashing as it goes; returns the manifest's file list."""
     if not source.exists():
@@ -164,6 +171,8 @@ def copy_tree(
     done = 0
     progress(done, total)
     entries = []
+    chunk_bytes = CHUNK_BYTES if max_bytes_per_s is None else max(4096, min(CHUNK_BYTES, max_bytes_per_s // 4))
+    started_s = time.monotonic()
     for path in files:
         relative = path.relative_to(source)
         destination = target / relative
@@ -171,11 +180,13 @@ def copy_tree(
         digest = hashlib.sha256()
         try:
             with path.open("rb") as reader, destination.open("wb") as writer:
-                while chunk := reader.read(CHUNK_BYTES):
+                while chunk := reader.read(chunk_bytes):
                     writer.write(chunk)
                     digest.update(chunk)
                     done += len(chunk)
                     progress(done, total)
+                    if max_bytes_per_s is not None:
+                        time.sleep(max(0.0, started_s + done / max_bytes_per_s - time.monotonic()))
                     if time.monotonic() > deadline_s:
                         raise FillError("Timeout", f"the fill ran out of time after {done} bytes", retryable=True)
         except PermissionError as error:
@@ -324,7 +335,14 @@ def fill(
 
     try:
         if is_local(source):
-            files = copy_tree(pathlib.Path(source), staging, deadline_s=deadline_s, progress=progress)
+            limit = os.environ.get(ENV_MAX_BYTES_PER_S)
+            files = copy_tree(
+                pathlib.Path(source),
+                staging,
+                deadline_s=deadline_s,
+                progress=progress,
+                max_bytes_per_s=int(limit) if limit else None,
+            )
         else:
             files = download_hub(
                 source.removeprefix("hf://"),

@@ -10,6 +10,7 @@ import os
 import pathlib
 import subprocess
 import sys
+import time
 
 from fleetlm_runtime.models import fill
 
@@ -103,3 +104,21 @@ def test_a_bad_command_line_is_permanent(tmp_path: pathlib.Path) -> None:
 def test_progress_goes_nowhere_without_an_api_server() -> None:
     assert fill.api_target("job", "ns", {}) is None
     assert fill.api_target(None, "ns", {"FLEETLM_API_SERVER": "https://127.0.0.1:1"}) is None
+
+
+def test_the_bandwidth_cap_slows_the_copy_and_reports_every_step(tmp_path: pathlib.Path) -> None:
+    source = make_checkpoint(tmp_path / "ckpt", weights=b"\x03" * 400_000)
+    seen: list[tuple[int, int]] = []
+    started = time.monotonic()
+    files = fill.copy_tree(
+        source,
+        tmp_path / "out",
+        deadline_s=started + 60,
+        progress=lambda done, total: seen.append((done, total)),
+        max_bytes_per_s=200_000,
+    )
+    elapsed_s = time.monotonic() - started
+    total = sum(entry["bytes"] for entry in files)
+    assert elapsed_s >= total / 200_000 * 0.9
+    assert seen[0] == (0, total) and seen[-1] == (total, total)
+    assert len(seen) > 8  # a quarter-second of bytes per step: progress in between, not only at the end
