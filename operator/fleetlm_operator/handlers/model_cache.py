@@ -14,7 +14,6 @@ Deployment once the cache is Ready. Events: ModelCacheFilling, ModelCacheReady, 
 from __future__ import annotations
 
 import asyncio
-import datetime
 import logging
 from collections.abc import Mapping
 from typing import Any
@@ -119,6 +118,11 @@ def _dump(cache: models.ModelCacheStatus) -> dict[str, Any]:
     return cache.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
+def status_patch(cache: models.ModelCacheStatus) -> dict[str, Any]:
+    """status.modelCache for a merge patch: unset fields as nulls, so a stale reason or count goes away."""
+    return cache.model_dump(mode="json", by_alias=True)
+
+
 def _refresh(namespace: str, owner: str, *, memo: kopf.Memo) -> None:
     """Re-read the fill Job; write bytes done, and on a phase change reconcile (the pods may start now)."""
     from fleetlm_operator.handlers import reconcile  # noqa: PLC0415  (reconcile imports this module)
@@ -141,7 +145,7 @@ def _refresh(namespace: str, owner: str, *, memo: kopf.Memo) -> None:
     if before is None or before.phase != after.phase:
         status = reconcile.reconcile(stored, ctx=ctx, logger=logger, cause="model-cache")
     else:  # progress only: the bytes, nothing else changes
-        status = {"modelCache": _dump(after)}
+        status = {"modelCache": status_patch(after)}
     ctx.applier.patch_llmservice_status(owner, namespace, status)
 
 
@@ -173,7 +177,3 @@ async def on_job_event(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
     task = asyncio.create_task(refresh_later())
     _tasks.add(task)
     task.add_done_callback(_tasks.discard)
-
-
-def now() -> datetime.datetime:
-    return datetime.datetime.now(tz=datetime.UTC)

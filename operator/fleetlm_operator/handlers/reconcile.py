@@ -159,6 +159,7 @@ def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: cont
     pods = ctx.applier.list_pods(svc.namespace, meta.selector_string(svc))
     rollout = summary.summarize(deployment=found, pods=pods, min_ready=svc.spec.replicas.min)
     stored = body.get("status", {}) or {}
+    fresh = cache is not None  # only a cache state just read from its Job is written back
     if cache is None and svc.spec.model.cached:
         cache = model_cache_handler.stored_cache(body)
     found_conditions = list(rollout.conditions)
@@ -176,9 +177,9 @@ def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: cont
                                  "metrics have not been collected yet"),
         ], now=_now(), observed_generation=body.get("metadata", {}).get("generation"))
     cache_fields: dict[str, Any] = {}
-    if cache is not None and svc.spec.model.cached:
-        cache_fields["modelCache"] = cache.model_dump(mode="json", by_alias=True, exclude_none=True)
-    elif stored.get("modelCache"):
+    if fresh and cache is not None and svc.spec.model.cached:
+        cache_fields["modelCache"] = model_cache_handler.status_patch(cache)
+    elif not svc.spec.model.cached and stored.get("modelCache"):
         cache_fields["modelCache"] = None  # the cache was turned off: drop what status said about it
     return {
         "phase": phase,
