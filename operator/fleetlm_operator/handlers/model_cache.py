@@ -129,8 +129,8 @@ def _refresh(namespace: str, owner: str, *, memo: kopf.Memo) -> None:
 
     ctx = context.get(memo)
     stored = ctx.applier.read_llmservice(owner, namespace)
-    if stored is None:
-        return
+    if stored is None or (stored.get("metadata") or {}).get("deletionTimestamp"):
+        return  # going away: its Job goes by garbage collection and must not be made again
     try:
         svc = models.load_stored(reconcile.plain_body(stored))
     except ValueError:
