@@ -287,11 +287,13 @@ def cache_status(svc: models.LLMService, job: Mapping[str, Any] | None) -> model
             phase="Filling", reason="Retrying",
             message=f"attempt {attempts_failed} failed ({why}: {progress.get('message', '')}); the Job retries",
             **bytes_, **base)  # fmt: skip
-    if progress.get("phase") in ("Filling", "Ready") or int(status.get("active") or 0) > 0:
+    # An active pod may still wait for its node, image or volume: only a report or a running (ready) pod fills.
+    if progress.get("phase") in ("Filling", "Ready") or int(status.get("ready") or 0) > 0:
         message = f"{done} of {total} bytes" if done is not None and total is not None else "the fill Job runs"
         return models.ModelCacheStatus(phase="Filling", reason="Filling", message=message, **bytes_, **base)
-    return models.ModelCacheStatus(phase="Pending", reason="JobPending", message="the fill Job has no pod running yet",
-                                   **base)  # fmt: skip
+    waiting = int(status.get("active") or 0)
+    message = f"the fill Job's pod is not running yet ({waiting} waiting)"
+    return models.ModelCacheStatus(phase="Pending", reason="JobPending", message=message, **base)
 
 
 def pods_allowed(spec: models.LLMServiceSpec, cache: models.ModelCacheStatus | None) -> bool:

@@ -179,7 +179,8 @@ def _job(*, conditions: list[dict[str, Any]] | None = None, progress: dict[str, 
     [
         (None, "Pending", "JobNotCreated", None),
         (_job(), "Pending", "JobPending", None),
-        (_job(active=1), "Filling", "Filling", None),
+        (_job(active=1), "Pending", "JobPending", None),  # a pod that waits for its node or volume fills nothing
+        (_job(active=1, ready=1), "Filling", "Filling", None),
         (_job(active=1, progress={"phase": "Filling", "bytesDone": 10, "bytesTotal": 40}), "Filling", "Filling", 10),
         (_job(active=1, failed=1, progress={"phase": "Failed", "reason": "DownloadFailed", "retryable": True}),
          "Filling", "Retrying", None),
