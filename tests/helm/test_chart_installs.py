@@ -61,7 +61,10 @@ def installed(plane: cluster.ControlPlane) -> cluster.ControlPlane:
 
 
 def _can_i(plane: cluster.ControlPlane, verb: str, resource: str, namespace: str | None = "demo") -> bool:
+    # `kind/sub` is a subresource (kubectl would read it as an object named `sub`).
+    resource, _, subresource = resource.partition("/")
     args = ["auth", "can-i", verb, resource, f"--as={SA}"]
+    args += [f"--subresource={subresource}"] if subresource else []
     args += [f"--namespace={namespace}"] if namespace else []
     return plane.kubectl(*args, check=False).stdout.strip() == "yes"
 
@@ -80,7 +83,11 @@ def _can_i(plane: cluster.ControlPlane, verb: str, resource: str, namespace: str
     ("create", "events", "demo"),
     ("create", "persistentvolumeclaims", "demo"),
     ("watch", "jobs.batch", "demo"),
+    ("create", "jobs.batch", "demo"),
+    ("patch", "jobs.batch", "demo"),  # held, so it may grant the fill's Role the same on one Job
+    ("create", "serviceaccounts", "demo"),
     ("create", "roles.rbac.authorization.k8s.io", "demo"),
+    ("create", "rolebindings.rbac.authorization.k8s.io", "demo"),
     ("create", "servicemonitors.monitoring.coreos.com", "demo"),
     ("update", "leases.coordination.k8s.io", NAMESPACE),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", None),
