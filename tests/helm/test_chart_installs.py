@@ -137,6 +137,21 @@ def test_operator_as_the_chart_service_account_reconciles_an_example_and_uninsta
                      "poddisruptionbudget", "servicemonitor"):
             what = kind.split("/") if "/" in kind else [kind, "tiny-demo"]
             assert plane.kubectl("get", *what, "-n", "demo", check=False).returncode == 0, kind
+
+        # A model cache: the chart's rules suffice to make its claim, its fill Job and the Role (which the
+        # API server lets the operator grant only because it holds the same rights itself).
+        cached = {"apiVersion": "fleetlm.dev/v1alpha1", "kind": "LLMService", "metadata": {"name": "cached-demo"},
+                  "spec": {"model": {"source": "/models/tiny", "cache": {"size": "1Gi"}}, "runtime": {"gpus": 0}}}
+        plane.kubectl("apply", "-n", "demo", "-f", "-", input=json.dumps(cached))
+
+        def cache_status() -> dict[str, str] | None:
+            body = json.loads(plane.kubectl("get", "llms", "cached-demo", "-n", "demo", "-o", "json").stdout)
+            return (body.get("status") or {}).get("modelCache")
+
+        cache = wait_for("the operator to create the model cache", cache_status, timeout_s=90)
+        for what in (("pvc", cache["claimName"]), ("job", cache["jobName"]), ("serviceaccount", cache["claimName"]),
+                     ("role", cache["claimName"]), ("rolebinding", cache["claimName"])):
+            assert plane.kubectl("get", *what, "-n", "demo", check=False).returncode == 0, what
     finally:
         stop_process(proc)
     log = log_path.read_text()
