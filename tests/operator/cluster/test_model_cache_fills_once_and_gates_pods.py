@@ -14,6 +14,7 @@ from __future__ import annotations
 import json
 import pathlib
 import shutil
+import sys
 import time
 import urllib.request
 import uuid
@@ -155,8 +156,9 @@ def test_the_job_fills_the_cache_once_and_pods_serve_from_it(
                  timeout_s=120)  # fmt: skip
         assert len(kube.items("jobs")) == 1
         assert len(_pods(kube, names.COMPONENT_MODEL_CACHE)) == 1
+        # To the real stderr: the in-process operator (KopfRunner) captures sys.stdout and sys.stderr.
         print(f"\ncache fill observed Pending->Ready in {fill_s:.1f}s; statuses seen: "
-              f"{[(c['phase'], c.get('bytesDone')) for c in seen]}")  # fmt: skip
+              f"{[(c['phase'], c.get('bytesDone')) for c in seen]}", file=sys.__stderr__)  # fmt: skip
     finally:
         runner.stop_all()
 
@@ -209,7 +211,7 @@ def test_a_bad_source_fails_once_with_a_reason_and_never_starts_pods(
         kube.plane.kubectl("delete", "llmservice", name, "-n", kube.namespace, "--wait=true", "--timeout=60s")
         wait_for("the Job to be garbage-collected", lambda: not kube.items("jobs"), timeout_s=120)
         assert kube.get("pvc", cache["claimName"]) is not None
-        print(f"\nbad source: Failed in {failed_s:.1f}s after 1 attempt")
+        print(f"\nbad source: Failed in {failed_s:.1f}s after 1 attempt", file=sys.__stderr__)
     finally:
         runner.stop_all()
 
