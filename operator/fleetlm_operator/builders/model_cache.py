@@ -226,8 +226,13 @@ def build_job(svc: models.LLMService, *, default_image: str) -> dict[str, Any]:
         "spec": {
             "backoffLimit": cache.fill.retries,
             "activeDeadlineSeconds": timeout_s,
-            "podFailurePolicy": {"rules": [{"action": "FailJob", "onExitCodes": {
-                "containerName": FILL_CONTAINER, "operator": "In", "values": [FILL_EXIT_PERMANENT]}}]},
+            "podFailurePolicy": {"rules": [
+                # Retrying cannot fix a missing source or a small volume: fail the Job at once.
+                {"action": "FailJob", "onExitCodes": {"containerName": FILL_CONTAINER, "operator": "In",
+                                                      "values": [FILL_EXIT_PERMANENT]}},
+                # A drained or preempted node is not the fill's fault: do not count it against the retries.
+                {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]},
+            ]},
             "template": {"metadata": {"labels": labels(svc)}, "spec": pod_spec},
         },
     }  # fmt: skip

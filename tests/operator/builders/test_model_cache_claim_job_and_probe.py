@@ -50,7 +50,8 @@ def test_fill_job_bounds_retries_and_time_and_fails_at_once_on_permanent_errors(
     assert job["spec"]["backoffLimit"] == 2
     assert job["spec"]["activeDeadlineSeconds"] == 1800
     # The operator's exit code for "do not retry" is the fill program's.
-    [rule] = job["spec"]["podFailurePolicy"]["rules"]
+    rule, disruption = job["spec"]["podFailurePolicy"]["rules"]
+    assert disruption == {"action": "Ignore", "onPodConditions": [{"type": "DisruptionTarget"}]}
     assert rule == {"action": "FailJob", "onExitCodes": {"containerName": "fill", "operator": "In",
                                                          "values": [fill.EXIT_PERMANENT]}}  # fmt: skip
     pod = job["spec"]["template"]["spec"]
