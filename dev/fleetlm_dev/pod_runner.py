@@ -9,7 +9,15 @@ The local control plane has no nodes and no container runtime, so the pods of an
   container port);
 * once the process answers /ready, the pod's status is patched Running and Ready with that address as its
   podIP, so the operator scrapes and tunes it like any pod; a pod that is deleted (scale-down) gets
-  SIGTERM, the drain the runtime does in a real pod.
+  SIGTERM, the drain the runtime does in a real pod;
+* a Job's pod (restartPolicy Never) runs to completion instead: its exit code becomes the pod's phase
+  (Succeeded or Failed) and a terminated container status (the last log lines as the message, as with
+  FallbackToLogsOnError), so the real Job controller counts it, retries it or fails the Job;
+* a PersistentVolumeClaim volume is one directory per claim under `<directory>/volumes/`, shared by every
+  pod that mounts it (a model cache's fill Job writes it, the runtime pods read it);
+* a pod that mounts its ServiceAccount token gets one from the TokenRequest API; as this stand-in cannot
+  write /var/run/secrets, it hands the token, the CA and the server to the process as FLEETLM_API_TOKEN_FILE,
+  FLEETLM_API_CA_FILE and FLEETLM_API_SERVER (read by the model-cache fill program).
 
 Only for the demo and for trying the operator without a cluster; nothing here is used in production.
 """
@@ -18,12 +26,14 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import json
 import os
 import pathlib
 import random
 import socket
 import subprocess
+import sys
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
@@ -41,6 +51,7 @@ class RunningPod:
     log_path: pathlib.Path
     ready: bool = False
     exit_reported: bool = False
+    runs_to_completion: bool = False  # a Job's pod: no /ready, its exit code is reported instead
 
     @property
     def url(self) -> str:
@@ -69,7 +80,19 @@ class PodRunner:
                 events.append(f"pod {name} deleted: its runtime got SIGTERM and drained")
         for name, pod in live.items():
             running = self.pods.get(name)
-            if running is None:
+            if running is None and _runs_to_completion(pod):
+                if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+                    continue  # finished before this runner saw it (a Job's pod is never rerun)
+                running = self._start(pod)
+                running.runs_to_completion = True
+                self.pods[name] = running
+                events.append(f"pod {name}: running its container to completion")
+            elif running is not None and running.runs_to_completion:
+                if running.process.poll() is not None and not running.exit_reported:
+                    running.exit_reported = True
+                    self._mark_terminated(pod, running)
+                    events.append(f"pod {name}: exited with {running.process.returncode}")
+            elif running is None:
                 running = self._start(pod)
                 self.pods[name] = running
                 events.append(f"pod {name}: starting fleetlm-runtime on {running.url}")
@@ -100,20 +123,26 @@ class PodRunner:
         volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
         mounts: dict[str, pathlib.Path] = {}
         for mount in container.get("volumeMounts", []):
-            local = root / mount["name"]
-            local.mkdir(exist_ok=True)
-            self._materialize(volumes.get(mount["name"], {}), local)
+            volume = volumes.get(mount["name"], {})
+            local = self._claim_dir(volume) or root / mount["name"]
+            local.mkdir(parents=True, exist_ok=True)
+            self._materialize(volume, local)
             mounts[mount["mountPath"]] = local
         command = [_localize(arg, mounts) for arg in container["command"] + container.get("args", [])]
         binary = paths.venv_bin(command[0])
         if binary is not None:
             command[0] = str(binary)
+        elif command[0] in ("python", "python3"):
+            command[0] = sys.executable
         ip = free_loopback_address()
         env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+        env.update(self._env_from_sources(pod, container))
+        env.update(self._service_account_env(pod, root))
+        host_args = [] if _runs_to_completion(pod) else ["--host", ip]
         log_path = root / "runtime.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [*command, "--host", ip],
+                [*command, *host_args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**_base_env(), **env},
@@ -139,6 +168,67 @@ class PodRunner:
             for key, value in (obj.get("data") or {}).items():
                 (target / key).write_bytes(base64.b64decode(value))
 
+    def _claim_dir(self, volume: dict[str, Any]) -> pathlib.Path | None:
+        """The directory standing in for a PersistentVolumeClaim, shared by every pod that mounts it."""
+        claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+        return self.directory / "volumes" / self.namespace / claim if claim else None
+
+    def _env_from_sources(self, pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+        """Environment variables from the downward API (metadata.*) and from Secret keys."""
+        env: dict[str, str] = {}
+        for variable in container.get("env", []):
+            source = variable.get("valueFrom") or {}
+            if "fieldRef" in source:
+                field_path = source["fieldRef"]["fieldPath"]
+                if field_path.startswith("metadata."):
+                    env[variable["name"]] = str(pod["metadata"].get(field_path.removeprefix("metadata."), ""))
+            elif "secretKeyRef" in source:
+                ref = source["secretKeyRef"]
+                found = self.plane.kubectl("get", "secret", ref["name"], "-n", self.namespace, "-o", "json",
+                                           check=False)  # fmt: skip
+                data = json.loads(found.stdout).get("data", {}) if found.returncode == 0 else {}
+                if ref["key"] in data:
+                    env[variable["name"]] = base64.b64decode(data[ref["key"]]).decode()
+        return env
+
+    def _service_account_env(self, pod: dict[str, Any], root: pathlib.Path) -> dict[str, str]:
+        """A token for the pod's ServiceAccount (TokenRequest, as the kubelet projects it), where it mounts one."""
+        spec = pod["spec"]
+        account = spec.get("serviceAccountName")
+        if not account or not spec.get("automountServiceAccountToken"):
+            return {}
+        token = self.plane.kubectl("create", "token", account, "-n", self.namespace, "--duration=1h").stdout.strip()
+        token_path = root / "serviceaccount-token"
+        token_path.write_text(token)
+        return {
+            "FLEETLM_API_SERVER": self.plane.server,
+            "FLEETLM_API_TOKEN_FILE": str(token_path),
+            "FLEETLM_API_CA_FILE": str(self.plane.pki.ca_cert),
+        }
+
+    def _mark_terminated(self, pod: dict[str, Any], running: RunningPod) -> None:
+        """A finished container, as the kubelet reports it: the Job controller reads phase and exit code."""
+        code = int(running.process.returncode or 0)
+        now = datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        terminated: dict[str, Any] = {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "startedAt": pod["metadata"].get("creationTimestamp", now),
+            "finishedAt": now,
+        }
+        if code != 0:  # FallbackToLogsOnError: the last lines of the log, at most 2048 bytes
+            terminated["message"] = running.log_path.read_bytes()[-2048:].decode(errors="replace")
+        container = pod["spec"]["containers"][0]
+        status = {
+            "phase": "Succeeded" if code == 0 else "Failed",
+            "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}],
+            "containerStatuses": [{"name": container["name"], "image": container["image"], "imageID": "",
+                                   "ready": False, "restartCount": 0, "started": False,
+                                   "state": {"terminated": terminated}}],
+        }  # fmt: skip
+        self.plane.kubectl("patch", "pod", running.name, "-n", self.namespace, "--subresource=status",
+                           "--type=strategic", "-p", json.dumps({"status": status}))  # fmt: skip
+
     def _mark_ready(self, name: str, ip: str) -> None:
         ready = [{"type": t, "status": "True"} for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")]
         status = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "conditions": ready}}
@@ -146,6 +236,12 @@ class PodRunner:
             "patch", "pod", name, "-n", self.namespace, "--subresource=status", "--type=strategic",
             "-p", json.dumps(status),
         )  # fmt: skip
+
+
+def _runs_to_completion(pod: dict[str, Any]) -> bool:
+    """A Job's pod (or any pod with restartPolicy Never): run once, report the exit code."""
+    owners = pod["metadata"].get("ownerReferences") or []
+    return pod["spec"].get("restartPolicy") == "Never" or any(o.get("kind") == "Job" for o in owners)
 
 
 def _localize(arg: str, mounts: dict[str, pathlib.Path]) -> str:

@@ -23,9 +23,11 @@ import kopf
 
 from fleetlm_operator import metrics
 from fleetlm_operator.api import models, names
-from fleetlm_operator.builders import configmap, deployment, meta, pdb, secret, service, servicemonitor
+from fleetlm_operator.builders import configmap, deployment, meta, model_cache, pdb, secret, service, servicemonitor
 from fleetlm_operator.handlers import context
+from fleetlm_operator.handlers import model_cache as model_cache_handler
 from fleetlm_operator.status import conditions, summary
+from fleetlm_operator.status import model_cache as model_cache_status
 
 
 def _now() -> datetime.datetime:
@@ -72,12 +74,18 @@ def current_tuning(svc: models.LLMService) -> models.Tuning:
 
 
 def render_children(svc: models.LLMService, *, tuning: models.Tuning, default_image: str,
-                    with_service_monitor: bool) -> list[dict[str, Any]]:
-    """Every child but the admin Secret, in the order they should be applied (config before pods)."""
+                    with_service_monitor: bool, with_deployment: bool = True,
+                    model_bytes: int | None = None) -> list[dict[str, Any]]:
+    """Every child but the admin Secret, in the order they should be applied (config before pods).
+
+    Without `with_deployment` (the model cache is not Ready) the Deployment is left out: not created, or
+    left as it is, so no pod starts on a checkpoint that is not there yet.
+    """
     children = [
         configmap.build_config_map(svc, tuning=tuning),
         service.build_service(svc),
-        deployment.build_deployment(svc, default_image=default_image),
+        *([deployment.build_deployment(svc, default_image=default_image, model_bytes=model_bytes)]
+          if with_deployment else []),
         pdb.build_pod_disruption_budget(svc),
     ]
     if with_service_monitor:
@@ -103,10 +111,16 @@ def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.
     if created:
         metrics.CHILDREN_APPLIED.labels(kind="Secret").inc()
 
+    cache = model_cache_handler.ensure(svc, body=body, ctx=ctx)
+    if cache is not None:
+        model_cache_handler.post_transition_event(body, before=model_cache_handler.stored_cache(body), after=cache)
+
     with_monitor = ctx.applier.has_kind(servicemonitor.API_VERSION, "ServiceMonitor")
     applied = []
     for child in render_children(svc, tuning=tuning, default_image=ctx.settings.runtime_image,
-                                 with_service_monitor=with_monitor):
+                                 with_service_monitor=with_monitor,
+                                 with_deployment=model_cache.pods_allowed(svc.spec, cache),
+                                 model_bytes=model_cache.model_bytes(svc.spec, cache)):
         kopf.adopt(child, owner=body)
         ctx.applier.apply(child)
         metrics.CHILDREN_APPLIED.labels(kind=child["kind"]).inc()
@@ -114,7 +128,7 @@ def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.
 
     if cause != "resume":
         kopf.info(body, reason="Reconciled", message=f"applied {', '.join(applied)}")
-    status = rollout_status(svc, body=body, ctx=ctx)
+    status = rollout_status(svc, body=body, ctx=ctx, cache=cache)
     status["tuning"] = tuning.model_dump(mode="json", by_alias=True, exclude_none=True)
     _export_service_gauges(svc, tuning=tuning, ready=int(status.get("readyReplicas") or 0))
     metrics.RECONCILES.labels(result="ok").inc()
@@ -135,13 +149,25 @@ def _export_service_gauges(svc: models.LLMService, *, tuning: models.Tuning, rea
     metrics.SERVICE_BATCH_LIMIT.labels(**labels, limit="max_batch_tokens").set(tuning.max_batch_tokens or 0)
 
 
-def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: context.OperatorContext) -> dict[str, Any]:
-    """Status fields derived from the Deployment and its pods, merged into the stored conditions."""
+def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: context.OperatorContext,
+                   cache: models.ModelCacheStatus | None = None) -> dict[str, Any]:
+    """Status fields derived from the Deployment and its pods, merged into the stored conditions.
+
+    `cache` is the model cache's state as just read; unset, the one stored in status is used.
+    """
     found = ctx.applier.read_deployment(svc.name, svc.namespace)
     pods = ctx.applier.list_pods(svc.namespace, meta.selector_string(svc))
     rollout = summary.summarize(deployment=found, pods=pods, min_ready=svc.spec.replicas.min)
     stored = body.get("status", {}) or {}
-    merged = conditions.merge(stored.get("conditions", []) or [], rollout.conditions, now=_now(),
+    fresh = cache is not None  # only a cache state just read from its Job is written back
+    if cache is None and svc.spec.model.cached:
+        cache = model_cache_handler.stored_cache(body)
+    found_conditions = list(rollout.conditions)
+    phase = rollout.phase
+    if cache is not None and svc.spec.model.cached:
+        found_conditions += model_cache_status.cache_conditions(cache, ready_replicas=rollout.ready_replicas)
+        phase = model_cache_status.phase(phase, cache, ready_replicas=rollout.ready_replicas)
+    merged = conditions.merge(stored.get("conditions", []) or [], found_conditions, now=_now(),
                               observed_generation=body.get("metadata", {}).get("generation"))
     if not any(c["type"] == names.ConditionType.SLO_MET for c in merged):
         merged = conditions.merge(merged, [
@@ -150,14 +176,20 @@ def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: cont
             conditions.Condition(names.ConditionType.METRICS_AVAILABLE, "Unknown", "NotYetCollected",
                                  "metrics have not been collected yet"),
         ], now=_now(), observed_generation=body.get("metadata", {}).get("generation"))
+    cache_fields: dict[str, Any] = {}
+    if fresh and cache is not None and svc.spec.model.cached:
+        cache_fields["modelCache"] = model_cache_handler.status_patch(cache)
+    elif not svc.spec.model.cached and stored.get("modelCache"):
+        cache_fields["modelCache"] = None  # the cache was turned off: drop what status said about it
     return {
-        "phase": rollout.phase,
+        "phase": phase,
         "replicas": rollout.replicas,
         "readyReplicas": rollout.ready_replicas,
         "selector": meta.selector_string(svc),
         "endpoint": service.endpoint_url(svc),
         "observedGeneration": body.get("metadata", {}).get("generation"),
         "conditions": merged,
+        **cache_fields,
     }
 
 
