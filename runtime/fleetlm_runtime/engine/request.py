@@ -153,7 +153,6 @@ class Request:
     # Prefix cache: chain hashes of the prompt's full blocks (computed on first admission).
     block_hashes: list[bytes] | None = None
     admit_seq: int = 0  # order of the latest admission into the running batch (preemption picks the newest)
-    num_sent_blocks: int = 0  # blocks of its table the runner has been told about since that admission
 
     @property
     def num_prompt_tokens(self) -> int:

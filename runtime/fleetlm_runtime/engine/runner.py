@@ -2,8 +2,8 @@
 
 Design (`fleetlm-dev bench engine` prints the figures):
 
-* **One KV pool, allocated at start and never grown.** Per layer one key and one value tensor of shape
-  `[kv_heads, num_blocks, block_size, head_dim]`, sized once from the budget (`caches/kv_budget.py`:
+* **One KV pool, allocated at start and never grown.** Per layer one tensor of keys and values,
+  `[2, kv_heads, num_blocks, block_size, head_dim]`, sized once from the budget (`caches/kv_budget.py`:
   bytes, a token cap, or on a GPU what is left after the weights and a profiling forward). Block 0 is
   the null block: it stays zero and pads block tables. Nothing on the hot path allocates KV: the
   scheduler hands out block ids (`caches/kv_manager.py`), the runner only indexes.
@@ -12,9 +12,9 @@ Design (`fleetlm-dev bench engine` prints the figures):
   the tokens that need computing: no padding, and a prefill chunk costs no more than its tokens.
 * **Our attention inside the model's forward** (`engine/forward.py`: the model's own modules, or a lean
   Llama-family path over the same weights). `attend` writes the new keys and values into the pool by
-  slot (`block * block_size + offset`, one `index_copy_` per tensor), then attends per group: all
+  slot (`block * block_size + offset`, one `index_copy_` per layer), then attends per group: all
   single-token (decode) queries together, over their blocks gathered by block table (one `index_select`
-  of whole blocks per tensor, the index built once per step and shared by all layers; rows shorter than
+  of whole blocks per layer, the index built once per step and shared by all layers; rows shorter than
   the longest read the null block, masked), one batched matmul, softmax, matmul; each prefill chunk in
   its own causal SDPA call over its own new keys, or, when it continues a sequence (a later chunk, a
   prefix-cache hit), over its gathered blocks. Sliding-window layers get their window in the mask.
@@ -73,7 +73,7 @@ class _StepMeta:
 
     num_decode: int  # single-token queries, packed first
     decode_len: int  # keys read per decode row (whole blocks)
-    decode_gather: torch.Tensor | None  # [kv_heads * rows * blocks] pool rows, KV-head major
+    decode_gather: torch.Tensor | None  # [rows * kv_heads * blocks] pool rows, row major
     decode_lens: torch.Tensor  # [num_decode] valid keys per row, including the new token
     chunks: list[_Chunk]
     write_index: torch.Tensor | None  # [T * kv_heads] token rows of the flat pool; None while discovering
@@ -108,13 +108,11 @@ class ModelRunner:
         self._sampling: dict[str, sampling.SamplingState] = {}
         self._num_sampled = 0  # live requests that are not greedy
         self._parked: dict[str, sampling.SamplingState] = {}  # preempted requests' sampling streams
-        # The pool, per layer: [kv_heads, num_blocks, block_size, head_dim], and two flat views of it.
-        self._k: list[torch.Tensor] = []
-        self._v: list[torch.Tensor] = []
-        self._k_rows: list[torch.Tensor] = []  # [kv_heads * num_blocks * block_size, head_dim]: writes
-        self._v_rows: list[torch.Tensor] = []
-        self._k_blocks: list[torch.Tensor] = []  # [kv_heads * num_blocks, block_size * head_dim]: gathers
-        self._v_blocks: list[torch.Tensor] = []
+        # The pool, per layer: keys and values in one tensor [2, kv_heads, num_blocks, block_size, head_dim]
+        # (one write and one gather per layer serve both), and two flat views of it.
+        self._kv: list[torch.Tensor] = []
+        self._kv_rows: list[torch.Tensor] = []  # [2 * kv_heads * num_blocks * block_size, head_dim]: writes
+        self._kv_blocks: list[torch.Tensor] = []  # [2 * kv_heads * num_blocks, block_size * head_dim]: gathers
         self.num_blocks = 0  # usable blocks (the null block excluded)
         self.budget_source = ""
         self._kv_heads = 0
@@ -146,11 +144,11 @@ class ModelRunner:
 
     @property
     def pool_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._k + self._v)
+        return sum(t.numel() * t.element_size() for t in self._kv)
 
     @property
     def pool_tensors(self) -> list[torch.Tensor]:
-        return self._k + self._v
+        return list(self._kv)
 
     @property
     def num_layers(self) -> int:
@@ -159,7 +157,7 @@ class ModelRunner:
     def close(self) -> None:
         """Drop the pool. The model keeps the engine's attention implementation: other runners may
         share the model, and outside a runner step it is exactly transformers' SDPA."""
-        self._k, self._v, self._k_rows, self._v_rows, self._k_blocks, self._v_blocks = [], [], [], [], [], []
+        self._kv, self._kv_rows, self._kv_blocks = [], [], []
         self._tables.clear()
         self._sampling.clear()
         self._parked.clear()
@@ -285,18 +283,21 @@ class ModelRunner:
         positions = packed[num_tokens : 2 * num_tokens]
         at = 3 * num_tokens
         write_index = decode_gather = None
-        if self._k:
+        if self._kv:
             slots = packed[2 * num_tokens : at]
-            # Row of (token t, KV head h) in the flat pool: h * (num_blocks * block_size) + slot. Source
-            # rows are ordered (t, h), t-major, which is how the k/v projections lay them out in memory.
-            write_index = (slots.unsqueeze(1) + self._head_rows).reshape(-1)
+            # Row of (K or V, token t, KV head h) in the flat pool: (kv * kv_heads + h) * rows_per_head +
+            # slot; the source is cat(k, v), whose rows are ordered (t, h), t-major, as the projections
+            # lay them out in memory.
+            write_index = (slots.view(1, -1, 1) + self._head_rows).reshape(-1)
             if num_decode:
-                decode_gather = (self._head_blocks + packed[at : at + num_decode_tables].unsqueeze(0)).reshape(-1)
+                tables = packed[at : at + num_decode_tables].view(1, num_decode, 1, -1)
+                decode_gather = (tables + self._head_blocks).reshape(-1)  # (K or V, row, KV head, block)
             at += num_decode_tables
             for chunk in chunks:
                 if chunk.key_len:
                     num_blocks = chunk.key_len // self.block_size
-                    chunk.gather = (self._head_blocks + packed[at : at + num_blocks].unsqueeze(0)).reshape(-1)
+                    table = packed[at : at + num_blocks]
+                    chunk.gather = (table + self._head_blocks.view(-1, 1)).reshape(-1)  # (K or V, KV head, block)
                     at += num_blocks
         return _StepMeta(
             num_decode=num_decode,
@@ -328,8 +329,7 @@ class ModelRunner:
             self._shapes.append((k.shape[1], k.shape[2], k.dtype))
         head_dim = k.shape[-1]
         if meta.write_index is not None:
-            self._k_rows[layer].index_copy_(0, meta.write_index, k.reshape(-1, head_dim))
-            self._v_rows[layer].index_copy_(0, meta.write_index, v.reshape(-1, head_dim))
+            self._kv_rows[layer].index_copy_(0, meta.write_index, torch.cat((k, v)).view(-1, head_dim))
         if sliding_window is not None and sliding_window >= self.max_model_len:
             sliding_window = None  # a window as long as the context is no window
         parts: list[torch.Tensor] = []
@@ -343,9 +343,7 @@ class ModelRunner:
                 keys = k[first:last].transpose(0, 1).unsqueeze(0)
                 values = v[first:last].transpose(0, 1).unsqueeze(0)
             else:
-                shape = (1, kv_heads, chunk.key_len, head_dim)
-                keys = self._k_blocks[layer].index_select(0, chunk.gather).view(shape)
-                values = self._v_blocks[layer].index_select(0, chunk.gather).view(shape)
+                keys, values = self._kv_blocks[layer].index_select(0, chunk.gather).view(2, 1, kv_heads, -1, head_dim)
             mask = self._chunk_mask(chunk, sliding_window)
             out = F.scaled_dot_product_attention(
                 q[first:last].transpose(0, 1).unsqueeze(0),
@@ -373,9 +371,9 @@ class ModelRunner:
         group = heads // kv_heads
         assert meta.decode_gather is not None, "decodes need the pool"
         # One decode token per row: fold the query heads that share a KV head into the "query length"
-        # dimension, KV head major ([kv_heads * rows, group, head_dim]) like the gathered keys, so GQA
-        # needs no repeat of K and V and the gathered blocks need no transpose.
-        q = q[:rows].reshape(rows, kv_heads, group, head_dim).transpose(0, 1).reshape(kv_heads * rows, group, head_dim)
+        # dimension ([rows * kv_heads, group, head_dim], the order of the gathered blocks), so GQA needs
+        # no repeat of K and V, and neither side a transpose.
+        q = q[:rows].reshape(rows * kv_heads, group, head_dim)
         mask = meta.decode_masks.get(sliding_window)
         if mask is None:
             # Additive mask, made once per step and window and shared by all layers. Keys past a row's
@@ -386,19 +384,18 @@ class ModelRunner:
             if sliding_window is not None:
                 invalid |= keys < lens - sliding_window
             mask = torch.zeros(invalid.shape, dtype=q.dtype, device=q.device).masked_fill_(invalid, float("-inf"))
-            mask = mask.repeat(kv_heads, 1).unsqueeze(1)  # [kv_heads * rows, 1, length]
+            mask = mask.repeat_interleave(kv_heads, dim=0).unsqueeze(1)  # [rows * kv_heads, 1, length]
             meta.decode_masks[sliding_window] = mask
-        shape = (kv_heads * rows, length, head_dim)
-        keys_view = self._k_blocks[layer].index_select(0, meta.decode_gather).view(shape)
-        values_view = self._v_blocks[layer].index_select(0, meta.decode_gather).view(shape)
+        keys_view, values_view = (
+            self._kv_blocks[layer].index_select(0, meta.decode_gather).view(2, rows * kv_heads, length, head_dim)
+        )
         # Three batched kernels instead of SDPA: for one query per row (tiny GEMMs, many of them) they
         # are faster on CPU, and the math is the same (softmax(q k^T * scale + mask) v).
         scores = torch.baddbmm(mask, q, keys_view.transpose(1, 2), alpha=scaling)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # fp32 softmax, as eager attention does
         if probs.dtype != values_view.dtype:
             probs = probs.to(values_view.dtype)
-        out = torch.bmm(probs, values_view).view(kv_heads, rows, group, head_dim)
-        return out.transpose(0, 1).reshape(rows, heads, head_dim)
+        return torch.bmm(probs, values_view).view(rows, heads, head_dim)
 
     def _chunk_mask(self, chunk: _Chunk, sliding_window: int | None) -> torch.Tensor | None:
         end = chunk.start + chunk.num_tokens
@@ -461,19 +458,16 @@ class ModelRunner:
         total = size.num_blocks_with_null
         self._kv_heads, self._head_dim = kv_heads, head_dim
         for _ in range(self._num_layers):
-            for blocks, rows, flat in (
-                (self._k, self._k_rows, self._k_blocks),
-                (self._v, self._v_rows, self._v_blocks),
-            ):
-                # zeros, not empty: the pages are touched now, so memory is taken at start (resident size
-                # stays flat) and the null block reads as zeros.
-                tensor = torch.zeros((kv_heads, total, bs, head_dim), dtype=dtype, device=self.device)
-                blocks.append(tensor)
-                rows.append(tensor.view(kv_heads * total * bs, head_dim))
-                flat.append(tensor.view(kv_heads * total, bs * head_dim))
+            # zeros, not empty: the pages are touched now, so memory is taken at start (resident size stays
+            # flat) and the null block reads as zeros.
+            tensor = torch.zeros((2, kv_heads, total, bs, head_dim), dtype=dtype, device=self.device)
+            self._kv.append(tensor)
+            self._kv_rows.append(tensor.view(2 * kv_heads * total * bs, head_dim))
+            self._kv_blocks.append(tensor.view(2 * kv_heads * total, bs * head_dim))
         self.num_blocks, self.budget_source = size.num_blocks, size.source
-        self._head_rows = torch.arange(kv_heads, device=self.device) * (total * bs)
-        self._head_blocks = (torch.arange(kv_heads, device=self.device) * total).unsqueeze(1)
+        heads = torch.arange(2 * kv_heads, device=self.device)  # K's heads, then V's
+        self._head_rows = (heads * (total * bs)).view(2, 1, kv_heads)  # [2, 1, kv_heads]: + slot [1, T, 1]
+        self._head_blocks = (heads * total).view(2, 1, kv_heads, 1)  # + block table [1, rows, 1, blocks]
         logger.info(
             "KV pool: %d blocks of %d tokens (%.1f MiB, sized by %s)",
             size.num_blocks,
@@ -523,7 +517,7 @@ class ModelRunner:
         for i, n in enumerate(lengths):
             req_id = f"__probe{i}__"
             num_blocks = -(-n // bs)
-            blocks = tuple(range(next_block, next_block + num_blocks)) if self._k else (1,) * num_blocks
+            blocks = tuple(range(next_block, next_block + num_blocks)) if self._kv else (1,) * num_blocks
             next_block += num_blocks
             sched.new_reqs.append(
                 outputs.NewRequestData(
@@ -546,7 +540,7 @@ class ModelRunner:
     def _probe(self) -> torch.Tensor:
         """Prefill a few fixed tokens; returns their final hidden states."""
         num = _PROBE_TOKENS
-        if self._k:
+        if self._kv:
             num = min(num, self.num_blocks * self.block_size)
         tokens = [i % self.loaded.vocab_size for i in range(1, num + 1)]
         captured: list[torch.Tensor] = []

@@ -206,8 +206,8 @@ class Scheduler:
         self._finished_req_ids = []
         if self._preemption and self.waiting and self.running:
             self._maybe_preempt(out)
-        # Decisions first (request -> tokens this step, in batch order), the output after: a request
-        # preempted for blocks later in the step may already have been given tokens, and is taken back.
+        # Decodes go straight into the output; chunks are decisions (request -> tokens) written after the
+        # passes. A request preempted for blocks later in the step is taken back out of either.
         scheduled: dict[request_mod.Request, int] = {}
         preempted_before = len(out.preempted_req_ids)
         budget = self._limits.max_batch_tokens
@@ -267,13 +267,14 @@ class Scheduler:
         self.kv.free(req.req_id)
         req.status = RequestStatus.PREEMPTED
         req.num_computed_tokens = 0
-        req.num_sent_blocks = 0
         req.num_preemptions += 1
         _bump(self.running_by_class, req.qos_class, -1)
         _bump(self.waiting_by_class, req.qos_class, 1)
         self.waiting.prepend(req)
         out.finished_req_ids.append(req.req_id)
         out.preempted_req_ids.append(req.req_id)
+        if any(req_id == req.req_id for req_id, _ in out.new_block_ids):
+            out.new_block_ids[:] = [entry for entry in out.new_block_ids if entry[0] != req.req_id]
         self._num_preemptions += 1
 
     def _victim(self) -> request_mod.Request:
@@ -293,31 +294,43 @@ class Scheduler:
         """Blocks for `num_tokens` more of a running request, preempting until they fit. Returns whether
         `req` got them (False: it was the victim itself) and the tokens given back by scheduled victims."""
         returned = 0
-        while self.kv.allocate_slots(req, num_tokens) is None:
+        while (blocks := self.kv.allocate_slots(req, num_tokens)) is None:
             victim = self._victim()
-            returned += scheduled.pop(victim, 0)
+            returned += scheduled.pop(victim, 0) + _unschedule_decode(out, victim)
             self._preempt(victim, out)
             if victim is req:
                 return False, returned
+        if blocks:
+            out.new_block_ids.append((req.req_id, blocks))
         return True, returned
 
     def _schedule_decodes(
         self, out: outputs.SchedulerOutput, scheduled: dict[request_mod.Request, int], budget: int
     ) -> int:
-        # The hot path: with a full batch this loop is most of the scheduler's time, so it stays flat.
-        allocate = self.kv.allocate_slots
+        # The hot path: with a full batch this loop is most of the scheduler's time, so it stays flat and
+        # writes the output directly (a decode preempted later in the step is taken out again).
+        block_size = self.kv.block_size
+        req_ids, input_ids, computed = out.req_ids, out.input_token_ids, out.num_computed_tokens
+        counts, do_sample = out.num_scheduled_tokens, out.do_sample
         running = RequestStatus.RUNNING
         for req in list(self.running):  # a copy: preemption removes from self.running
             if budget <= 0:
                 break
-            if req.num_tokens - req.num_computed_tokens != 1 or req.status is not running:
+            num_computed = req.num_computed_tokens
+            output_ids = req.output_token_ids
+            if len(req.prompt_token_ids) + len(output_ids) - num_computed != 1 or req.status is not running:
                 continue  # still prefilling (pass 2), or preempted earlier in this loop
-            if allocate(req, 1) is None:
+            if num_computed % block_size == 0:  # its token starts a new block
                 ok, returned = self._allocate(req, 1, out, scheduled)
                 budget += returned
                 if not ok:
                     continue
-            scheduled[req] = 1
+            req_ids.append(req.req_id)
+            input_ids.append(output_ids[-1] if output_ids else req.prompt_token_ids[-1])
+            computed.append(num_computed)
+            counts.append(1)
+            do_sample.append(True)
+            req.num_computed_tokens = num_computed + 1
             budget -= 1
         return budget
 
@@ -390,44 +403,31 @@ class Scheduler:
         scheduled: dict[request_mod.Request, int],
         new_reqs: list[request_mod.Request],
     ) -> None:
+        """Chunks (partial prefills and admissions) after the decodes, in decision order."""
         kv = self.kv
-        block_ids = kv.block_ids
         for req in new_reqs:
-            blocks = block_ids(req.req_id)
-            req.num_sent_blocks = len(blocks)
             out.new_reqs.append(
                 outputs.NewRequestData(
                     req_id=req.req_id,
                     prompt_token_ids=req.prompt_token_ids,
                     sampling_params=req.sampling_params,
-                    block_ids=tuple(blocks),
+                    block_ids=tuple(kv.block_ids(req.req_id)),
                 )
             )
-        req_ids, input_ids, computed = out.req_ids, out.input_token_ids, out.num_computed_tokens
-        counts, do_sample, new_blocks = out.num_scheduled_tokens, out.do_sample, out.new_block_ids
         for req, num_tokens in scheduled.items():
             start = req.num_computed_tokens
-            blocks = block_ids(req.req_id)
-            if len(blocks) > req.num_sent_blocks:
-                new_blocks.append((req.req_id, blocks[req.num_sent_blocks :]))
-                req.num_sent_blocks = len(blocks)
-            req_ids.append(req.req_id)
-            computed.append(start)
-            counts.append(num_tokens)
             end = start + num_tokens
             req.num_computed_tokens = end
-            output_ids = req.output_token_ids
-            if num_tokens == 1 and end == len(req.prompt_token_ids) + len(output_ids) and output_ids:
-                input_ids.append(output_ids[-1])  # a decode
-                do_sample.append(True)
-                continue
+            out.req_ids.append(req.req_id)
+            out.num_computed_tokens.append(start)
+            out.num_scheduled_tokens.append(num_tokens)
             num_prompt = len(req.prompt_token_ids)
             if end <= num_prompt:
-                input_ids.extend(req.prompt_token_ids[start:end])
+                out.input_token_ids.extend(req.prompt_token_ids[start:end])
             else:  # only after a recompute (preemption): the chunk runs into the generated tokens
-                input_ids.extend((req.prompt_token_ids + output_ids)[start:end])
+                out.input_token_ids.extend((req.prompt_token_ids + req.output_token_ids)[start:end])
             out.num_prefill_tokens += max(0, min(end, num_prompt) - start)
-            do_sample.append(end == req.num_tokens)
+            out.do_sample.append(end == req.num_tokens)
             if kv.enable_caching and start < num_prompt:
                 kv.cache_blocks(req, min(end, num_prompt))
 
@@ -492,3 +492,15 @@ def _bump(counts: dict[str, int], key: str, delta: int) -> None:
         counts[key] = value
     else:
         counts.pop(key, None)
+
+
+def _unschedule_decode(out: outputs.SchedulerOutput, req: request_mod.Request) -> int:
+    """Take a decode scheduled earlier in this step out of the output; returns the tokens it had (0 or 1).
+    Decodes come first and hold one token each, so entry i's token is input_token_ids[i]."""
+    try:
+        i = out.req_ids.index(req.req_id)
+    except ValueError:
+        return 0
+    for values in (out.req_ids, out.input_token_ids, out.num_computed_tokens, out.num_scheduled_tokens, out.do_sample):
+        del values[i]
+    return 1
