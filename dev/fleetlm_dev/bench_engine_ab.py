@@ -4,9 +4,11 @@ Timings on a shared machine drift by more than the differences worth measuring, 
 measured interleaved: one worker process per tree (this tree, and `REV` checked out with `git worktree
 add` in a temporary directory, or any directory given with `--against-path`), each with its model loaded
 and its engine warm, then for every concurrency level the slices alternate A, B, B, A, ... and the ratio
-is that of the medians. The workers run this tree's measuring code (`bench_engine.run_concurrency`, the
-same closed loop as the main benchmark) on the other tree's `fleetlm_runtime` (PYTHONPATH), so only the
-engine differs. Nothing is asserted; the figures are printed.
+is that of the medians. Each level also reports tokens per CPU-second of the worker process, which the
+load of other processes on a shared machine skews far less than wall time. The workers run this tree's
+measuring code (`bench_engine.run_concurrency`, the same closed loop as the main benchmark) on the other
+tree's `fleetlm_runtime` (PYTHONPATH), so only the engine differs. Nothing is asserted; the figures are
+printed.
 """
 
 from __future__ import annotations
@@ -21,6 +23,7 @@ import statistics
 import subprocess
 import sys
 import tempfile
+import time
 from collections.abc import Iterator, Sequence
 from typing import IO, Any
 
@@ -63,9 +66,13 @@ async def _serve(args: argparse.Namespace) -> None:
         )
         while line := await asyncio.to_thread(sys.stdin.readline):
             concurrency, num_requests = (int(x) for x in line.split())
+            cpu_started = time.process_time()
             run = await bench_engine.run_concurrency(
                 engine, collector, workload, concurrency=concurrency, num_requests=num_requests
             )
+            # Tokens per CPU-second of this process (engine thread and event loop): what the engine costs,
+            # whatever share of the machine other processes took meanwhile.
+            run["tokens_per_cpu_s"] = run["output_tokens"] / (time.process_time() - cpu_started)
             print(json.dumps(run), flush=True)
     finally:
         await engine.shutdown()
@@ -163,10 +170,14 @@ def compare(spec: str, against: pathlib.Path, args: argparse.Namespace) -> dict[
         for concurrency in CONCURRENCY:
             num = max(8 if args.quick else 16, (2 if args.quick else 4) * concurrency)
             runs: dict[str, list[float]] = {w.name: [] for w in workers}
+            cpu: dict[str, list[float]] = {w.name: [] for w in workers}
             for index in range(slices):
                 for worker in workers if index % 2 == 0 else reversed(workers):
-                    runs[worker.name].append(worker.measure(concurrency, num)["tokens_per_s"])
+                    run = worker.measure(concurrency, num)
+                    runs[worker.name].append(run["tokens_per_s"])
+                    cpu[worker.name].append(run["tokens_per_cpu_s"])
             against_tps, current_tps = statistics.median(runs["against"]), statistics.median(runs["current"])
+            against_cpu, current_cpu = statistics.median(cpu["against"]), statistics.median(cpu["current"])
             levels.append(
                 {
                     "concurrency": concurrency,
@@ -174,6 +185,9 @@ def compare(spec: str, against: pathlib.Path, args: argparse.Namespace) -> dict[
                     "against_tokens_per_s": against_tps,
                     "current_tokens_per_s": current_tps,
                     "ratio": current_tps / against_tps,
+                    "against_tokens_per_cpu_s": against_cpu,
+                    "current_tokens_per_cpu_s": current_cpu,
+                    "cpu_ratio": current_cpu / against_cpu,
                     "slices": {name: [round(x) for x in values] for name, values in runs.items()},
                 }
             )
@@ -198,14 +212,23 @@ def render(results: list[dict[str, Any]], threads: int) -> str:
             f"{result['model']}: against {a['revision']} ({a['forward']}, KV {a['kv_tokens']} tokens) vs current "
             f"{c['revision']} ({c['forward']}, KV {c['kv_tokens']} tokens); median of {result['slices']} slices"
         )
-        lines.append("  concurrent  requests   against tok/s   current tok/s   current/against   slices (a | c)")
+        lines.append(
+            "  concurrent  requests   against tok/s   current tok/s   ratio   | against tok/cpu-s   current tok/cpu-s"
+            "   ratio   | wall slices (a | c)"
+        )
         for level in result["levels"]:
             sl = level["slices"]
             lines.append(
                 f"  {level['concurrency']:>10}  {level['requests']:>8}   {level['against_tokens_per_s']:>13.0f}   "
-                f"{level['current_tokens_per_s']:>13.0f}   {level['ratio']:>15.3f}   "
-                f"{','.join(map(str, sl['against']))} | {','.join(map(str, sl['current']))}"
+                f"{level['current_tokens_per_s']:>13.0f}   {level['ratio']:>5.3f}   | "
+                f"{level['against_tokens_per_cpu_s']:>17.0f}   {level['current_tokens_per_cpu_s']:>17.0f}   "
+                f"{level['cpu_ratio']:>5.3f}   | {','.join(map(str, sl['against']))} | "
+                f"{','.join(map(str, sl['current']))}"
             )
+        lines.append(
+            "  (tok/cpu-s: output tokens per CPU-second of the engine's process, which other load on a shared "
+            "machine does not skew)"
+        )
     return "\n".join(lines)
 
 

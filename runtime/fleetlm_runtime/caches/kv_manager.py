@@ -7,8 +7,9 @@ preempts), `free(request_id)` and `usage`. A request holds exactly the blocks it
 so the pool serves sequences by the tokens they actually hold, not by their worst case.
 
 Bookkeeping only, over a `BlockPool`; this module must never import torch. Prompt blocks are indexed in
-the prefix cache as soon as they are scheduled: within a step the runner writes every token's KV before
-any attention reads it, so a request admitted in the same step may already share them.
+the prefix cache when the step that computes them is scheduled (after that step's admissions), so the
+first request that can share them is admitted in a later step, after the runner has written them; a
+failed step resets the cache (`reset_prefix_cache`).
 """
 
 from __future__ import annotations
