@@ -55,6 +55,10 @@ async def _serve(args: argparse.Namespace) -> None:
     )
     engine = async_engine.AsyncEngine(engine_core, stats_callback=collector)
     engine.start()
+    # A second core, stepped directly by this thread, for the per-step CPU cost (see `_step_cost`).
+    step_core = core.EngineCore(
+        config_mod.EngineConfig(max_batch_size=max(CONCURRENCY), max_batch_tokens=4096), loaded=loaded
+    )
     try:
         await bench_engine.run_concurrency(engine, collector, workload, concurrency=8, num_requests=8)  # warm-up
         info = engine_core.info
@@ -65,6 +69,9 @@ async def _serve(args: argparse.Namespace) -> None:
             flush=True,
         )
         while line := await asyncio.to_thread(sys.stdin.readline):
+            if line.startswith("step"):
+                print(json.dumps({"step_cpu_ms": _step_cost(step_core, workload, int(line.split()[1]))}), flush=True)
+                continue
             concurrency, num_requests = (int(x) for x in line.split())
             cpu_started = time.process_time()
             run = await bench_engine.run_concurrency(
@@ -76,6 +83,31 @@ async def _serve(args: argparse.Namespace) -> None:
             print(json.dumps(run), flush=True)
     finally:
         await engine.shutdown()
+        step_core.close()
+
+
+def _step_cost(engine_core: Any, workload: Any, batch: int, steps: int = 40) -> float:
+    """CPU time (this thread's) of one all-decode step at `batch` sequences, in ms: the mean of the fastest
+    quarter of `steps` steps. Thread CPU time and the fastest steps are what other processes on a shared
+    machine disturb least; the step is the engine's whole per-token work (schedule, forward, sample, update)."""
+    from fleetlm_runtime.engine import request as request_mod  # noqa: PLC0415
+
+    ids = [f"s{i}" for i in range(batch)]
+    for i, req_id in enumerate(ids):
+        params = request_mod.SamplingParams(max_tokens=steps + 4, temperature=0.0, ignore_eos=True, detokenize=False)
+        engine_core.add_request(
+            engine_core.make_request(req_id=req_id, prompt_token_ids=workload.prompts[i], sampling_params=params)
+        )
+    while any(len(r.output_token_ids) == 0 for r in engine_core.scheduler.requests.values()):
+        engine_core.step()  # the prefills
+    costs = []
+    for _ in range(steps):
+        started = time.thread_time()
+        engine_core.step()
+        costs.append(time.thread_time() - started)
+    engine_core.abort_requests(ids)
+    costs.sort()
+    return 1e3 * statistics.fmean(costs[: max(1, steps // 4)])
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -117,9 +149,12 @@ class Worker:
         return json.loads(line)  # type: ignore[no-any-return]
 
     def measure(self, concurrency: int, num_requests: int) -> dict[str, Any]:
+        return self.command(f"{concurrency} {num_requests}")
+
+    def command(self, line: str) -> dict[str, Any]:
         stdin = self.process.stdin
         assert stdin is not None
-        stdin.write(f"{concurrency} {num_requests}\n")
+        stdin.write(line + "\n")
         stdin.flush()
         return self._read()
 
@@ -197,10 +232,23 @@ def compare(spec: str, against: pathlib.Path, args: argparse.Namespace) -> dict[
             "current": {"tree": str(REPO_ROOT), "revision": workers[1].revision, **workers[1].ready},
             "slices": slices,
             "levels": levels,
+            "step_cost": _compare_steps(workers, rounds=8 if args.quick else 16),
         }
     finally:
         for worker in workers:
             worker.close()
+
+
+def _compare_steps(workers: list[Worker], *, rounds: int) -> list[dict[str, Any]]:
+    found = []
+    for batch in (8, 32, 64):
+        costs: dict[str, list[float]] = {w.name: [] for w in workers}
+        for index in range(rounds):
+            for worker in workers if index % 2 == 0 else reversed(workers):
+                costs[worker.name].append(worker.command(f"step {batch}")["step_cpu_ms"])
+        against, current = statistics.median(costs["against"]), statistics.median(costs["current"])
+        found.append({"batch": batch, "against_ms": against, "current_ms": current, "ratio": current / against})
+    return found
 
 
 def render(results: list[dict[str, Any]], threads: int) -> str:
@@ -227,8 +275,14 @@ def render(results: list[dict[str, Any]], threads: int) -> str:
             )
         lines.append(
             "  (tok/cpu-s: output tokens per CPU-second of the engine's process, which other load on a shared "
-            "machine does not skew)"
+            "machine skews less)"
         )
+        lines.append("  all-decode step, thread CPU ms (fastest quarter of 40 steps, median of the rounds):")
+        for cost in result["step_cost"]:
+            lines.append(
+                f"    batch {cost['batch']:>2}: against {cost['against_ms']:.3f} ms, current {cost['current_ms']:.3f} "
+                f"ms, current/against {cost['ratio']:.3f} (tok/s ratio {1 / cost['ratio']:.3f})"
+            )
     return "\n".join(lines)
 
 
