@@ -44,7 +44,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=("auto", "float32", "float16", "bfloat16"))
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--max-batch-tokens", type=int, default=None)
-    p.add_argument("--max-kv-tokens", type=int, default=None)
+    p.add_argument("--max-kv-tokens", type=int, default=None, help="KV pool size in tokens (batching.maxKvTokens)")
+    p.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV pool size in bytes or a quantity such as 512Mi or 4Gi (kvCache.memory); allocated once at start",
+    )
     p.add_argument("--max-queue-len", type=int, default=None)
     p.add_argument("--drain-grace-period", type=float, default=None, help="seconds in-flight requests get")
     p.add_argument("--served-model-name", default=None)
@@ -103,6 +108,9 @@ def config_from_args(args: argparse.Namespace) -> config_mod.RuntimeConfig:
         ("qos", "requireApiKey"): args.require_api_key,
         ("qos", "policy"): args.qos_policy,
     }
+    if args.kv_cache_memory is not None:
+        memory = args.kv_cache_memory
+        data.setdefault("kvCache", {})["memory"] = int(memory) if memory.isdigit() else memory
     for (section, key), value in overrides.items():
         if value is not None:
             data[section][key] = value

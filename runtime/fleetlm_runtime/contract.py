@@ -95,7 +95,12 @@ METRIC_PREFIX: Final = "fleetlm_"
 # Gauges
 NUM_REQUESTS_RUNNING: Final = "fleetlm_num_requests_running"  # {model, qos_class}; vllm:num_requests_running
 NUM_REQUESTS_WAITING: Final = "fleetlm_num_requests_waiting"  # {model, qos_class}; vllm:num_requests_waiting
-KV_CACHE_USAGE_PERC: Final = "fleetlm_kv_cache_usage_perc"  # {model}; 0..1; vllm:kv_cache_usage_perc
+KV_CACHE_USAGE_PERC: Final = "fleetlm_kv_cache_usage_perc"  # {model}; 0..1 (blocks used / total); vllm's
+KV_CACHE_BLOCKS_TOTAL: Final = "fleetlm_kv_cache_blocks_total"  # {model}; blocks in the pool; vllm num_gpu_blocks
+KV_CACHE_BLOCKS_USED: Final = "fleetlm_kv_cache_blocks_used"  # {model}; blocks held by requests
+KV_CACHE_POOL_BYTES: Final = "fleetlm_kv_cache_pool_bytes"  # {model}; KV memory allocated once at start
+MODEL_WEIGHT_BYTES: Final = "fleetlm_model_weight_bytes"  # {model}; parameters and buffers
+MODEL_LOAD_SECONDS: Final = "fleetlm_model_load_seconds"  # {model}; time to load the weights
 BATCH_SIZE: Final = "fleetlm_batch_size"  # {model}; sequences in the latest step
 CONFIG_INFO: Final = "fleetlm_config_info"  # {model, CONFIG_INFO_LABELS...} = 1; like vllm:cache_config_info
 SERVER_READY: Final = "fleetlm_server_ready"  # {model}; 1 when /ready answers 200
@@ -151,6 +156,11 @@ GAUGES: Final = frozenset(
         NUM_REQUESTS_RUNNING,
         NUM_REQUESTS_WAITING,
         KV_CACHE_USAGE_PERC,
+        KV_CACHE_BLOCKS_TOTAL,
+        KV_CACHE_BLOCKS_USED,
+        KV_CACHE_POOL_BYTES,
+        MODEL_WEIGHT_BYTES,
+        MODEL_LOAD_SECONDS,
         BATCH_SIZE,
         CONFIG_INFO,
         SERVER_READY,
@@ -196,6 +206,9 @@ CONFIG_INFO_LABELS: Final = (
     "schema_version",
     "qos_policy",  # QOS_POLICIES
     "shed_classes",  # comma-separated classes refused by the operator's push (qos.shedClasses); "" for none
+    "kv_cache_memory",  # bytes of the KV pool (allocated at start; before it, the configured budget or "")
+    "kv_block_size",  # tokens per KV block
+    "kv_num_blocks",  # blocks in the pool ("" until the engine has started)
 )
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so dashboards and percentiles line up.

@@ -114,8 +114,25 @@ class RuntimeMetrics:
             contract.NUM_REQUESTS_WAITING, "Requests waiting to be scheduled.", by_class, registry=r
         )
         self._kv_usage = prometheus_client.Gauge(
-            contract.KV_CACHE_USAGE_PERC, "Fraction of KV-cache capacity reserved, 0..1.", [_M], registry=r
+            contract.KV_CACHE_USAGE_PERC, "KV-cache blocks in use / blocks in the pool, 0..1.", [_M], registry=r
         ).labels(m)
+        # The KV pool and the weights, fixed once the engine has started (zero before).
+        self._kv_blocks_total = prometheus_client.Gauge(
+            contract.KV_CACHE_BLOCKS_TOTAL, "KV-cache blocks in the pool.", [_M], registry=r
+        ).labels(m)
+        self._kv_blocks_used = prometheus_client.Gauge(
+            contract.KV_CACHE_BLOCKS_USED, "KV-cache blocks held by requests.", [_M], registry=r
+        ).labels(m)
+        self._kv_pool_bytes = prometheus_client.Gauge(
+            contract.KV_CACHE_POOL_BYTES, "Bytes of the KV-cache pool, allocated once at start.", [_M], registry=r
+        ).labels(m)
+        self._weight_bytes = prometheus_client.Gauge(
+            contract.MODEL_WEIGHT_BYTES, "Bytes of the model's weights.", [_M], registry=r
+        ).labels(m)
+        self._load_seconds = prometheus_client.Gauge(
+            contract.MODEL_LOAD_SECONDS, "Seconds the model took to load.", [_M], registry=r
+        ).labels(m)
+        self._engine_info: outputs.EngineInfo | None = None
         self._batch_size = prometheus_client.Gauge(
             contract.BATCH_SIZE, "Sequences in the latest engine step.", [_M], registry=r
         ).labels(m)
@@ -248,6 +265,7 @@ class RuntimeMetrics:
             self._running.labels(m, qos_class).set(stats.running_by_class.get(qos_class, 0))
             self._waiting.labels(m, qos_class).set(stats.waiting_by_class.get(qos_class, 0))
         self._kv_usage.set(stats.kv_usage)
+        self._kv_blocks_used.set(stats.kv_blocks_used)
         self._batch_size.set(stats.batch_size)
         if stats.num_tokens:  # idle wake-ups are not iterations
             self._iteration_tokens.observe(stats.num_tokens)
@@ -301,6 +319,16 @@ class RuntimeMetrics:
             self._waiting.labels(m, qos_class).set(0)
         self._batch_size.set(0)
         self._kv_usage.set(kv_usage)
+        if self._engine_info is not None:
+            self._kv_blocks_used.set(round(kv_usage * self._engine_info.kv_num_blocks))
+
+    def set_engine_info(self, info: outputs.EngineInfo) -> None:
+        """The engine has started: publish its pool and weights (fixed from now on)."""
+        self._engine_info = info
+        self._kv_blocks_total.set(info.kv_num_blocks)
+        self._kv_pool_bytes.set(info.kv_pool_bytes)
+        self._weight_bytes.set(info.weight_bytes)
+        self._load_seconds.set(info.load_seconds)
 
     def record_rejection(self, reason: str, qos_class: str) -> None:
         self._rejected.labels(self.model_name, qos_class, reason).inc()
@@ -331,6 +359,9 @@ class RuntimeMetrics:
         """Publish the limits in force; call after every applied change (startup and PUT /admin/config)."""
         classes = sorted(cfg.qos.classes, key=lambda c: (c.priority, c.name))
         kv = max_kv_tokens if max_kv_tokens is not None else cfg.batching.max_kv_tokens
+        info = self._engine_info
+        budget = cfg.kv_cache.memory_bytes
+        pool_bytes = str(info.kv_pool_bytes) if info is not None else ("" if budget is None else str(budget))
         self._config_info.set(
             {
                 "max_batch_size": str(cfg.batching.max_batch_size),
@@ -344,6 +375,9 @@ class RuntimeMetrics:
                 "schema_version": cfg.schema_version,
                 "qos_policy": cfg.qos.policy,
                 "shed_classes": ",".join(cfg.qos.shed_classes),
+                "kv_cache_memory": pool_bytes,
+                "kv_block_size": str(info.kv_block_size if info is not None else cfg.kv_cache.block_size),
+                "kv_num_blocks": str(info.kv_num_blocks) if info is not None else "",
             }
         )
 

@@ -12,6 +12,7 @@ import pathlib
 from prometheus_client import parser
 
 from fleetlm_runtime import config, contract, metrics
+from fleetlm_runtime.engine import outputs
 
 RUNTIME = pathlib.Path(contract.__file__).parent
 
@@ -61,6 +62,36 @@ def test_config_info_carries_the_contract_labels() -> None:
     assert sample.labels["max_batch_size"] == "7"
     assert sample.labels["max_batch_tokens"] == "700"
     assert sample.labels["max_kv_tokens"] == "999"
+    assert (sample.labels["kv_block_size"], sample.labels["kv_num_blocks"]) == ("16", "")  # no engine yet
+
+
+def test_the_kv_pool_and_weights_are_published_once_the_engine_started() -> None:
+    m = metrics.RuntimeMetrics(model_name="tiny", max_model_len=64)
+    info = outputs.EngineInfo(
+        model_id="tiny",
+        max_model_len=64,
+        vocab_size=10,
+        eos_token_ids=frozenset(),
+        kv_capacity_tokens=1024,
+        forward_name="modules",
+        kv_block_size=16,
+        kv_num_blocks=64,
+        kv_pool_bytes=520_192,
+        weight_bytes=4096,
+        load_seconds=1.5,
+    )
+    m.set_engine_info(info)
+    m.set_config(config.RuntimeConfig(), max_kv_tokens=1024)
+    families = {f.name: f for f in parser.text_string_to_metric_families(m.render().decode())}
+    value = {name: families[name].samples[0].value for name in contract.GAUGES if name in families}
+    assert value[contract.KV_CACHE_BLOCKS_TOTAL] == 64 and value[contract.KV_CACHE_POOL_BYTES] == 520_192
+    assert value[contract.MODEL_WEIGHT_BYTES] == 4096 and value[contract.MODEL_LOAD_SECONDS] == 1.5
+    (sample,) = families[contract.CONFIG_INFO].samples
+    assert (sample.labels["kv_cache_memory"], sample.labels["kv_block_size"], sample.labels["kv_num_blocks"]) == (
+        "520192",
+        "16",
+        "64",
+    )
 
 
 def test_contract_imports_only_the_standard_library() -> None:

@@ -150,10 +150,9 @@ class Request:
     last_token_time_s: float | None = None
     finished_time_s: float | None = None
     num_preemptions: int = 0
-    # Prefix cache: chain hashes of the prompt's full blocks (computed on first admission) and how many
-    # leading blocks are known to be cached (hit on admission, or saved after being computed).
+    # Prefix cache: chain hashes of the prompt's full blocks (computed on first admission).
     block_hashes: list[bytes] | None = None
-    num_cached_blocks: int = 0
+    admit_seq: int = 0  # order of the latest admission into the running batch (preemption picks the newest)
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -169,8 +168,8 @@ class Request:
 
     @property
     def kv_reservation(self) -> int:
-        """KV tokens this request may come to hold: admission reserves them up front (so a running request
-        never runs out; room for a higher class is made by preemption instead)."""
+        """KV tokens this request may come to hold at most. Admission does not reserve them (a request holds
+        the blocks its computed tokens fill); a request whose worst case exceeds the whole pool is refused."""
         return len(self.prompt_token_ids) + self.max_tokens
 
     @property

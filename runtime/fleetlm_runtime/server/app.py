@@ -40,13 +40,13 @@ def engine_config_from(cfg: config_mod.RuntimeConfig, *, device: str = "cpu") ->
         max_batch_size=cfg.batching.max_batch_size,
         max_batch_tokens=cfg.batching.max_batch_tokens,
         max_kv_tokens=cfg.batching.max_kv_tokens,
+        kv_cache_memory=cfg.kv_cache.memory_bytes,
+        gpu_memory_utilization=cfg.kv_cache.gpu_memory_utilization,
+        kv_block_size=cfg.kv_cache.block_size,
         # The FIFO policy is the plain batcher kept as a baseline: arrival order whatever the class.
         scheduling_policy="fcfs" if cfg.qos.policy == contract.QOS_POLICY_FIFO else "priority",
-        prefix_cache_max_tokens=(
-            (cfg.caching.prefix_cache.max_tokens or engine_config.DEFAULT_PREFIX_CACHE_TOKENS)
-            if cfg.caching.prefix_cache.enabled
-            else 0
-        ),
+        # None: the cache is bounded by the KV pool alone.
+        prefix_cache_max_tokens=cfg.caching.prefix_cache.max_tokens if cfg.caching.prefix_cache.enabled else 0,
     )
 
 
