@@ -270,6 +270,13 @@ async def _relay(
     return resp
 
 
+def _admit(state: RouterState, qos_class: str) -> qos.Verdict:
+    """The runtime's admission rules over the router's hold queue (shed classes, queue bounds per class)."""
+    return qos.admit(
+        qos_class, qos=state.qos, max_queue_len=max(1, state.settings.hold_max_requests), load=state.class_load()
+    )
+
+
 async def handle_openai(request: web.Request) -> web.StreamResponse:
     state = request.app[state_key]
     settings = state.settings
@@ -294,6 +301,12 @@ async def handle_openai(request: web.Request) -> web.StreamResponse:
         return error.response()
     qos_class = client.qos_class
     state.note_activity()
+    verdict = _admit(state, qos_class)
+    if not verdict.admit:
+        # The class rules at the edge: a shed class (or one over its share of the hold queue) never reaches
+        # a replica. The same 429 the runtime would give, so clients need one retry policy.
+        state.metrics.rejected.labels(qos_class, metrics_mod.REJECT_OVERLOADED).inc()
+        return _error(429, verdict.message, code=verdict.code or "queue_full", retry_after_s=settings.retry_after_s)
 
     key = picker.prefix_key(parsed, num_tokens=settings.prefix_tokens)
     stream = parsed.get("stream") is True
@@ -344,26 +357,19 @@ async def handle_openai(request: web.Request) -> web.StreamResponse:
                 return _error(502, message, code="replicas_failed", retry_after_s=settings.retry_after_s)
             # No replica is ready: hold, within bounds.
             if hold_started is None:
-                verdict = qos.admit(
-                    qos_class, qos=state.qos, max_queue_len=max(1, settings.hold_max_requests),
-                    load=state.class_load(),
-                )  # fmt: skip
                 if settings.hold_max_requests == 0 or settings.hold_timeout_s == 0:
                     state.metrics.rejected.labels(qos_class, metrics_mod.REJECT_NO_REPLICA).inc()
                     return _error(
-                        503,
-                        "no replica is ready and this router does not hold requests",
-                        code="no_replica",
+                        503, "no replica is ready and this router does not hold requests", code="no_replica",
                         retry_after_s=settings.retry_after_s,
-                    )
+                    )  # fmt: skip
+                verdict = _admit(state, qos_class)
                 if not verdict.admit:
-                    state.metrics.rejected.labels(qos_class, metrics_mod.REJECT_OVERLOADED).inc()
+                    state.metrics.rejected.labels(qos_class, metrics_mod.REJECT_NO_REPLICA).inc()
                     return _error(
-                        429 if verdict.code != contract.CODE_QUEUE_FULL else 503,
-                        f"no replica is ready, and {verdict.message}",
-                        code=verdict.code or "queue_full",
-                        retry_after_s=settings.retry_after_s,
-                    )
+                        503, f"no replica is ready, and {verdict.message}; retry later",
+                        code=verdict.code or "queue_full", retry_after_s=settings.retry_after_s,
+                    )  # fmt: skip
                 hold_started = time.monotonic()
                 holding = True
                 state.held_by_class[qos_class] = state.held_by_class.get(qos_class, 0) + 1
