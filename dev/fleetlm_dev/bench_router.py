@@ -81,7 +81,7 @@ class Process:
         self.started_s = time.monotonic()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 
-    def wait_ready(self, timeout_s: float = 120.0) -> float:
+    def wait_ready(self, timeout_s: float = 600.0) -> float:
         """Block until /ready answers 200; seconds since spawn."""
         deadline = time.monotonic() + timeout_s
         while time.monotonic() < deadline:
@@ -310,6 +310,84 @@ async def _from_zero(directory: pathlib.Path, config: dict[str, Any], cfg: bench
             replica.stop()
 
 
+async def _poll_metrics(url: str, stop: asyncio.Event, *, interval_s: float = 0.05) -> tuple[list[float], float]:
+    """GET /metrics every `interval_s` (an endpoint picker's default tick) until stopped.
+
+    Returns each scrape's latency and the highest `vllm:num_requests_running` seen."""
+    import aiohttp  # noqa: PLC0415
+
+    latencies: list[float] = []
+    running = 0.0
+    async with aiohttp.ClientSession() as session:
+        while not stop.is_set():
+            started = time.perf_counter()
+            async with session.get(url + "/metrics") as resp:
+                text = await resp.text()
+            latencies.append(time.perf_counter() - started)
+            for line in text.splitlines():
+                if line.startswith("vllm:num_requests_running{"):
+                    running = max(running, float(line.rsplit(" ", 1)[1]))
+            with contextlib.suppress(TimeoutError):
+                await asyncio.wait_for(stop.wait(), max(0.0, interval_s - (time.perf_counter() - started)))
+    return latencies, running
+
+
+def _ms(values: Sequence[float], q: float) -> float:
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
+
+
+async def _metrics_latency(directory: pathlib.Path, cfg: bench_serve.BenchConfig, *, streams: int) -> dict[str, Any]:
+    """/metrics latency of one replica at 20 Hz: idle, then with `streams` concurrent streams running."""
+    config = runtime_config(extra={"batching": {"maxBatchSize": streams, "maxBatchTokens": 2048}})
+    replica = start_runtime(directory, config, name="metrics-replica")
+    try:
+        replica.wait_ready()
+        stop = asyncio.Event()
+        idle = asyncio.create_task(_poll_metrics(replica.url, stop))
+        await asyncio.sleep(3.0)
+        stop.set()
+        idle_lat, _ = await idle
+        specs = bench_serve.build_dataset(
+            bench_serve.DatasetConfig(kind="random", input_len=64, output_len=256), num=streams * 2, seed=7
+        )
+        stop = asyncio.Event()
+        loaded = asyncio.create_task(_poll_metrics(replica.url, stop))
+        outcome = await bench_serve.run_target(
+            dataclasses.replace(cfg, url=replica.url, max_concurrency=streams), specs, label="metrics"
+        )
+        stop.set()
+        load_lat, running = await loaded
+    finally:
+        replica.stop()
+    return {
+        "streams": streams, "idle_p50_ms": _ms(idle_lat, 0.5), "idle_p99_ms": _ms(idle_lat, 0.99),
+        "load_p50_ms": _ms(load_lat, 0.5), "load_p99_ms": _ms(load_lat, 0.99), "load_max_ms": _ms(load_lat, 1.0),
+        "scrapes": len(load_lat), "max_running": running,
+        "completed": sum(r.success for r in outcome.results),
+    }  # fmt: skip
+
+
+async def _run_policy(
+    directory: pathlib.Path,
+    replicas: Sequence[Process],
+    cfg: bench_serve.BenchConfig,
+    specs: list[bench_serve.RequestSpec],
+    *,
+    policy: str,
+    tag: str,
+    workload: str,
+) -> PolicyRun:
+    endpoints = directory / f"{tag}.txt"
+    write_endpoints(endpoints, [r.url for r in replicas])
+    router = start_router(directory, endpoints_file=endpoints, name=f"{tag}-router", args=["--policy", policy])
+    try:
+        router.wait_ready()
+        return await _measure(router, replicas, cfg, specs, policy=policy, workload=workload)
+    finally:
+        router.stop()
+
+
 async def run(args: argparse.Namespace) -> dict[str, Any]:
     directory = pathlib.Path(tempfile.mkdtemp(prefix="bench-router-"))
     config = runtime_config(
@@ -330,24 +408,40 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         num=args.num_prompts, seed=args.seed + 1)  # fmt: skip
     results: list[PolicyRun] = []
     policies = ("prefix-affinity", "round-robin")
-    for workload, specs in (("shared-prefix", shared), ("uniform", uniform)):
-        for round_ in range(args.rounds):
-            for policy in policies if round_ % 2 == 0 else policies[::-1]:
-                tag = f"{workload}-{policy}-{round_}"
-                with _replicas(directory, config, args.replicas, tag) as replicas:
-                    endpoints = directory / f"{tag}.txt"
-                    write_endpoints(endpoints, [r.url for r in replicas])
-                    router = start_router(
-                        directory, endpoints_file=endpoints, name=f"{tag}-router", args=["--policy", policy]
+    out: dict[str, Any] = {}
+    if args.section in ("all", "metrics"):
+        out["metrics_latency"] = await _metrics_latency(directory, cfg, streams=args.metrics_streams)
+    for round_ in range(args.rounds if args.section in ("all", "routing") else 0):
+        order = policies if round_ % 2 == 0 else policies[::-1]
+        # Shared prefixes: fresh replicas per policy, so neither inherits the other's warm caches.
+        for policy in order:
+            tag = f"shared-{policy}-{round_}"
+            with _replicas(directory, config, args.replicas, tag) as replicas:
+                results.append(
+                    await _run_policy(
+                        directory, replicas, cfg, shared, policy=policy, tag=tag, workload="shared-prefix"
                     )
-                    try:
-                        router.wait_ready()
-                        results.append(await _measure(router, replicas, cfg, specs, policy=policy, workload=workload))
-                    finally:
-                        router.stop()
-    zero = await _from_zero(directory, runtime_config(model=args.model), cfg)
+                )
+        # Uniform prompts share nothing: one replica set serves both policies.
+        with _replicas(directory, config, args.replicas, f"uniform-{round_}") as replicas:
+            for policy in order:
+                results.append(
+                    await _run_policy(
+                        directory,
+                        replicas,
+                        cfg,
+                        uniform,
+                        policy=policy,
+                        tag=f"uniform-{policy}-{round_}",
+                        workload="uniform",
+                    )
+                )
+    if results:
+        out["runs"] = [dataclasses.asdict(r) for r in results]
+    if args.section in ("all", "zero"):
+        out["from_zero"] = await _from_zero(directory, runtime_config(model=args.model), cfg)
     shutil.rmtree(directory, ignore_errors=True)
-    return {"runs": [dataclasses.asdict(r) for r in results], "from_zero": zero}
+    return out
 
 
 def _mean(runs: list[dict[str, Any]], key: str) -> float:
@@ -357,7 +451,26 @@ def _mean(runs: list[dict[str, Any]], key: str) -> float:
 
 def report(data: dict[str, Any]) -> str:
     lines = []
-    by = {}
+    if m := data.get("metrics_latency"):
+        lines.append(
+            f"/metrics at 20 Hz, one replica: idle p50 {m['idle_p50_ms']:.1f} ms p99 {m['idle_p99_ms']:.1f} ms; "
+            f"{m['streams']} streams p50 {m['load_p50_ms']:.1f} ms p99 {m['load_p99_ms']:.1f} ms max "
+            f"{m['load_max_ms']:.1f} ms over {m['scrapes']} scrapes (vllm:num_requests_running up to "
+            f"{m['max_running']:.0f}; {m['completed']} streams completed); bar: under the 50 ms tick"
+        )
+    if "runs" in data:
+        lines.extend(_routing_report(data))
+    if z := data.get("from_zero"):
+        lines.append(
+            f"from zero: TTFT {z['ttft_s']:.2f}s = router asked after {z['ask_s']:.3f}s + replica start-up "
+            f"{z['startup_s']:.2f}s + {z['overhead_s']:.3f}s (bar < 1 s)"
+        )
+    return "\n".join(lines)
+
+
+def _routing_report(data: dict[str, Any]) -> list[str]:
+    lines = []
+    by: dict[tuple[str, str], list[dict[str, Any]]] = {}
     for r in data["runs"]:
         by.setdefault((r["workload"], r["policy"]), []).append(r)
     lines.append(
@@ -383,12 +496,7 @@ def report(data: dict[str, Any]) -> str:
         f" (bar >= 1, noise aside); busiest/mean in-flight with affinity "
         f"{_mean(by[('uniform', 'prefix-affinity')], 'in_flight_max_over_mean'):.2f} (bar <= 1.25)"
     )
-    z = data["from_zero"]
-    lines.append(
-        f"from zero: TTFT {z['ttft_s']:.2f}s = router asked after {z['ask_s']:.3f}s + replica start-up "
-        f"{z['startup_s']:.2f}s + {z['overhead_s']:.3f}s (bar < 1 s)"
-    )
-    return "\n".join(lines)
+    return lines
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -410,6 +518,8 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rounds", type=int, default=2, help="A/B rounds per workload (alternating order)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--section", choices=("all", "routing", "zero", "metrics"), default="all")
+    p.add_argument("--metrics-streams", type=int, default=32, help="streams while /metrics latency is measured")
     p.add_argument("--json", default=None, help="also write the figures here")
     return p
 
