@@ -23,7 +23,17 @@ import kopf
 
 from fleetlm_operator import metrics
 from fleetlm_operator.api import models, names
-from fleetlm_operator.builders import configmap, deployment, meta, pdb, secret, service, servicemonitor
+from fleetlm_operator.builders import (
+    configmap,
+    deployment,
+    inferencepool,
+    meta,
+    pdb,
+    router,
+    secret,
+    service,
+    servicemonitor,
+)
 from fleetlm_operator.handlers import context
 from fleetlm_operator.status import conditions, summary
 
@@ -38,8 +48,11 @@ def plain_body(body: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
-        "metadata": {key: metadata.get(key) for key in ("name", "namespace", "uid", "generation", "labels",
-                                                        "annotations") if metadata.get(key) is not None},
+        "metadata": {
+            key: metadata.get(key)
+            for key in ("name", "namespace", "uid", "generation", "labels", "annotations")
+            if metadata.get(key) is not None
+        },
         "spec": dict(body.get("spec", {})),
         "status": dict(body.get("status", {}) or {}) or None,
     }
@@ -66,14 +79,28 @@ def current_tuning(svc: models.LLMService) -> models.Tuning:
         max_batch_size=size,
         max_batch_tokens=tokens,
         shed_classes=[name for name in stored.shed_classes if name in class_names],
-        class_weights={**(initial.class_weights or {}),
-                       **{k: v for k, v in (stored.class_weights or {}).items() if k in class_names}},
+        class_weights={
+            **(initial.class_weights or {}),
+            **{k: v for k, v in (stored.class_weights or {}).items() if k in class_names},
+        },
     )
 
 
-def render_children(svc: models.LLMService, *, tuning: models.Tuning, default_image: str,
-                    with_service_monitor: bool) -> list[dict[str, Any]]:
-    """Every child but the admin Secret, in the order they should be applied (config before pods)."""
+def render_children(
+    svc: models.LLMService,
+    *,
+    tuning: models.Tuning,
+    default_image: str,
+    with_service_monitor: bool,
+    router_image: str = "",
+    with_inference_pool: bool = False,
+    objective_api_version: str | None = None,
+) -> list[dict[str, Any]]:
+    """Every child but the admin Secret, in the order they should be applied (config before pods).
+
+    The router's objects come with `spec.router.enabled`; the InferencePool (and one objective per
+    class) only where the Gateway API Inference Extension CRDs are installed, as with the ServiceMonitor.
+    """
     children = [
         configmap.build_config_map(svc, tuning=tuning),
         service.build_service(svc),
@@ -82,11 +109,31 @@ def render_children(svc: models.LLMService, *, tuning: models.Tuning, default_im
     ]
     if with_service_monitor:
         children.append(servicemonitor.build_service_monitor(svc))
+    if svc.spec.router.enabled:
+        children.extend(router.build_router_children(svc, default_image=router_image or default_image))
+    if with_inference_pool:
+        children.append(inferencepool.build_inference_pool(svc))
+        if objective_api_version is not None:
+            children.extend(inferencepool.build_objectives(svc, api_version=objective_api_version))
     return children
 
 
-def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.Logger,
-              cause: str) -> dict[str, Any]:
+def _objective_api_version(ctx: context.OperatorContext) -> str | None:
+    for api_version in inferencepool.OBJECTIVE_API_VERSIONS:
+        if ctx.applier.has_kind(api_version, inferencepool.OBJECTIVE_KIND):
+            return api_version
+    return None
+
+
+def _remove_disabled_router(svc: models.LLMService, ctx: context.OperatorContext) -> None:
+    """Switching the router off removes its objects (pods first, permissions last); one read when none exist."""
+    if ctx.applier.read_deployment(router.router_name(svc), svc.namespace) is None:
+        return
+    for child in reversed(router.build_router_children(svc, default_image="")):
+        ctx.applier.delete_if_present(child["apiVersion"], child["kind"], child["metadata"]["name"], svc.namespace)
+
+
+def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.Logger, cause: str) -> dict[str, Any]:
     """Apply every child of `body`; returns the status to write."""
     started = time.monotonic()
     try:
@@ -104,9 +151,20 @@ def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.
         metrics.CHILDREN_APPLIED.labels(kind="Secret").inc()
 
     with_monitor = ctx.applier.has_kind(servicemonitor.API_VERSION, "ServiceMonitor")
+    with_pool = ctx.applier.has_kind(inferencepool.POOL_API_VERSION, inferencepool.POOL_KIND)
+    objective_version = _objective_api_version(ctx) if with_pool else None
+    if not svc.spec.router.enabled:
+        _remove_disabled_router(svc, ctx)
     applied = []
-    for child in render_children(svc, tuning=tuning, default_image=ctx.settings.runtime_image,
-                                 with_service_monitor=with_monitor):
+    for child in render_children(
+        svc,
+        tuning=tuning,
+        default_image=ctx.settings.runtime_image,
+        with_service_monitor=with_monitor,
+        router_image=ctx.settings.router_image,
+        with_inference_pool=with_pool,
+        objective_api_version=objective_version,
+    ):
         kopf.adopt(child, owner=body)
         ctx.applier.apply(child)
         metrics.CHILDREN_APPLIED.labels(kind=child["kind"]).inc()
@@ -141,21 +199,35 @@ def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: cont
     pods = ctx.applier.list_pods(svc.namespace, meta.selector_string(svc))
     rollout = summary.summarize(deployment=found, pods=pods, min_ready=svc.spec.replicas.min)
     stored = body.get("status", {}) or {}
-    merged = conditions.merge(stored.get("conditions", []) or [], rollout.conditions, now=_now(),
-                              observed_generation=body.get("metadata", {}).get("generation"))
+    merged = conditions.merge(
+        stored.get("conditions", []) or [],
+        rollout.conditions,
+        now=_now(),
+        observed_generation=body.get("metadata", {}).get("generation"),
+    )
     if not any(c["type"] == names.ConditionType.SLO_MET for c in merged):
-        merged = conditions.merge(merged, [
-            conditions.Condition(names.ConditionType.SLO_MET, "Unknown", "NotYetObserved",
-                                 "no latency window has been observed yet"),
-            conditions.Condition(names.ConditionType.METRICS_AVAILABLE, "Unknown", "NotYetCollected",
-                                 "metrics have not been collected yet"),
-        ], now=_now(), observed_generation=body.get("metadata", {}).get("generation"))
+        merged = conditions.merge(
+            merged,
+            [
+                conditions.Condition(
+                    names.ConditionType.SLO_MET, "Unknown", "NotYetObserved", "no latency window has been observed yet"
+                ),
+                conditions.Condition(
+                    names.ConditionType.METRICS_AVAILABLE,
+                    "Unknown",
+                    "NotYetCollected",
+                    "metrics have not been collected yet",
+                ),
+            ],
+            now=_now(),
+            observed_generation=body.get("metadata", {}).get("generation"),
+        )
     return {
         "phase": rollout.phase,
         "replicas": rollout.replicas,
         "readyReplicas": rollout.ready_replicas,
         "selector": meta.selector_string(svc),
-        "endpoint": service.endpoint_url(svc),
+        "endpoint": router.endpoint_url(svc) if svc.spec.router.enabled else service.endpoint_url(svc),
         "observedGeneration": body.get("metadata", {}).get("generation"),
         "conditions": merged,
     }
@@ -164,8 +236,7 @@ def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: cont
 @kopf.on.resume(names.GROUP, names.VERSION, names.PLURAL)
 @kopf.on.create(names.GROUP, names.VERSION, names.PLURAL)
 @kopf.on.update(names.GROUP, names.VERSION, names.PLURAL, field="spec")
-def on_spec(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, reason: str,
-            **_: Any) -> None:
+def on_spec(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, reason: str, **_: Any) -> None:
     ctx = context.get(memo)
     status = reconcile(body, ctx=ctx, logger=logger, cause=str(reason))
     for key, value in status.items():
