@@ -270,6 +270,7 @@ def _replicas(directory: pathlib.Path, config: dict[str, Any], count: int, tag: 
 
 async def _from_zero(directory: pathlib.Path, config: dict[str, Any], cfg: bench_serve.BenchConfig) -> dict[str, float]:
     """A router with no replica; the harness starts one when the router asks (as the operator would)."""
+    served_name = str(config["model"]["source"]).removeprefix("builtin:")  # nothing to ask /v1/models at zero
     endpoints = directory / "zero-endpoints.txt"
     write_endpoints(endpoints, [])
     scale_file = directory / "zero-scale.jsonl"
@@ -285,7 +286,7 @@ async def _from_zero(directory: pathlib.Path, config: dict[str, Any], cfg: bench
         spec = bench_serve.RequestSpec(prompt=list(range(10, 74)), prompt_len=64, output_len=8)
         request = asyncio.create_task(
             bench_serve.run_target(
-                dataclasses.replace(cfg, url=router.url, model="tiny", progress=False), [spec], label="from-zero"
+                dataclasses.replace(cfg, url=router.url, model=served_name, progress=False), [spec], label="from-zero"
             )
         )
         sent = time.monotonic()
@@ -411,6 +412,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     out: dict[str, Any] = {}
     if args.section in ("all", "metrics"):
         out["metrics_latency"] = await _metrics_latency(directory, cfg, streams=args.metrics_streams)
+        print(report({"metrics_latency": out["metrics_latency"]}), flush=True)
     for round_ in range(args.rounds if args.section in ("all", "routing") else 0):
         order = policies if round_ % 2 == 0 else policies[::-1]
         # Shared prefixes: fresh replicas per policy, so neither inherits the other's warm caches.
@@ -438,6 +440,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                 )
     if results:
         out["runs"] = [dataclasses.asdict(r) for r in results]
+        print("\n".join(_routing_report(out)), flush=True)  # printed as soon as known; from zero comes last
     if args.section in ("all", "zero"):
         out["from_zero"] = await _from_zero(directory, runtime_config(model=args.model), cfg)
     shutil.rmtree(directory, ignore_errors=True)
