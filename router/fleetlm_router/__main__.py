@@ -45,6 +45,13 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--hold-max-requests", type=int, default=None)
     p.add_argument("--hold-timeout", type=float, default=None, dest="hold_timeout_s")
     p.add_argument("--hold-comment-interval", type=float, default=None, dest="hold_comment_interval_s")
+    p.add_argument(
+        "--activity-interval",
+        type=float,
+        default=None,
+        dest="activity_interval_s",
+        help="seconds between 'traffic seen' stamps on the LLMService (keep well under its idleTimeout)",
+    )
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds open streams get on SIGTERM")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -61,6 +68,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "hold_max_requests",
         "hold_timeout_s",
         "hold_comment_interval_s",
+        "activity_interval_s",
     )
     values: dict[str, Any] = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     try:

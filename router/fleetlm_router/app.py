@@ -446,6 +446,14 @@ async def handle_metrics(request: web.Request) -> web.Response:
     return web.Response(body=state.metrics.render(), headers={"Content-Type": metrics_mod.CONTENT_TYPE})
 
 
+async def _report_busy(state: RouterState) -> None:
+    """A long stream or a held request is traffic too: keep the idle clock from running out under it."""
+    while True:
+        await asyncio.sleep(state.settings.activity_interval_s)
+        if any(state.in_flight.values()) or any(state.held_by_class.values()):
+            state.note_activity()
+
+
 async def _follow_runtime_config(state: RouterState, path: pathlib.Path, *, interval_s: float = 2.0) -> None:
     last: float | None = None
     while True:
@@ -487,7 +495,7 @@ def create_app(
             connector=aiohttp.TCPConnector(limit=0, enable_cleanup_closed=True),
             auto_decompress=False,
         )
-        tasks = [asyncio.create_task(source.run(endpoint_set))]
+        tasks = [asyncio.create_task(source.run(endpoint_set)), asyncio.create_task(_report_busy(state))]
         if runtime_config_path is not None:
             tasks.append(asyncio.create_task(_follow_runtime_config(state, runtime_config_path)))
         yield

@@ -69,6 +69,10 @@ def router_command(svc: models.LLMService) -> list[str]:
         "--hold-timeout", f"{hold_timeout_s:g}",
         "--shutdown-timeout", str(SHUTDOWN_TIMEOUT_S),
     ]  # fmt: skip
+    if svc.spec.replicas.idle_timeout is not None:
+        # Stamps at a quarter of the timeout (at most every 30 s), so traffic never looks idle to the operator.
+        activity_s = min(30.0, models.parse_duration_s(svc.spec.replicas.idle_timeout) / 4)
+        command += ["--activity-interval", f"{activity_s:g}"]
     if svc.spec.qos.api_keys_secret_ref is not None:
         command += ["--api-keys-file", f"{meta.API_KEYS_DIR}/{svc.spec.qos.api_keys_secret_ref.key}"]
     return command
