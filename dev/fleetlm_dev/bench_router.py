@@ -137,13 +137,16 @@ def runtime_config(
     return data
 
 
-def start_runtime(directory: pathlib.Path, config: dict[str, Any], *, name: str) -> Process:
+def start_runtime(directory: pathlib.Path, config: dict[str, Any], *, name: str, host: str = "127.0.0.1") -> Process:
     directory.mkdir(parents=True, exist_ok=True)
     path = directory / f"{name}.yaml"
     path.write_text(yaml.safe_dump(config))
     port = free_port()
-    argv = [*_command("fleetlm-runtime", "fleetlm_runtime"), "--config", str(path), "--port", str(port)]
-    return Process(argv, directory=directory, port=port, name=name)
+    argv = [*_command("fleetlm-runtime", "fleetlm_runtime"), "--config", str(path), "--port", str(port),
+            "--host", host]  # fmt: skip
+    proc = Process(argv, directory=directory, port=port, name=name)
+    proc.url = f"http://{host}:{port}"
+    return proc
 
 
 def start_router(
