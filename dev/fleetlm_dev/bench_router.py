@@ -40,8 +40,12 @@ from typing import Any
 
 import yaml
 
+import fleetlm_router
 from fleetlm_dev import bench_serve
 
+# Where this process imports fleetlm_router from, so the children it starts do too (an editable install made
+# before the router existed has neither its path nor its `fleetlm-router` script).
+_ROUTER_ROOT = str(pathlib.Path(fleetlm_router.__file__).resolve().parents[1])
 PREFIX_QUERIES = "fleetlm_prefix_cache_queries_total"
 PREFIX_HITS = "fleetlm_prefix_cache_hits_total"
 
@@ -78,6 +82,7 @@ class Process:
         self.log_path = directory / f"{name}.log"
         self._log = self.log_path.open("wb")
         env = {**os.environ, "PYTHONUNBUFFERED": "1", "OMP_NUM_THREADS": os.environ.get("OMP_NUM_THREADS", "1")}
+        env["PYTHONPATH"] = os.pathsep.join(p for p in (_ROUTER_ROOT, env.get("PYTHONPATH", "")) if p)
         self.started_s = time.monotonic()
         self.proc = subprocess.Popen(argv, stdout=self._log, stderr=subprocess.STDOUT, env=env)
 

@@ -13,6 +13,12 @@ Scale from zero works by a division of labour, so that exactly one program write
 - The operator's idle handler (`fleetlm_operator.handlers.idle`) scales to zero after `idleTimeout`
   without traffic and is the only writer of 0.
 
+Kubernetes v1.37 HPA scale-to-zero (Beta, on by default) may target the same `/scale`: this ask writes 1
+only when it reads 0, so it never lowers or fights a count an HPA, the tuner or a user set, and the
+router holds requests at zero whoever scaled there (a Service does not buffer). One idle policy per
+service: either `idleTimeout` (the operator writes 0) or an HPA with `minReplicas: 0` fed a metric that
+counts held requests (`fleetlm_router_held_requests`), never both (README, "The front door").
+
 Locally (tests, `fleetlm-dev bench router`) `FileScaler` writes the same requests to a file that the
 harness, playing the operator, watches. Both requesters swallow and count errors: a failed request is
 retried at the next interval while requests are still held; holding itself never depends on it.
