@@ -512,10 +512,10 @@ def _routing_report(data: dict[str, Any]) -> list[str]:
 
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="fleetlm-dev bench router", description=__doc__.splitlines()[0])
-    p.add_argument("--model", default="builtin:small")
+    p.add_argument("--model", default="builtin:tiny")
     p.add_argument("--replicas", type=int, default=3)
-    p.add_argument("--num-prompts", type=int, default=48)
-    p.add_argument("--concurrency", type=int, default=6)
+    p.add_argument("--num-prompts", type=int, default=160)
+    p.add_argument("--concurrency", type=int, default=12)
     p.add_argument("--num-prefixes", type=int, default=8)
     p.add_argument("--prefix-len", type=int, default=512)
     p.add_argument("--question-len", type=int, default=16)
@@ -527,7 +527,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=1600,
         help="per replica; default fits 4 of the 8 prefixes, as a bounded KV cache would",
     )
-    p.add_argument("--rounds", type=int, default=2, help="A/B rounds per workload (alternating order)")
+    p.add_argument("--rounds", type=int, default=1, help="A/B rounds per workload (alternating order)")
     p.add_argument("--seed", type=int, default=0)
     p.add_argument("--section", choices=("all", "routing", "zero", "metrics"), default="all")
     p.add_argument("--metrics-streams", type=int, default=32, help="streams while /metrics latency is measured")
