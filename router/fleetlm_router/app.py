@@ -73,6 +73,7 @@ class RouterState:
         self.in_flight: dict[str, int] = {}
         self.held_by_class: dict[str, int] = {}
         self.round_robin = picker.RoundRobin()
+        self.seen_keys = picker.SeenKeys()
         self._ring = picker.HashRing([])
         self._ring_version = -1
         self._tie_break = 0
@@ -92,7 +93,7 @@ class RouterState:
         for name in names:
             self.metrics.in_flight.labels(name).set(self.in_flight.get(name, 0))
 
-    def pick(self, key: bytes | None, *, exclude: frozenset[str]) -> picker.Pick | None:
+    def pick(self, key: bytes | None, *, exclude: frozenset[str], seen: bool = True) -> picker.Pick | None:
         self.sync_replicas()
         self._tie_break += 1
         policy = self.settings.policy
@@ -102,7 +103,7 @@ class RouterState:
             key = None
         return picker.pick_affinity(
             self._ring, key=key, in_flight=self.in_flight, load_factor=self.settings.load_factor,
-            exclude=exclude, tie_break=self._tie_break,
+            exclude=exclude, tie_break=self._tie_break, seen=seen,
         )  # fmt: skip
 
     def begin(self, replica: str) -> None:
@@ -309,6 +310,7 @@ async def handle_openai(request: web.Request) -> web.StreamResponse:
         return _error(429, verdict.message, code=verdict.code or "queue_full", retry_after_s=settings.retry_after_s)
 
     key = picker.prefix_key(parsed, num_tokens=settings.prefix_tokens)
+    seen = state.seen_keys.check_and_add(key) if key is not None else True
     stream = parsed.get("stream") is True
     headers = _forward_headers(request)
     tried: set[str] = set()
@@ -328,7 +330,9 @@ async def handle_openai(request: web.Request) -> web.StreamResponse:
 
     try:
         while True:
-            choice = state.pick(key, exclude=frozenset(tried)) if len(tried) < settings.max_attempts else None
+            choice = (
+                state.pick(key, exclude=frozenset(tried), seen=seen) if len(tried) < settings.max_attempts else None
+            )
             if choice is not None:
                 if hold_started is not None:
                     stop_holding("served")

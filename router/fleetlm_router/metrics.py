@@ -12,7 +12,7 @@ from prometheus_client import registry
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 
-PICKS = "fleetlm_router_picks"  # counter {replica, reason}: affinity | spill | least_loaded | round_robin
+PICKS = "fleetlm_router_picks"  # counter {replica, reason}: affinity | spill | least_loaded | new_prefix | round_robin
 RETRIES = "fleetlm_router_retries"  # counter {reason}: connect_error | unavailable
 IN_FLIGHT = "fleetlm_router_in_flight"  # gauge {replica}
 READY_REPLICAS = "fleetlm_router_ready_replicas"  # gauge
@@ -70,7 +70,7 @@ class RouterMetrics:
     def set_replicas(self, names: set[str]) -> None:
         for gone in self._replicas - names:
             self.in_flight.remove(gone)
-            for reason in ("affinity", "spill", "least_loaded", "round_robin"):
+            for reason in ("affinity", "spill", "least_loaded", "new_prefix", "round_robin"):
                 with contextlib.suppress(KeyError):
                     self.picks.remove(gone, reason)
         for new in names - self._replicas:

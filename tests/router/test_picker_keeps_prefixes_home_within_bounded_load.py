@@ -85,6 +85,26 @@ def test_excluded_replicas_are_skipped_and_none_left_is_none() -> None:
     assert picker.pick_affinity(picker.HashRing([]), key=key, in_flight={}) is None
 
 
+def test_an_unseen_prefix_goes_to_the_least_loaded_and_a_seen_one_goes_home() -> None:
+    ring = picker.HashRing(REPLICAS)
+    key = _key(3)
+    home = picker.pick_affinity(ring, key=key, in_flight={}).replica  # type: ignore[union-attr]
+    others = [r for r in REPLICAS if r != home]
+    loads = {home: 1, others[0]: 2, others[1]: 0}
+    assert picker.pick_affinity(ring, key=key, in_flight=loads, seen=False) == picker.Pick(
+        others[1], picker.REASON_NEW_PREFIX
+    )
+    assert picker.pick_affinity(ring, key=key, in_flight=loads, seen=True) == picker.Pick(home, picker.REASON_AFFINITY)
+
+
+def test_seen_keys_remember_the_most_recent_ones() -> None:
+    seen = picker.SeenKeys(capacity=2)
+    # c pushes b out (a was used after b); a stays; b then counts as new again.
+    assert [seen.check_and_add(k) for k in (b"a", b"b", b"a", b"c", b"a", b"b")] == [
+        False, False, True, False, True, False,
+    ]  # fmt: skip
+
+
 def test_round_robin_cycles_in_name_order() -> None:
     rr = picker.RoundRobin()
     assert [rr.pick(["c", "a", "b"]).replica for _ in range(4)] == ["a", "b", "c", "a"]  # type: ignore[union-attr]

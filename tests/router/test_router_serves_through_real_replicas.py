@@ -81,10 +81,18 @@ async def test_a_prefix_keeps_its_replica_and_prefixes_spread(replicas, make_rou
         homes = collections.defaultdict(set)
         for p in range(8):
             prefix = [10 + p] * 280
-            for q in range(3):
+            first = await _replica_of(session, router.url, [*prefix, 100])  # unseen: the least loaded
+            assert first
+            for q in range(1, 4):  # seen again: its home on the ring, every time
                 homes[p].add(await _replica_of(session, router.url, [*prefix, 100 + q]))
     assert all(len(h) == 1 for h in homes.values()), homes  # sequential: never over the bound, never spilled
     assert len({next(iter(h)) for h in homes.values()}) == 2  # eight prefixes use both replicas
+    reasons = router.state.metrics.picks.collect()[0].samples
+    by_reason = collections.Counter()
+    for sample in reasons:
+        if sample.name.endswith("_total"):
+            by_reason[sample.labels["reason"]] += sample.value
+    assert by_reason["new_prefix"] == 8 and by_reason["affinity"] == 24
 
 
 async def test_an_added_replica_receives_traffic(replicas, make_router) -> None:

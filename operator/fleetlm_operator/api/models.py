@@ -984,7 +984,13 @@ class RouterSpec(_SpecModel):
     )
     prefix_tokens: int = pydantic.Field(default=256, ge=1, le=65536, description="Leading prompt tokens hashed.")
     load_factor: float = pydantic.Field(
-        default=1.25, ge=1.0, le=10.0, description="No router pod sends a replica more than this times the mean."
+        default=2.0,
+        ge=1.0,
+        le=10.0,
+        description=(
+            "A repeated prefix stays on its replica until that one holds this many times the mean in flight; "
+            "new prompts always go to the least loaded."
+        ),
     )
     hold: RouterHoldSpec = _section(RouterHoldSpec, "How many requests are held, and how long, with no replica.")
     resources: Resources = _section(Resources, "CPU and memory of each router container.")
