@@ -193,6 +193,19 @@ GPU_METRICS: Final = frozenset({GPU_UTILIZATION_RATIO, GPU_MEMORY_USED_BYTES, GP
 # Declared from the start but without a series until their moment has come (a reader sees "not yet").
 STARTUP_MOMENTS: Final = frozenset({MODEL_LOADED_TIME_SECONDS, READY_TIME_SECONDS})
 
+# vLLM-named aliases, so an Inference Gateway endpoint picker (GIE/llm-d EPP, default engine "vllm") reads
+# this runtime with no engineConfigs: totals over classes, labelled `model_name` (and `engine`) as vLLM v1
+# does. Names are fixed by that protocol (landscape-2026.md, part b), not by our prefix.
+VLLM_NUM_REQUESTS_WAITING: Final = "vllm:num_requests_waiting"  # {model_name, engine}; TotalQueuedRequests
+VLLM_NUM_REQUESTS_RUNNING: Final = "vllm:num_requests_running"  # {model_name, engine}; TotalRunningRequests
+VLLM_KV_CACHE_USAGE_PERC: Final = "vllm:kv_cache_usage_perc"  # {model_name, engine}; 0..1
+VLLM_CACHE_CONFIG_INFO: Final = "vllm:cache_config_info"  # {block_size, num_gpu_blocks, engine} = 1
+VLLM_LABEL_MODEL_NAME: Final = "model_name"
+VLLM_LABEL_ENGINE: Final = "engine"
+VLLM_ALIASES: Final = frozenset(
+    {VLLM_NUM_REQUESTS_WAITING, VLLM_NUM_REQUESTS_RUNNING, VLLM_KV_CACHE_USAGE_PERC, VLLM_CACHE_CONFIG_INFO}
+)
+
 # The labels of CONFIG_INFO besides `model`: the limits in force, so the operator can confirm a push.
 CONFIG_INFO_LABELS: Final = (
     "max_batch_size",

@@ -64,6 +64,42 @@ class _ConfigInfoCollector(registry.Collector):
         yield family
 
 
+class _VllmAliasCollector(registry.Collector):
+    """The four series an Inference Gateway endpoint picker reads by default, under vLLM's names.
+
+    Values are totals kept by `RuntimeMetrics` as plain numbers at each engine step, so a scrape costs a
+    few string formats (the picker scrapes every 50 ms). Block size and count: the KV config's
+    `blockSize` and the engine's KV capacity in tokens divided by it (absent until the engine reports it).
+    """
+
+    def __init__(self, model_name: str) -> None:
+        self._model_name = model_name
+        self.waiting = 0
+        self.running = 0
+        self.kv_usage = 0.0
+        self.block_size: int | None = None
+        self.num_blocks: int | None = None
+
+    def collect(self) -> Iterator[core.Metric]:
+        labels = [contract.VLLM_LABEL_MODEL_NAME, contract.VLLM_LABEL_ENGINE]
+        values = [self._model_name, "0"]
+        for name, doc, value in (
+            (contract.VLLM_NUM_REQUESTS_WAITING, "Requests waiting (all classes; vLLM's name).", self.waiting),
+            (contract.VLLM_NUM_REQUESTS_RUNNING, "Requests running (all classes; vLLM's name).", self.running),
+            (contract.VLLM_KV_CACHE_USAGE_PERC, "KV-cache usage, 0..1 (vLLM's name).", self.kv_usage),
+        ):
+            family = core.GaugeMetricFamily(name, doc, labels=labels)
+            family.add_metric(values, float(value))
+            yield family
+        if self.block_size is not None and self.num_blocks is not None:
+            info = core.GaugeMetricFamily(
+                contract.VLLM_CACHE_CONFIG_INFO, "KV-cache configuration (vLLM's name); value 1.",
+                labels=["block_size", "num_gpu_blocks", contract.VLLM_LABEL_ENGINE],
+            )  # fmt: skip
+            info.add_metric([str(self.block_size), str(self.num_blocks), "0"], 1.0)
+            yield info
+
+
 class _GpuCollector(registry.Collector):
     """Samples NVML at scrape time, so idle pods cost nothing; yields nothing on CPU machines."""
 
@@ -230,6 +266,8 @@ class RuntimeMetrics:
 
         self._config_info = _ConfigInfoCollector(m)
         r.register(self._config_info)
+        self._vllm = _VllmAliasCollector(m)
+        r.register(self._vllm)
         self._gpu_sampler = gpu_sampler
         if gpu_sampler is not None:
             r.register(_GpuCollector(m, gpu_sampler))
@@ -267,6 +305,10 @@ class RuntimeMetrics:
         self._kv_usage.set(stats.kv_usage)
         self._kv_blocks_used.set(stats.kv_blocks_used)
         self._batch_size.set(stats.batch_size)
+        vllm = self._vllm
+        vllm.running = sum(stats.running_by_class.values())
+        vllm.waiting = sum(stats.waiting_by_class.values())
+        vllm.kv_usage = stats.kv_usage
         if stats.num_tokens:  # idle wake-ups are not iterations
             self._iteration_tokens.observe(stats.num_tokens)
             self._iteration_batch.observe(stats.batch_size)
@@ -319,6 +361,8 @@ class RuntimeMetrics:
             self._waiting.labels(m, qos_class).set(0)
         self._batch_size.set(0)
         self._kv_usage.set(kv_usage)
+        self._vllm.running = self._vllm.waiting = 0
+        self._vllm.kv_usage = kv_usage
         if self._engine_info is not None:
             self._kv_blocks_used.set(round(kv_usage * self._engine_info.kv_num_blocks))
 
@@ -329,6 +373,8 @@ class RuntimeMetrics:
         self._kv_pool_bytes.set(info.kv_pool_bytes)
         self._weight_bytes.set(info.weight_bytes)
         self._load_seconds.set(info.load_seconds)
+        self._vllm.block_size = info.kv_block_size
+        self._vllm.num_blocks = info.kv_num_blocks
 
     def record_rejection(self, reason: str, qos_class: str) -> None:
         self._rejected.labels(self.model_name, qos_class, reason).inc()
@@ -362,6 +408,13 @@ class RuntimeMetrics:
         info = self._engine_info
         budget = cfg.kv_cache.memory_bytes
         pool_bytes = str(info.kv_pool_bytes) if info is not None else ("" if budget is None else str(budget))
+        # What an endpoint picker reads as vllm:cache_config_info: the pool's own blocks once it is allocated.
+        block_size = info.kv_block_size if info is not None else cfg.kv_cache.block_size
+        self._vllm.block_size = block_size
+        if info is not None:
+            self._vllm.num_blocks = info.kv_num_blocks
+        else:
+            self._vllm.num_blocks = None if kv is None else kv // block_size
         self._config_info.set(
             {
                 "max_batch_size": str(cfg.batching.max_batch_size),

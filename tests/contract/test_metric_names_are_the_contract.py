@@ -34,8 +34,24 @@ def test_every_declared_family_is_exported_with_its_type() -> None:
 
 
 def test_nothing_is_exported_that_the_contract_does_not_name() -> None:
-    declared = contract.COUNTERS | contract.GAUGES | contract.HISTOGRAMS
+    declared = contract.COUNTERS | contract.GAUGES | contract.HISTOGRAMS | contract.VLLM_ALIASES
     assert set(_exported_families()) <= declared
+
+
+def test_vllm_aliases_are_what_an_endpoint_picker_reads() -> None:
+    """GIE's model-server protocol, default engine vLLM: queued, running, KV usage 0..1, cache block info."""
+    m = metrics.RuntimeMetrics(model_name="tiny", max_model_len=64, qos_classes=["default", "batch"])
+    m.set_config(config.RuntimeConfig(), max_kv_tokens=4096)
+    families = {f.name: f for f in parser.text_string_to_metric_families(m.render().decode())}
+    for name in contract.VLLM_ALIASES:
+        assert families[name].type == "gauge", name
+    for name in (contract.VLLM_NUM_REQUESTS_WAITING, contract.VLLM_NUM_REQUESTS_RUNNING,
+                 contract.VLLM_KV_CACHE_USAGE_PERC):  # fmt: skip
+        (sample,) = families[name].samples
+        assert sample.labels[contract.VLLM_LABEL_MODEL_NAME] == "tiny"
+    (info,) = families[contract.VLLM_CACHE_CONFIG_INFO].samples
+    assert info.value == 1
+    assert info.labels["block_size"] == "16" and info.labels["num_gpu_blocks"] == str(4096 // 16)
 
 
 def test_names_carry_the_prefix_and_counters_export_total() -> None:
@@ -87,7 +103,7 @@ def test_the_kv_pool_and_weights_are_published_once_the_engine_started() -> None
     value = {
         name: families[name].samples[0].value
         for name in contract.GAUGES
-        if families.get(name, None) and families[name].samples
+        if families.get(name) and families[name].samples
     }
     assert value[contract.KV_CACHE_BLOCKS_TOTAL] == 64 and value[contract.KV_CACHE_POOL_BYTES] == 520_192
     assert value[contract.MODEL_WEIGHT_BYTES] == 4096 and value[contract.MODEL_LOAD_SECONDS] == 1.5

@@ -632,16 +632,29 @@ REPLICAS_DESIRED_IN_RANGE = CelRule(
 )
 
 
+REPLICAS_IDLE_NEEDS_MIN_0 = CelRule(
+    rule="!has(self.idleTimeout) || self.min == 0",
+    message="spec.replicas.idleTimeout needs spec.replicas.min 0 (it scales the service to zero)",
+    field_path=".idleTimeout",
+)
+
+
 class ReplicasSpec(_SpecModel):
     """How many runtime pods run: bounds for the autoscaler and the count that `/scale` writes."""
 
-    model_config = pydantic.ConfigDict(json_schema_extra=_cel_extra(REPLICAS_MIN_LE_MAX, REPLICAS_DESIRED_IN_RANGE))
+    model_config = pydantic.ConfigDict(
+        json_schema_extra=_cel_extra(REPLICAS_MIN_LE_MAX, REPLICAS_DESIRED_IN_RANGE, REPLICAS_IDLE_NEEDS_MIN_0)
+    )
 
     min: int = pydantic.Field(
         default=1,
         ge=0,
         le=1000,
-        description="Fewest replicas the autoscaler keeps. 0 parks the service (it never scales up from 0).",
+        description=(
+            "Fewest replicas the autoscaler keeps. 0 without `idleTimeout` parks the service (nothing scales it "
+            "up from 0); 0 with `idleTimeout` and `spec.router.enabled` is scale to zero: idle for that long, the "
+            "service goes to 0, and the router holds the next request while it scales back up."
+        ),
     )
     max: int = pydantic.Field(default=1, ge=1, le=1000, description="Most replicas the autoscaler may run. At least 1.")
     desired: int | None = pydantic.Field(
@@ -653,10 +666,18 @@ class ReplicasSpec(_SpecModel):
             "by the operator's own autoscaler. Unset means `min`. Must lie within min..max when written."
         ),
     )
+    idle_timeout: PositiveDuration | None = pydantic.Field(
+        default=None,
+        description=(
+            "Scale to zero after this long without a request, e.g. `15m` (needs `min: 0` and "
+            "`spec.router.enabled`, whose router holds requests while a replica starts). Unset: never idle down."
+        ),
+    )
 
     @pydantic.model_validator(mode="after")
     def _rules(self, info: pydantic.ValidationInfo) -> Self:
         _require(self.min <= self.max, REPLICAS_MIN_LE_MAX)
+        _require(self.idle_timeout is None or self.min == 0, REPLICAS_IDLE_NEEDS_MIN_0)
         if self.desired is not None and not _is_stored(info):
             _require(self.min <= self.desired <= self.max, REPLICAS_DESIRED_IN_RANGE)
         return self
@@ -1081,10 +1102,68 @@ SLO_WINDOW_COVERS_INTERVAL = CelRule(
 )
 
 
+# --------------------------------------------------------------------------------------------------
+# spec.router
+
+RouterPolicy = Literal["prefix-affinity", "least-loaded", "round-robin"]
+
+
+class RouterHoldSpec(_SpecModel):
+    """Bounds on requests the router holds while no replica is ready (scale from zero, all replicas down)."""
+
+    max_requests: int = pydantic.Field(
+        default=256, ge=0, le=100_000, description="Requests held at once; more get 429. 0: never hold (503)."
+    )
+    timeout: Duration = pydantic.Field(
+        default="5m",
+        description="Longest a request is held, e.g. `5m`; then 503 with Retry-After. Cover the model's start-up.",
+    )
+
+
+class RouterSpec(_SpecModel):
+    """`fleetlm-router` in front of the runtime pods: load- and prefix-aware picks, holding at zero."""
+
+    enabled: bool = pydantic.Field(
+        default=False,
+        description=(
+            "Deploy the router (Deployment, Service `<name>-router`, RBAC) and point `status.endpoint` at it."
+        ),
+    )
+    replicas: int = pydantic.Field(default=1, ge=1, le=100, description="Router pods (each balances on its own).")
+    image: str | None = pydantic.Field(
+        default=None, max_length=512, description="Router image. Unset: the operator's default router image."
+    )
+    policy: RouterPolicy = pydantic.Field(
+        default="prefix-affinity",
+        description=(
+            "`prefix-affinity`: consistent hashing with bounded load over the prompt's leading tokens; "
+            "`least-loaded`: fewest in flight; `round-robin`: what a Service does."
+        ),
+    )
+    prefix_tokens: int = pydantic.Field(default=256, ge=1, le=65536, description="Leading prompt tokens hashed.")
+    load_factor: float = pydantic.Field(
+        default=2.0,
+        ge=1.0,
+        le=10.0,
+        description=(
+            "A repeated prefix stays on its replica until that one holds this many times the mean in flight; "
+            "new prompts always go to the least loaded."
+        ),
+    )
+    hold: RouterHoldSpec = _section(RouterHoldSpec, "How many requests are held, and how long, with no replica.")
+    resources: Resources = _section(Resources, "CPU and memory of each router container.")
+
+
+ROUTER_NEEDED_FOR_IDLE = CelRule(
+    rule="!has(self.replicas.idleTimeout) || self.router.enabled",
+    message="spec.replicas.idleTimeout needs spec.router.enabled: at zero replicas only the router holds requests",
+)
+
+
 class LLMServiceSpec(_SpecModel):
     """What the platform team asks for: a model, its pods, its latency promise and its traffic classes."""
 
-    model_config = pydantic.ConfigDict(json_schema_extra=_cel_extra(SLO_WINDOW_COVERS_INTERVAL))
+    model_config = pydantic.ConfigDict(json_schema_extra=_cel_extra(SLO_WINDOW_COVERS_INTERVAL, ROUTER_NEEDED_FOR_IDLE))
 
     model: ModelSpec = pydantic.Field(description="Which model to serve: source, revision, dtype, context length.")
     runtime: RuntimeSpec = _section(
@@ -1111,9 +1190,13 @@ class LLMServiceSpec(_SpecModel):
     autoscaling: AutoscalingSpec = _section(
         AutoscalingSpec, "The operator's scaling and tuning loop: metrics source, interval, stabilization."
     )
+    router: RouterSpec = _section(
+        RouterSpec, "The front door: load- and prefix-aware routing, and holding requests at zero replicas."
+    )
 
     @pydantic.model_validator(mode="after")
     def _rules(self) -> Self:
+        _require(self.replicas.idle_timeout is None or self.router.enabled, ROUTER_NEEDED_FOR_IDLE)
         if self.slo is not None:
             _require(
                 parse_duration_s(self.slo.window) >= parse_duration_s(self.autoscaling.interval),
@@ -1368,6 +1451,8 @@ OBJECT_RULES: tuple[CelRule, ...] = (
     SLO_WINDOW_COVERS_INTERVAL,
     REPLICAS_MIN_LE_MAX,
     REPLICAS_DESIRED_IN_RANGE,
+    REPLICAS_IDLE_NEEDS_MIN_0,
+    ROUTER_NEEDED_FOR_IDLE,
     SLO_NEEDS_TARGET,
     QOS_CLASS_NAMES_UNIQUE,
     QOS_DEFAULT_CLASS_LISTED,

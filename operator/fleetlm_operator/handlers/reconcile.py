@@ -23,7 +23,18 @@ import kopf
 
 from fleetlm_operator import metrics
 from fleetlm_operator.api import models, names
-from fleetlm_operator.builders import configmap, deployment, meta, model_cache, pdb, secret, service, servicemonitor
+from fleetlm_operator.builders import (
+    configmap,
+    deployment,
+    inferencepool,
+    meta,
+    model_cache,
+    pdb,
+    router,
+    secret,
+    service,
+    servicemonitor,
+)
 from fleetlm_operator.handlers import context
 from fleetlm_operator.handlers import model_cache as model_cache_handler
 from fleetlm_operator.status import conditions, summary
@@ -40,8 +51,11 @@ def plain_body(body: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
-        "metadata": {key: metadata.get(key) for key in ("name", "namespace", "uid", "generation", "labels",
-                                                        "annotations") if metadata.get(key) is not None},
+        "metadata": {
+            key: metadata.get(key)
+            for key in ("name", "namespace", "uid", "generation", "labels", "annotations")
+            if metadata.get(key) is not None
+        },
         "spec": dict(body.get("spec", {})),
         "status": dict(body.get("status", {}) or {}) or None,
     }
@@ -68,18 +82,31 @@ def current_tuning(svc: models.LLMService) -> models.Tuning:
         max_batch_size=size,
         max_batch_tokens=tokens,
         shed_classes=[name for name in stored.shed_classes if name in class_names],
-        class_weights={**(initial.class_weights or {}),
-                       **{k: v for k, v in (stored.class_weights or {}).items() if k in class_names}},
+        class_weights={
+            **(initial.class_weights or {}),
+            **{k: v for k, v in (stored.class_weights or {}).items() if k in class_names},
+        },
     )
 
 
-def render_children(svc: models.LLMService, *, tuning: models.Tuning, default_image: str,
-                    with_service_monitor: bool, with_deployment: bool = True,
-                    model_bytes: int | None = None) -> list[dict[str, Any]]:
+def render_children(
+    svc: models.LLMService,
+    *,
+    tuning: models.Tuning,
+    default_image: str,
+    with_service_monitor: bool,
+    with_deployment: bool = True,
+    model_bytes: int | None = None,
+    router_image: str = "",
+    with_inference_pool: bool = False,
+    objective_api_version: str | None = None,
+) -> list[dict[str, Any]]:
     """Every child but the admin Secret, in the order they should be applied (config before pods).
 
     Without `with_deployment` (the model cache is not Ready) the Deployment is left out: not created, or
-    left as it is, so no pod starts on a checkpoint that is not there yet.
+    left as it is, so no pod starts on a checkpoint that is not there yet. The router's objects come with
+    `spec.router.enabled`; the InferencePool (and one objective per class) only where the Gateway API
+    Inference Extension CRDs are installed, as with the ServiceMonitor.
     """
     children = [
         configmap.build_config_map(svc, tuning=tuning),
@@ -90,11 +117,31 @@ def render_children(svc: models.LLMService, *, tuning: models.Tuning, default_im
     ]
     if with_service_monitor:
         children.append(servicemonitor.build_service_monitor(svc))
+    if svc.spec.router.enabled:
+        children.extend(router.build_router_children(svc, default_image=router_image or default_image))
+    if with_inference_pool:
+        children.append(inferencepool.build_inference_pool(svc))
+        if objective_api_version is not None:
+            children.extend(inferencepool.build_objectives(svc, api_version=objective_api_version))
     return children
 
 
-def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.Logger,
-              cause: str) -> dict[str, Any]:
+def _objective_api_version(ctx: context.OperatorContext) -> str | None:
+    for api_version in inferencepool.OBJECTIVE_API_VERSIONS:
+        if ctx.applier.has_kind(api_version, inferencepool.OBJECTIVE_KIND):
+            return api_version
+    return None
+
+
+def _remove_disabled_router(svc: models.LLMService, ctx: context.OperatorContext) -> None:
+    """Switching the router off removes its objects (pods first, permissions last); one read when none exist."""
+    if ctx.applier.read_deployment(router.router_name(svc), svc.namespace) is None:
+        return
+    for child in reversed(router.build_router_children(svc, default_image="")):
+        ctx.applier.delete_if_present(child["apiVersion"], child["kind"], child["metadata"]["name"], svc.namespace)
+
+
+def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.Logger, cause: str) -> dict[str, Any]:
     """Apply every child of `body`; returns the status to write."""
     started = time.monotonic()
     try:
@@ -116,11 +163,22 @@ def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.
         model_cache_handler.post_transition_event(body, before=model_cache_handler.stored_cache(body), after=cache)
 
     with_monitor = ctx.applier.has_kind(servicemonitor.API_VERSION, "ServiceMonitor")
+    with_pool = ctx.applier.has_kind(inferencepool.POOL_API_VERSION, inferencepool.POOL_KIND)
+    objective_version = _objective_api_version(ctx) if with_pool else None
+    if not svc.spec.router.enabled:
+        _remove_disabled_router(svc, ctx)
     applied = []
-    for child in render_children(svc, tuning=tuning, default_image=ctx.settings.runtime_image,
-                                 with_service_monitor=with_monitor,
-                                 with_deployment=model_cache.pods_allowed(svc.spec, cache),
-                                 model_bytes=model_cache.model_bytes(svc.spec, cache)):
+    for child in render_children(
+        svc,
+        tuning=tuning,
+        default_image=ctx.settings.runtime_image,
+        with_service_monitor=with_monitor,
+        with_deployment=model_cache.pods_allowed(svc.spec, cache),
+        model_bytes=model_cache.model_bytes(svc.spec, cache),
+        router_image=ctx.settings.router_image,
+        with_inference_pool=with_pool,
+        objective_api_version=objective_version,
+    ):
         kopf.adopt(child, owner=body)
         ctx.applier.apply(child)
         metrics.CHILDREN_APPLIED.labels(kind=child["kind"]).inc()
@@ -186,7 +244,7 @@ def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: cont
         "replicas": rollout.replicas,
         "readyReplicas": rollout.ready_replicas,
         "selector": meta.selector_string(svc),
-        "endpoint": service.endpoint_url(svc),
+        "endpoint": router.endpoint_url(svc) if svc.spec.router.enabled else service.endpoint_url(svc),
         "observedGeneration": body.get("metadata", {}).get("generation"),
         "conditions": merged,
         **cache_fields,
@@ -196,8 +254,7 @@ def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: cont
 @kopf.on.resume(names.GROUP, names.VERSION, names.PLURAL)
 @kopf.on.create(names.GROUP, names.VERSION, names.PLURAL)
 @kopf.on.update(names.GROUP, names.VERSION, names.PLURAL, field="spec")
-def on_spec(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, reason: str,
-            **_: Any) -> None:
+def on_spec(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, reason: str, **_: Any) -> None:
     ctx = context.get(memo)
     status = reconcile(body, ctx=ctx, logger=logger, cause=str(reason))
     for key, value in status.items():
