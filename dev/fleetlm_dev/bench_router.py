@@ -319,26 +319,45 @@ async def _from_zero(directory: pathlib.Path, config: dict[str, Any], cfg: bench
             replica.stop()
 
 
-async def _poll_metrics(url: str, stop: asyncio.Event, *, interval_s: float = 0.05) -> tuple[list[float], float]:
-    """GET /metrics every `interval_s` (an endpoint picker's default tick) until stopped.
+# The scraper runs in a process of its own, as an endpoint picker does: measured from the load generator's
+# event loop, each scrape would also wait behind that loop's 32 streams, which is the client's delay, not
+# the server's.
+_POLLER = r"""
+import http.client, json, sys, threading, time
+host, port, interval = sys.argv[1], int(sys.argv[2]), float(sys.argv[3])
+stop = threading.Event()
+threading.Thread(target=lambda: (sys.stdin.read(), stop.set()), daemon=True).start()
+conn = http.client.HTTPConnection(host, port, timeout=10)
+latencies, running = [], 0.0
+while not stop.is_set():
+    started = time.perf_counter()
+    conn.request("GET", "/metrics")
+    text = conn.getresponse().read().decode()
+    latencies.append(time.perf_counter() - started)
+    for line in text.splitlines():
+        if line.startswith("vllm:num_requests_running{"):
+            running = max(running, float(line.rsplit(" ", 1)[1]))
+    stop.wait(max(0.0, interval - (time.perf_counter() - started)))
+print(json.dumps({"latencies": latencies, "running": running}))
+"""
 
-    Returns each scrape's latency and the highest `vllm:num_requests_running` seen."""
-    import aiohttp  # noqa: PLC0415
 
-    latencies: list[float] = []
-    running = 0.0
-    async with aiohttp.ClientSession() as session:
-        while not stop.is_set():
-            started = time.perf_counter()
-            async with session.get(url + "/metrics") as resp:
-                text = await resp.text()
-            latencies.append(time.perf_counter() - started)
-            for line in text.splitlines():
-                if line.startswith("vllm:num_requests_running{"):
-                    running = max(running, float(line.rsplit(" ", 1)[1]))
-            with contextlib.suppress(TimeoutError):
-                await asyncio.wait_for(stop.wait(), max(0.0, interval_s - (time.perf_counter() - started)))
-    return latencies, running
+class _MetricsPoller:
+    """GET /metrics every `interval_s` (an endpoint picker's default tick) from another process until
+    `stop()`, which returns each scrape's latency and the highest `vllm:num_requests_running` seen."""
+
+    def __init__(self, url: str, *, interval_s: float = 0.05) -> None:
+        host, port = url.removeprefix("http://").rsplit(":", 1)
+        self._proc = subprocess.Popen(
+            [sys.executable, "-c", _POLLER, host, port, str(interval_s)],
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+        )
+
+    def stop(self) -> tuple[list[float], float]:
+        out, _ = self._proc.communicate(input=b"", timeout=60)
+        data = json.loads(out)
+        return data["latencies"], data["running"]
 
 
 def _ms(values: Sequence[float], q: float) -> float:
@@ -352,21 +371,17 @@ async def _metrics_latency(directory: pathlib.Path, cfg: bench_serve.BenchConfig
     replica = start_runtime(directory, config, name="metrics-replica")
     try:
         replica.wait_ready()
-        stop = asyncio.Event()
-        idle = asyncio.create_task(_poll_metrics(replica.url, stop))
+        idle = _MetricsPoller(replica.url)
         await asyncio.sleep(3.0)
-        stop.set()
-        idle_lat, _ = await idle
+        idle_lat, _ = idle.stop()
         specs = bench_serve.build_dataset(
             bench_serve.DatasetConfig(kind="random", input_len=64, output_len=256), num=streams * 2, seed=7
         )
-        stop = asyncio.Event()
-        loaded = asyncio.create_task(_poll_metrics(replica.url, stop))
+        loaded = _MetricsPoller(replica.url)
         outcome = await bench_serve.run_target(
             dataclasses.replace(cfg, url=replica.url, max_concurrency=streams), specs, label="metrics"
         )
-        stop.set()
-        load_lat, running = await loaded
+        load_lat, running = loaded.stop()
     finally:
         replica.stop()
     return {

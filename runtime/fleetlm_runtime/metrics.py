@@ -16,7 +16,7 @@ import prometheus_client
 from prometheus_client import core, process_collector, registry
 
 from fleetlm_runtime import config as config_mod
-from fleetlm_runtime import contract, gpu
+from fleetlm_runtime import contract, exposition, gpu
 from fleetlm_runtime.engine import outputs
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
@@ -139,6 +139,7 @@ class RuntimeMetrics:
         self.model_loaded_at_s: float | None = None
         self.ready_at_s: float | None = None
         self.registry = registry.CollectorRegistry(auto_describe=True)
+        self._exposition = exposition.CachedExposition()
         r = self.registry
         m = model_name
         by_class = [_M, _C]
@@ -435,4 +436,5 @@ class RuntimeMetrics:
         )
 
     def render(self) -> bytes:
-        return prometheus_client.generate_latest(self.registry)
+        """The text exposition (`generate_latest`'s bytes, rendered with cached series prefixes)."""
+        return self._exposition.render(self.registry)
