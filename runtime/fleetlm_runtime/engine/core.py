@@ -114,6 +114,8 @@ class EngineCore:
         arrival_time_s: float | None = None,
         qos_class: str = "default",
         priority: int = 0,
+        weight: float = 1.0,
+        tenant: str = "",
     ) -> request_mod.Request:
         """Validate against the model and the KV capacity (`validate.make_request`); any thread may call it."""
         return validate.make_request(
@@ -124,6 +126,8 @@ class EngineCore:
             arrival_time_s=self.clock() if arrival_time_s is None else arrival_time_s,
             qos_class=qos_class,
             priority=priority,
+            weight=weight,
+            tenant=tenant,
         )
 
     def add_request(self, req: request_mod.Request) -> None:

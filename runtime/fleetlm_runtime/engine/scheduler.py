@@ -80,6 +80,8 @@ class Scheduler:
         self.kv = kv
         self.waiting = queues.create_queue(policy, clock=clock, aging_s=aging_s)
         self._by_priority = isinstance(self.waiting, queues.PriorityQueue)
+        # The fair queue's counters (priority policy): charged at first admission, settled at the end.
+        self._fair = self.waiting if isinstance(self.waiting, queues.PriorityQueue) else None
         self._preemption = enable_preemption and self._by_priority
         self._admit_seq = 0
         self._num_preemptions = 0  # since the last take_step_counters()
@@ -179,6 +181,8 @@ class Scheduler:
 
     def _release(self, req: request_mod.Request, now: float) -> None:
         req.finished_time_s = now
+        if self._fair is not None and req.scheduled_time_s is not None:
+            self._fair.charge(req, 0, len(req.output_token_ids) - req.max_tokens)
         del self.requests[req.req_id]
         # A preempted request may still have state parked in the runner (its sampling stream).
         if self.kv.free(req.req_id) or req.num_preemptions:
@@ -372,6 +376,8 @@ class Scheduler:
             if kv.enable_caching:
                 self._prefix_queries += len(req.prompt_token_ids)
                 self._prefix_hits += num_hit
+                if req.scheduled_time_s is None:  # the ledger's split of the prompt: at first admission
+                    req.num_cached_tokens = num_hit
             req.num_computed_tokens = num_hit
             _bump(self.waiting_by_class, req.qos_class, -1)
             _bump(self.running_by_class, req.qos_class, 1)
@@ -383,6 +389,8 @@ class Scheduler:
                 now = self._clock()
             if req.scheduled_time_s is None:
                 req.scheduled_time_s = now
+                if self._fair is not None:  # its whole cost now, the unused part given back at the end
+                    self._fair.charge(req, len(req.prompt_token_ids), req.max_tokens)
                 self._events.append(
                     outputs.RequestEvent(
                         kind=outputs.EventKind.SCHEDULED,
