@@ -199,6 +199,9 @@ class Scheduler:
                 num_output_tokens=req.num_output_tokens,
                 scheduled_time_s=req.scheduled_time_s,
                 first_token_time_s=req.first_token_time_s,
+                tenant=req.tenant,
+                num_cached_tokens=req.num_cached_tokens,
+                engine_seconds=req.engine_seconds,
             )
         )
 
