@@ -51,6 +51,7 @@ class Run:
         self.tokens: collections.Counter[tuple[str, str]] = collections.Counter()
         self.ttfts: dict[tuple[str, str], list[float]] = collections.defaultdict(list)
         self.seq = 0
+        self.slot_steps: collections.Counter[str] = collections.Counter()  # running requests summed over steps
 
     def submit(self, qos_class: str, tenant: str, weight: float = 1.0) -> None:
         self.seq += 1
@@ -69,6 +70,8 @@ class Run:
     def step(self) -> None:
         outs, stats = self.engine.step()
         self.clock.now += STEP_S
+        if stats is not None:
+            self.slot_steps.update(stats.running_by_class)
         for out in outs:
             self.tokens[self.owner[out.req_id]] += len(out.new_token_ids)
         for event in stats.events if stats is not None else ():
@@ -129,15 +132,20 @@ def test_two_classes_weighted_three_to_one_share_generated_tokens(capsys: pytest
     for _ in range(20):
         run.step()
     start = dict(run.tokens)
+    start_slots = dict(run.slot_steps)
     steps = 0
     while waiting.get("gold", 0) > 0 and waiting.get("bronze", 0) > 0 and steps < 400:
         run.step()
         steps += 1
     gold = run.tokens["gold", "a"] - start.get(("gold", "a"), 0)
     bronze = run.tokens["bronze", "b"] - start.get(("bronze", "b"), 0)
+    slots = {c: run.slot_steps[c] - start_slots.get(c, 0) for c in ("gold", "bronze")}
     with capsys.disabled():
         print(
-            f"\nweights 3:1 -> generated tokens gold {gold} : bronze {bronze} = {gold / bronze:.3f} over {steps} steps"
+            f"\nweights 3:1 -> generated tokens gold {gold} : bronze {bronze} = {gold / bronze:.3f}; batch slots "
+            f"{slots['gold'] / steps:.2f} : {slots['bronze'] / steps:.2f} = {slots['gold'] / slots['bronze']:.3f} "
+            f"over {steps} steps"
         )
     assert steps >= 100
     assert abs(gold / bronze / 3 - 1) <= 0.10
+    assert abs(slots["gold"] / slots["bronze"] / 3 - 1) <= 0.10
