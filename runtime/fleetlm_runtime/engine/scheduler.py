@@ -8,12 +8,13 @@ others keep decoding. Each step runs in three passes:
 1. decodes: every running request that needs exactly one token gets it first, so a long prefill can
    never stall streams that are already flowing;
 2. partial prefills: running requests part-way through their prompt get what is left of the budget;
-3. admission: waiting requests, in queue order (with the priority policy: by priority, then fair shares
-   of classes by weight and of tenants within a class, `queues.PriorityQueue`), join while there is budget, a free sequence slot
-   (`max_batch_size`) and room in the KV pool for the tokens they compute now (not their worst case:
-   `caches/kv_manager.py` hands out fixed-size blocks as tokens are computed). With the prefix cache,
-   an admitted request starts with `num_computed_tokens` at its longest cached prefix (whole blocks),
-   whose blocks it shares with their other holders, so only the rest is prefilled.
+3. admission: waiting requests, in queue order (priority policy: by priority, then fair shares of the
+   classes by weight and of tenants within a class, see `queues.PriorityQueue`), join while there is
+   budget, a free sequence slot (`max_batch_size`) and room in the KV pool for the tokens they compute
+   now (not their worst case: `caches/kv_manager.py` hands out fixed-size blocks as tokens are
+   computed). With the prefix cache, an admitted request starts with `num_computed_tokens` at its
+   longest cached prefix (whole blocks), whose blocks it shares with their other holders, so only the
+   rest is prefilled.
 
 Every running request that needs a new block and finds the pool full makes room by preemption (recompute,
 vLLM's rule): the lowest-priority running request (priority policy), and among equals the most recently
