@@ -29,6 +29,7 @@ PATH_HEALTH: Final = "/health"  # process alive (liveness)
 PATH_READY: Final = "/ready"  # model loaded and not draining (readiness)
 PATH_METRICS: Final = "/metrics"
 PATH_ADMIN_CONFIG: Final = "/admin/config"  # GET the applied limits, PUT new ones (bearer token)
+PATH_ADMIN_USAGE: Final = "/admin/usage"  # GET the usage ledger per (tenant, class) (bearer token)
 
 # QoS: a class comes from the API key (`Authorization: Bearer <key>`, mapped in the runtime config).
 # Only where the config allows it may a client name its class directly, by header or body field.
@@ -56,6 +57,9 @@ LABEL_FINISHED_REASON: Final = "finished_reason"  # stop | length | abort | erro
 LABEL_REASON: Final = "reason"  # rejection reasons below
 LABEL_RESULT: Final = "result"  # hit | miss
 LABEL_GPU: Final = "gpu"  # NVML device index
+LABEL_TENANT: Final = "tenant"  # a key's digest from the API-keys file, or TENANT_OTHER (bounded)
+LABEL_SOURCE: Final = "source"  # computed | prefix_cache (usage prompt tokens)
+TENANT_OTHER: Final = "other"  # every client without a known API key
 
 FINISHED_REASONS: Final = ("stop", "length", "abort", "error")
 
@@ -124,6 +128,11 @@ NUM_PREEMPTIONS: Final = "fleetlm_num_preemptions"  # {model}; vllm:num_preempti
 PREFIX_CACHE_QUERIES: Final = "fleetlm_prefix_cache_queries"  # {model}; tokens; vllm:prefix_cache_queries
 PREFIX_CACHE_HITS: Final = "fleetlm_prefix_cache_hits"  # {model}; tokens; vllm:prefix_cache_hits
 RESPONSE_CACHE_LOOKUPS: Final = "fleetlm_response_cache_lookups"  # {model, result}
+# The usage ledger (server/ledger.py): per tenant and class; the same figures as GET /admin/usage.
+USAGE_PROMPT_TOKENS: Final = "fleetlm_usage_prompt_tokens"  # {model, qos_class, tenant, source}
+USAGE_GENERATION_TOKENS: Final = "fleetlm_usage_generation_tokens"  # {model, qos_class, tenant}
+USAGE_RESPONSE_CACHE_TOKENS: Final = "fleetlm_usage_response_cache_tokens"  # {model, qos_class, tenant}
+USAGE_ENGINE_SECONDS: Final = "fleetlm_usage_engine_seconds"  # {model, qos_class, tenant}
 
 # Histograms
 TIME_TO_FIRST_TOKEN_SECONDS: Final = "fleetlm_time_to_first_token_seconds"  # {model, qos_class}
@@ -149,6 +158,10 @@ COUNTERS: Final = frozenset(
         PREFIX_CACHE_QUERIES,
         PREFIX_CACHE_HITS,
         RESPONSE_CACHE_LOOKUPS,
+        USAGE_PROMPT_TOKENS,
+        USAGE_GENERATION_TOKENS,
+        USAGE_RESPONSE_CACHE_TOKENS,
+        USAGE_ENGINE_SECONDS,
     }
 )
 GAUGES: Final = frozenset(

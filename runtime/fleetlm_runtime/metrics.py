@@ -18,6 +18,7 @@ from prometheus_client import core, process_collector, registry
 from fleetlm_runtime import config as config_mod
 from fleetlm_runtime import contract, exposition, gpu
 from fleetlm_runtime.engine import outputs
+from fleetlm_runtime.server import ledger as ledger_mod
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 _M = contract.LABEL_MODEL
@@ -226,6 +227,31 @@ class RuntimeMetrics:
         self._response_hits = response_lookups.labels(m, "hit")
         self._response_misses = response_lookups.labels(m, "miss")
 
+        # The usage ledger: the same figures as GET /admin/usage, labelled by tenant (bounded: see ledger.py).
+        self.ledger = ledger_mod.UsageLedger()
+        by_tenant = [*by_class, contract.LABEL_TENANT]
+        self._usage_prompt = prometheus_client.Counter(
+            contract.USAGE_PROMPT_TOKENS,
+            "Prompt tokens of finished requests by tenant: computed, or served from the prefix cache.",
+            [*by_tenant, contract.LABEL_SOURCE],
+            registry=r,
+        )
+        self._usage_generation = prometheus_client.Counter(
+            contract.USAGE_GENERATION_TOKENS, "Generated tokens of finished requests by tenant.", by_tenant, registry=r
+        )
+        self._usage_response_cache = prometheus_client.Counter(
+            contract.USAGE_RESPONSE_CACHE_TOKENS,
+            "Completion tokens served from the response cache (not generated) by tenant.",
+            by_tenant,
+            registry=r,
+        )
+        self._usage_engine_seconds = prometheus_client.Counter(
+            contract.USAGE_ENGINE_SECONDS,
+            "Engine step time attributed to requests by their share of each step's tokens, by tenant.",
+            by_tenant,
+            registry=r,
+        )
+
         def hist(name: str, doc: str, buckets: Iterable[float], labels: list[str]) -> prometheus_client.Histogram:
             return prometheus_client.Histogram(name, doc, labels, buckets=tuple(buckets), registry=r)
 
@@ -291,8 +317,44 @@ class RuntimeMetrics:
         self._waiting.labels(m, qos_class).set(0)
         self._prompt_tokens.labels(m, qos_class)
         self._generation_tokens.labels(m, qos_class)
+        self._touch_usage(qos_class, contract.TENANT_OTHER)
         for reason in contract.FINISHED_REASONS:
             self._success.labels(m, qos_class, reason)
+
+    def _touch_usage(self, qos_class: str, tenant: str) -> None:
+        m = self.model_name
+        for source in ("computed", "prefix_cache"):
+            self._usage_prompt.labels(m, qos_class, tenant, source)
+        self._usage_generation.labels(m, qos_class, tenant)
+        self._usage_response_cache.labels(m, qos_class, tenant)
+        self._usage_engine_seconds.labels(m, qos_class, tenant)
+
+    def _record_usage(self, event: outputs.RequestEvent) -> None:
+        m, c = self.model_name, event.qos_class
+        tenant = self.ledger.add_finished(
+            tenant=event.tenant or contract.TENANT_OTHER,
+            qos_class=c,
+            num_prompt_tokens=event.num_prompt_tokens,
+            num_cached_tokens=event.num_cached_tokens,
+            num_output_tokens=event.num_output_tokens,
+            engine_seconds=event.engine_seconds,
+        )
+        cached = min(event.num_cached_tokens, event.num_prompt_tokens)
+        self._usage_prompt.labels(m, c, tenant, "computed").inc(event.num_prompt_tokens - cached)
+        self._usage_prompt.labels(m, c, tenant, "prefix_cache").inc(cached)
+        self._usage_generation.labels(m, c, tenant).inc(event.num_output_tokens)
+        self._usage_engine_seconds.labels(m, c, tenant).inc(event.engine_seconds)
+
+    def record_response_cache_hit(self, *, tenant: str, qos_class: str, num_output_tokens: int) -> None:
+        """An answer replayed from the response cache: booked to its tenant in the usage ledger."""
+        label = self.ledger.add_response_cache_hit(
+            tenant=tenant, qos_class=qos_class, num_output_tokens=num_output_tokens
+        )
+        m = self.model_name
+        if qos_class not in self._classes:
+            self._add_class(qos_class)
+        self._touch_usage(qos_class, label)
+        self._usage_response_cache.labels(m, qos_class, label).inc(num_output_tokens)
 
     def record(self, stats: outputs.EngineStats) -> None:
         """One engine step: gauges, per-step histograms, then the request events it carried."""
@@ -337,6 +399,7 @@ class RuntimeMetrics:
         self._success.labels(m, c, reason).inc()
         self._prompt_tokens.labels(m, c).inc(event.num_prompt_tokens)
         self._generation_tokens.labels(m, c).inc(event.num_output_tokens)
+        self._record_usage(event)
         if reason not in _COMPLETED:
             return
         self._req_prompt_tokens.observe(event.num_prompt_tokens)

@@ -240,6 +240,8 @@ class AsyncEngine:
         req_id: str | None = None,
         qos_class: str = "default",
         priority: int = 0,
+        weight: float = 1.0,
+        tenant: str = "",
     ) -> RequestStream:
         """Validate and queue a request; returns its stream. Raises InvalidParameterError (naming the
         parameter), EngineDrainingError or EngineDeadError at once, before anything is queued."""
@@ -260,6 +262,8 @@ class AsyncEngine:
             sampling_params=sampling_params or request_mod.SamplingParams(),
             qos_class=qos_class,
             priority=priority,
+            weight=weight,
+            tenant=tenant,
         )
         stream = RequestStream(self, req_id, prompt_ids)
         self._streams[req_id] = stream

@@ -114,6 +114,8 @@ class EngineCore:
         arrival_time_s: float | None = None,
         qos_class: str = "default",
         priority: int = 0,
+        weight: float = 1.0,
+        tenant: str = "",
     ) -> request_mod.Request:
         """Validate against the model and the KV capacity (`validate.make_request`); any thread may call it."""
         return validate.make_request(
@@ -124,6 +126,8 @@ class EngineCore:
             arrival_time_s=self.clock() if arrival_time_s is None else arrival_time_s,
             qos_class=qos_class,
             priority=priority,
+            weight=weight,
+            tenant=tenant,
         )
 
     def add_request(self, req: request_mod.Request) -> None:
@@ -194,10 +198,20 @@ class EngineCore:
             )
             self.runner.last_model_s = 0.0
             return failed, self._make_stats(sched_out, started)
+        self._attribute(sched_out, time.perf_counter() - started)
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         request_outputs = self._make_outputs(updated)
         self._free_finished()
         return request_outputs, self._make_stats(sched_out, started)
+
+    def _attribute(self, sched_out: outputs.SchedulerOutput, step_s: float) -> None:
+        """The usage ledger's engine-seconds: this step's time so far (schedule and model), split by each
+        request's share of the step's tokens. Done before the update, so a request finishing now has its
+        last step counted in its FINISHED event."""
+        per_token = step_s / len(sched_out.input_token_ids)
+        requests = self.scheduler.requests
+        for req_id, count in zip(sched_out.req_ids, sched_out.num_scheduled_tokens, strict=True):
+            requests[req_id].engine_seconds += per_token * count
 
     def _make_outputs(self, updated: list[request_mod.Request]) -> list[outputs.RequestOutput]:
         # Runs once per token of every running request: kept flat, with locals for the lookups.

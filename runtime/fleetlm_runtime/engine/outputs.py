@@ -125,6 +125,12 @@ class RequestEvent:
     num_output_tokens: int = 0
     scheduled_time_s: float | None = None  # FINISHED only; None if it never left the queue
     first_token_time_s: float | None = None  # FINISHED only; None if it produced no token
+    # FINISHED only, for the usage ledger: who sent it (a bounded label, never a key), how many of its
+    # prompt tokens the prefix cache served at its first admission, and the engine-seconds attributed to it
+    # (each step's duration split by the tokens each request had in it).
+    tenant: str = ""
+    num_cached_tokens: int = 0
+    engine_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)

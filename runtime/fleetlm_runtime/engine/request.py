@@ -141,6 +141,8 @@ class Request:
     arrival_time_s: float
     qos_class: str = "default"
     priority: int = 0  # lower runs sooner (vLLM semantics); the QoS issue maps classes onto it
+    weight: float = 1.0  # its class's fair-share weight among classes of the same priority
+    tenant: str = ""  # who sent it (a bounded label: a key's digest or one fold value), never the key
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -153,6 +155,10 @@ class Request:
     # Prefix cache: chain hashes of the prompt's full blocks (computed on first admission).
     block_hashes: list[bytes] | None = None
     admit_seq: int = 0  # order of the latest admission into the running batch (preemption picks the newest)
+    # Usage: prompt tokens found in the prefix cache at admissions (each recompute looks again), and
+    # engine-seconds attributed by each step's token share.
+    num_cached_tokens: int = 0
+    engine_seconds: float = 0.0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -192,6 +198,8 @@ def resolve_request(
     arrival_time_s: float,
     qos_class: str = "default",
     priority: int = 0,
+    weight: float = 1.0,
+    tenant: str = "",
 ) -> Request:
     """Validate a request against the model and build its engine state; errors name the parameter.
 
@@ -231,4 +239,12 @@ def resolve_request(
         arrival_time_s=arrival_time_s,
         qos_class=qos_class,
         priority=priority,
+        weight=_check_weight(weight),
+        tenant=tenant,
     )
+
+
+def _check_weight(weight: float) -> float:
+    if not _is_number(weight) or not weight > 0:
+        raise InvalidParameterError("weight", f"must be a number > 0, got {weight!r}")
+    return float(weight)

@@ -8,11 +8,13 @@ others keep decoding. Each step runs in three passes:
 1. decodes: every running request that needs exactly one token gets it first, so a long prefill can
    never stall streams that are already flowing;
 2. partial prefills: running requests part-way through their prompt get what is left of the budget;
-3. admission: waiting requests, in queue order, join while there is budget, a free sequence slot
-   (`max_batch_size`) and room in the KV pool for the tokens they compute now (not their worst case:
-   `caches/kv_manager.py` hands out fixed-size blocks as tokens are computed). With the prefix cache,
-   an admitted request starts with `num_computed_tokens` at its longest cached prefix (whole blocks),
-   whose blocks it shares with their other holders, so only the rest is prefilled.
+3. admission: waiting requests, in queue order (priority policy: by priority, then fair shares of the
+   classes by weight and of tenants within a class, see `queues.PriorityQueue`), join while there is
+   budget, a free sequence slot (`max_batch_size`) and room in the KV pool for the tokens they compute
+   now (not their worst case: `caches/kv_manager.py` hands out fixed-size blocks as tokens are
+   computed). With the prefix cache, an admitted request starts with `num_computed_tokens` at its
+   longest cached prefix (whole blocks), whose blocks it shares with their other holders, so only the
+   rest is prefilled.
 
 Every running request that needs a new block and finds the pool full makes room by preemption (recompute,
 vLLM's rule): the lowest-priority running request (priority policy), and among equals the most recently
@@ -80,6 +82,8 @@ class Scheduler:
         self.kv = kv
         self.waiting = queues.create_queue(policy, clock=clock, aging_s=aging_s)
         self._by_priority = isinstance(self.waiting, queues.PriorityQueue)
+        # The fair queue's counters (priority policy): charged at first admission, settled at the end.
+        self._fair = self.waiting if isinstance(self.waiting, queues.PriorityQueue) else None
         self._preemption = enable_preemption and self._by_priority
         self._admit_seq = 0
         self._num_preemptions = 0  # since the last take_step_counters()
@@ -179,6 +183,8 @@ class Scheduler:
 
     def _release(self, req: request_mod.Request, now: float) -> None:
         req.finished_time_s = now
+        if self._fair is not None and req.scheduled_time_s is not None:
+            self._fair.charge(req, 0, len(req.output_token_ids) - req.max_tokens)
         del self.requests[req.req_id]
         # A preempted request may still have state parked in the runner (its sampling stream).
         if self.kv.free(req.req_id) or req.num_preemptions:
@@ -195,6 +201,9 @@ class Scheduler:
                 num_output_tokens=req.num_output_tokens,
                 scheduled_time_s=req.scheduled_time_s,
                 first_token_time_s=req.first_token_time_s,
+                tenant=req.tenant,
+                num_cached_tokens=req.num_cached_tokens,
+                engine_seconds=req.engine_seconds,
             )
         )
 
@@ -372,6 +381,8 @@ class Scheduler:
             if kv.enable_caching:
                 self._prefix_queries += len(req.prompt_token_ids)
                 self._prefix_hits += num_hit
+                if req.scheduled_time_s is None:  # the ledger's split of the prompt: at first admission
+                    req.num_cached_tokens = num_hit
             req.num_computed_tokens = num_hit
             _bump(self.waiting_by_class, req.qos_class, -1)
             _bump(self.running_by_class, req.qos_class, 1)
@@ -383,6 +394,8 @@ class Scheduler:
                 now = self._clock()
             if req.scheduled_time_s is None:
                 req.scheduled_time_s = now
+                if self._fair is not None:  # its whole cost now, the unused part given back at the end
+                    self._fair.charge(req, len(req.prompt_token_ids), req.max_tokens)
                 self._events.append(
                     outputs.RequestEvent(
                         kind=outputs.EventKind.SCHEDULED,
