@@ -8,7 +8,7 @@ VENV := $(FLEETLM_CACHE)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 
-.PHONY: venv k8s system-deps lint test demo
+.PHONY: venv k8s system-deps lint test unit demo
 
 # Installed once per change of pyproject.toml (the stamp); the install is editable, so code changes
 # need no reinstall. pip shows what it fetches: on a fresh machine that is several GB (torch).
@@ -38,6 +38,12 @@ lint: venv
 # pytest's exit code 5 (no tests collected) is a failure here, not a pass.
 test: venv k8s system-deps lint
 	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+
+# The unit tier: everything that needs no control plane and no helm (pure logic, the engine, in-process and
+# real runtime processes). Nothing to build but the venv.
+unit: venv
+	@rc=0; $(PY) -m pytest -m "not cluster and not e2e" --ignore=tests/helm $(PYTEST_ARGS) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
 
 demo: venv k8s
