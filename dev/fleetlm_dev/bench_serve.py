@@ -6,7 +6,7 @@ or exponential lengths) or a shared-prefix dataset (prefix caching), a `--repeat
 may repeat an earlier one exactly (response caching; figures are then split by first/repeat and by the
 server's `X-FleetLM-Response-Cache` answer), and each request may belong to a QoS class (by API key or
 header) in a given mix; per class, the report gives the success rate and the refusals by status.
-Every request streams, and the client records the same figures as `vllm bench serve` (reference notes §7.2):
+Every request streams, and the client records the same figures as `vllm bench serve` (vllm/benchmarks/serve.py):
 
 - TTFT: send -> first SSE chunk that carries `choices` (even an empty text);
 - ITL: every gap between consecutive content chunks, pooled over requests;

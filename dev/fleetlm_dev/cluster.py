@@ -6,8 +6,8 @@ admin kubeconfig. Its state (ports, the PIDs it started, with each binary's path
 processes this module started and nothing else: a PID is signalled only while ``/proc/<pid>/exe`` still
 points at the binary that was started under that PID.
 
-Flags follow controller-runtime's envtest and kubernetes' hack/local-up-cluster.sh (see
-shared/reference/k8s-control-plane-for-tests.md §3), trimmed for one machine with two cores.
+Flags follow controller-runtime's envtest (sigs.k8s.io/controller-runtime: pkg/internal/testing) and
+kubernetes' hack/local-up-cluster.sh, trimmed for one machine with two cores.
 """
 
 from __future__ import annotations

@@ -91,7 +91,7 @@ REJECT_REASONS: Final = (
 )
 
 # ------------------------------------------------------------------------------------------------
-# Metric families. vLLM equivalents in comments (reference notes §1.7 and §7.1); same semantics and
+# Metric families. vLLM equivalents in comments (vllm/v1/metrics/loggers.py); same semantics and
 # buckets, `fleetlm_` prefix.
 
 METRIC_PREFIX: Final = "fleetlm_"
