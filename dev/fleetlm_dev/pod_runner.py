@@ -9,7 +9,9 @@ The local control plane has no nodes and no container runtime, so the pods of an
   container port);
 * once the process answers /ready, the pod's status is patched Running and Ready with that address as its
   podIP, so the operator scrapes and tunes it like any pod; a pod that is deleted (scale-down) gets
-  SIGTERM, the drain the runtime does in a real pod.
+  SIGTERM, the drain the runtime does in a real pod;
+* a container process that exits is started again on the same address after a backoff, as restartPolicy
+  Always does (CrashLoopBackOff, scaled down: 1 s doubling to 10 s), and the pod is not Ready meanwhile.
 
 Only for the demo and for trying the operator without a cluster; nothing here is used in production.
 """
@@ -24,11 +26,12 @@ import pathlib
 import random
 import socket
 import subprocess
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetlm_dev import cluster, paths, testing
+from fleetlm_dev import cluster, paths, supervise, testing
 
 RUNTIME_PORT = 8000
 
@@ -41,6 +44,12 @@ class RunningPod:
     log_path: pathlib.Path
     ready: bool = False
     exit_reported: bool = False
+    command: list[str] = field(default_factory=list)  # what the container runs, for a restart
+    env: dict[str, str] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    restart_at: float | None = None  # when an exited container is started again
+    backoff: supervise.Backoff = field(default_factory=supervise.Backoff)
 
     @property
     def url(self) -> str:
@@ -77,9 +86,10 @@ class PodRunner:
                 self._mark_ready(name, running.ip)
                 running.ready = True
                 events.append(f"pod {name}: ready on {running.url}")
-            elif running.process.poll() is not None and not running.exit_reported:
-                running.exit_reported = True
-                events.append(f"pod {name}: runtime exited with {running.process.returncode}, see {running.log_path}")
+            elif running.process.poll() is not None:
+                events.extend(self._restart_exited(name, running))
+            elif running.ready:
+                events.extend(self._probe_readiness(name, running))
         return events
 
     def ready_urls(self) -> list[str]:
@@ -118,7 +128,52 @@ class PodRunner:
                 stderr=subprocess.STDOUT,
                 env={**_base_env(), **env},
             )
-        return RunningPod(name=name, ip=ip, process=process, log_path=log_path)
+        return RunningPod(
+            name=name, ip=ip, process=process, log_path=log_path, command=[*command, "--host", ip],
+            env={**_base_env(), **env},
+        )  # fmt: skip
+
+    def _restart_exited(self, name: str, running: RunningPod) -> list[str]:
+        """restartPolicy Always: an exited container is not Ready, and starts again after the backoff."""
+        now = time.monotonic()
+        if not running.exit_reported:
+            running.exit_reported = True
+            running.restart_at = now + running.backoff.after_exit(now - running.started_at)
+            if running.ready:
+                running.ready = False
+                self._mark_not_ready(name)
+            return [
+                f"pod {name}: runtime exited with {running.process.returncode}; restarting in "
+                f"{running.restart_at - now:.0f}s (see {running.log_path})"
+            ]
+        if running.restart_at is None or now < running.restart_at:
+            return []
+        with running.log_path.open("ab") as log:
+            log.write(f"--- pod_runner: restart {running.restarts + 1} ---\n".encode())
+            running.process = subprocess.Popen(running.command, stdout=log, stderr=subprocess.STDOUT, env=running.env)
+        running.restarts += 1
+        running.started_at = now
+        running.restart_at = None
+        running.exit_reported = False
+        return [f"pod {name}: container restarted ({running.restarts} restarts) on {running.url}"]
+
+    def _probe_readiness(self, name: str, running: RunningPod) -> list[str]:
+        """The readiness probe: a ready pod whose /ready stops answering 200 (draining, its engine dead, its
+        process exiting) is taken out of the endpoints at once, before its process is gone."""
+        if _answers(running.url + "/ready"):
+            return []
+        running.ready = False
+        self._mark_not_ready(name)
+        return [f"pod {name}: readiness probe failed, not ready"]
+
+    def _mark_not_ready(self, name: str) -> None:
+        conditions = [{"type": t, "status": "False"} for t in ("ContainersReady", "Ready")]
+        status = {"status": {"conditions": conditions}}
+        with contextlib.suppress(cluster.ClusterError):  # the pod may be gone already
+            self.plane.kubectl(
+                "patch", "pod", name, "-n", self.namespace, "--subresource=status", "--type=strategic",
+                "-p", json.dumps(status),
+            )  # fmt: skip
 
     def _materialize(self, volume: dict[str, Any], target: pathlib.Path) -> None:
         """ConfigMap and Secret volumes become files, as the kubelet projects them; others stay empty."""
