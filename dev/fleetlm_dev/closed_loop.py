@@ -294,28 +294,38 @@ class Load:
 
 
 def measure_capacity(
-    url: str, *, concurrency: int, shape: Shape = Shape(), seconds: float = 10.0, key: str | None = None
+    url: str | Sequence[str],
+    *,
+    concurrency: int,
+    shape: Shape = Shape(),
+    seconds: float = 10.0,
+    key: str | None = None,
 ) -> float:
-    """Requests/s one replica completes with `concurrency` streams always open (its batch full): the
-    capacity scenarios size their load from. Runs a few requests first so nothing counts a cold start."""
+    """Requests/s completed with `concurrency` streams always open per replica (batches full): one
+    replica's capacity for one URL, the service's for several at once (on a shared machine that is less
+    than the sum). Scenarios size their load from it. A first round of requests warms every replica."""
+    urls = [url] if isinstance(url, str) else list(url)
 
     async def closed_loop() -> float:
         done = 0
-        cfg = bench_serve.BenchConfig(url=url, model="tiny", api_key=key, progress=False)
-        async with aiohttp.ClientSession() as session:
-            warm = (bench_serve.send_request(session, cfg, "tiny", shape.request()) for _ in range(concurrency))
-            await asyncio.gather(*warm)
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+            async def one(target: str) -> bench_serve.RequestResult:
+                cfg = bench_serve.BenchConfig(url=target, model="tiny", api_key=key, progress=False)
+                return await bench_serve.send_request(session, cfg, "tiny", shape.request())
+
+            await asyncio.gather(*(one(u) for u in urls for _ in range(concurrency)))
             began = time.monotonic()
 
-            async def worker() -> None:
+            async def worker(target: str) -> None:
                 nonlocal done
                 while time.monotonic() - began < seconds:
-                    result = await bench_serve.send_request(session, cfg, "tiny", shape.request())
+                    result = await one(target)
                     if not result.success:
                         raise RuntimeError(f"capacity probe failed: {result.status} {result.error}")
                     done += 1
 
-            await asyncio.gather(*(worker() for _ in range(concurrency)))
+            await asyncio.gather(*(worker(u) for u in urls for _ in range(concurrency)))
             return done / (time.monotonic() - began)
 
     return asyncio.run(closed_loop())

@@ -114,6 +114,7 @@ class PodRunner:
             local.mkdir(exist_ok=True)
             self._materialize(volumes.get(mount["name"], {}), local)
             mounts[mount["mountPath"]] = local
+        _localize_config_files(root, volumes, mounts)
         command = [_localize(arg, mounts) for arg in container["command"] + container.get("args", [])]
         binary = paths.venv_bin(command[0])
         if binary is not None:
@@ -208,6 +209,21 @@ def _localize(arg: str, mounts: dict[str, pathlib.Path]) -> str:
         if arg == mount_path or arg.startswith(mount_path.rstrip("/") + "/"):
             return str(local) + arg[len(mount_path.rstrip("/")) :]
     return arg
+
+
+def _localize_config_files(
+    root: pathlib.Path, volumes: dict[str, dict[str, Any]], mounts: dict[str, pathlib.Path]
+) -> None:
+    """Paths inside the projected ConfigMap files (the runtime config names its API-keys file and its
+    admin token by their mount paths) point at this pod's directories too, as the command line does."""
+    for name, volume in volumes.items():
+        if "configMap" not in volume or not (root / name).is_dir():
+            continue
+        for path in (root / name).iterdir():
+            text = path.read_text()
+            for mount_path, local in mounts.items():
+                text = text.replace(mount_path.rstrip("/") + "/", str(local) + "/")
+            path.write_text(text)
 
 
 def _base_env() -> dict[str, str]:
