@@ -17,7 +17,9 @@ import pytest
 
 from fleetlm_dev import closed_loop
 
-pytestmark = [pytest.mark.e2e, pytest.mark.short]
+# Not in CI's short set yet: on a 2-core machine shared with other work, three replicas cannot serve
+# 2.5x what one serves alone, so the TTFT recovery assertion fails there (see the figures it prints).
+pytestmark = [pytest.mark.e2e]
 
 INTERVAL_S = 5.0
 TARGET_S = 1.0  # spec.slo.ttft
