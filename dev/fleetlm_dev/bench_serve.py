@@ -70,6 +70,7 @@ class RequestResult:
     success: bool = False
     status: int = 0
     error: str = ""
+    retry_after: str | None = None  # the Retry-After header of a refusal (429/503)
     prompt_tokens: int = 0  # from the usage chunk (or the spec when the server sends none)
     output_tokens: int = 0
     ttft_s: float = 0.0
@@ -256,6 +257,7 @@ async def send_request(
             result.status = resp.status
             result.cache = resp.headers.get(CACHE_HEADER)
             if resp.status != 200:
+                result.retry_after = resp.headers.get("Retry-After")
                 result.error = (await resp.text())[:300]
                 return result
             async for raw in resp.content:

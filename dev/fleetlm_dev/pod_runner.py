@@ -18,6 +18,8 @@ The local control plane has no nodes and no container runtime, so the pods of an
 * a pod that mounts its ServiceAccount token gets one from the TokenRequest API; as this stand-in cannot
   write /var/run/secrets, it hands the token, the CA and the server to the process as FLEETLM_API_TOKEN_FILE,
   FLEETLM_API_CA_FILE and FLEETLM_API_SERVER (read by the model-cache fill program).
+* a container process that exits is started again on the same address after a backoff, as restartPolicy
+  Always does (CrashLoopBackOff, scaled down: 1 s doubling to 10 s), and the pod is not Ready meanwhile.
 
 Only for the demo and for trying the operator without a cluster; nothing here is used in production.
 """
@@ -34,11 +36,12 @@ import random
 import socket
 import subprocess
 import sys
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetlm_dev import cluster, paths, testing
+from fleetlm_dev import cluster, paths, supervise, testing
 
 RUNTIME_PORT = 8000
 
@@ -52,6 +55,12 @@ class RunningPod:
     ready: bool = False
     exit_reported: bool = False
     runs_to_completion: bool = False  # a Job's pod: no /ready, its exit code is reported instead
+    command: list[str] = field(default_factory=list)  # what the container runs, for a restart
+    env: dict[str, str] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    restart_at: float | None = None  # when an exited container is started again
+    backoff: supervise.Backoff = field(default_factory=supervise.Backoff)
 
     @property
     def url(self) -> str:
@@ -100,9 +109,10 @@ class PodRunner:
                 self._mark_ready(name, running.ip)
                 running.ready = True
                 events.append(f"pod {name}: ready on {running.url}")
-            elif running.process.poll() is not None and not running.exit_reported:
-                running.exit_reported = True
-                events.append(f"pod {name}: runtime exited with {running.process.returncode}, see {running.log_path}")
+            elif running.process.poll() is not None:
+                events.extend(self._restart_exited(name, running))
+            elif running.ready:
+                events.extend(self._probe_readiness(name, running))
         return events
 
     def ready_urls(self) -> list[str]:
@@ -128,6 +138,7 @@ class PodRunner:
             local.mkdir(parents=True, exist_ok=True)
             self._materialize(volume, local)
             mounts[mount["mountPath"]] = local
+        _localize_config_files(root, volumes, mounts)
         command = [_localize(arg, mounts) for arg in container["command"] + container.get("args", [])]
         binary = paths.venv_bin(command[0])
         if binary is not None:
@@ -147,7 +158,52 @@ class PodRunner:
                 stderr=subprocess.STDOUT,
                 env={**_base_env(), **env},
             )
-        return RunningPod(name=name, ip=ip, process=process, log_path=log_path)
+        return RunningPod(
+            name=name, ip=ip, process=process, log_path=log_path, command=[*command, "--host", ip],
+            env={**_base_env(), **env},
+        )  # fmt: skip
+
+    def _restart_exited(self, name: str, running: RunningPod) -> list[str]:
+        """restartPolicy Always: an exited container is not Ready, and starts again after the backoff."""
+        now = time.monotonic()
+        if not running.exit_reported:
+            running.exit_reported = True
+            running.restart_at = now + running.backoff.after_exit(now - running.started_at)
+            if running.ready:
+                running.ready = False
+                self._mark_not_ready(name)
+            return [
+                f"pod {name}: runtime exited with {running.process.returncode}; restarting in "
+                f"{running.restart_at - now:.0f}s (see {running.log_path})"
+            ]
+        if running.restart_at is None or now < running.restart_at:
+            return []
+        with running.log_path.open("ab") as log:
+            log.write(f"--- pod_runner: restart {running.restarts + 1} ---\n".encode())
+            running.process = subprocess.Popen(running.command, stdout=log, stderr=subprocess.STDOUT, env=running.env)
+        running.restarts += 1
+        running.started_at = now
+        running.restart_at = None
+        running.exit_reported = False
+        return [f"pod {name}: container restarted ({running.restarts} restarts) on {running.url}"]
+
+    def _probe_readiness(self, name: str, running: RunningPod) -> list[str]:
+        """The readiness probe: a ready pod whose /ready stops answering 200 (draining, its engine dead, its
+        process exiting) is taken out of the endpoints at once, before its process is gone."""
+        if _answers(running.url + "/ready"):
+            return []
+        running.ready = False
+        self._mark_not_ready(name)
+        return [f"pod {name}: readiness probe failed, not ready"]
+
+    def _mark_not_ready(self, name: str) -> None:
+        conditions = [{"type": t, "status": "False"} for t in ("ContainersReady", "Ready")]
+        status = {"status": {"conditions": conditions}}
+        with contextlib.suppress(cluster.ClusterError):  # the pod may be gone already
+            self.plane.kubectl(
+                "patch", "pod", name, "-n", self.namespace, "--subresource=status", "--type=strategic",
+                "-p", json.dumps(status),
+            )  # fmt: skip
 
     def _materialize(self, volume: dict[str, Any], target: pathlib.Path) -> None:
         """ConfigMap and Secret volumes become files, as the kubelet projects them; others stay empty."""
@@ -249,6 +305,21 @@ def _localize(arg: str, mounts: dict[str, pathlib.Path]) -> str:
         if arg == mount_path or arg.startswith(mount_path.rstrip("/") + "/"):
             return str(local) + arg[len(mount_path.rstrip("/")) :]
     return arg
+
+
+def _localize_config_files(
+    root: pathlib.Path, volumes: dict[str, dict[str, Any]], mounts: dict[str, pathlib.Path]
+) -> None:
+    """Paths inside the projected ConfigMap files (the runtime config names its API-keys file and its
+    admin token by their mount paths) point at this pod's directories too, as the command line does."""
+    for name, volume in volumes.items():
+        if "configMap" not in volume or not (root / name).is_dir():
+            continue
+        for path in (root / name).iterdir():
+            text = path.read_text()
+            for mount_path, local in mounts.items():
+                text = text.replace(mount_path.rstrip("/") + "/", str(local) + "/")
+            path.write_text(text)
 
 
 def _base_env() -> dict[str, str]:
