@@ -178,7 +178,8 @@ def _load_weights(model: transformers.PreTrainedModel, files: list[pathlib.Path]
     targets = dict(model.named_parameters(remove_duplicate=False)) | {n: buffers[n] for n in persistent}
     prefix = getattr(model, "base_model_prefix", "") or ""
     ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
-    ignored.append(re.compile(r"rotary_emb\.inv_freq$"))  # a buffer old checkpoints saved; computed at build
+    # Buffers old checkpoints saved that the model now computes at build (rotary frequencies, GPT-2 masks).
+    ignored += [re.compile(r"rotary_emb\.inv_freq$"), re.compile(r"attn\.masked_bias$")]
     filled: set[int] = set()
     for path in files:
         with safetensors_io.mapped(path) as mapped:

@@ -128,7 +128,9 @@ class MappedFile:
             self._map.madvise(flag, start, stop - start)
 
     def close(self) -> None:
-        self._map.close()
+        # A view that outlived its copy (an error mid-copy holds one) keeps the map; it is unmapped when it goes.
+        with contextlib.suppress(BufferError):
+            self._map.close()
 
 
 @contextlib.contextmanager
