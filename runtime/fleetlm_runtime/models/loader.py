@@ -31,7 +31,7 @@ import torch
 import transformers
 from transformers import initialization as hf_init
 
-from fleetlm_runtime.models import builtin, safetensors_io
+from fleetlm_runtime.models import builtin, host_memory, safetensors_io
 from fleetlm_runtime.models.errors import ModelLoadError
 
 # Families whose attention the engine reproduces exactly (tested in tests/runtime/models). Each calls the
@@ -281,7 +281,7 @@ def load(
     resolved = resolve_dtype(dtype, torch_device)
     if not builtin.is_builtin(spec):
         spec = str(pathlib.Path(spec).expanduser().resolve())  # one load whatever the spelling
-    with _LOCK:  # two concurrent first calls must not load twice
+    with _LOCK, host_memory.load_phase():  # two concurrent first calls must not load twice
         loaded = _load_cached(spec, resolved, str(torch_device))
     if max_model_len is None:
         return loaded
