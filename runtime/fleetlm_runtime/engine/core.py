@@ -196,6 +196,8 @@ class EngineCore:
             return failed, self._make_stats(sched_out, started)
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         request_outputs = self._make_outputs(updated)
+        if runner_out.logprobs is not None:
+            _attach_logprobs(request_outputs, runner_out)
         self._free_finished()
         return request_outputs, self._make_stats(sched_out, started)
 
@@ -295,3 +297,13 @@ class EngineCore:
 
     def close(self) -> None:
         self.runner.close()
+
+
+def _attach_logprobs(made: list[outputs.RequestOutput], runner_out: outputs.RunnerOutput) -> None:
+    """Give each output the logprobs of its token, for the requests that asked (off the common path)."""
+    assert runner_out.logprobs is not None
+    by_req = {r: lp for r, lp in zip(runner_out.req_ids, runner_out.logprobs, strict=True) if lp is not None}
+    for out in made:
+        entry = by_req.get(out.req_id)
+        if entry is not None:
+            out.logprobs = [entry]

@@ -107,6 +107,7 @@ class ModelRunner:
         self._tables: dict[str, list[int]] = {}  # block tables, as the scheduler sent them
         self._sampling: dict[str, sampling.SamplingState] = {}
         self._num_sampled = 0  # live requests that are not greedy
+        self._num_special = 0  # live requests that want logprobs or process logits (the sampler's slow path)
         self._parked: dict[str, sampling.SamplingState] = {}  # preempted requests' sampling streams
         # The pool, per layer: keys and values in one tensor [2, kv_heads, num_blocks, block_size, head_dim]
         # (one write and one gather per layer serve both), and two flat views of it.
@@ -267,8 +268,10 @@ class ModelRunner:
             hidden = hidden[sample_index]
         logits = self._lm_head(hidden)
         self.last_model_s = time.perf_counter() - started
-        tokens = sampling.sample(logits, sample_states, all_greedy=self._num_sampled == 0)
-        return outputs.RunnerOutput(req_ids=sample_req_ids, sampled_token_ids=tokens)
+        tokens, logprobs = sampling.sample(
+            logits, sample_states, all_greedy=self._num_sampled == 0, any_special=self._num_special > 0
+        )
+        return outputs.RunnerOutput(req_ids=sample_req_ids, sampled_token_ids=tokens, logprobs=logprobs)
 
     def _make_meta(
         self,
@@ -420,10 +423,14 @@ class ModelRunner:
         self._tables[new.req_id] = list(new.block_ids)
         state = self._parked.pop(new.req_id, None)
         if state is None:
-            state = sampling.SamplingState.from_params(new.sampling_params, fallback_rng=self._rng)
+            state = sampling.SamplingState.from_params(
+                new.sampling_params, fallback_rng=self._rng, prompt_token_ids=new.prompt_token_ids
+            )
         self._sampling[new.req_id] = state
         if not state.greedy:
             self._num_sampled += 1
+        if state.special:
+            self._num_special += 1
 
     def _free(self, req_ids: list[str], preempted: list[str] | None = None) -> None:
         for req_id in req_ids:
@@ -435,6 +442,8 @@ class ModelRunner:
                 self._parked[req_id] = state
             if not state.greedy:
                 self._num_sampled -= 1
+            if state.special:
+                self._num_special -= 1
 
     # ----------------------------------------------------------------------------------------------
     # The pool, sized and allocated once
