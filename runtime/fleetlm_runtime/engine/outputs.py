@@ -93,6 +93,9 @@ class RunnerOutput:
     # [num_sampled] when some request asked: (sampled token's logprob, [(token id, logprob)] top ones) or
     # None per row; None when none did (the common case costs nothing)
     logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    # Requests that asked for prompt logprobs, on the step they sample their first token: one entry per
+    # prompt token (None for the first)
+    prompt_logprobs: dict[str, list[tuple[float, list[tuple[int, float]]] | None]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)

@@ -223,6 +223,7 @@ class ModelRunner:
         chunks: list[_Chunk] = []
         chunk_tables: list[int] = []
         sample_index: list[int] | None = None
+        prompt_spans: list[tuple[sampling.SamplingState, int, int, int]] = []  # (state, offset, n, start)
         if num_decode < num_reqs:
             ids = list(ids)
             sample_index = list(range(num_decode))
@@ -243,6 +244,9 @@ class ModelRunner:
                     chunk.key_len = num_blocks * bs
                     chunk_tables += table[:num_blocks]
                 src += n
+                state = states[req_id]
+                if state.prompt_logprobs is not None and start < len(state.prompt_token_ids):
+                    prompt_spans.append((state, offset, n, start))
                 if do_sample[i]:
                     sample_index.append(offset + n - 1)
                     sample_req_ids.append(req_id)
@@ -264,6 +268,8 @@ class ModelRunner:
             hidden = self._forward(packed[:num_tokens], packed[num_tokens : 2 * num_tokens])
         finally:
             self._meta = None
+        for state, offset, n, start in prompt_spans:  # only requests that asked for prompt logprobs
+            state.add_prompt_logprobs(start, self._lm_head(hidden[offset : offset + n]))
         if sample_index is not None:
             hidden = hidden[sample_index]
         logits = self._lm_head(hidden)
@@ -271,7 +277,13 @@ class ModelRunner:
         tokens, logprobs = sampling.sample(
             logits, sample_states, all_greedy=self._num_sampled == 0, any_special=self._num_special > 0
         )
-        return outputs.RunnerOutput(req_ids=sample_req_ids, sampled_token_ids=tokens, logprobs=logprobs)
+        result = outputs.RunnerOutput(req_ids=sample_req_ids, sampled_token_ids=tokens, logprobs=logprobs)
+        if prompt_spans:
+            for req_id, state in zip(sample_req_ids, sample_states, strict=True):
+                if state.prompt_logprobs is not None and not state.prompt_logprobs_sent:
+                    state.prompt_logprobs_sent = True
+                    result.prompt_logprobs[req_id] = state.prompt_logprobs
+        return result
 
     def _make_meta(
         self,

@@ -27,6 +27,9 @@ import torch
 
 from fleetlm_runtime.engine import request as request_mod
 
+# Per sampled row: None, or (the sampled token's logprob, [(token id, logprob)] for the top alternatives).
+Logprobs = tuple[float, list[tuple[int, float]]]
+
 
 @dataclass(slots=True)
 class SamplingState:
@@ -43,7 +46,10 @@ class SamplingState:
     counts: torch.Tensor | None = None
     prompt_mask: torch.Tensor | None = None
     bias: torch.Tensor | None = None
-    prompt_token_ids: list[int] = field(default_factory=list)
+    prompt_token_ids: list[int] = field(default_factory=list)  # kept for the repetition penalty, prompt logprobs
+    # Prompt logprobs so far (prompt_logprobs requests): one entry per prompt token, None for the first.
+    prompt_logprobs: list[Logprobs | None] | None = None
+    prompt_logprobs_sent: bool = False
 
     @classmethod
     def from_params(
@@ -63,8 +69,30 @@ class SamplingState:
             top_k=params.top_k,
             rng=random.Random(seed),
             params=params,
-            prompt_token_ids=list(prompt_token_ids) if params.repetition_penalty != 1.0 else [],
+            prompt_token_ids=list(prompt_token_ids)
+            if params.repetition_penalty != 1.0 or params.prompt_logprobs is not None
+            else [],
+            prompt_logprobs=[None] if params.prompt_logprobs is not None else None,
         )
+
+    def add_prompt_logprobs(self, start: int, logits: torch.Tensor) -> None:
+        """`logits` [n, vocab] of prompt positions start..start+n-1, each predicting the next prompt token.
+        Positions already seen (a recompute after preemption) are skipped."""
+        assert self.prompt_logprobs is not None
+        targets = self.prompt_token_ids[start + 1 : start + 1 + logits.shape[0]]
+        if start + 1 != len(self.prompt_logprobs) or not targets:
+            return
+        logprobs = logits[: len(targets)].float().log_softmax(dim=-1)
+        ids = torch.tensor(targets, device=logits.device).unsqueeze(1)
+        chosen = logprobs.gather(1, ids).squeeze(1).tolist()
+        k = self.params.prompt_logprobs or 0
+        tops: list[list[tuple[int, float]]] = [[] for _ in targets]
+        if k:
+            top = logprobs.topk(min(k, logprobs.shape[1]), dim=-1)
+            tops = [
+                list(zip(i, v, strict=True)) for i, v in zip(top.indices.tolist(), top.values.tolist(), strict=True)
+            ]
+        self.prompt_logprobs.extend(zip(chosen, tops, strict=True))
 
     @property
     def special(self) -> bool:
@@ -86,10 +114,6 @@ class SamplingState:
             ids = torch.tensor([t for t, _ in params.logit_bias], device=device)
             bias[ids] = torch.tensor([b for _, b in params.logit_bias], device=device)
             self.bias = bias
-
-
-# Per sampled row: None, or (the sampled token's logprob, [(token id, logprob)] for the top alternatives).
-Logprobs = tuple[float, list[tuple[int, float]]]
 
 
 def apply_penalties(

@@ -198,3 +198,32 @@ def test_logit_bias_outside_the_vocabulary_is_refused(make_core: Callable[..., c
     with pytest.raises(request_mod.InvalidParameterError) as error:
         engine.make_request(req_id="x", prompt_token_ids=PROMPT, sampling_params=Params(logit_bias=((vocab, 1.0),)))
     assert error.value.param == "logit_bias"
+
+
+def test_prompt_logprobs_equal_hf_log_softmax_across_chunks(
+    make_core: Callable[..., core.EngineCore], reference_model: transformers.PreTrainedModel
+) -> None:
+    """A 40-token prompt prefilled in chunks of 16 (a budget of 16 tokens per step); the same prompt is in
+    the prefix cache already, yet every position gets its logprob (such requests do not use cache hits)."""
+    engine = make_core(max_batch_tokens=16, max_batch_size=4)
+    prompt = [(7 * i + 3) % 800 + 1 for i in range(40)]
+    run(engine, {"warm": (prompt, Params(max_tokens=1, temperature=0.0))})
+    engine.add_request(
+        engine.make_request(
+            req_id="echo",
+            prompt_token_ids=prompt,
+            sampling_params=Params(max_tokens=2, temperature=0.0, prompt_logprobs=3),
+        )
+    )
+    got = []
+    while engine.has_unfinished_requests():
+        got += [out.prompt_logprobs for out in engine.step()[0] if out.prompt_logprobs is not None]
+    assert len(got) == 1  # once, with the first token
+    entries = got[0]
+    assert len(entries) == len(prompt) and entries[0] is None
+    reference = _hf_log_softmax(reference_model, prompt)
+    for position in range(1, len(prompt)):
+        chosen, top = entries[position]
+        row = reference[position - 1]
+        assert abs(chosen - float(row[prompt[position]])) < 1e-4
+        assert [t for t, _ in top] == row.topk(3).indices.tolist()
