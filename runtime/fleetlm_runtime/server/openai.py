@@ -9,6 +9,8 @@ and only the first of a kind is computed and stored (`X-FleetLM-Response-Cache: 
 Streams follow OpenAI's framing: `data: {chunk}\\n\\n` per delta, an optional usage chunk with empty
 `choices` (`stream_options.include_usage`), then `data: [DONE]`. A client that goes away
 (a failed write, or aiohttp cancelling the handler) aborts its engine request at once, which frees its KV.
+`n` choices are n engine sequences (`_submit`), merged into one answer or one SSE stream by index;
+logprobs come in OpenAI's chat or completions shape (`server/logprobs.py`), with the echoed prompt's too.
 This module must never block the event loop on model work: long prompts are tokenized in a thread.
 """
 
