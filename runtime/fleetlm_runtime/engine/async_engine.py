@@ -77,6 +77,13 @@ class RequestStream:
             pending.stop_reason = out.stop_reason
             pending.num_output_tokens = out.num_output_tokens
             pending.error = out.error
+            if out.logprobs is not None:  # only requests that asked for logprobs carry them
+                if pending.logprobs is None:
+                    pending.logprobs = list(out.logprobs)
+                else:
+                    pending.logprobs.extend(out.logprobs)
+            if out.prompt_logprobs is not None:
+                pending.prompt_logprobs = out.prompt_logprobs
         waiter = self._waiter
         if waiter is not None and not waiter.done():
             waiter.set_result(None)

@@ -201,6 +201,8 @@ class EngineCore:
         self._attribute(sched_out, time.perf_counter() - started)
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         request_outputs = self._make_outputs(updated)
+        if runner_out.logprobs is not None or runner_out.prompt_logprobs:
+            _attach_logprobs(request_outputs, runner_out)
         self._free_finished()
         return request_outputs, self._make_stats(sched_out, started)
 
@@ -309,3 +311,16 @@ class EngineCore:
 
     def close(self) -> None:
         self.runner.close()
+
+
+def _attach_logprobs(made: list[outputs.RequestOutput], runner_out: outputs.RunnerOutput) -> None:
+    """Give each output the logprobs of its token, for the requests that asked (off the common path)."""
+    entries = runner_out.logprobs or [None] * len(runner_out.req_ids)
+    by_req = {r: lp for r, lp in zip(runner_out.req_ids, entries, strict=True) if lp is not None}
+    prompt = runner_out.prompt_logprobs
+    for out in made:
+        entry = by_req.get(out.req_id)
+        if entry is not None:
+            out.logprobs = [entry]
+        if prompt and out.req_id in prompt:
+            out.prompt_logprobs = prompt[out.req_id]

@@ -52,7 +52,11 @@ MAX_MESSAGES_PER_READ = 64  # bounded work per loop callback, so a fast core can
 
 _FINISH_REASONS = {r.value: r for r in request_mod.FinishReason}
 
-OutputTuple = tuple[str, list[int], str, bool, str | None, int | str | None, int, int, str | None]
+_Logprobs = list[tuple[float, list[tuple[int, float]]]] | None
+# RequestOutput's fields in order; the last two (logprobs, prompt logprobs) are None unless asked for.
+OutputTuple = tuple[
+    str, list[int], str, bool, str | None, int | str | None, int, int, str | None, _Logprobs, list[Any] | None
+]
 
 
 def encode_output(out: outputs.RequestOutput) -> OutputTuple:
@@ -67,12 +71,14 @@ def encode_output(out: outputs.RequestOutput) -> OutputTuple:
         out.num_prompt_tokens,
         out.num_output_tokens,
         out.error,
+        out.logprobs,
+        out.prompt_logprobs,
     )
 
 
 def decode_output(t: OutputTuple) -> outputs.RequestOutput:
     reason = _FINISH_REASONS[t[4]] if t[4] is not None else None
-    return outputs.RequestOutput(t[0], t[1], t[2], t[3], reason, t[5], t[6], t[7], t[8])
+    return outputs.RequestOutput(t[0], t[1], t[2], t[3], reason, t[5], t[6], t[7], t[8], t[9], t[10])
 
 
 class EngineProcessError(RuntimeError):

@@ -90,6 +90,12 @@ class RunnerOutput:
 
     req_ids: list[str]  # [num_sampled]
     sampled_token_ids: list[int]  # [num_sampled]
+    # [num_sampled] when some request asked: (sampled token's logprob, [(token id, logprob)] top ones) or
+    # None per row; None when none did (the common case costs nothing)
+    logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
+    # Requests that asked for prompt logprobs, on the step they sample their first token: one entry per
+    # prompt token (None for the first)
+    prompt_logprobs: dict[str, list[tuple[float, list[tuple[int, float]]] | None]] = field(default_factory=dict)
 
 
 @dataclass(slots=True)
@@ -105,6 +111,11 @@ class RequestOutput:
     num_prompt_tokens: int = 0
     num_output_tokens: int = 0  # cumulative
     error: str | None = None  # set with finish_reason == ERROR
+    # Aligned with new_token_ids when the request asked for logprobs: (logprob, [(token id, logprob)] top).
+    logprobs: list[tuple[float, list[tuple[int, float]]]] | None = None
+    # Once, on the first output of a request that asked for prompt logprobs: one entry per prompt token
+    # (None for the first, which has no context), like `logprobs`.
+    prompt_logprobs: list[tuple[float, list[tuple[int, float]]] | None] | None = None
 
 
 class EventKind(enum.StrEnum):

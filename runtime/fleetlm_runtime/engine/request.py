@@ -17,6 +17,8 @@ from dataclasses import dataclass, field
 # is searched in the text tail on each step.
 MAX_STOP_STRINGS = 16
 MAX_STOP_STRING_CHARS = 256
+MAX_LOGPROBS = 20  # OpenAI's cap on top_logprobs (and on the completions API's `logprobs`)
+MAX_LOGIT_BIAS = 300  # OpenAI's cap on logit_bias entries
 
 
 class InvalidParameterError(ValueError):
@@ -85,6 +87,15 @@ class SamplingParams:
     ignore_eos: bool = False
     include_stop_str_in_output: bool = False
     detokenize: bool = True  # False skips text for token-only clients (saves work on every step)
+    # Log-probabilities of each sampled token plus this many top alternatives (None: none at all). They are
+    # of the model's raw distribution (a log-softmax of its logits before penalties, bias and temperature),
+    # as vLLM returns by default, so they do not depend on how the token was picked.
+    logprobs: int | None = None
+    prompt_logprobs: int | None = None  # the same for every prompt token after the first (echo)
+    presence_penalty: float = 0.0  # OpenAI: subtracted once from the logit of every token already generated
+    frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence of the token in the output so far
+    repetition_penalty: float = 1.0  # vLLM/HF: logits of prompt and output tokens divided (>0) or multiplied
+    logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logits
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
@@ -114,10 +125,36 @@ class SamplingParams:
         if any(not isinstance(t, int) or t < 0 for t in token_ids):
             raise InvalidParameterError("stop_token_ids", "must be non-negative integers")
         object.__setattr__(self, "stop_token_ids", token_ids)
+        for name in ("logprobs", "prompt_logprobs"):
+            value = getattr(self, name)
+            if value is not None and (not isinstance(value, int) or not 0 <= value <= MAX_LOGPROBS):
+                raise InvalidParameterError(name, f"must be an integer in [0, {MAX_LOGPROBS}], got {value!r}")
+        for name in ("presence_penalty", "frequency_penalty"):
+            value = getattr(self, name)
+            if not _is_number(value) or not -2.0 <= value <= 2.0:
+                raise InvalidParameterError(name, f"must be in [-2, 2], got {value!r}")
+        if not _is_number(self.repetition_penalty) or not 0.0 < self.repetition_penalty <= 2.0:
+            raise InvalidParameterError("repetition_penalty", f"must be in (0, 2], got {self.repetition_penalty!r}")
+        bias = tuple((int(t), float(b)) for t, b in self.logit_bias)
+        if len(bias) > MAX_LOGIT_BIAS:
+            raise InvalidParameterError("logit_bias", f"at most {MAX_LOGIT_BIAS} entries, got {len(bias)}")
+        for token, value in bias:
+            if token < 0:
+                raise InvalidParameterError("logit_bias", f"token ids must be non-negative, got {token}")
+            if not math.isfinite(value) or not -100.0 <= value <= 100.0:
+                raise InvalidParameterError("logit_bias", f"biases must be in [-100, 100], got {value!r}")
+        object.__setattr__(self, "logit_bias", tuple(sorted(bias)))
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0 or self.top_k == 1
+
+    @property
+    def processes_logits(self) -> bool:
+        """True when the logits change before picking (penalties, bias): the sampler's slower path."""
+        return bool(
+            self.presence_penalty or self.frequency_penalty or self.repetition_penalty != 1.0 or self.logit_bias
+        )
 
 
 def _is_number(value: object) -> bool:
@@ -217,6 +254,11 @@ def resolve_request(
             f"the prompt has {len(prompt)} tokens, but this model's context is {max_model_len} tokens "
             "and at least one must remain for output",
         )
+    for token, _ in sampling_params.logit_bias:
+        if token >= vocab_size:
+            raise InvalidParameterError(
+                "logit_bias", f"token id {token} is not in this model's vocabulary [0, {vocab_size})"
+            )
     room = max_model_len - len(prompt)
     max_tokens = sampling_params.max_tokens
     if max_tokens is None:

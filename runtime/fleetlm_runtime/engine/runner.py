@@ -107,6 +107,7 @@ class ModelRunner:
         self._tables: dict[str, list[int]] = {}  # block tables, as the scheduler sent them
         self._sampling: dict[str, sampling.SamplingState] = {}
         self._num_sampled = 0  # live requests that are not greedy
+        self._num_special = 0  # live requests that want logprobs or process logits (the sampler's slow path)
         self._parked: dict[str, sampling.SamplingState] = {}  # preempted requests' sampling streams
         # The pool, per layer: keys and values in one tensor [2, kv_heads, num_blocks, block_size, head_dim]
         # (one write and one gather per layer serve both), and two flat views of it.
@@ -222,6 +223,7 @@ class ModelRunner:
         chunks: list[_Chunk] = []
         chunk_tables: list[int] = []
         sample_index: list[int] | None = None
+        prompt_spans: list[tuple[sampling.SamplingState, int, int, int]] = []  # (state, offset, n, start)
         if num_decode < num_reqs:
             ids = list(ids)
             sample_index = list(range(num_decode))
@@ -242,6 +244,9 @@ class ModelRunner:
                     chunk.key_len = num_blocks * bs
                     chunk_tables += table[:num_blocks]
                 src += n
+                state = states[req_id]
+                if state.prompt_logprobs is not None and start < len(state.prompt_token_ids):
+                    prompt_spans.append((state, offset, n, start))
                 if do_sample[i]:
                     sample_index.append(offset + n - 1)
                     sample_req_ids.append(req_id)
@@ -263,12 +268,22 @@ class ModelRunner:
             hidden = self._forward(packed[:num_tokens], packed[num_tokens : 2 * num_tokens])
         finally:
             self._meta = None
+        for state, offset, n, start in prompt_spans:  # only requests that asked for prompt logprobs
+            state.add_prompt_logprobs(start, self._lm_head(hidden[offset : offset + n]))
         if sample_index is not None:
             hidden = hidden[sample_index]
         logits = self._lm_head(hidden)
         self.last_model_s = time.perf_counter() - started
-        tokens = sampling.sample(logits, sample_states, all_greedy=self._num_sampled == 0)
-        return outputs.RunnerOutput(req_ids=sample_req_ids, sampled_token_ids=tokens)
+        tokens, logprobs = sampling.sample(
+            logits, sample_states, all_greedy=self._num_sampled == 0, any_special=self._num_special > 0
+        )
+        result = outputs.RunnerOutput(req_ids=sample_req_ids, sampled_token_ids=tokens, logprobs=logprobs)
+        if prompt_spans:
+            for req_id, state in zip(sample_req_ids, sample_states, strict=True):
+                if state.prompt_logprobs is not None and not state.prompt_logprobs_sent:
+                    state.prompt_logprobs_sent = True
+                    result.prompt_logprobs[req_id] = state.prompt_logprobs
+        return result
 
     def _make_meta(
         self,
@@ -420,10 +435,14 @@ class ModelRunner:
         self._tables[new.req_id] = list(new.block_ids)
         state = self._parked.pop(new.req_id, None)
         if state is None:
-            state = sampling.SamplingState.from_params(new.sampling_params, fallback_rng=self._rng)
+            state = sampling.SamplingState.from_params(
+                new.sampling_params, fallback_rng=self._rng, prompt_token_ids=new.prompt_token_ids
+            )
         self._sampling[new.req_id] = state
         if not state.greedy:
             self._num_sampled += 1
+        if state.special:
+            self._num_special += 1
 
     def _free(self, req_ids: list[str], preempted: list[str] | None = None) -> None:
         for req_id in req_ids:
@@ -435,6 +454,8 @@ class ModelRunner:
                 self._parked[req_id] = state
             if not state.greedy:
                 self._num_sampled -= 1
+            if state.special:
+                self._num_special -= 1
 
     # ----------------------------------------------------------------------------------------------
     # The pool, sized and allocated once

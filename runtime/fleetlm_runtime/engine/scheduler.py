@@ -370,7 +370,8 @@ class Scheduler:
             req = self.waiting.peek()
             if kv.enable_caching and req.block_hashes is None:
                 req.block_hashes = prefix_cache_mod.block_hashes(req.prompt_token_ids, kv.block_size)
-            computed = kv.get_computed_blocks(req)
+            # Prompt logprobs need the logits of every prompt position: such a request computes its prompt.
+            computed = kv.get_computed_blocks(req) if req.sampling_params.prompt_logprobs is None else []
             num_hit = len(computed) * kv.block_size
             num_tokens = min(req.num_tokens - num_hit, budget)
             # Strict queue order: a request that does not fit blocks those behind it, so a large request
@@ -383,6 +384,10 @@ class Scheduler:
                 self._prefix_hits += num_hit
                 if req.scheduled_time_s is None:  # the ledger's split of the prompt: at first admission
                     req.num_cached_tokens = num_hit
+                # Index the blocks this step fills now, not after the step is planned: a request admitted
+                # next in this step (n choices of one prompt) then shares them. Safe because every token's
+                # KV is written before any attention reads the pool in each layer.
+                kv.cache_blocks(req, min(num_hit + num_tokens, len(req.prompt_token_ids)))
             req.num_computed_tokens = num_hit
             _bump(self.waiting_by_class, req.qos_class, -1)
             _bump(self.running_by_class, req.qos_class, 1)

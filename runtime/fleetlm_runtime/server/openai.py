@@ -9,26 +9,32 @@ and only the first of a kind is computed and stored (`X-FleetLM-Response-Cache: 
 Streams follow OpenAI's framing: `data: {chunk}\\n\\n` per delta, an optional usage chunk with empty
 `choices` (`stream_options.include_usage`), then `data: [DONE]`. A client that goes away
 (a failed write, or aiohttp cancelling the handler) aborts its engine request at once, which frees its KV.
+`n` choices are n engine sequences (`_submit`), merged into one answer or one SSE stream by index;
+logprobs come in OpenAI's chat or completions shape (`server/logprobs.py`), with the echoed prompt's too.
 This module must never block the event loop on model work: long prompts are tokenized in a thread.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import time
 import uuid
-from dataclasses import dataclass
+from collections.abc import AsyncIterator
+from dataclasses import dataclass, field
 from typing import Any, Literal
 
 from aiohttp import web
 
+from fleetlm_runtime import config as config_mod
 from fleetlm_runtime import contract
 from fleetlm_runtime.caches import responses
 from fleetlm_runtime.engine import async_engine, outputs
 from fleetlm_runtime.engine import request as request_mod
 from fleetlm_runtime.server import auth, response_cache, schemas
+from fleetlm_runtime.server import logprobs as logprobs_mod
 from fleetlm_runtime.server import state as state_mod
 
 log = logging.getLogger(__name__)
@@ -64,6 +70,14 @@ class _Prepared:
     @property
     def num_prompt_tokens(self) -> int:
         return len(self.prompt_ids)
+
+    @property
+    def n(self) -> int:
+        return self.body.num_choices
+
+    @property
+    def echo(self) -> bool:
+        return isinstance(self.body, schemas.CompletionRequest) and self.body.echo
 
 
 async def completions(request: web.Request) -> web.StreamResponse:
@@ -128,7 +142,7 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
         qos_class=qos_class,
         tenant=client.tenant,
     )
-    key = response_cache.key_for(state, prompt_ids=prompt_ids, params=params, salt=client.key_id)
+    key = response_cache.key_for(state, prompt_ids=prompt_ids, params=params, salt=client.key_id, n=p.n, echo=p.echo)
     state.request_started(p.req_id)
     try:
         if key is None:
@@ -185,28 +199,61 @@ async def _compute(
     """Admit the request to the engine and answer with what it generates."""
     try:
         _admit(state, p.qos_class)
-        stream = _submit(state, engine, p)
+        streams = _submit(state, engine, p)
     except schemas.APIError as error:
         state.metrics.record_rejection(error.reason, p.qos_class)
         raise
     state.mark_waiting(p.req_id, p.qos_class)
     try:
         if p.body.stream:
-            return await _stream(request, state, p, stream, recorder)
-        return await _complete(state, p, stream, recorder)
+            return await _stream(request, state, p, streams, recorder)
+        return await _complete(state, p, streams, recorder)
     finally:
-        # However the handler ends (done, client gone, cancelled, failed write), the sequence and its KV
-        # are released now; a no-op for a request that finished.
-        stream.abort()
+        # However the handler ends (done, client gone, cancelled, failed write), the sequences and their KV
+        # are released now; a no-op for those that finished.
+        for stream in streams:
+            stream.abort()
 
 
-def _submit(state: state_mod.ServerState, engine: async_engine.AsyncEngine, p: _Prepared) -> async_engine.RequestStream:
+def _submit(
+    state: state_mod.ServerState, engine: async_engine.AsyncEngine, p: _Prepared
+) -> list[async_engine.RequestStream]:
+    """One engine sequence per choice. With n > 1 they are `{id}-{i}` and, given a seed, choice i samples
+    with seed + i (mod 2**63), so the whole answer is reproducible and the choices differ. They share the
+    prompt's KV through the prefix cache: its full blocks are computed once (the scheduler indexes them at
+    admission, so siblings admitted in the same step already hit them); only the last partial block is
+    computed per sequence."""
     qos_class = state.config.qos.by_name()[p.qos_class]
+    streams: list[async_engine.RequestStream] = []
+    try:
+        for i in range(p.n):
+            params, req_id = p.params, p.req_id
+            if p.n > 1:
+                req_id = f"{p.req_id}-{i}"
+                if params.seed is not None:
+                    params = dataclasses.replace(params, seed=(params.seed + i) % 2**63)
+            streams.append(_submit_one(state, engine=engine, p=p, params=params, req_id=req_id, qos_class=qos_class))
+        return streams
+    except BaseException:
+        for stream in streams:
+            stream.abort()
+        raise
+
+
+def _submit_one(
+    state: state_mod.ServerState,
+    *,
+    engine: async_engine.AsyncEngine,
+    p: _Prepared,
+    params: request_mod.SamplingParams,
+    req_id: str,
+    qos_class: config_mod.QoSClass,
+) -> async_engine.RequestStream:
     try:
         return engine.submit(
             p.prompt_ids,
-            p.params,
-            req_id=p.req_id,
+            params,
+            req_id=req_id,
             qos_class=p.qos_class,
             priority=qos_class.priority,
             weight=qos_class.weight,
@@ -287,10 +334,15 @@ async def _maybe_in_thread(size: int, fn: Any) -> Any:
 
 
 def _sampling_params(body: schemas.CompletionRequest | schemas.ChatCompletionRequest) -> request_mod.SamplingParams:
+    prompt_logprobs: int | None = None
     if isinstance(body, schemas.ChatCompletionRequest):
         max_tokens = body.effective_max_tokens
+        logprobs = (body.top_logprobs or 0) if body.logprobs else None
     else:
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
+        logprobs = body.logprobs
+        if body.echo and logprobs is not None:
+            prompt_logprobs = logprobs  # echo returns the prompt's logprobs too
     try:
         return request_mod.SamplingParams(
             max_tokens=max_tokens,
@@ -302,6 +354,12 @@ def _sampling_params(body: schemas.CompletionRequest | schemas.ChatCompletionReq
             stop_token_ids=tuple(body.stop_token_ids or ()),
             ignore_eos=body.ignore_eos,
             include_stop_str_in_output=body.include_stop_str_in_output,
+            logprobs=logprobs,
+            prompt_logprobs=prompt_logprobs,
+            presence_penalty=body.presence_penalty or 0.0,
+            frequency_penalty=body.frequency_penalty or 0.0,
+            repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
+            logit_bias=body.logit_bias_pairs(),
         )
     except request_mod.InvalidParameterError as error:
         raise schemas.invalid(error.param, error.message) from None
@@ -360,87 +418,198 @@ def _cache_headers(recorder: response_cache.Recorder | None) -> dict[str, str]:
     return {} if recorder is None else {contract.HEADER_RESPONSE_CACHE: contract.RESPONSE_CACHE_MISS}
 
 
-def _completion_body(
-    state: state_mod.ServerState, p: _Prepared, text: str, finish_reason: str | None, num_output_tokens: int
-) -> dict[str, Any]:
-    choice: dict[str, Any]
+def _token_str(state: state_mod.ServerState) -> logprobs_mod.TokenString:
+    engine = state.engine
+    assert engine is not None
+    tokenizer = engine.tokenizer
+    cache: dict[int, str] = {}
+
+    def token_str(token_id: int) -> str:
+        text = cache.get(token_id)
+        if text is None:
+            text = cache[token_id] = str(tokenizer.decode([token_id]))
+        return text
+
+    return token_str
+
+
+def _choice(p: _Prepared, index: int, text: str, finish_reason: str | None, logprobs: Any = None) -> dict[str, Any]:
     if p.kind == "chat":
         message = {"role": "assistant", "content": text}
-        choice = {"index": 0, "message": message, "logprobs": None, "finish_reason": finish_reason}
-        obj = "chat.completion"
-    else:
-        choice = {"index": 0, "text": text, "logprobs": None, "finish_reason": finish_reason}
-        obj = "text_completion"
+        return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
+    return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
+
+
+def _completion_body(
+    state: state_mod.ServerState, p: _Prepared, choices: list[dict[str, Any]], num_output_tokens: int
+) -> dict[str, Any]:
     return {
         "id": p.req_id,
-        "object": obj,
+        "object": "chat.completion" if p.kind == "chat" else "text_completion",
         "created": int(time.time()),
         "model": state.model_name,
-        "choices": [choice],
+        "choices": choices,
         "usage": _usage(p.num_prompt_tokens, num_output_tokens),
     }
+
+
+@dataclass(slots=True)
+class _ChoiceState:
+    """One choice's stream as it arrives (the JSON answer keeps all; SSE keeps what the interval holds)."""
+
+    parts: list[str] = field(default_factory=list)
+    token_ids: list[int] = field(default_factory=list)
+    logprobs: list[logprobs_mod.Entry] = field(default_factory=list)
+    prompt_logprobs: list[logprobs_mod.Entry | None] | None = None
+    last: outputs.RequestOutput | None = None
+
+    def add(self, out: outputs.RequestOutput) -> None:
+        self.parts.append(out.text)
+        self.token_ids += out.new_token_ids
+        if out.logprobs is not None:
+            self.logprobs += out.logprobs
+        if out.prompt_logprobs is not None:
+            self.prompt_logprobs = out.prompt_logprobs
+        self.last = out
+
+
+async def _merged(streams: list[async_engine.RequestStream]) -> AsyncIterator[tuple[int, outputs.RequestOutput]]:
+    """(choice index, output) from all of a request's sequences, in arrival order."""
+    if len(streams) == 1:
+        async for out in streams[0]:
+            yield 0, out
+        return
+    queue: asyncio.Queue[tuple[int, outputs.RequestOutput | BaseException | None]] = asyncio.Queue()
+
+    async def pump(index: int, stream: async_engine.RequestStream) -> None:
+        try:
+            async for out in stream:
+                queue.put_nowait((index, out))
+        except BaseException as error:  # handed to the consumer, which raises it
+            queue.put_nowait((index, error))
+            raise
+        queue.put_nowait((index, None))
+
+    tasks = [asyncio.create_task(pump(i, stream)) for i, stream in enumerate(streams)]
+    try:
+        remaining = len(streams)
+        while remaining:
+            index, item = await queue.get()
+            if item is None:
+                remaining -= 1
+            elif isinstance(item, BaseException):
+                raise item
+            else:
+                yield index, item
+    finally:
+        for task in tasks:
+            task.cancel()
+        await asyncio.gather(*tasks, return_exceptions=True)
+
+
+def _echo_text(state: state_mod.ServerState, p: _Prepared) -> str:
+    """The prompt as text, for echo (completions only): the prompt string, or its ids decoded."""
+    assert isinstance(p.body, schemas.CompletionRequest)
+    prompt = p.body.single_prompt()
+    if isinstance(prompt, str):
+        return prompt
+    engine = state.engine
+    assert engine is not None
+    return engine.decode(prompt, skip_special_tokens=False)
+
+
+def _choice_logprobs(
+    p: _Prepared,
+    c: _ChoiceState,
+    token_str: logprobs_mod.TokenString,
+    builder: logprobs_mod.CompletionLogprobs | None,
+    *,
+    with_prompt: bool,
+) -> Any:
+    if p.params.logprobs is None:
+        return None
+    if p.kind == "chat":
+        return logprobs_mod.chat(c.token_ids, c.logprobs, token_str)
+    assert builder is not None
+    if not with_prompt:
+        return builder.piece(c.token_ids, c.logprobs)
+    prompt = c.prompt_logprobs or [None] * p.num_prompt_tokens
+    return builder.piece(p.prompt_ids + c.token_ids, [*prompt, *c.logprobs])
 
 
 async def _complete(
     state: state_mod.ServerState,
     p: _Prepared,
-    stream: async_engine.RequestStream,
+    streams: list[async_engine.RequestStream],
     recorder: response_cache.Recorder | None,
 ) -> web.Response:
-    parts: list[str] = []
-    last: outputs.RequestOutput | None = None
-    async for out in stream:
-        if last is None:
+    choices = [_ChoiceState() for _ in streams]
+    first = True
+    async for index, out in _merged(streams):
+        if first:
             state.unmark_waiting(p.req_id, p.qos_class)
-        parts.append(out.text)
+            first = False
+        choices[index].add(out)
         if recorder is not None:
             recorder.add(out)
-        last = out
-    if last is None or last.finish_reason is request_mod.FinishReason.ERROR:
-        detail = last.error if last is not None and last.error else "the engine ended the request without output"
-        raise schemas.APIError(500, f"generation failed: {detail}", type="internal_server_error")
-    body = _completion_body(state, p, "".join(parts), _finish_reason(last), last.num_output_tokens)
+    for c in choices:
+        last = c.last
+        if last is None or last.finish_reason is request_mod.FinishReason.ERROR:
+            detail = last.error if last is not None and last.error else "the engine ended the request without output"
+            raise schemas.APIError(500, f"generation failed: {detail}", type="internal_server_error")
+    echo = _echo_text(state, p) if p.echo else ""
+    token_str = _token_str(state) if p.params.logprobs is not None else _no_token_str
+    body_choices = []
+    for index, c in enumerate(choices):
+        assert c.last is not None
+        builder = logprobs_mod.CompletionLogprobs(token_str) if p.kind == "completion" else None
+        lp = _choice_logprobs(p, c, token_str, builder, with_prompt=p.echo)
+        body_choices.append(_choice(p, index, echo + "".join(c.parts), _finish_reason(c.last), lp))
+    num_output = sum(c.last.num_output_tokens for c in choices if c.last is not None)
+    body = _completion_body(state, p, body_choices, num_output)
     return web.json_response(body, headers=_cache_headers(recorder))
 
 
+def _no_token_str(token_id: int) -> str:
+    raise AssertionError("token strings are only made for requests with logprobs")
+
+
 class _ChunkWriter:
-    """Pre-rendered JSON around the only varying parts (text, finish reason): a chunk costs one
-    `json.dumps` of its text, which keeps the server's per-token cost small next to the engine's."""
+    """Pre-rendered JSON around the only varying parts (index, text, logprobs, finish reason): a chunk
+    costs one `json.dumps` of its text, which keeps the server's per-token cost small next to the engine's."""
 
     def __init__(self, p: _Prepared, model_name: str) -> None:
         created = int(time.time())
         model = json.dumps(model_name)
-        head = f'{{"id":"{p.req_id}","object":"%s","created":{created},"model":{model},"choices":[{{"index":0,'
-        self._usage_tail = ',"usage":null' if p.body.include_usage else ""
-        if p.kind == "chat":
-            self._head = head % "chat.completion.chunk" + '"delta":{"content":'
-            self._mid = "},"
-            self._role_chunk = self._render(
-                head % "chat.completion.chunk" + '"delta":{"role":"assistant","content":""},', None
-            )
-            # OpenAI's closing chat chunk has an empty delta.
-            self._empty_head = head % "chat.completion.chunk" + '"delta":{},'
-        else:
-            self._head = head % "text_completion" + '"text":'
-            self._mid = ","
-            self._role_chunk = b""
-            self._empty_head = head % "text_completion" + '"text":"",'
         self._object = "chat.completion.chunk" if p.kind == "chat" else "text_completion"
+        self._head = (
+            f'{{"id":"{p.req_id}","object":"{self._object}","created":{created},"model":{model},"choices":[{{"index":'
+        )
+        self._usage_tail = ',"usage":null' if p.body.include_usage else ""
+        self._chat = p.kind == "chat"
         self._p = p
         self._model_name = model_name
         self._created = created
 
-    def _render(self, prefix: str, finish_reason: str | None) -> bytes:
+    def _render(self, index: int, middle: str, finish_reason: str | None, logprobs: Any) -> bytes:
         reason = "null" if finish_reason is None else json.dumps(finish_reason)
-        return f'data: {prefix}"logprobs":null,"finish_reason":{reason}}}]{self._usage_tail}}}\n\n'.encode()
+        lp = "null" if logprobs is None else json.dumps(logprobs, ensure_ascii=False, separators=(",", ":"))
+        return (
+            f'data: {self._head}{index},{middle}"logprobs":{lp},"finish_reason":{reason}}}]{self._usage_tail}}}\n\n'
+        ).encode()
 
-    def role(self) -> bytes:
-        return self._role_chunk
+    def role(self, index: int = 0) -> bytes:
+        if not self._chat:
+            return b""
+        return self._render(index, '"delta":{"role":"assistant","content":""},', None, None)
 
-    def delta(self, text: str, finish_reason: str | None) -> bytes:
-        if not text:
-            return self._render(self._empty_head, finish_reason)
-        return self._render(f"{self._head}{json.dumps(text, ensure_ascii=False)}{self._mid}", finish_reason)
+    def delta(self, text: str, finish_reason: str | None, index: int = 0, logprobs: Any = None) -> bytes:
+        if not text and logprobs is None:
+            # OpenAI's closing chat chunk has an empty delta.
+            return self._render(index, '"delta":{},' if self._chat else '"text":"",', finish_reason, None)
+        body = json.dumps(text, ensure_ascii=False)
+        middle = f'"delta":{{"content":{body}}},' if self._chat else f'"text":{body},'
+        return self._render(index, middle, finish_reason, logprobs)
 
     def usage(self, num_prompt: int, num_output: int) -> bytes:
         chunk = {
@@ -463,42 +632,64 @@ async def _stream(
     request: web.Request,
     state: state_mod.ServerState,
     p: _Prepared,
-    stream: async_engine.RequestStream,
+    streams: list[async_engine.RequestStream],
     recorder: response_cache.Recorder | None,
 ) -> web.StreamResponse:
     writer = _ChunkWriter(p, state.model_name)
     resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, **_cache_headers(recorder)})
+    n = len(streams)
+    want_logprobs = p.params.logprobs is not None
+    token_str = _token_str(state) if want_logprobs else _no_token_str
+    builders = [logprobs_mod.CompletionLogprobs(token_str) if p.kind == "completion" else None for _ in streams]
+    # What the stream interval keeps back per choice (nothing when it is 1): a _ChoiceState per choice,
+    # emptied at each chunk.
+    held = [_ChoiceState() for _ in streams]
+    started = [False] * n
+    finished = [False] * n
+    num_output = [0] * n
+    echo = _echo_text(state, p) if p.echo else ""
     try:
         await resp.prepare(request)
-        last: outputs.RequestOutput | None = None
         interval = state.config.server.stream_interval_tokens
-        held_text, held_tokens = "", 0  # what the stream interval keeps back (nothing when it is 1)
-        async for out in stream:
-            first = last is None
+        failed = False
+        async for index, out in _merged(streams):
+            first = not started[index]
             if first:
-                state.unmark_waiting(p.req_id, p.qos_class)
-                if role := writer.role():
+                if not any(started):
+                    state.unmark_waiting(p.req_id, p.qos_class)
+                started[index] = True
+                if role := writer.role(index):
                     await resp.write(role)
-            last = out
             if recorder is not None:
                 recorder.add(out)
             if out.finish_reason is request_mod.FinishReason.ERROR:
                 await resp.write(writer.error(f"generation failed: {out.error or 'engine error'}"))
+                failed = True
                 break
+            num_output[index] = out.num_output_tokens
+            h = held[index]
+            h.add(out)
             reason = _finish_reason(out)
-            held_text += out.text
-            held_tokens += len(out.new_token_ids)
-            if reason is None and not first and held_tokens < interval:
+            if reason is not None:
+                finished[index] = True
+            if reason is None and not first and len(h.token_ids) < interval:
                 continue
+            text = "".join(h.parts)
+            if first and echo:
+                text = echo + text
+            lp = None
+            if want_logprobs:
+                lp = _choice_logprobs(p, h, token_str, builders[index], with_prompt=first and p.echo)
             # Empty deltas (text held back at a possible stop string) are not sent, so every chunk a
             # client times is a real one, except the closing chunk that carries the finish reason.
-            if held_text or reason is not None:
-                await resp.write(writer.delta(held_text, reason))
-            held_text, held_tokens = "", 0
-        if last is None:
-            await resp.write(writer.error("the engine ended the request without output"))
-        elif p.body.include_usage:
-            await resp.write(writer.usage(p.num_prompt_tokens, last.num_output_tokens))
+            if text or reason is not None or (lp is not None and h.token_ids):
+                await resp.write(writer.delta(text, reason, index, lp))
+            held[index] = _ChoiceState()
+        if not failed:
+            if not all(started):
+                await resp.write(writer.error("the engine ended the request without output"))
+            elif p.body.include_usage:
+                await resp.write(writer.usage(p.num_prompt_tokens, sum(num_output)))
         await resp.write(_DONE)
         await resp.write_eof()
     except ConnectionResetError:
@@ -511,10 +702,12 @@ async def _replay(
     request: web.Request, state: state_mod.ServerState, p: _Prepared, cached: responses.CachedResponse, how: str
 ) -> web.StreamResponse:
     """A cached response as this request's answer: its own id and time, the stored text and counts, the
-    same shapes as a computed one (JSON, or SSE chunks with the finish reason last, usage and [DONE])."""
+    same shapes as a computed one (JSON, or SSE chunks with the finish reason last, usage and [DONE]).
+    Only single-choice answers without logprobs or echo are cached (`response_cache.key_for`)."""
     headers = {contract.HEADER_RESPONSE_CACHE: how}
     if not p.body.stream:
-        body = _completion_body(state, p, cached.text, cached.finish_reason, cached.num_output_tokens)
+        choice = _choice(p, 0, cached.text, cached.finish_reason)
+        body = _completion_body(state, p, [choice], cached.num_output_tokens)
         return web.json_response(body, headers=headers)
     writer = _ChunkWriter(p, state.model_name)
     pieces = cached.pieces or ("",)

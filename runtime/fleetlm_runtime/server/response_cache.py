@@ -20,19 +20,35 @@ from fleetlm_runtime.engine import request as request_mod
 from fleetlm_runtime.server import state as state_mod
 
 _CACHEABLE = frozenset({request_mod.FinishReason.STOP, request_mod.FinishReason.LENGTH})
-_FLOAT_FIELDS = ("temperature", "top_p")  # 0 and 0.0 must be one key
+_FLOAT_FIELDS = (
+    "temperature",
+    "top_p",
+    "presence_penalty",
+    "frequency_penalty",
+    "repetition_penalty",
+)  # 0 and 0.0 must be one key
 
 
 def key_for(
-    state: state_mod.ServerState, *, prompt_ids: list[int], params: request_mod.SamplingParams, salt: str
+    state: state_mod.ServerState,
+    *,
+    prompt_ids: list[int],
+    params: request_mod.SamplingParams,
+    salt: str,
+    n: int = 1,
+    echo: bool = False,
 ) -> str | None:
     if state.response_cache is None:
         return None
     if not responses.is_deterministic(temperature=params.temperature, top_k=params.top_k, seed=params.seed):
         return None
+    if n != 1 or echo or params.logprobs is not None or params.prompt_logprobs is not None:
+        # A stored answer is one choice's text: several choices, logprobs and the echoed prompt are not kept.
+        return None
     sampling: dict[str, Any] = dataclasses.asdict(params)
     for name in _FLOAT_FIELDS:
         sampling[name] = float(sampling[name])
+    sampling["n"], sampling["echo"] = n, echo  # the request's own fields that shape the answer
     model = {"served": state.model_name, **state.config.model.model_dump(mode="json")}
     return responses.make_key(model=model, prompt_token_ids=prompt_ids, sampling=sampling, salt=salt)
 

@@ -3,7 +3,7 @@
 A body is parsed in two steps so every failure becomes a 400 that names its parameter: `parse_json()`
 refuses malformed JSON (and NaN/Infinity, which JSON does not have), then `validate()` checks types and
 ranges with OpenAI's semantics. Unknown fields are ignored, as OpenAI and vLLM do, so newer clients keep
-working. Options we do not implement (n > 1, logprobs, echo, penalties, tools, ...) are refused by name
+working. Options we do not implement (best_of, suffix, tools, structured outputs) are refused by name
 rather than silently ignored. Nothing here touches the engine or aiohttp beyond building responses.
 """
 
@@ -21,6 +21,8 @@ _M = TypeVar("_M", bound=pydantic.BaseModel)
 
 MAX_PROMPT_CHARS = 4_000_000  # far above any context; a guard so a hostile body cannot make tokenizing slow
 MAX_MESSAGES = 4096
+MAX_N = 16  # choices per request: each is a sequence in the engine (sharing the prompt's cached blocks)
+MAX_LOGIT_BIAS = 300  # OpenAI's cap
 
 
 class APIError(Exception):
@@ -97,7 +99,7 @@ class _Sampling(_Request):
     temperature: Annotated[float, pydantic.Field(ge=0.0, le=2.0)] | None = None
     top_p: Annotated[float, pydantic.Field(gt=0.0, le=1.0)] | None = None
     top_k: Annotated[int, pydantic.Field(ge=-1, le=1_000_000)] | None = None  # vLLM extension
-    n: Annotated[int, pydantic.Field(ge=1, le=128)] | None = None
+    n: Annotated[int, pydantic.Field(ge=1, le=MAX_N)] | None = None
     seed: Annotated[int, pydantic.Field(ge=0, lt=2**63)] | None = None
     stop: StopField
     stop_token_ids: Annotated[list[NonNegInt], pydantic.Field(max_length=64)] | None = None  # vLLM extension
@@ -107,22 +109,32 @@ class _Sampling(_Request):
     stream_options: StreamOptions | None = None
     presence_penalty: Annotated[float, pydantic.Field(ge=-2.0, le=2.0)] | None = None
     frequency_penalty: Annotated[float, pydantic.Field(ge=-2.0, le=2.0)] | None = None
-    logit_bias: dict[str, float] | None = None
+    repetition_penalty: Annotated[float, pydantic.Field(gt=0.0, le=2.0)] | None = None  # vLLM extension
+    logit_bias: Annotated[dict[str, float], pydantic.Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: Annotated[str, pydantic.Field(max_length=256)] | None = None
     qos_class: Annotated[str, pydantic.Field(max_length=64)] | None = None  # see contract.FIELD_QOS_CLASS
 
     def refuse_unsupported(self) -> None:
         """OpenAI options we do not implement: refused by name, never silently ignored."""
-        if self.n not in (None, 1):
-            raise invalid("n", "only n=1 is supported")
-        if self.presence_penalty not in (None, 0, 0.0):
-            raise invalid("presence_penalty", "presence_penalty is not supported; omit it or send 0")
-        if self.frequency_penalty not in (None, 0, 0.0):
-            raise invalid("frequency_penalty", "frequency_penalty is not supported; omit it or send 0")
-        if self.logit_bias:
-            raise invalid("logit_bias", "logit_bias is not supported")
+        self.logit_bias_pairs()
         if self.stream_options is not None and not self.stream:
             raise invalid("stream_options", "stream_options is only allowed when stream is true")
+
+    def logit_bias_pairs(self) -> tuple[tuple[int, float], ...]:
+        """OpenAI's {"token id": bias} as (id, bias) pairs; a key that is not a token id or a bias outside
+        [-100, 100] is a 400 naming logit_bias (ids past the vocabulary are refused by the engine, also so)."""
+        pairs: list[tuple[int, float]] = []
+        for key, value in (self.logit_bias or {}).items():
+            if not (key.isascii() and key.isdigit()) or len(key) > 12:
+                raise invalid("logit_bias", f"keys must be token ids (non-negative integers), got {key[:40]!r}")
+            if not -100.0 <= value <= 100.0:
+                raise invalid("logit_bias", f"biases must be in [-100, 100], got {value!r} for token {key}")
+            pairs.append((int(key), float(value)))
+        return tuple(pairs)
+
+    @property
+    def num_choices(self) -> int:
+        return self.n or 1
 
     @property
     def include_usage(self) -> bool:
@@ -152,12 +164,8 @@ class CompletionRequest(_Sampling):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.echo:
-            raise invalid("echo", "echo is not supported")
-        if self.logprobs is not None:
-            raise invalid("logprobs", "logprobs is not supported")
         if self.best_of not in (None, 1):
-            raise invalid("best_of", "only best_of=1 is supported")
+            raise invalid("best_of", "best_of is not supported; use n for several choices")
         if self.suffix:
             raise invalid("suffix", "suffix is not supported")
 
@@ -206,8 +214,8 @@ class ChatCompletionRequest(_Sampling):
 
     def refuse_unsupported(self) -> None:
         super().refuse_unsupported()
-        if self.logprobs or self.top_logprobs:
-            raise invalid("logprobs", "logprobs is not supported")
+        if self.top_logprobs and not self.logprobs:
+            raise invalid("top_logprobs", "top_logprobs needs logprobs set to true")
         if self.tools:
             raise invalid("tools", "tool calling is not supported")
         if self.tool_choice not in (None, "none", "auto"):

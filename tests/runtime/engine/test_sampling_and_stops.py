@@ -73,7 +73,7 @@ def test_sampler_respects_top_k_and_top_p_on_known_logits() -> None:
         "free": sampling.SamplingState(greedy=False, temperature=5.0, top_p=1.0, top_k=0, rng=_rng(3)),
     }
     for _ in range(400):
-        tokens = sampling.sample(logits, list(states.values()), all_greedy=False)
+        tokens, _ = sampling.sample(logits, list(states.values()), all_greedy=False)
         for name, token in zip(states, tokens, strict=True):
             draws[name].add(token)
     assert draws["k2"] == {0, 1}
@@ -86,7 +86,7 @@ def test_sampler_follows_the_softmax_distribution() -> None:
     state = sampling.SamplingState(greedy=False, temperature=1.0, top_p=1.0, top_k=0, rng=_rng(7))
     counts = [0, 0, 0]
     for _ in range(6000):
-        counts[sampling.sample(logits, [state], all_greedy=False)[0]] += 1
+        counts[sampling.sample(logits, [state], all_greedy=False)[0][0]] += 1
     expected = torch.softmax(logits[0], -1).tolist()
     for count, p in zip(counts, expected, strict=True):
         assert abs(count / 6000 - p) < 0.025

@@ -21,7 +21,7 @@ PARAMS = (
     "model", "prompt", "messages", "max_tokens", "max_completion_tokens", "temperature", "top_p", "top_k", "n",
     "seed", "stop", "stop_token_ids", "ignore_eos", "stream", "stream_options", "logprobs", "echo", "best_of",
     "presence_penalty", "frequency_penalty", "logit_bias", "user", "qos_class", "tools", "response_format",
-    "include_stop_str_in_output", "batching", "schemaVersion",
+    "include_stop_str_in_output", "batching", "schemaVersion", "top_logprobs", "repetition_penalty",
 )  # fmt: skip
 
 _text = st.text(st.characters(codec=None, exclude_categories=()), max_size=40)  # lone surrogates included

@@ -149,6 +149,10 @@ async def test_sampled_requests_never_use_the_cache_but_seeded_ones_do(
         {"extra_body": {"ignore_eos": True, "stop_token_ids": [3]}},
         {"extra_body": {"ignore_eos": True, "include_stop_str_in_output": True}},
         {"prompt": "Keys!"},
+        {"presence_penalty": 0.5},
+        {"frequency_penalty": -0.5},
+        {"logit_bias": {"5": 3}},
+        {"extra_body": {"repetition_penalty": 1.1}},
     ],
 )
 async def test_a_changed_parameter_misses(
@@ -171,7 +175,10 @@ def test_every_sampling_field_and_model_detail_is_in_the_key() -> None:
     other_values = {
         "max_tokens": 9, "temperature": 0.0, "top_p": 0.9, "top_k": 3, "seed": 5, "stop": ("x",),
         "stop_token_ids": (2,), "ignore_eos": True, "include_stop_str_in_output": True, "detokenize": False,
+        "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.5, "logit_bias": ((3, 1.0),),
+        "logprobs": 2, "prompt_logprobs": 2,
     }  # fmt: skip
+    uncached = {"logprobs", "prompt_logprobs"}  # a stored answer keeps no logprobs: such requests bypass it
     assert set(other_values) == {f.name for f in dataclasses.fields(request_mod.SamplingParams)}
     key = response_cache.key_for(state, prompt_ids=[5, 6, 7], params=base, salt="")
     assert key is not None
@@ -183,6 +190,9 @@ def test_every_sampling_field_and_model_detail_is_in_the_key() -> None:
         if name == "detokenize":
             variant = dataclasses.replace(base, detokenize=False)
         other = response_cache.key_for(state, prompt_ids=[5, 6, 7], params=variant, salt="")
+        if name in uncached:
+            assert other is None, name
+            continue
         assert other is not None and other not in seen, name
         seen.add(other)
     assert (
@@ -194,6 +204,9 @@ def test_every_sampling_field_and_model_detail_is_in_the_key() -> None:
     assert response_cache.key_for(state, prompt_ids=[5, 6, 7], params=dataclasses.replace(base, temperature=0.7),
                                   salt="") is None  # fmt: skip
     assert response_cache.key_for(state, prompt_ids=[5, 6, 7], params=base, salt="tenant") != key
+    # Several choices or the echoed prompt are not stored either (a stored answer is one choice's text).
+    assert response_cache.key_for(state, prompt_ids=[5, 6, 7], params=base, salt="", n=2) is None
+    assert response_cache.key_for(state, prompt_ids=[5, 6, 7], params=base, salt="", echo=True) is None
     assert response_cache.key_for(state, prompt_ids=[5, 6], params=base, salt="") != key
     for model in ({"revision": "abc"}, {"source": "/models/other"}, {"dtype": "bfloat16"}, {"maxModelLen": 99},
                   {"servedModelName": "alias"}):  # fmt: skip
