@@ -141,15 +141,10 @@ def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: cont
     pods = ctx.applier.list_pods(svc.namespace, meta.selector_string(svc))
     rollout = summary.summarize(deployment=found, pods=pods, min_ready=svc.spec.replicas.min)
     stored = body.get("status", {}) or {}
-    merged = conditions.merge(stored.get("conditions", []) or [], rollout.conditions, now=_now(),
-                              observed_generation=body.get("metadata", {}).get("generation"))
-    if not any(c["type"] == names.ConditionType.SLO_MET for c in merged):
-        merged = conditions.merge(merged, [
-            conditions.Condition(names.ConditionType.SLO_MET, "Unknown", "NotYetObserved",
-                                 "no latency window has been observed yet"),
-            conditions.Condition(names.ConditionType.METRICS_AVAILABLE, "Unknown", "NotYetCollected",
-                                 "metrics have not been collected yet"),
-        ], now=_now(), observed_generation=body.get("metadata", {}).get("generation"))
+    # Only this writer's conditions: the caller server-side applies them (`apply_conditions`).
+    owned = conditions.for_apply(stored.get("conditions", []) or [], rollout.conditions,
+                                 owned={c.type for c in rollout.conditions}, now=_now(),
+                                 observed_generation=body.get("metadata", {}).get("generation"))
     return {
         "phase": rollout.phase,
         "replicas": rollout.replicas,
@@ -157,8 +152,29 @@ def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: cont
         "selector": meta.selector_string(svc),
         "endpoint": service.endpoint_url(svc),
         "observedGeneration": body.get("metadata", {}).get("generation"),
-        "conditions": merged,
+        "conditions": owned,
     }
+
+
+def apply_conditions(body: Mapping[str, Any], rollout_conditions: list[dict[str, Any]], *,
+                     ctx: context.OperatorContext, only_if_changed: bool) -> None:
+    """Server-side apply the rollout's conditions as their writer; until the tuner has written its own,
+    say they are not known yet (unforced, so a value the tuner wrote meanwhile is never reverted)."""
+    metadata = body.get("metadata", {})
+    name, namespace = str(metadata.get("name")), str(metadata.get("namespace"))
+    stored = (body.get("status", {}) or {}).get("conditions", []) or []
+    if not only_if_changed or conditions.differ(stored, rollout_conditions):
+        ctx.applier.apply_llmservice_conditions(name, namespace, rollout_conditions,
+                                                field_manager=conditions.ROLLOUT_WRITER)
+    if not any(c.get("type") in conditions.TUNER_TYPES for c in stored):
+        placeholders = conditions.for_apply(stored, [
+            conditions.Condition(names.ConditionType.SLO_MET, "Unknown", "NotYetObserved",
+                                 "no latency window has been observed yet"),
+            conditions.Condition(names.ConditionType.METRICS_AVAILABLE, "Unknown", "NotYetCollected",
+                                 "metrics have not been collected yet"),
+        ], owned=conditions.TUNER_TYPES, now=_now(), observed_generation=metadata.get("generation"))
+        ctx.applier.apply_llmservice_conditions(name, namespace, placeholders,
+                                                field_manager=conditions.PLACEHOLDER_WRITER, force=False)
 
 
 @kopf.on.resume(names.GROUP, names.VERSION, names.PLURAL)
@@ -168,6 +184,7 @@ def on_spec(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging
             **_: Any) -> None:
     ctx = context.get(memo)
     status = reconcile(body, ctx=ctx, logger=logger, cause=str(reason))
+    apply_conditions(body, status.pop("conditions"), ctx=ctx, only_if_changed=False)
     for key, value in status.items():
         patch.status[key] = value
 
@@ -184,9 +201,10 @@ def _refresh_owner(namespace: str | None, owner: str | None, *, memo: kopf.Memo)
     except ValueError:
         return  # the spec handler reports invalid objects
     status = rollout_status(svc, body=stored, ctx=ctx)
+    # Conditions carry timestamps that only move on transitions, so an unchanged rollout writes nothing.
+    apply_conditions(stored, status.pop("conditions"), ctx=ctx, only_if_changed=True)
     current = stored.get("status", {}) or {}
     changed = {key: value for key, value in status.items() if current.get(key) != value}
-    # Conditions carry timestamps that only move on transitions, so an unchanged rollout writes nothing.
     if changed:
         ctx.applier.patch_llmservice_status(owner, namespace, changed)
 

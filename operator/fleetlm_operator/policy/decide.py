@@ -136,6 +136,26 @@ def decide(
         cost=cost,
         startup=learnt,
     )
+    if spec.advise:
+        # Nothing of this decision will be applied: carry forward what is in force (the limits, the shed
+        # classes and when they moved, the last scale) so the next tick decides from the fleet as it
+        # really is, and keep what was learnt from the data (recommendations, cost curve, start-up).
+        reasons.append("advisory mode: decision recorded, not applied")
+        new_state = dataclasses.replace(
+            new_state,
+            max_batch_size=state.max_batch_size,
+            max_batch_tokens=state.max_batch_tokens,
+            batch_changed_s=state.batch_changed_s,
+            batch_direction=state.batch_direction,
+            shed_classes=state.shed_classes,
+            shed_changed_s=state.shed_changed_s,
+            # How long unshedding has been justified is data about the classes in force: keep counting.
+            unshed_clear_since_s=shed.clear_since_s
+            if shed.shed_classes == state.shed_classes
+            else state.unshed_clear_since_s,
+            last_replicas=state.last_replicas,
+            last_scale_s=state.last_scale_s,
+        )
     return Decision(
         replicas=rep.replicas,
         max_batch_size=limits.max_batch_size,

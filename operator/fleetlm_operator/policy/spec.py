@@ -175,6 +175,9 @@ class PolicySpec:
     scale_up_stabilization_s: float = 0.0
     scale_down_stabilization_s: float = 300.0
     autoscaling: bool = True
+    # Advisory mode: decide as usual, but the decision is recorded, not applied, so the state carried to
+    # the next tick keeps what is in force (limits, shed classes, last scale) and learns everything else.
+    advise: bool = False
     tuning: Tuning = dataclasses.field(default_factory=Tuning)
 
     def __post_init__(self) -> None:
