@@ -64,14 +64,23 @@ def decide(
     spec = policy_input.spec
     tuning = spec.tuning
     held = current_limits(spec, state)
+    learnt = startup.observe(state.startup, policy_input.started, tuning=tuning)
+    loading = startup.classify(policy_input, learnt, tuning=tuning)
+    # The fleet is settling while pods load or have served less than two intervals (as the replica rule).
+    just_ready = any(p.ready_for_s is not None and p.ready_for_s < 2 * spec.interval_s for p in policy_input.started)
+    settling = loading.on_the_way > 0 or just_ready or window.num_pods_with_delta < window.num_pods_sampled
     batch = batching.decide_batch_limits(
-        spec, window, current=held, changed_s=state.batch_changed_s, direction=state.batch_direction, now=now
+        spec,
+        window,
+        current=held,
+        changed_s=state.batch_changed_s,
+        direction=state.batch_direction,
+        now=now,
+        settling=settling,
     )
     limits = batch.limits
     assessment = window_mod.assess(window, spec=spec, ignore_classes=state.shed_classes)
     demand = replicas.estimate_demand(window, tuning=tuning, shed_classes=state.shed_classes)
-    learnt = startup.observe(state.startup, policy_input.started, tuning=tuning)
-    loading = startup.classify(policy_input, learnt, tuning=tuning)
     rep = replicas.decide_replicas(
         policy_input,
         window,
