@@ -1,5 +1,6 @@
 # Two entry points, each doing all set-up on a fresh machine (see README.md):
-#   make demo   the local demo        make test   the whole test suite
+#   make demo   the local demo        make test   the whole test suite (and the short e2e scenarios)
+#   make e2e    every end-to-end scenario (e2e/: the closed loop under surges and faults)
 # Everything built or downloaded lives under $(FLEETLM_CACHE), never in the repository.
 
 FLEETLM_CACHE ?= $(HOME)/.cache/fleetlm
@@ -7,8 +8,9 @@ export FLEETLM_CACHE
 VENV := $(FLEETLM_CACHE)/venv
 PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
+E2E_ARGS ?=
 
-.PHONY: venv k8s system-deps lint test demo
+.PHONY: venv k8s system-deps lint test unit e2e demo
 
 # Installed once per change of pyproject.toml (the stamp); the install is editable, so code changes
 # need no reinstall. pip shows what it fetches: on a fresh machine that is several GB (torch).
@@ -36,9 +38,22 @@ lint: venv
 	$(VENV)/bin/ruff check .
 
 # pytest's exit code 5 (no tests collected) is a failure here, not a pass.
+PYTEST_RUN = rc=0; $(PY) -m pytest $(1) || rc=$$?; \
+	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; \
+	if [ $$rc -ne 0 ]; then exit $$rc; fi
+
+# The suite, then the short end-to-end scenarios (a, b, c: a few minutes) in a session of their own.
 test: venv k8s system-deps lint
-	@rc=0; $(PY) -m pytest $(PYTEST_ARGS) || rc=$$?; \
-	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; exit $$rc
+	@$(call PYTEST_RUN,$(PYTEST_ARGS))
+	@$(call PYTEST_RUN,e2e -m "e2e and short" -s $(E2E_ARGS))
+
+e2e: venv k8s
+	@$(call PYTEST_RUN,e2e -m e2e -s $(E2E_ARGS))
+
+# The unit tier: everything that needs no control plane and no helm (pure logic, the engine, in-process and
+# real runtime processes). Nothing to build but the venv.
+unit: venv
+	@$(call PYTEST_RUN,-m "not cluster and not e2e" --ignore=tests/helm $(PYTEST_ARGS))
 
 demo: venv k8s
 	$(VENV)/bin/fleetlm-dev demo

@@ -12,6 +12,12 @@ For each model (default: `builtin:tiny` and `builtin:small`, both made in code) 
 * whether the engine's greedy outputs equal `generate(do_sample=False)` token for token;
 * memory (RSS) sampled over 2,000 requests through the engine, and the KV held once they are done.
 
+Two more modes. `--against REV` (or `--against-path DIR`) measures the tok/s table for this tree and for
+another revision in the same run, interleaved (`bench_engine_ab.py`), and prints both and the ratio.
+`--overload` runs 2,000 requests on a KV pool a third the size the load would need at its worst: how many
+complete, errors, preemptions, the resident memory (start/mid/end, growth %) and greedy spot checks
+against `generate()`.
+
 Every request is greedy with EOS ignored (and `generate()` runs with no EOS), so both sides produce
 exactly `max_tokens` tokens per request and the token counts compare like for like. The baselines use a
 fresh, stock copy of the model; the engine uses the process-wide one. This is a script that prints
@@ -296,10 +302,124 @@ async def measure_memory(
         "requests": done,
         "rss_mib": [round(r / 2**20, 1) for r in rss],
         "rss_growth_after_warmup_mib": round((rss[-1] - warm) / 2**20, 1),
-        "kv_reserved_tokens_after": engine.core.scheduler.kv.num_reserved_tokens,
-        "kv_slots_after": engine.core.runner.num_slots,
-        "kv_buffer_mib_after": round(engine.core.runner.kv_buffer_bytes / 2**20, 2),
+        "kv_reserved_tokens_after": engine.core.scheduler.kv.num_used_tokens,
+        "kv_slots_after": engine.core.runner.num_requests,
+        "kv_buffer_mib_after": round(engine.core.runner.pool_bytes / 2**20, 2),
     }
+
+
+# ------------------------------------------------------------------------------------------------------
+# Overload: a load needing about three times the KV pool
+
+
+async def run_overload(spec: str, *, num_requests: int, concurrency: int, seed: int, checks: int) -> dict[str, Any]:
+    """`concurrency` closed-loop clients over `num_requests` greedy requests, on a pool a third of what the
+    running batch would hold at its worst (prompt + max_tokens of `concurrency` average requests)."""
+    loaded = loader.load(spec, dtype="float32")
+    workload = make_workload(
+        num_requests, vocab_size=loaded.vocab_size, seed=seed, prompt_len=(16, 128), output_len=(32, 128)
+    )
+    worst = concurrency * statistics.fmean(
+        len(p) + m for p, m in zip(workload.prompts, workload.max_tokens, strict=True)
+    )
+    pool_tokens = int(worst / 3)
+    preemptions = 0
+
+    def count(stats: outputs.EngineStats) -> None:  # keeps nothing: our own memory must stay flat too
+        nonlocal preemptions
+        preemptions += stats.num_preemptions
+
+    engine = async_engine.AsyncEngine(
+        core.EngineCore(
+            config_mod.EngineConfig(max_batch_size=concurrency, max_batch_tokens=512, max_kv_tokens=pool_tokens),
+            loaded=loaded,
+        ),
+        stats_callback=count,
+    )
+    engine.start()
+    info = engine.core.info
+    check_every = max(1, num_requests // checks)
+    got: dict[int, list[int]] = {}
+    errors: list[str] = []
+    completed = 0
+    samples: list[tuple[int, int]] = [(0, _rss_bytes())]
+    every = max(1, num_requests // 20)
+    queue = list(range(num_requests))[::-1]
+
+    async def client() -> None:
+        nonlocal completed
+        while queue:
+            i = queue.pop()
+            tokens: list[int] = []
+            try:
+                async for out in engine.submit(workload.prompts[i], _greedy(workload.max_tokens[i])):
+                    tokens.extend(out.new_token_ids)
+                    if out.finished and out.error is not None:
+                        errors.append(out.error)
+            except Exception as exc:
+                errors.append(f"{type(exc).__name__}: {exc}")
+                continue
+            if len(tokens) != workload.max_tokens[i]:
+                errors.append(f"request {i}: {len(tokens)} tokens, expected {workload.max_tokens[i]}")
+            completed += 1
+            if i % check_every == 0:
+                got[i] = tokens
+            if completed % every == 0:
+                samples.append((completed, _rss_bytes()))
+
+    started = time.perf_counter()
+    try:
+        await asyncio.gather(*(client() for _ in range(concurrency)))
+    finally:
+        elapsed = time.perf_counter() - started
+        await engine.shutdown()
+    stock = _stock_model(spec)
+    checked = sorted(got)
+    equal = 0
+    for i in checked:
+        _, (reference,) = run_sequential(stock, Workload([workload.prompts[i]], [workload.max_tokens[i]]), 1)
+        equal += reference == got[i]
+    rss = [r for _, r in samples]
+    warm = rss[1] if len(rss) > 1 else rss[0]  # after the first 5%: allocator and caches settled
+    return {
+        "model": spec,
+        "requests": num_requests,
+        "concurrency": concurrency,
+        "pool_tokens": info.kv_capacity_tokens,
+        "pool_blocks": info.kv_num_blocks,
+        "pool_mib": round(info.kv_pool_bytes / 2**20, 2),
+        "worst_case_tokens": int(worst),
+        "load_over_pool": worst / info.kv_capacity_tokens,
+        "completed": completed,
+        "errors": len(errors),
+        "first_errors": errors[:3],
+        "preemptions": preemptions,
+        "seconds": elapsed,
+        "output_tokens_per_s": sum(workload.max_tokens) / elapsed,
+        "rss_mib": [round(r / 2**20, 1) for r in rss],
+        "rss_start_mid_end_mib": [round(r / 2**20, 1) for r in (warm, rss[len(rss) // 2], rss[-1])],
+        "rss_growth_pct": 100.0 * (rss[-1] - warm) / warm,
+        "greedy_spot_checks": f"{equal}/{len(checked)}",
+    }
+
+
+def render_overload(result: dict[str, Any]) -> str:
+    start, mid, end = result["rss_start_mid_end_mib"]
+    return "\n".join(
+        [
+            f"KV pool overload — {result['model']}, {result['requests']} greedy requests, {result['concurrency']} "
+            f"closed-loop clients (prompts 16-128, outputs 32-128 tokens, EOS ignored)",
+            f"  pool {result['pool_tokens']} tokens ({result['pool_blocks']} blocks, {result['pool_mib']} MiB); the "
+            f"batch at its worst would hold {result['worst_case_tokens']} tokens = {result['load_over_pool']:.2f}x "
+            "the pool",
+            f"  completed {result['completed']}/{result['requests']}, errors {result['errors']} "
+            f"{result['first_errors'] or ''}, preemptions {result['preemptions']}, {result['seconds']:.1f} s "
+            f"({result['output_tokens_per_s']:.0f} output tok/s)",
+            f"  RSS MiB start {start} / mid {mid} / end {end}: growth {result['rss_growth_pct']:+.2f}% "
+            f"(samples every 5%: {result['rss_mib']})",
+            f"  greedy spot checks equal to generate(): {result['greedy_spot_checks']}",
+        ]
+    )
 
 
 # ------------------------------------------------------------------------------------------------------
@@ -525,6 +645,18 @@ def build_parser() -> argparse.ArgumentParser:
     parser.add_argument("--max-batch-tokens", type=int, default=512, help="engine token budget per step")
     parser.add_argument("--memory-all", action="store_true", help="also run the memory soak on every model")
     parser.add_argument("--seed", type=int, default=0)
+    against = parser.add_mutually_exclusive_group()
+    against.add_argument(
+        "--against", metavar="REV", help="only the tok/s table, for this tree and git revision REV, interleaved"
+    )
+    against.add_argument("--against-path", metavar="DIR", help="as --against, with the tree at DIR")
+    parser.add_argument(
+        "--overload",
+        action="store_true",
+        help="only the KV-pool overload run: requests on a pool a third of what the load needs at its worst",
+    )
+    parser.add_argument("--overload-requests", type=int, default=2000)
+    parser.add_argument("--overload-concurrency", type=int, default=64)
     return parser
 
 
@@ -532,6 +664,23 @@ def main(argv: Sequence[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     torch.set_num_threads(args.threads)
     specs = [s.strip() for s in args.models.split(",") if s.strip()]
+    if args.against or args.against_path:
+        from fleetlm_dev import bench_engine_ab  # noqa: PLC0415
+
+        return bench_engine_ab.run(args, specs)
+    if args.overload:
+        spec = specs[0] if args.models != build_parser().get_default("models") else "builtin:tiny"
+        result = asyncio.run(
+            run_overload(
+                spec,
+                num_requests=args.overload_requests,
+                concurrency=args.overload_concurrency,
+                seed=args.seed,
+                checks=20,
+            )
+        )
+        print(json.dumps(result, indent=2) if args.json else render_overload(result))
+        return 0
     models: list[dict[str, Any]] = []
     with tqdm(total=len(specs) * (len(CONCURRENCY) + 3), file=sys.stderr, disable=None) as progress:
         for spec in specs:

@@ -6,7 +6,7 @@ or exponential lengths) or a shared-prefix dataset (prefix caching), a `--repeat
 may repeat an earlier one exactly (response caching; figures are then split by first/repeat and by the
 server's `X-FleetLM-Response-Cache` answer), and each request may belong to a QoS class (by API key or
 header) in a given mix; per class, the report gives the success rate and the refusals by status.
-Every request streams, and the client records the same figures as `vllm bench serve` (reference notes §7.2):
+Every request streams, and the client records the same figures as `vllm bench serve` (vllm/benchmarks/serve.py):
 
 - TTFT: send -> first SSE chunk that carries `choices` (even an empty text);
 - ITL: every gap between consecutive content chunks, pooled over requests;
@@ -70,6 +70,7 @@ class RequestResult:
     success: bool = False
     status: int = 0
     error: str = ""
+    retry_after: str | None = None  # the Retry-After header of a refusal (429/503)
     prompt_tokens: int = 0  # from the usage chunk (or the spec when the server sends none)
     output_tokens: int = 0
     ttft_s: float = 0.0
@@ -256,6 +257,7 @@ async def send_request(
             result.status = resp.status
             result.cache = resp.headers.get(CACHE_HEADER)
             if resp.status != 200:
+                result.retry_after = resp.headers.get("Retry-After")
                 result.error = (await resp.text())[:300]
                 return result
             async for raw in resp.content:

@@ -118,13 +118,26 @@ def build_parser() -> argparse.ArgumentParser:
     prefix = bench_verbs.add_parser("prefix-cache", help="TTFT with vs without the prefix cache (shared prompt)",
                                     add_help=False)
     prefix.set_defaults(func=_delegate("fleetlm_dev.bench_prefix_cache"), delegated=True)
+    router_bench = bench_verbs.add_parser("router", help="router prefix affinity vs round-robin, 3 replicas",
+                                          add_help=False)
+    router_bench.set_defaults(func=_delegate("fleetlm_dev.bench_router"), delegated=True)
     operator_bench = bench_verbs.add_parser("operator", help="N LLMService objects at once: time and memory",
                                             add_help=False)
     operator_bench.set_defaults(func=_delegate("fleetlm_dev.bench_operator"), delegated=True)
+    load_bench = bench_verbs.add_parser("load", help="model load time and peak RSS: our loader vs from_pretrained",
+                                        add_help=False)
+    load_bench.set_defaults(func=_delegate("fleetlm_dev.bench_load"), delegated=True)
 
     simulate = verbs.add_parser("simulate", help="replay the tuning policy against simulated replicas",
                                 add_help=False)
     simulate.set_defaults(func=_delegate("fleetlm_dev.simulate"), delegated=True)
+
+    checkpoint = verbs.add_parser("checkpoint", help="convert the real test checkpoint (SmolLM2-135M) into the cache",
+                                  add_help=False)
+    checkpoint.set_defaults(func=_delegate("fleetlm_dev.checkpoints"), delegated=True)
+    gpu_check = verbs.add_parser("gpu-check", help="readiness: greedy equality, tok/s vs generate(), memory, NVML",
+                                 add_help=False)
+    gpu_check.set_defaults(func=_delegate("fleetlm_dev.gpu_check"), delegated=True)
     return parser
 
 

@@ -6,8 +6,8 @@ admin kubeconfig. Its state (ports, the PIDs it started, with each binary's path
 processes this module started and nothing else: a PID is signalled only while ``/proc/<pid>/exe`` still
 points at the binary that was started under that PID.
 
-Flags follow controller-runtime's envtest and kubernetes' hack/local-up-cluster.sh (see
-shared/reference/k8s-control-plane-for-tests.md §3), trimmed for one machine with two cores.
+Flags follow controller-runtime's envtest (sigs.k8s.io/controller-runtime: pkg/internal/testing) and
+kubernetes' hack/local-up-cluster.sh, trimmed for one machine with two cores.
 """
 
 from __future__ import annotations
@@ -49,6 +49,7 @@ class ProcessRecord:
     pid: int
     exe: str  # resolved binary path, checked before signalling the PID
     log: str
+    args: list[str] = dataclasses.field(default_factory=list)  # what it was started with (a restart reuses them)
 
 
 @dataclasses.dataclass(slots=True)
@@ -142,7 +143,7 @@ class ControlPlane:
             # A new session: the processes outlive `cluster up` and never get the terminal's Ctrl-C.
             proc = subprocess.Popen([str(binary), *args], stdout=log, stderr=subprocess.STDOUT,
                                     stdin=subprocess.DEVNULL, start_new_session=True)
-        record = ProcessRecord(name=name, pid=proc.pid, exe=str(binary.resolve()), log=str(log_path))
+        record = ProcessRecord(name=name, pid=proc.pid, exe=str(binary.resolve()), log=str(log_path), args=list(args))
         self.processes.append(record)
         self.save()
         return record
@@ -314,6 +315,40 @@ class ControlPlane:
         if (self.directory / STATE_NAME).exists():
             self.save()
         return stopped
+
+    def stop_component(self, name: str, *, grace_s: float = 15) -> None:
+        """Stop one component (e.g. kube-apiserver, for an outage) and return once it is gone; the others run
+        on. `start_component` starts it again with the same flags, on the same ports and data."""
+        record = next((r for r in self.processes if r.name == name), None)
+        if record is None:
+            raise ClusterError(f"no {name} was started by this control plane")
+        if _alive(record):
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.pid, signal.SIGTERM)
+            deadline = time.monotonic() + grace_s
+            while not _gone(record.pid) and time.monotonic() < deadline:
+                time.sleep(0.05)
+            if not _gone(record.pid) and _maybe_ours(record):
+                with contextlib.suppress(ProcessLookupError):
+                    os.kill(record.pid, signal.SIGKILL)
+                while not _gone(record.pid):
+                    time.sleep(0.05)
+
+    def start_component(self, name: str, *, timeout_s: float = 120) -> None:
+        """Start a component stopped by `stop_component` again; for the API server, wait until it is ready."""
+        index, record = next(((i, r) for i, r in enumerate(self.processes) if r.name == name), (-1, None))
+        if record is None:
+            raise ClusterError(f"no {name} was started by this control plane")
+        if _alive(record):
+            raise ClusterError(f"{name} is still running (pid {record.pid})")
+        self.processes.pop(index)
+        fresh = self._spawn(name, record.args)
+        self.processes.remove(fresh)
+        self.processes.insert(index, fresh)  # keep the start order, which `stop` reverses
+        self.save()
+        if name == "kube-apiserver":
+            self._wait("kube-apiserver /readyz", lambda: self._get("/readyz")[0] == 200,
+                       deadline=time.monotonic() + timeout_s, record=fresh)
 
     def running(self) -> dict[str, bool]:
         return {record.name: _alive(record) for record in self.processes}

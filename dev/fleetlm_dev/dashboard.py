@@ -94,6 +94,25 @@ def build() -> dict[str, Any]:
             (f"sum(rate({contract.GENERATION_TOKENS}_total{{{SELECTOR}}}[$__rate_interval]))", "output tokens/s"),
             (f"sum(rate({contract.PROMPT_TOKENS}_total{{{SELECTOR}}}[$__rate_interval]))", "prompt tokens/s"),
         ], "short", "Tokens per second over all pods."),
+        ("Usage per tenant and class", [
+            (f"sum by ({contract.LABEL_TENANT}, {contract.LABEL_QOS_CLASS}) "
+             f"(rate({contract.USAGE_GENERATION_TOKENS}_total{{{SELECTOR}}}[$__rate_interval]))",
+             "generated {{tenant}}/{{qos_class}}"),
+            (f"sum by ({contract.LABEL_TENANT}, {contract.LABEL_QOS_CLASS}) "
+             f"(rate({contract.USAGE_PROMPT_TOKENS}_total{{{SELECTOR}, {contract.LABEL_SOURCE}=\"computed\"}}"
+             "[$__rate_interval]))", "prompt computed {{tenant}}/{{qos_class}}"),
+            (f"sum by ({contract.LABEL_TENANT}, {contract.LABEL_QOS_CLASS}) "
+             f"(rate({contract.USAGE_PROMPT_TOKENS}_total{{{SELECTOR}, {contract.LABEL_SOURCE}=\"prefix_cache\"}}"
+             "[$__rate_interval]))", "prompt from prefix cache {{tenant}}/{{qos_class}}"),
+            (f"sum by ({contract.LABEL_TENANT}, {contract.LABEL_QOS_CLASS}) "
+             f"(rate({contract.USAGE_RESPONSE_CACHE_TOKENS}_total{{{SELECTOR}}}[$__rate_interval]))",
+             "from response cache {{tenant}}/{{qos_class}}"),
+            (f"sum by ({contract.LABEL_TENANT}, {contract.LABEL_QOS_CLASS}) "
+             f"(rate({contract.USAGE_ENGINE_SECONDS}_total{{{SELECTOR}}}[$__rate_interval]))",
+             "engine-s/s {{tenant}}/{{qos_class}}"),
+        ], "short", "The usage ledger (also GET /admin/usage): tokens per second per tenant (API key digest; "
+           "'other' without a known key) and class, by source, and engine-seconds per second attributed by "
+           "each step's token share (1.0 = one engine busy all the time for that tenant)."),
     ]
     panels = [_panel(i + 1, title, targets, unit=unit, x=(i % 2) * 12, y=(i // 2) * 8, description=desc)
               for i, (title, targets, unit, desc) in enumerate(rows)]

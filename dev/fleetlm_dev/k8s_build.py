@@ -3,7 +3,7 @@
 ``go install k8s.io/kubernetes/cmd/...@vX`` is refused because kubernetes' go.mod maps its staging
 modules with ``replace ... => ./staging/...``. The long-standing workaround is a throw-away wrapper
 module that requires ``k8s.io/kubernetes vX`` and replaces every staging module with its published
-``v0.<minor>.<patch>`` tag (see shared/reference/k8s-control-plane-for-tests.md §1). etcd is built the
+``v0.<minor>.<patch>`` tag (the recipe controller-runtime's envtest users share). etcd is built the
 same way from ``go.etcd.io/etcd/server/v3``; helm has no replaces, so plain ``go install`` works.
 
 Binaries are version-stamped with the same ldflags as kubernetes' own build so ``/version`` (and helm's

@@ -9,7 +9,17 @@ The local control plane has no nodes and no container runtime, so the pods of an
   container port);
 * once the process answers /ready, the pod's status is patched Running and Ready with that address as its
   podIP, so the operator scrapes and tunes it like any pod; a pod that is deleted (scale-down) gets
-  SIGTERM, the drain the runtime does in a real pod.
+  SIGTERM, the drain the runtime does in a real pod;
+* a Job's pod (restartPolicy Never) runs to completion instead: its exit code becomes the pod's phase
+  (Succeeded or Failed) and a terminated container status (the last log lines as the message, as with
+  FallbackToLogsOnError), so the real Job controller counts it, retries it or fails the Job;
+* a PersistentVolumeClaim volume is one directory per claim under `<directory>/volumes/`, shared by every
+  pod that mounts it (a model cache's fill Job writes it, the runtime pods read it);
+* a pod that mounts its ServiceAccount token gets one from the TokenRequest API; as this stand-in cannot
+  write /var/run/secrets, it hands the token, the CA and the server to the process as FLEETLM_API_TOKEN_FILE,
+  FLEETLM_API_CA_FILE and FLEETLM_API_SERVER (read by the model-cache fill program).
+* a container process that exits is started again on the same address after a backoff, as restartPolicy
+  Always does (CrashLoopBackOff, scaled down: 1 s doubling to 10 s), and the pod is not Ready meanwhile.
 
 Only for the demo and for trying the operator without a cluster; nothing here is used in production.
 """
@@ -18,17 +28,20 @@ from __future__ import annotations
 
 import base64
 import contextlib
+import datetime
 import json
 import os
 import pathlib
 import random
 import socket
 import subprocess
+import sys
+import time
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetlm_dev import cluster, paths, testing
+from fleetlm_dev import cluster, paths, supervise, testing
 
 RUNTIME_PORT = 8000
 
@@ -41,6 +54,13 @@ class RunningPod:
     log_path: pathlib.Path
     ready: bool = False
     exit_reported: bool = False
+    runs_to_completion: bool = False  # a Job's pod: no /ready, its exit code is reported instead
+    command: list[str] = field(default_factory=list)  # what the container runs, for a restart
+    env: dict[str, str] = field(default_factory=dict)
+    started_at: float = field(default_factory=time.monotonic)
+    restarts: int = 0
+    restart_at: float | None = None  # when an exited container is started again
+    backoff: supervise.Backoff = field(default_factory=supervise.Backoff)
 
     @property
     def url(self) -> str:
@@ -69,7 +89,19 @@ class PodRunner:
                 events.append(f"pod {name} deleted: its runtime got SIGTERM and drained")
         for name, pod in live.items():
             running = self.pods.get(name)
-            if running is None:
+            if running is None and _runs_to_completion(pod):
+                if pod.get("status", {}).get("phase") in ("Succeeded", "Failed"):
+                    continue  # finished before this runner saw it (a Job's pod is never rerun)
+                running = self._start(pod)
+                running.runs_to_completion = True
+                self.pods[name] = running
+                events.append(f"pod {name}: running its container to completion")
+            elif running is not None and running.runs_to_completion:
+                if running.process.poll() is not None and not running.exit_reported:
+                    running.exit_reported = True
+                    self._mark_terminated(pod, running)
+                    events.append(f"pod {name}: exited with {running.process.returncode}")
+            elif running is None:
                 running = self._start(pod)
                 self.pods[name] = running
                 events.append(f"pod {name}: starting fleetlm-runtime on {running.url}")
@@ -77,9 +109,10 @@ class PodRunner:
                 self._mark_ready(name, running.ip)
                 running.ready = True
                 events.append(f"pod {name}: ready on {running.url}")
-            elif running.process.poll() is not None and not running.exit_reported:
-                running.exit_reported = True
-                events.append(f"pod {name}: runtime exited with {running.process.returncode}, see {running.log_path}")
+            elif running.process.poll() is not None:
+                events.extend(self._restart_exited(name, running))
+            elif running.ready:
+                events.extend(self._probe_readiness(name, running))
         return events
 
     def ready_urls(self) -> list[str]:
@@ -100,25 +133,77 @@ class PodRunner:
         volumes = {v["name"]: v for v in pod["spec"].get("volumes", [])}
         mounts: dict[str, pathlib.Path] = {}
         for mount in container.get("volumeMounts", []):
-            local = root / mount["name"]
-            local.mkdir(exist_ok=True)
-            self._materialize(volumes.get(mount["name"], {}), local)
+            volume = volumes.get(mount["name"], {})
+            local = self._claim_dir(volume) or root / mount["name"]
+            local.mkdir(parents=True, exist_ok=True)
+            self._materialize(volume, local)
             mounts[mount["mountPath"]] = local
+        _localize_config_files(root, volumes, mounts)
         command = [_localize(arg, mounts) for arg in container["command"] + container.get("args", [])]
         binary = paths.venv_bin(command[0])
         if binary is not None:
             command[0] = str(binary)
+        elif command[0] in ("python", "python3"):
+            command[0] = sys.executable
         ip = free_loopback_address()
         env = {e["name"]: e["value"] for e in container.get("env", []) if "value" in e}
+        env.update(self._env_from_sources(pod, container))
+        env.update(self._service_account_env(pod, root))
+        host_args = [] if _runs_to_completion(pod) else ["--host", ip]
         log_path = root / "runtime.log"
         with log_path.open("wb") as log:
             process = subprocess.Popen(
-                [*command, "--host", ip],
+                [*command, *host_args],
                 stdout=log,
                 stderr=subprocess.STDOUT,
                 env={**_base_env(), **env},
             )
-        return RunningPod(name=name, ip=ip, process=process, log_path=log_path)
+        return RunningPod(
+            name=name, ip=ip, process=process, log_path=log_path, command=[*command, "--host", ip],
+            env={**_base_env(), **env},
+        )  # fmt: skip
+
+    def _restart_exited(self, name: str, running: RunningPod) -> list[str]:
+        """restartPolicy Always: an exited container is not Ready, and starts again after the backoff."""
+        now = time.monotonic()
+        if not running.exit_reported:
+            running.exit_reported = True
+            running.restart_at = now + running.backoff.after_exit(now - running.started_at)
+            if running.ready:
+                running.ready = False
+                self._mark_not_ready(name)
+            return [
+                f"pod {name}: runtime exited with {running.process.returncode}; restarting in "
+                f"{running.restart_at - now:.0f}s (see {running.log_path})"
+            ]
+        if running.restart_at is None or now < running.restart_at:
+            return []
+        with running.log_path.open("ab") as log:
+            log.write(f"--- pod_runner: restart {running.restarts + 1} ---\n".encode())
+            running.process = subprocess.Popen(running.command, stdout=log, stderr=subprocess.STDOUT, env=running.env)
+        running.restarts += 1
+        running.started_at = now
+        running.restart_at = None
+        running.exit_reported = False
+        return [f"pod {name}: container restarted ({running.restarts} restarts) on {running.url}"]
+
+    def _probe_readiness(self, name: str, running: RunningPod) -> list[str]:
+        """The readiness probe: a ready pod whose /ready stops answering 200 (draining, its engine dead, its
+        process exiting) is taken out of the endpoints at once, before its process is gone."""
+        if _answers(running.url + "/ready"):
+            return []
+        running.ready = False
+        self._mark_not_ready(name)
+        return [f"pod {name}: readiness probe failed, not ready"]
+
+    def _mark_not_ready(self, name: str) -> None:
+        conditions = [{"type": t, "status": "False"} for t in ("ContainersReady", "Ready")]
+        status = {"status": {"conditions": conditions}}
+        with contextlib.suppress(cluster.ClusterError):  # the pod may be gone already
+            self.plane.kubectl(
+                "patch", "pod", name, "-n", self.namespace, "--subresource=status", "--type=strategic",
+                "-p", json.dumps(status),
+            )  # fmt: skip
 
     def _materialize(self, volume: dict[str, Any], target: pathlib.Path) -> None:
         """ConfigMap and Secret volumes become files, as the kubelet projects them; others stay empty."""
@@ -139,6 +224,67 @@ class PodRunner:
             for key, value in (obj.get("data") or {}).items():
                 (target / key).write_bytes(base64.b64decode(value))
 
+    def _claim_dir(self, volume: dict[str, Any]) -> pathlib.Path | None:
+        """The directory standing in for a PersistentVolumeClaim, shared by every pod that mounts it."""
+        claim = volume.get("persistentVolumeClaim", {}).get("claimName")
+        return self.directory / "volumes" / self.namespace / claim if claim else None
+
+    def _env_from_sources(self, pod: dict[str, Any], container: dict[str, Any]) -> dict[str, str]:
+        """Environment variables from the downward API (metadata.*) and from Secret keys."""
+        env: dict[str, str] = {}
+        for variable in container.get("env", []):
+            source = variable.get("valueFrom") or {}
+            if "fieldRef" in source:
+                field_path = source["fieldRef"]["fieldPath"]
+                if field_path.startswith("metadata."):
+                    env[variable["name"]] = str(pod["metadata"].get(field_path.removeprefix("metadata."), ""))
+            elif "secretKeyRef" in source:
+                ref = source["secretKeyRef"]
+                found = self.plane.kubectl("get", "secret", ref["name"], "-n", self.namespace, "-o", "json",
+                                           check=False)  # fmt: skip
+                data = json.loads(found.stdout).get("data", {}) if found.returncode == 0 else {}
+                if ref["key"] in data:
+                    env[variable["name"]] = base64.b64decode(data[ref["key"]]).decode()
+        return env
+
+    def _service_account_env(self, pod: dict[str, Any], root: pathlib.Path) -> dict[str, str]:
+        """A token for the pod's ServiceAccount (TokenRequest, as the kubelet projects it), where it mounts one."""
+        spec = pod["spec"]
+        account = spec.get("serviceAccountName")
+        if not account or not spec.get("automountServiceAccountToken"):
+            return {}
+        token = self.plane.kubectl("create", "token", account, "-n", self.namespace, "--duration=1h").stdout.strip()
+        token_path = root / "serviceaccount-token"
+        token_path.write_text(token)
+        return {
+            "FLEETLM_API_SERVER": self.plane.server,
+            "FLEETLM_API_TOKEN_FILE": str(token_path),
+            "FLEETLM_API_CA_FILE": str(self.plane.pki.ca_cert),
+        }
+
+    def _mark_terminated(self, pod: dict[str, Any], running: RunningPod) -> None:
+        """A finished container, as the kubelet reports it: the Job controller reads phase and exit code."""
+        code = int(running.process.returncode or 0)
+        now = datetime.datetime.now(tz=datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+        terminated: dict[str, Any] = {
+            "exitCode": code,
+            "reason": "Completed" if code == 0 else "Error",
+            "startedAt": pod["metadata"].get("creationTimestamp", now),
+            "finishedAt": now,
+        }
+        if code != 0:  # FallbackToLogsOnError: the last lines of the log, at most 2048 bytes
+            terminated["message"] = running.log_path.read_bytes()[-2048:].decode(errors="replace")
+        container = pod["spec"]["containers"][0]
+        status = {
+            "phase": "Succeeded" if code == 0 else "Failed",
+            "conditions": [{"type": "Ready", "status": "False", "reason": "PodCompleted"}],
+            "containerStatuses": [{"name": container["name"], "image": container["image"], "imageID": "",
+                                   "ready": False, "restartCount": 0, "started": False,
+                                   "state": {"terminated": terminated}}],
+        }  # fmt: skip
+        self.plane.kubectl("patch", "pod", running.name, "-n", self.namespace, "--subresource=status",
+                           "--type=strategic", "-p", json.dumps({"status": status}))  # fmt: skip
+
     def _mark_ready(self, name: str, ip: str) -> None:
         ready = [{"type": t, "status": "True"} for t in ("PodScheduled", "Initialized", "ContainersReady", "Ready")]
         status = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}], "conditions": ready}}
@@ -148,11 +294,32 @@ class PodRunner:
         )  # fmt: skip
 
 
+def _runs_to_completion(pod: dict[str, Any]) -> bool:
+    """A Job's pod (or any pod with restartPolicy Never): run once, report the exit code."""
+    owners = pod["metadata"].get("ownerReferences") or []
+    return pod["spec"].get("restartPolicy") == "Never" or any(o.get("kind") == "Job" for o in owners)
+
+
 def _localize(arg: str, mounts: dict[str, pathlib.Path]) -> str:
     for mount_path, local in mounts.items():
         if arg == mount_path or arg.startswith(mount_path.rstrip("/") + "/"):
             return str(local) + arg[len(mount_path.rstrip("/")) :]
     return arg
+
+
+def _localize_config_files(
+    root: pathlib.Path, volumes: dict[str, dict[str, Any]], mounts: dict[str, pathlib.Path]
+) -> None:
+    """Paths inside the projected ConfigMap files (the runtime config names its API-keys file and its
+    admin token by their mount paths) point at this pod's directories too, as the command line does."""
+    for name, volume in volumes.items():
+        if "configMap" not in volume or not (root / name).is_dir():
+            continue
+        for path in (root / name).iterdir():
+            text = path.read_text()
+            for mount_path, local in mounts.items():
+                text = text.replace(mount_path.rstrip("/") + "/", str(local) + "/")
+            path.write_text(text)
 
 
 def _base_env() -> dict[str, str]:

@@ -32,6 +32,7 @@ def _int(value: str, *, name: str) -> int:
 @dataclasses.dataclass(frozen=True, slots=True)
 class OperatorSettings:
     runtime_image: str = "fleetlm/runtime:0.1.0"  # used when an LLMService names no image
+    router_image: str = "fleetlm/operator:0.1.0"  # the router ships in the operator's (torch-free) image
     namespace: str = "default"  # where the operator runs (its leader-election Lease lives there)
     leader_election: bool = True
     lease_name: str = "fleetlm-operator"
@@ -48,6 +49,7 @@ class OperatorSettings:
                                                           f"{uuid.uuid4().hex[:6]}"
         return cls(
             runtime_image=env.get("FLEETLM_RUNTIME_IMAGE", defaults.runtime_image),
+            router_image=env.get("FLEETLM_ROUTER_IMAGE", defaults.router_image),
             namespace=env.get("FLEETLM_OPERATOR_NAMESPACE") or env.get("POD_NAMESPACE") or defaults.namespace,
             leader_election=_bool(env.get("FLEETLM_LEADER_ELECTION", "true"), name="FLEETLM_LEADER_ELECTION"),
             lease_name=env.get("FLEETLM_LEASE_NAME", defaults.lease_name),

@@ -3,8 +3,11 @@
 The port opens before the model loads, so /health answers at once and /ready turns true when the engine
 is up (Kubernetes' startup and readiness probes read exactly that). On SIGTERM (or SIGINT) readiness
 turns false immediately, new requests get 503, in-flight streams get up to the drain grace period to
-finish, and the process exits 0. Exit codes: 0 after a drain, 1 if the model failed to load, 2 for a bad
-configuration. This module is wiring only; it must never hold serving logic.
+finish, and the process exits 0. If the engine dies while serving (its process killed, a crash in native
+code), in-flight streams end with an error event, /ready and /health answer 503 with the cause, and the
+process exits 3 at once, so that the kubelet (or any supervisor) starts a fresh one. Exit codes: 0 after a
+drain, 1 if the model failed to load, 2 for a bad configuration, 3 if the engine died. This module is
+wiring only; it must never hold serving logic.
 """
 
 from __future__ import annotations
@@ -31,6 +34,7 @@ from fleetlm_runtime.server import state as state_mod
 
 log = logging.getLogger("fleetlm_runtime")
 
+EXIT_ENGINE_DIED = 3
 _ABORT_WAIT_S = 2.0  # after the grace period: time for aborted streams to send their last chunk
 
 
@@ -44,7 +48,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--dtype", default=None, choices=("auto", "float32", "float16", "bfloat16"))
     p.add_argument("--max-batch-size", type=int, default=None)
     p.add_argument("--max-batch-tokens", type=int, default=None)
-    p.add_argument("--max-kv-tokens", type=int, default=None)
+    p.add_argument("--max-kv-tokens", type=int, default=None, help="KV pool size in tokens (batching.maxKvTokens)")
+    p.add_argument(
+        "--kv-cache-memory",
+        default=None,
+        help="KV pool size in bytes or a quantity such as 512Mi or 4Gi (kvCache.memory); allocated once at start",
+    )
     p.add_argument("--max-queue-len", type=int, default=None)
     p.add_argument("--drain-grace-period", type=float, default=None, help="seconds in-flight requests get")
     p.add_argument("--served-model-name", default=None)
@@ -103,6 +112,9 @@ def config_from_args(args: argparse.Namespace) -> config_mod.RuntimeConfig:
         ("qos", "requireApiKey"): args.require_api_key,
         ("qos", "policy"): args.qos_policy,
     }
+    if args.kv_cache_memory is not None:
+        memory = args.kv_cache_memory
+        data.setdefault("kvCache", {})["memory"] = int(memory) if memory.isdigit() else memory
     for (section, key), value in overrides.items():
         if value is not None:
             data[section][key] = value
@@ -177,6 +189,7 @@ async def serve(
     for sig in (signal.SIGTERM, signal.SIGINT):
         loop.add_signal_handler(sig, stop.set)
     engine_task = app[app_mod.engine_task_key]
+    death = app[app_mod.engine_death_key]
     waiter = asyncio.create_task(stop.wait())
     await asyncio.wait({waiter, engine_task}, return_when=asyncio.FIRST_COMPLETED)
     if engine_task.done() and not stop.is_set() and engine_task.exception() is not None:
@@ -185,7 +198,17 @@ async def serve(
         await runner.cleanup()
         return 1
     if not stop.is_set():
-        await stop.wait()
+        await asyncio.wait({waiter, death}, return_when=asyncio.FIRST_COMPLETED)
+    if death.done() and not death.cancelled() and death.exception() is None and not stop.is_set():
+        waiter.cancel()
+        # The streams already got their error event; give them a moment to be written, then go.
+        with contextlib.suppress(TimeoutError):
+            await asyncio.wait_for(state.idle.wait(), timeout=_ABORT_WAIT_S)
+        log.error("exiting: the engine died (%s)", state.load_error)
+        await runner.cleanup()
+        if sampler is not None:
+            sampler.close()
+        return EXIT_ENGINE_DIED
 
     state.start_draining()
     grace = cfg.server.drain_grace_period_s

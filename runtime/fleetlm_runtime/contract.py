@@ -29,6 +29,7 @@ PATH_HEALTH: Final = "/health"  # process alive (liveness)
 PATH_READY: Final = "/ready"  # model loaded and not draining (readiness)
 PATH_METRICS: Final = "/metrics"
 PATH_ADMIN_CONFIG: Final = "/admin/config"  # GET the applied limits, PUT new ones (bearer token)
+PATH_ADMIN_USAGE: Final = "/admin/usage"  # GET the usage ledger per (tenant, class) (bearer token)
 
 # QoS: a class comes from the API key (`Authorization: Bearer <key>`, mapped in the runtime config).
 # Only where the config allows it may a client name its class directly, by header or body field.
@@ -56,6 +57,9 @@ LABEL_FINISHED_REASON: Final = "finished_reason"  # stop | length | abort | erro
 LABEL_REASON: Final = "reason"  # rejection reasons below
 LABEL_RESULT: Final = "result"  # hit | miss
 LABEL_GPU: Final = "gpu"  # NVML device index
+LABEL_TENANT: Final = "tenant"  # a key's digest from the API-keys file, or TENANT_OTHER (bounded)
+LABEL_SOURCE: Final = "source"  # computed | prefix_cache (usage prompt tokens)
+TENANT_OTHER: Final = "other"  # every client without a known API key
 
 FINISHED_REASONS: Final = ("stop", "length", "abort", "error")
 
@@ -87,7 +91,7 @@ REJECT_REASONS: Final = (
 )
 
 # ------------------------------------------------------------------------------------------------
-# Metric families. vLLM equivalents in comments (reference notes §1.7 and §7.1); same semantics and
+# Metric families. vLLM equivalents in comments (vllm/v1/metrics/loggers.py); same semantics and
 # buckets, `fleetlm_` prefix.
 
 METRIC_PREFIX: Final = "fleetlm_"
@@ -95,7 +99,12 @@ METRIC_PREFIX: Final = "fleetlm_"
 # Gauges
 NUM_REQUESTS_RUNNING: Final = "fleetlm_num_requests_running"  # {model, qos_class}; vllm:num_requests_running
 NUM_REQUESTS_WAITING: Final = "fleetlm_num_requests_waiting"  # {model, qos_class}; vllm:num_requests_waiting
-KV_CACHE_USAGE_PERC: Final = "fleetlm_kv_cache_usage_perc"  # {model}; 0..1; vllm:kv_cache_usage_perc
+KV_CACHE_USAGE_PERC: Final = "fleetlm_kv_cache_usage_perc"  # {model}; 0..1 (blocks used / total); vllm's
+KV_CACHE_BLOCKS_TOTAL: Final = "fleetlm_kv_cache_blocks_total"  # {model}; blocks in the pool; vllm num_gpu_blocks
+KV_CACHE_BLOCKS_USED: Final = "fleetlm_kv_cache_blocks_used"  # {model}; blocks held by requests
+KV_CACHE_POOL_BYTES: Final = "fleetlm_kv_cache_pool_bytes"  # {model}; KV memory allocated once at start
+MODEL_WEIGHT_BYTES: Final = "fleetlm_model_weight_bytes"  # {model}; parameters and buffers
+MODEL_LOAD_SECONDS: Final = "fleetlm_model_load_seconds"  # {model}; time to load the weights
 BATCH_SIZE: Final = "fleetlm_batch_size"  # {model}; sequences in the latest step
 CONFIG_INFO: Final = "fleetlm_config_info"  # {model, CONFIG_INFO_LABELS...} = 1; like vllm:cache_config_info
 SERVER_READY: Final = "fleetlm_server_ready"  # {model}; 1 when /ready answers 200
@@ -119,6 +128,11 @@ NUM_PREEMPTIONS: Final = "fleetlm_num_preemptions"  # {model}; vllm:num_preempti
 PREFIX_CACHE_QUERIES: Final = "fleetlm_prefix_cache_queries"  # {model}; tokens; vllm:prefix_cache_queries
 PREFIX_CACHE_HITS: Final = "fleetlm_prefix_cache_hits"  # {model}; tokens; vllm:prefix_cache_hits
 RESPONSE_CACHE_LOOKUPS: Final = "fleetlm_response_cache_lookups"  # {model, result}
+# The usage ledger (server/ledger.py): per tenant and class; the same figures as GET /admin/usage.
+USAGE_PROMPT_TOKENS: Final = "fleetlm_usage_prompt_tokens"  # {model, qos_class, tenant, source}
+USAGE_GENERATION_TOKENS: Final = "fleetlm_usage_generation_tokens"  # {model, qos_class, tenant}
+USAGE_RESPONSE_CACHE_TOKENS: Final = "fleetlm_usage_response_cache_tokens"  # {model, qos_class, tenant}
+USAGE_ENGINE_SECONDS: Final = "fleetlm_usage_engine_seconds"  # {model, qos_class, tenant}
 
 # Histograms
 TIME_TO_FIRST_TOKEN_SECONDS: Final = "fleetlm_time_to_first_token_seconds"  # {model, qos_class}
@@ -144,6 +158,10 @@ COUNTERS: Final = frozenset(
         PREFIX_CACHE_QUERIES,
         PREFIX_CACHE_HITS,
         RESPONSE_CACHE_LOOKUPS,
+        USAGE_PROMPT_TOKENS,
+        USAGE_GENERATION_TOKENS,
+        USAGE_RESPONSE_CACHE_TOKENS,
+        USAGE_ENGINE_SECONDS,
     }
 )
 GAUGES: Final = frozenset(
@@ -151,6 +169,11 @@ GAUGES: Final = frozenset(
         NUM_REQUESTS_RUNNING,
         NUM_REQUESTS_WAITING,
         KV_CACHE_USAGE_PERC,
+        KV_CACHE_BLOCKS_TOTAL,
+        KV_CACHE_BLOCKS_USED,
+        KV_CACHE_POOL_BYTES,
+        MODEL_WEIGHT_BYTES,
+        MODEL_LOAD_SECONDS,
         BATCH_SIZE,
         CONFIG_INFO,
         SERVER_READY,
@@ -183,6 +206,19 @@ GPU_METRICS: Final = frozenset({GPU_UTILIZATION_RATIO, GPU_MEMORY_USED_BYTES, GP
 # Declared from the start but without a series until their moment has come (a reader sees "not yet").
 STARTUP_MOMENTS: Final = frozenset({MODEL_LOADED_TIME_SECONDS, READY_TIME_SECONDS})
 
+# vLLM-named aliases, so an Inference Gateway endpoint picker (GIE/llm-d EPP, default engine "vllm") reads
+# this runtime with no engineConfigs: totals over classes, labelled `model_name` (and `engine`) as vLLM v1
+# does. Names are fixed by that protocol (landscape-2026.md, part b), not by our prefix.
+VLLM_NUM_REQUESTS_WAITING: Final = "vllm:num_requests_waiting"  # {model_name, engine}; TotalQueuedRequests
+VLLM_NUM_REQUESTS_RUNNING: Final = "vllm:num_requests_running"  # {model_name, engine}; TotalRunningRequests
+VLLM_KV_CACHE_USAGE_PERC: Final = "vllm:kv_cache_usage_perc"  # {model_name, engine}; 0..1
+VLLM_CACHE_CONFIG_INFO: Final = "vllm:cache_config_info"  # {block_size, num_gpu_blocks, engine} = 1
+VLLM_LABEL_MODEL_NAME: Final = "model_name"
+VLLM_LABEL_ENGINE: Final = "engine"
+VLLM_ALIASES: Final = frozenset(
+    {VLLM_NUM_REQUESTS_WAITING, VLLM_NUM_REQUESTS_RUNNING, VLLM_KV_CACHE_USAGE_PERC, VLLM_CACHE_CONFIG_INFO}
+)
+
 # The labels of CONFIG_INFO besides `model`: the limits in force, so the operator can confirm a push.
 CONFIG_INFO_LABELS: Final = (
     "max_batch_size",
@@ -196,6 +232,9 @@ CONFIG_INFO_LABELS: Final = (
     "schema_version",
     "qos_policy",  # QOS_POLICIES
     "shed_classes",  # comma-separated classes refused by the operator's push (qos.shedClasses); "" for none
+    "kv_cache_memory",  # bytes of the KV pool (allocated at start; before it, the configured budget or "")
+    "kv_block_size",  # tokens per KV block
+    "kv_num_blocks",  # blocks in the pool ("" until the engine has started)
 )
 
 # vLLM's buckets (vllm/v1/metrics/loggers.py), so dashboards and percentiles line up.

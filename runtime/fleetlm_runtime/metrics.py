@@ -16,8 +16,9 @@ import prometheus_client
 from prometheus_client import core, process_collector, registry
 
 from fleetlm_runtime import config as config_mod
-from fleetlm_runtime import contract, gpu
+from fleetlm_runtime import contract, exposition, gpu
 from fleetlm_runtime.engine import outputs
+from fleetlm_runtime.server import ledger as ledger_mod
 
 CONTENT_TYPE = prometheus_client.CONTENT_TYPE_LATEST
 _M = contract.LABEL_MODEL
@@ -64,6 +65,42 @@ class _ConfigInfoCollector(registry.Collector):
         yield family
 
 
+class _VllmAliasCollector(registry.Collector):
+    """The four series an Inference Gateway endpoint picker reads by default, under vLLM's names.
+
+    Values are totals kept by `RuntimeMetrics` as plain numbers at each engine step, so a scrape costs a
+    few string formats (the picker scrapes every 50 ms). Block size and count: the KV config's
+    `blockSize` and the engine's KV capacity in tokens divided by it (absent until the engine reports it).
+    """
+
+    def __init__(self, model_name: str) -> None:
+        self._model_name = model_name
+        self.waiting = 0
+        self.running = 0
+        self.kv_usage = 0.0
+        self.block_size: int | None = None
+        self.num_blocks: int | None = None
+
+    def collect(self) -> Iterator[core.Metric]:
+        labels = [contract.VLLM_LABEL_MODEL_NAME, contract.VLLM_LABEL_ENGINE]
+        values = [self._model_name, "0"]
+        for name, doc, value in (
+            (contract.VLLM_NUM_REQUESTS_WAITING, "Requests waiting (all classes; vLLM's name).", self.waiting),
+            (contract.VLLM_NUM_REQUESTS_RUNNING, "Requests running (all classes; vLLM's name).", self.running),
+            (contract.VLLM_KV_CACHE_USAGE_PERC, "KV-cache usage, 0..1 (vLLM's name).", self.kv_usage),
+        ):
+            family = core.GaugeMetricFamily(name, doc, labels=labels)
+            family.add_metric(values, float(value))
+            yield family
+        if self.block_size is not None and self.num_blocks is not None:
+            info = core.GaugeMetricFamily(
+                contract.VLLM_CACHE_CONFIG_INFO, "KV-cache configuration (vLLM's name); value 1.",
+                labels=["block_size", "num_gpu_blocks", contract.VLLM_LABEL_ENGINE],
+            )  # fmt: skip
+            info.add_metric([str(self.block_size), str(self.num_blocks), "0"], 1.0)
+            yield info
+
+
 class _GpuCollector(registry.Collector):
     """Samples NVML at scrape time, so idle pods cost nothing; yields nothing on CPU machines."""
 
@@ -103,6 +140,7 @@ class RuntimeMetrics:
         self.model_loaded_at_s: float | None = None
         self.ready_at_s: float | None = None
         self.registry = registry.CollectorRegistry(auto_describe=True)
+        self._exposition = exposition.CachedExposition()
         r = self.registry
         m = model_name
         by_class = [_M, _C]
@@ -114,8 +152,25 @@ class RuntimeMetrics:
             contract.NUM_REQUESTS_WAITING, "Requests waiting to be scheduled.", by_class, registry=r
         )
         self._kv_usage = prometheus_client.Gauge(
-            contract.KV_CACHE_USAGE_PERC, "Fraction of KV-cache capacity reserved, 0..1.", [_M], registry=r
+            contract.KV_CACHE_USAGE_PERC, "KV-cache blocks in use / blocks in the pool, 0..1.", [_M], registry=r
         ).labels(m)
+        # The KV pool and the weights, fixed once the engine has started (zero before).
+        self._kv_blocks_total = prometheus_client.Gauge(
+            contract.KV_CACHE_BLOCKS_TOTAL, "KV-cache blocks in the pool.", [_M], registry=r
+        ).labels(m)
+        self._kv_blocks_used = prometheus_client.Gauge(
+            contract.KV_CACHE_BLOCKS_USED, "KV-cache blocks held by requests.", [_M], registry=r
+        ).labels(m)
+        self._kv_pool_bytes = prometheus_client.Gauge(
+            contract.KV_CACHE_POOL_BYTES, "Bytes of the KV-cache pool, allocated once at start.", [_M], registry=r
+        ).labels(m)
+        self._weight_bytes = prometheus_client.Gauge(
+            contract.MODEL_WEIGHT_BYTES, "Bytes of the model's weights.", [_M], registry=r
+        ).labels(m)
+        self._load_seconds = prometheus_client.Gauge(
+            contract.MODEL_LOAD_SECONDS, "Seconds the model took to load.", [_M], registry=r
+        ).labels(m)
+        self._engine_info: outputs.EngineInfo | None = None
         self._batch_size = prometheus_client.Gauge(
             contract.BATCH_SIZE, "Sequences in the latest engine step.", [_M], registry=r
         ).labels(m)
@@ -172,6 +227,31 @@ class RuntimeMetrics:
         self._response_hits = response_lookups.labels(m, "hit")
         self._response_misses = response_lookups.labels(m, "miss")
 
+        # The usage ledger: the same figures as GET /admin/usage, labelled by tenant (bounded: see ledger.py).
+        self.ledger = ledger_mod.UsageLedger()
+        by_tenant = [*by_class, contract.LABEL_TENANT]
+        self._usage_prompt = prometheus_client.Counter(
+            contract.USAGE_PROMPT_TOKENS,
+            "Prompt tokens of finished requests by tenant: computed, or served from the prefix cache.",
+            [*by_tenant, contract.LABEL_SOURCE],
+            registry=r,
+        )
+        self._usage_generation = prometheus_client.Counter(
+            contract.USAGE_GENERATION_TOKENS, "Generated tokens of finished requests by tenant.", by_tenant, registry=r
+        )
+        self._usage_response_cache = prometheus_client.Counter(
+            contract.USAGE_RESPONSE_CACHE_TOKENS,
+            "Completion tokens served from the response cache (not generated) by tenant.",
+            by_tenant,
+            registry=r,
+        )
+        self._usage_engine_seconds = prometheus_client.Counter(
+            contract.USAGE_ENGINE_SECONDS,
+            "Engine step time attributed to requests by their share of each step's tokens, by tenant.",
+            by_tenant,
+            registry=r,
+        )
+
         def hist(name: str, doc: str, buckets: Iterable[float], labels: list[str]) -> prometheus_client.Histogram:
             return prometheus_client.Histogram(name, doc, labels, buckets=tuple(buckets), registry=r)
 
@@ -213,6 +293,8 @@ class RuntimeMetrics:
 
         self._config_info = _ConfigInfoCollector(m)
         r.register(self._config_info)
+        self._vllm = _VllmAliasCollector(m)
+        r.register(self._vllm)
         self._gpu_sampler = gpu_sampler
         if gpu_sampler is not None:
             r.register(_GpuCollector(m, gpu_sampler))
@@ -235,8 +317,44 @@ class RuntimeMetrics:
         self._waiting.labels(m, qos_class).set(0)
         self._prompt_tokens.labels(m, qos_class)
         self._generation_tokens.labels(m, qos_class)
+        self._touch_usage(qos_class, contract.TENANT_OTHER)
         for reason in contract.FINISHED_REASONS:
             self._success.labels(m, qos_class, reason)
+
+    def _touch_usage(self, qos_class: str, tenant: str) -> None:
+        m = self.model_name
+        for source in ("computed", "prefix_cache"):
+            self._usage_prompt.labels(m, qos_class, tenant, source)
+        self._usage_generation.labels(m, qos_class, tenant)
+        self._usage_response_cache.labels(m, qos_class, tenant)
+        self._usage_engine_seconds.labels(m, qos_class, tenant)
+
+    def _record_usage(self, event: outputs.RequestEvent) -> None:
+        m, c = self.model_name, event.qos_class
+        tenant = self.ledger.add_finished(
+            tenant=event.tenant or contract.TENANT_OTHER,
+            qos_class=c,
+            num_prompt_tokens=event.num_prompt_tokens,
+            num_cached_tokens=event.num_cached_tokens,
+            num_output_tokens=event.num_output_tokens,
+            engine_seconds=event.engine_seconds,
+        )
+        cached = min(event.num_cached_tokens, event.num_prompt_tokens)
+        self._usage_prompt.labels(m, c, tenant, "computed").inc(event.num_prompt_tokens - cached)
+        self._usage_prompt.labels(m, c, tenant, "prefix_cache").inc(cached)
+        self._usage_generation.labels(m, c, tenant).inc(event.num_output_tokens)
+        self._usage_engine_seconds.labels(m, c, tenant).inc(event.engine_seconds)
+
+    def record_response_cache_hit(self, *, tenant: str, qos_class: str, num_output_tokens: int) -> None:
+        """An answer replayed from the response cache: booked to its tenant in the usage ledger."""
+        label = self.ledger.add_response_cache_hit(
+            tenant=tenant, qos_class=qos_class, num_output_tokens=num_output_tokens
+        )
+        m = self.model_name
+        if qos_class not in self._classes:
+            self._add_class(qos_class)
+        self._touch_usage(qos_class, label)
+        self._usage_response_cache.labels(m, qos_class, label).inc(num_output_tokens)
 
     def record(self, stats: outputs.EngineStats) -> None:
         """One engine step: gauges, per-step histograms, then the request events it carried."""
@@ -248,7 +366,12 @@ class RuntimeMetrics:
             self._running.labels(m, qos_class).set(stats.running_by_class.get(qos_class, 0))
             self._waiting.labels(m, qos_class).set(stats.waiting_by_class.get(qos_class, 0))
         self._kv_usage.set(stats.kv_usage)
+        self._kv_blocks_used.set(stats.kv_blocks_used)
         self._batch_size.set(stats.batch_size)
+        vllm = self._vllm
+        vllm.running = sum(stats.running_by_class.values())
+        vllm.waiting = sum(stats.waiting_by_class.values())
+        vllm.kv_usage = stats.kv_usage
         if stats.num_tokens:  # idle wake-ups are not iterations
             self._iteration_tokens.observe(stats.num_tokens)
             self._iteration_batch.observe(stats.batch_size)
@@ -276,6 +399,7 @@ class RuntimeMetrics:
         self._success.labels(m, c, reason).inc()
         self._prompt_tokens.labels(m, c).inc(event.num_prompt_tokens)
         self._generation_tokens.labels(m, c).inc(event.num_output_tokens)
+        self._record_usage(event)
         if reason not in _COMPLETED:
             return
         self._req_prompt_tokens.observe(event.num_prompt_tokens)
@@ -301,6 +425,20 @@ class RuntimeMetrics:
             self._waiting.labels(m, qos_class).set(0)
         self._batch_size.set(0)
         self._kv_usage.set(kv_usage)
+        self._vllm.running = self._vllm.waiting = 0
+        self._vllm.kv_usage = kv_usage
+        if self._engine_info is not None:
+            self._kv_blocks_used.set(round(kv_usage * self._engine_info.kv_num_blocks))
+
+    def set_engine_info(self, info: outputs.EngineInfo) -> None:
+        """The engine has started: publish its pool and weights (fixed from now on)."""
+        self._engine_info = info
+        self._kv_blocks_total.set(info.kv_num_blocks)
+        self._kv_pool_bytes.set(info.kv_pool_bytes)
+        self._weight_bytes.set(info.weight_bytes)
+        self._load_seconds.set(info.load_seconds)
+        self._vllm.block_size = info.kv_block_size
+        self._vllm.num_blocks = info.kv_num_blocks
 
     def record_rejection(self, reason: str, qos_class: str) -> None:
         self._rejected.labels(self.model_name, qos_class, reason).inc()
@@ -331,6 +469,16 @@ class RuntimeMetrics:
         """Publish the limits in force; call after every applied change (startup and PUT /admin/config)."""
         classes = sorted(cfg.qos.classes, key=lambda c: (c.priority, c.name))
         kv = max_kv_tokens if max_kv_tokens is not None else cfg.batching.max_kv_tokens
+        info = self._engine_info
+        budget = cfg.kv_cache.memory_bytes
+        pool_bytes = str(info.kv_pool_bytes) if info is not None else ("" if budget is None else str(budget))
+        # What an endpoint picker reads as vllm:cache_config_info: the pool's own blocks once it is allocated.
+        block_size = info.kv_block_size if info is not None else cfg.kv_cache.block_size
+        self._vllm.block_size = block_size
+        if info is not None:
+            self._vllm.num_blocks = info.kv_num_blocks
+        else:
+            self._vllm.num_blocks = None if kv is None else kv // block_size
         self._config_info.set(
             {
                 "max_batch_size": str(cfg.batching.max_batch_size),
@@ -344,8 +492,12 @@ class RuntimeMetrics:
                 "schema_version": cfg.schema_version,
                 "qos_policy": cfg.qos.policy,
                 "shed_classes": ",".join(cfg.qos.shed_classes),
+                "kv_cache_memory": pool_bytes,
+                "kv_block_size": str(info.kv_block_size if info is not None else cfg.kv_cache.block_size),
+                "kv_num_blocks": str(info.kv_num_blocks) if info is not None else "",
             }
         )
 
     def render(self) -> bytes:
-        return prometheus_client.generate_latest(self.registry)
+        """The text exposition (`generate_latest`'s bytes, rendered with cached series prefixes)."""
+        return self._exposition.render(self.registry)

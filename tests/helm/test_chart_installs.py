@@ -61,7 +61,10 @@ def installed(plane: cluster.ControlPlane) -> cluster.ControlPlane:
 
 
 def _can_i(plane: cluster.ControlPlane, verb: str, resource: str, namespace: str | None = "demo") -> bool:
+    # `kind/sub` is a subresource (kubectl would read it as an object named `sub`).
+    resource, _, subresource = resource.partition("/")
     args = ["auth", "can-i", verb, resource, f"--as={SA}"]
+    args += [f"--subresource={subresource}"] if subresource else []
     args += [f"--namespace={namespace}"] if namespace else []
     return plane.kubectl(*args, check=False).stdout.strip() == "yes"
 
@@ -78,6 +81,13 @@ def _can_i(plane: cluster.ControlPlane, verb: str, resource: str, namespace: str
     ("create", "poddisruptionbudgets.policy", "demo"),
     ("list", "pods", "demo"),
     ("create", "events", "demo"),
+    ("create", "persistentvolumeclaims", "demo"),
+    ("watch", "jobs.batch", "demo"),
+    ("create", "jobs.batch", "demo"),
+    ("patch", "jobs.batch", "demo"),  # held, so it may grant the fill's Role the same on one Job
+    ("create", "serviceaccounts", "demo"),
+    ("create", "roles.rbac.authorization.k8s.io", "demo"),
+    ("create", "rolebindings.rbac.authorization.k8s.io", "demo"),
     ("create", "servicemonitors.monitoring.coreos.com", "demo"),
     ("update", "leases.coordination.k8s.io", NAMESPACE),
     ("list", "customresourcedefinitions.apiextensions.k8s.io", None),
@@ -97,6 +107,7 @@ def test_operator_may_do_what_it_needs(installed: cluster.ControlPlane, verb: st
     ("delete", "nodes", None),
     ("patch", "customresourcedefinitions.apiextensions.k8s.io", None),
     ("create", "serviceaccounts/token", NAMESPACE),
+    ("delete", "persistentvolumeclaims", "demo"),  # whenDeleted: Delete goes by garbage collection
 ])
 def test_operator_is_refused_what_it_does_not_need(installed: cluster.ControlPlane, verb: str, resource: str,
                                                    namespace: str | None) -> None:
@@ -126,6 +137,21 @@ def test_operator_as_the_chart_service_account_reconciles_an_example_and_uninsta
                      "poddisruptionbudget", "servicemonitor"):
             what = kind.split("/") if "/" in kind else [kind, "tiny-demo"]
             assert plane.kubectl("get", *what, "-n", "demo", check=False).returncode == 0, kind
+
+        # A model cache: the chart's rules suffice to make its claim, its fill Job and the Role (which the
+        # API server lets the operator grant only because it holds the same rights itself).
+        cached = {"apiVersion": "fleetlm.dev/v1alpha1", "kind": "LLMService", "metadata": {"name": "cached-demo"},
+                  "spec": {"model": {"source": "/models/tiny", "cache": {"size": "1Gi"}}, "runtime": {"gpus": 0}}}
+        plane.kubectl("apply", "-n", "demo", "-f", "-", input=json.dumps(cached))
+
+        def cache_status() -> dict[str, str] | None:
+            body = json.loads(plane.kubectl("get", "llms", "cached-demo", "-n", "demo", "-o", "json").stdout)
+            return (body.get("status") or {}).get("modelCache")
+
+        cache = wait_for("the operator to create the model cache", cache_status, timeout_s=90)
+        for what in (("pvc", cache["claimName"]), ("job", cache["jobName"]), ("serviceaccount", cache["claimName"]),
+                     ("role", cache["claimName"]), ("rolebinding", cache["claimName"])):
+            assert plane.kubectl("get", *what, "-n", "demo", check=False).returncode == 0, what
     finally:
         stop_process(proc)
     log = log_path.read_text()

@@ -55,11 +55,28 @@ touches no other kinds.
 - apiGroups: ["fleetlm.dev"]
   resources: ["llmservices/status"]
   verbs: ["get", "patch"]
+# Held so the operator may grant them to a service's router (RBAC forbids granting what one lacks):
+# the router reads its replicas from EndpointSlices and asks for a replica through /scale.
+- apiGroups: ["fleetlm.dev"]
+  resources: ["llmservices/scale"]
+  verbs: ["get", "patch"]
+- apiGroups: ["discovery.k8s.io"]
+  resources: ["endpointslices"]
+  verbs: ["get", "list", "watch"]
 - apiGroups: ["apps"]
   resources: ["deployments"]
-  verbs: ["get", "list", "watch", "create", "patch"]
+  verbs: ["get", "list", "watch", "create", "patch", "delete"]
 - apiGroups: [""]
-  resources: ["services", "configmaps"]
+  resources: ["services", "configmaps", "serviceaccounts"]
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]  # the router's own Role (endpointslices, this service's /scale)
+  verbs: ["get", "create", "patch", "delete"]
+- apiGroups: ["inference.networking.k8s.io"]
+  resources: ["inferencepools"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["llm-d.ai", "inference.networking.x-k8s.io"]
+  resources: ["inferenceobjectives"]
   verbs: ["get", "create", "patch"]
 - apiGroups: [""]
   resources: ["secrets"]  # the admin-token Secret: read back and created once; never listed
@@ -76,4 +93,19 @@ touches no other kinds.
 - apiGroups: ["", "events.k8s.io"]
   resources: ["events"]
   verbs: ["create", "patch"]
+# spec.model.cache: the claim (created once; its owner reference follows whenDeleted), the fill Job
+# (watched for progress), and the fill's ServiceAccount with a Role to patch that one Job (granting it
+# needs the operator to hold get/patch on jobs itself).
+- apiGroups: [""]
+  resources: ["persistentvolumeclaims"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["batch"]
+  resources: ["jobs"]
+  verbs: ["get", "list", "watch", "create", "patch"]
+- apiGroups: [""]
+  resources: ["serviceaccounts"]
+  verbs: ["get", "create", "patch"]
+- apiGroups: ["rbac.authorization.k8s.io"]
+  resources: ["roles", "rolebindings"]
+  verbs: ["get", "create", "patch"]
 {{- end }}

@@ -75,6 +75,14 @@ class Applier:
                                              force_conflicts=True)
         return dict(applied.to_dict())
 
+    def delete_if_present(self, api_version: str, kind: str, name: str, namespace: str) -> bool:
+        """Delete one object if it exists (a child whose feature was switched off); whether it existed."""
+        try:
+            self._resource(api_version, kind).delete(name=name, namespace=namespace)
+            return True
+        except dynamic_exceptions.NotFoundError:
+            return False
+
     def create_if_missing(self, manifest: Mapping[str, Any]) -> tuple[dict[str, Any], bool]:
         """Create `manifest` unless an object of that name exists; returns (object, created)."""
         resource = self._resource(manifest["apiVersion"], manifest["kind"])

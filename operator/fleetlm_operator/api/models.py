@@ -24,7 +24,7 @@ import pydantic_core
 from pydantic import alias_generators
 
 from fleetlm_operator.api import names
-from fleetlm_runtime import contract
+from fleetlm_runtime import config, contract
 
 # --------------------------------------------------------------------------------------------------
 # CEL rules shared by the CRD and the validators.
@@ -262,9 +262,117 @@ def _section(factory: Any, description: str) -> Any:
 
 Dtype = Literal["auto", "float32", "bfloat16", "float16"]
 
+# The runtime's KV memory and the cache volume are sizes in bytes: the quantities `parse_bytes` reads
+# (a whole number, or a number with K, M, G, T, Ki, Mi, Gi, Ti). No backslashes: also a CEL literal.
+BYTES_PATTERN = "^[0-9]+([.][0-9]+)?(Ki|Mi|Gi|Ti|K|M|G|T)?$"
+
+
+def _check_bytes(value: int | str) -> int | str:
+    try:
+        config.parse_bytes(value)
+    except ValueError as error:
+        raise ValueError(f"{error}; write e.g. 512Mi or 20Gi") from None
+    return value
+
+
+ByteQuantity = Annotated[
+    int | str,
+    pydantic.AfterValidator(_check_bytes),
+    pydantic.WithJsonSchema(
+        {
+            "anyOf": [{"type": "integer"}, {"type": "string"}],
+            "minimum": 1,
+            "pattern": BYTES_PATTERN,
+            "x-kubernetes-int-or-string": True,
+        }
+    ),
+]
+
+
+class HubTokenRef(_SpecModel):
+    """A key of a Secret holding a Hugging Face token (for gated or private repositories)."""
+
+    name: ObjectName = pydantic.Field(description="Name of the Secret, in the LLMService's namespace.")
+    key: str = pydantic.Field(
+        default="token",
+        min_length=1,
+        max_length=253,
+        pattern=r"^[-._a-zA-Z0-9]+$",
+        description="Key inside the Secret whose value is the token; the fill Job gets it as HF_TOKEN.",
+    )
+
+
+class ModelCacheFill(_SpecModel):
+    """How the cache is filled: a Job runs once, with a deadline and a bounded number of retries."""
+
+    timeout: PositiveDuration = pydantic.Field(
+        default="1h",
+        description=(
+            "Longest the fill may take, all attempts together, e.g. `30m` (the Job's activeDeadlineSeconds). "
+            "Past it the cache is Failed with reason DeadlineExceeded."
+        ),
+    )
+    retries: int = pydantic.Field(
+        default=3,
+        ge=0,
+        le=10,
+        description=(
+            "Attempts after the first one for retryable failures (network, timeouts), with the Job's "
+            "exponential back-off (the Job's backoffLimit). A permanent failure (the source does not exist, "
+            "or is not a checkpoint) fails at once, without retries."
+        ),
+    )
+    hub_token_secret_ref: HubTokenRef | None = pydantic.Field(
+        default=None,
+        description="Secret key with a Hugging Face token, passed to the fill as HF_TOKEN; hub sources only.",
+    )
+
+
+class ModelCacheSpec(_SpecModel):
+    """A PersistentVolumeClaim filled once with the weights, mounted read-only by every replica."""
+
+    enabled: bool = pydantic.Field(
+        default=True, description="Fill and use the cache; false serves straight from `source` again."
+    )
+    size: ByteQuantity = pydantic.Field(
+        description="Storage requested for the claim, e.g. `20Gi`; leave room above the checkpoint's size."
+    )
+    storage_class_name: ObjectName | None = pydantic.Field(
+        default=None, description="StorageClass of the claim; unset uses the cluster's default class."
+    )
+    access_mode: Literal["ReadWriteMany", "ReadWriteOnce"] = pydantic.Field(
+        default="ReadWriteMany",
+        description=(
+            "Access mode of the claim. The fill Job writes it once and every replica mounts it read-only, so it "
+            "must be writable: `ReadWriteMany` (NFS, CephFS, Filestore, EFS...) lets replicas on any node share "
+            "it; `ReadWriteOnce` works only while the Job and every replica land on one node. ReadOnlyMany "
+            "cannot be filled and ReadWriteOncePod cannot be shared, so neither is offered."
+        ),
+    )
+    when_deleted: Literal["Retain", "Delete"] = pydantic.Field(
+        default="Retain",
+        description=(
+            "What happens to the claim when the LLMService is deleted: `Retain` keeps it (and the weights, for "
+            "the next LLMService that names it), `Delete` deletes it with the LLMService."
+        ),
+    )
+    fill: ModelCacheFill = _section(ModelCacheFill, "How the fill Job runs: deadline, retries, hub token.")
+
+
+MODEL_CACHE_NEEDS_SOURCE = CelRule(
+    rule="!has(self.cache) || !self.cache.enabled || !self.source.startsWith('builtin:')",
+    message=(
+        "spec.model.cache needs weights to copy (a Hugging Face id, pvc://<claim>/<path> or a path): "
+        "builtin models are made at start"
+    ),
+    field_path=".cache",
+)
+
 
 class ModelSpec(_SpecModel):
     """Which model the runtime loads and how."""
+
+    model_config = pydantic.ConfigDict(json_schema_extra=_cel_extra(MODEL_CACHE_NEEDS_SOURCE))
 
     source: ModelSource = pydantic.Field(
         description=(
@@ -299,6 +407,27 @@ class ModelSpec(_SpecModel):
             "with HTTP 400. Unset means the model's own limit."
         ),
     )
+    cache: ModelCacheSpec | None = pydantic.Field(
+        default=None,
+        description=(
+            "Copy the weights once into a PersistentVolumeClaim (a Job downloads or copies them) and mount it "
+            "read-only in every replica, so scaling out never downloads again. Runtime pods start only once "
+            "status.modelCache.phase is Ready."
+        ),
+    )
+
+    @pydantic.model_validator(mode="after")
+    def _rules(self) -> Self:
+        _require(
+            self.cache is None or not self.cache.enabled or not self.source.startswith("builtin:"),
+            MODEL_CACHE_NEEDS_SOURCE,
+        )
+        return self
+
+    @property
+    def cached(self) -> bool:
+        """Whether the replicas load from the model cache."""
+        return self.cache is not None and self.cache.enabled
 
 
 # --------------------------------------------------------------------------------------------------
@@ -503,16 +632,29 @@ REPLICAS_DESIRED_IN_RANGE = CelRule(
 )
 
 
+REPLICAS_IDLE_NEEDS_MIN_0 = CelRule(
+    rule="!has(self.idleTimeout) || self.min == 0",
+    message="spec.replicas.idleTimeout needs spec.replicas.min 0 (it scales the service to zero)",
+    field_path=".idleTimeout",
+)
+
+
 class ReplicasSpec(_SpecModel):
     """How many runtime pods run: bounds for the autoscaler and the count that `/scale` writes."""
 
-    model_config = pydantic.ConfigDict(json_schema_extra=_cel_extra(REPLICAS_MIN_LE_MAX, REPLICAS_DESIRED_IN_RANGE))
+    model_config = pydantic.ConfigDict(
+        json_schema_extra=_cel_extra(REPLICAS_MIN_LE_MAX, REPLICAS_DESIRED_IN_RANGE, REPLICAS_IDLE_NEEDS_MIN_0)
+    )
 
     min: int = pydantic.Field(
         default=1,
         ge=0,
         le=1000,
-        description="Fewest replicas the autoscaler keeps. 0 parks the service (it never scales up from 0).",
+        description=(
+            "Fewest replicas the autoscaler keeps. 0 without `idleTimeout` parks the service (nothing scales it "
+            "up from 0); 0 with `idleTimeout` and `spec.router.enabled` is scale to zero: idle for that long, the "
+            "service goes to 0, and the router holds the next request while it scales back up."
+        ),
     )
     max: int = pydantic.Field(default=1, ge=1, le=1000, description="Most replicas the autoscaler may run. At least 1.")
     desired: int | None = pydantic.Field(
@@ -524,10 +666,18 @@ class ReplicasSpec(_SpecModel):
             "by the operator's own autoscaler. Unset means `min`. Must lie within min..max when written."
         ),
     )
+    idle_timeout: PositiveDuration | None = pydantic.Field(
+        default=None,
+        description=(
+            "Scale to zero after this long without a request, e.g. `15m` (needs `min: 0` and "
+            "`spec.router.enabled`, whose router holds requests while a replica starts). Unset: never idle down."
+        ),
+    )
 
     @pydantic.model_validator(mode="after")
     def _rules(self, info: pydantic.ValidationInfo) -> Self:
         _require(self.min <= self.max, REPLICAS_MIN_LE_MAX)
+        _require(self.idle_timeout is None or self.min == 0, REPLICAS_IDLE_NEEDS_MIN_0)
         if self.desired is not None and not _is_stored(info):
             _require(self.min <= self.desired <= self.max, REPLICAS_DESIRED_IN_RANGE)
         return self
@@ -856,6 +1006,35 @@ class CachingSpec(_SpecModel):
 
 
 # --------------------------------------------------------------------------------------------------
+# spec.kvCache
+
+
+class KVCacheSpec(_SpecModel):
+    """The runtime's KV memory pool: one budget, allocated once at start. Changing it restarts the pods."""
+
+    memory: ByteQuantity | None = pydantic.Field(
+        default=None,
+        description=(
+            "Bytes for the KV pool on any device, e.g. `512Mi` on CPU or `20Gi` on a GPU. Unset: on a GPU the "
+            "pool takes what `gpuMemoryUtilization` leaves after the weights; on CPU a default budget."
+        ),
+    )
+    gpu_memory_utilization: float = pydantic.Field(
+        default=0.9,
+        gt=0,
+        le=1,
+        description=(
+            "On a GPU without `memory`: the fraction of device memory the runtime may use for weights, "
+            "activations and the KV pool together (vLLM's gpu_memory_utilization); the pool gets the rest "
+            "after weights and activations."
+        ),
+    )
+    block_size: int = pydantic.Field(
+        default=16, ge=1, le=256, description="Tokens per KV block: the unit of allocation and prefix sharing."
+    )
+
+
+# --------------------------------------------------------------------------------------------------
 # spec.autoscaling
 
 PROMETHEUS_URL_REQUIRED = CelRule(
@@ -931,10 +1110,68 @@ SLO_WINDOW_COVERS_INTERVAL = CelRule(
 )
 
 
+# --------------------------------------------------------------------------------------------------
+# spec.router
+
+RouterPolicy = Literal["prefix-affinity", "least-loaded", "round-robin"]
+
+
+class RouterHoldSpec(_SpecModel):
+    """Bounds on requests the router holds while no replica is ready (scale from zero, all replicas down)."""
+
+    max_requests: int = pydantic.Field(
+        default=256, ge=0, le=100_000, description="Requests held at once; more get 429. 0: never hold (503)."
+    )
+    timeout: Duration = pydantic.Field(
+        default="5m",
+        description="Longest a request is held, e.g. `5m`; then 503 with Retry-After. Cover the model's start-up.",
+    )
+
+
+class RouterSpec(_SpecModel):
+    """`fleetlm-router` in front of the runtime pods: load- and prefix-aware picks, holding at zero."""
+
+    enabled: bool = pydantic.Field(
+        default=False,
+        description=(
+            "Deploy the router (Deployment, Service `<name>-router`, RBAC) and point `status.endpoint` at it."
+        ),
+    )
+    replicas: int = pydantic.Field(default=1, ge=1, le=100, description="Router pods (each balances on its own).")
+    image: str | None = pydantic.Field(
+        default=None, max_length=512, description="Router image. Unset: the operator's default router image."
+    )
+    policy: RouterPolicy = pydantic.Field(
+        default="prefix-affinity",
+        description=(
+            "`prefix-affinity`: consistent hashing with bounded load over the prompt's leading tokens; "
+            "`least-loaded`: fewest in flight; `round-robin`: what a Service does."
+        ),
+    )
+    prefix_tokens: int = pydantic.Field(default=256, ge=1, le=65536, description="Leading prompt tokens hashed.")
+    load_factor: float = pydantic.Field(
+        default=2.0,
+        ge=1.0,
+        le=10.0,
+        description=(
+            "A repeated prefix stays on its replica until that one holds this many times the mean in flight; "
+            "new prompts always go to the least loaded."
+        ),
+    )
+    hold: RouterHoldSpec = _section(RouterHoldSpec, "How many requests are held, and how long, with no replica.")
+    resources: Resources = _section(Resources, "CPU and memory of each router container.")
+
+
+ROUTER_NEEDED_FOR_IDLE = CelRule(
+    rule="!has(self.replicas.idleTimeout) || self.router.enabled",
+    message="spec.replicas.idleTimeout needs spec.router.enabled: at zero replicas only the router holds requests",
+)
+
+
 class LLMServiceSpec(_SpecModel):
     """What the platform team asks for: a model, its pods, its latency promise and its traffic classes."""
 
-    model_config = pydantic.ConfigDict(json_schema_extra=_cel_extra(SLO_WINDOW_COVERS_INTERVAL))
+    model_config = pydantic.ConfigDict(json_schema_extra=_cel_extra(SLO_WINDOW_COVERS_INTERVAL, ROUTER_NEEDED_FOR_IDLE))
 
     model: ModelSpec = pydantic.Field(description="Which model to serve: source, revision, dtype, context length.")
     runtime: RuntimeSpec = _section(
@@ -955,12 +1192,19 @@ class LLMServiceSpec(_SpecModel):
         BatchingSpec, "Continuous-batching limits and the range the tuner may move them in."
     )
     caching: CachingSpec = _section(CachingSpec, "Prefix cache and response cache.")
+    kv_cache: KVCacheSpec = _section(
+        KVCacheSpec, "The KV memory pool: bytes, or on a GPU a fraction of memory; block size."
+    )
     autoscaling: AutoscalingSpec = _section(
         AutoscalingSpec, "The operator's scaling and tuning loop: metrics source, interval, stabilization."
+    )
+    router: RouterSpec = _section(
+        RouterSpec, "The front door: load- and prefix-aware routing, and holding requests at zero replicas."
     )
 
     @pydantic.model_validator(mode="after")
     def _rules(self) -> Self:
+        _require(self.replicas.idle_timeout is None or self.router.enabled, ROUTER_NEEDED_FOR_IDLE)
         if self.slo is not None:
             _require(
                 parse_duration_s(self.slo.window) >= parse_duration_s(self.autoscaling.interval),
@@ -1078,6 +1322,29 @@ class DecisionRecord(_StatusModel):
     reason: str = pydantic.Field(max_length=1024, description="Why, with the numbers that drove it.")
 
 
+CachePhase = Literal["Pending", "Filling", "Ready", "Failed"]
+
+
+class ModelCacheStatus(_StatusModel):
+    """Where the model cache stands: the fill Job's progress as its fill program reports it."""
+
+    phase: CachePhase = pydantic.Field(
+        description="Pending (claim or Job not started), Filling, Ready (pods may start) or Failed (see reason)."
+    )
+    claim_name: str | None = pydantic.Field(
+        default=None, max_length=253, description="The PersistentVolumeClaim that holds the weights."
+    )
+    job_name: str | None = pydantic.Field(default=None, max_length=253, description="The Job that fills it.")
+    bytes_done: int | None = pydantic.Field(default=None, ge=0, description="Bytes copied or downloaded so far.")
+    bytes_total: int | None = pydantic.Field(
+        default=None, ge=0, description="Bytes of the whole checkpoint, once the fill knows them."
+    )
+    reason: str | None = pydantic.Field(
+        default=None, max_length=128, description="One-word CamelCase cause of the phase, e.g. SourceNotFound."
+    )
+    message: str | None = pydantic.Field(default=None, max_length=4096, description="Human-readable details.")
+
+
 class LLMServiceStatus(_StatusModel):
     """What the operator observed and did. Written only by the operator."""
 
@@ -1107,6 +1374,9 @@ class LLMServiceStatus(_StatusModel):
     tuning: Tuning | None = pydantic.Field(default=None, description="Limits currently applied to the pods.")
     startup: StartupStatus | None = pydantic.Field(
         default=None, description="The pods' observed start-up time and those loading now, from the tuner."
+    )
+    model_cache: ModelCacheStatus | None = pydantic.Field(
+        default=None, description="The model cache (spec.model.cache): phase, bytes filled, failure reason."
     )
     decisions: list[DecisionRecord] = pydantic.Field(
         default_factory=list,
@@ -1189,6 +1459,8 @@ OBJECT_RULES: tuple[CelRule, ...] = (
     SLO_WINDOW_COVERS_INTERVAL,
     REPLICAS_MIN_LE_MAX,
     REPLICAS_DESIRED_IN_RANGE,
+    REPLICAS_IDLE_NEEDS_MIN_0,
+    ROUTER_NEEDED_FOR_IDLE,
     SLO_NEEDS_TARGET,
     QOS_CLASS_NAMES_UNIQUE,
     QOS_DEFAULT_CLASS_LISTED,
@@ -1206,6 +1478,7 @@ OBJECT_RULES: tuple[CelRule, ...] = (
     TOLERATION_EXISTS_NO_VALUE,
     TOLERATION_EMPTY_KEY_NEEDS_EXISTS,
     MODEL_SOURCE,
+    MODEL_CACHE_NEEDS_SOURCE,
     POSITIVE_DURATION,
     INTERVAL_AT_LEAST_1S,
 )

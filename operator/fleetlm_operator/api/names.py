@@ -43,6 +43,9 @@ LABEL_LLMSERVICE = f"{GROUP}/llmservice"
 # Pod-template annotation: hash of the spec parts that need new pods (model, runtime, caching, key mounts).
 # A tuning-only change leaves it, and therefore the pod template, unchanged.
 ANNOTATION_CONFIG_HASH = f"{GROUP}/config-hash"
+# Annotation on a model-cache fill Job: the fill program's own report (JSON: phase, bytes, reason).
+ANNOTATION_CACHE_PROGRESS = f"{GROUP}/cache-progress"
+COMPONENT_MODEL_CACHE = "model-cache"
 # Annotations on objects the operator writes, for people reading them.
 ANNOTATION_GENERATED_BY = f"{GROUP}/generated-by"
 
@@ -55,6 +58,7 @@ class ConditionType(enum.StrEnum):
     SLO_MET = "SLOMet"  # observed latency at the SLO percentile is within target
     METRICS_AVAILABLE = "MetricsAvailable"  # the last collection had data from every ready pod
     CAPACITY_UNAVAILABLE = "CapacityUnavailable"  # pods cannot be scheduled (e.g. no free GPU)
+    MODEL_CACHE_READY = "ModelCacheReady"  # spec.model.cache is filled; runtime pods may start
 
 
 CONDITION_TYPES: tuple[str, ...] = tuple(member.value for member in ConditionType)

@@ -15,7 +15,7 @@ from typing import Any
 import yaml
 
 from fleetlm_operator.api import models
-from fleetlm_operator.builders import meta
+from fleetlm_operator.builders import meta, model_cache
 from fleetlm_runtime import config, contract
 
 # The class every request belongs to when spec.qos.classes is empty.
@@ -75,7 +75,9 @@ def runtime_config(spec: models.LLMServiceSpec, *, tuning: models.Tuning | None 
     """
     current = tuning if tuning is not None else models.initial_tuning(spec)
 
-    model: dict[str, Any] = {"source": meta.runtime_model_path(spec.model.source), "dtype": spec.model.dtype}
+    model: dict[str, Any] = {"source": model_cache.runtime_model_path(spec.model), "dtype": spec.model.dtype}
+    if spec.model.cached:
+        model["servedModelName"] = model_cache.served_model_name(spec.model)
     if spec.model.revision is not None:
         model["revision"] = spec.model.revision
     if spec.model.max_context_length is not None:
@@ -120,6 +122,13 @@ def runtime_config(spec: models.LLMServiceSpec, *, tuning: models.Tuning | None 
             },
         },
     }
+    kv_cache: dict[str, Any] = {
+        "gpuMemoryUtilization": spec.kv_cache.gpu_memory_utilization,
+        "blockSize": spec.kv_cache.block_size,
+    }
+    if spec.kv_cache.memory is not None:
+        kv_cache["memory"] = spec.kv_cache.memory
+    data["kvCache"] = kv_cache
     config.parse_config(data)  # the runtime's own validation; raises ConfigError naming the field
     return data
 

@@ -13,19 +13,25 @@ from __future__ import annotations
 
 import hashlib
 import json
+import math
 from typing import Any
 
 from fleetlm_operator.api import models, names
-from fleetlm_operator.builders import meta
+from fleetlm_operator.builders import meta, model_cache
 from fleetlm_runtime import contract
 
 GPU_RESOURCE = "nvidia.com/gpu"
 RUN_AS_USER = 1000
 # Model downloads and loads are slow; a rollout is only "stuck" after this long.
 PROGRESS_DEADLINE_S = 1800
-# Startup may take this long (period x failures) before liveness takes over.
+# Startup (until /ready: the model is loaded) may take period x failures before the kubelet restarts the
+# pod; liveness only starts after it, so a long load is never killed. The budget grows with the model's
+# size (model_cache.startup_budget_s).
 STARTUP_PERIOD_S = 10
-STARTUP_FAILURE_THRESHOLD = 180
+
+
+def startup_failure_threshold(model_bytes: int | None) -> int:
+    return math.ceil(model_cache.startup_budget_s(model_bytes) / STARTUP_PERIOD_S)
 
 
 def config_hash(spec: models.LLMServiceSpec, *, image: str) -> str:
@@ -38,6 +44,7 @@ def config_hash(spec: models.LLMServiceSpec, *, image: str) -> str:
         "image": image,
         "model": spec.model.model_dump(mode="json"),
         "runtime": spec.runtime.model_dump(mode="json"),
+        "kvCache": spec.kv_cache.model_dump(mode="json"),
         "caching": spec.caching.model_dump(mode="json"),
         "qos": spec.qos.model_dump(mode="json"),
         "slo": spec.slo.model_dump(mode="json") if spec.slo is not None else None,
@@ -47,9 +54,16 @@ def config_hash(spec: models.LLMServiceSpec, *, image: str) -> str:
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]
 
 
-def _model_volumes(source: str) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
-    """The volume and mount a pvc:// source needs (the whole claim, read-only), else nothing."""
-    claim = meta.pvc_claim(source)
+def _model_volumes(svc: models.LLMService) -> tuple[list[dict[str, Any]], list[dict[str, Any]]]:
+    """The volume and mount the weights need, read-only: the model cache's claim, a pvc:// source's, or none."""
+    if svc.spec.model.cached:
+        volume = {
+            "name": "model-cache",
+            "persistentVolumeClaim": {"claimName": model_cache.claim_name(svc), "readOnly": True},
+        }
+        mount = {"name": "model-cache", "mountPath": model_cache.CACHE_MOUNT, "readOnly": True}
+        return [volume], [mount]
+    claim = meta.pvc_claim(svc.spec.model.source)
     if claim is None:
         return [], []
     volume = {"name": "model", "persistentVolumeClaim": {"claimName": claim, "readOnly": True}}
@@ -63,7 +77,7 @@ def _env(spec: models.LLMServiceSpec) -> list[dict[str, Any]]:
         {"name": "XDG_CACHE_HOME", "value": meta.CACHE_DIR},
         {"name": "HF_HOME", "value": f"{meta.CACHE_DIR}/huggingface"},
     ]
-    if not meta.is_hub_id(spec.model.source):
+    if spec.model.cached or not meta.is_hub_id(spec.model.source):
         # Weights are local: never reach out to the hub (and never hang on a pod without network).
         builtin.append({"name": "HF_HUB_OFFLINE", "value": "1"})
     user = [variable.model_dump(mode="json", exclude_none=True) for variable in spec.runtime.env]
@@ -115,11 +129,14 @@ def runtime_command(model_argument: str) -> list[str]:
     ]
 
 
-def build_pod_template(svc: models.LLMService, *, default_image: str) -> dict[str, Any]:
-    """The pod template: identical for any two specs that differ only in tuning-only fields."""
+def build_pod_template(svc: models.LLMService, *, default_image: str, model_bytes: int | None = None) -> dict[str, Any]:
+    """The pod template: identical for any two specs that differ only in tuning-only fields.
+
+    `model_bytes` (the checkpoint's size, where known) sizes the startup probe.
+    """
     spec = svc.spec
     image = spec.runtime.image or default_image
-    model_volumes, model_mounts = _model_volumes(spec.model.source)
+    model_volumes, model_mounts = _model_volumes(svc)
 
     volumes: list[dict[str, Any]] = [
         {"name": "config", "configMap": {"name": meta.config_map_name(svc)}},
@@ -154,16 +171,17 @@ def build_pod_template(svc: models.LLMService, *, default_image: str) -> dict[st
     container: dict[str, Any] = {
         "name": meta.CONTAINER_NAME,
         "image": image,
-        "command": runtime_command(meta.runtime_model_path(spec.model.source)),
+        "command": runtime_command(model_cache.runtime_model_path(spec.model)),
         "ports": [{"name": meta.HTTP_PORT_NAME, "containerPort": meta.HTTP_PORT, "protocol": "TCP"}],
         "env": _env(spec),
         "resources": _resources(spec.runtime),
         "volumeMounts": mounts,
+        # /ready, not /health: the port opens before the model loads, so only /ready says the load is done.
         "startupProbe": _http_probe(
-            meta.HEALTH_PATH,
+            meta.READY_PATH,
             period_s=STARTUP_PERIOD_S,
             timeout_s=5,
-            failure_threshold=STARTUP_FAILURE_THRESHOLD,
+            failure_threshold=startup_failure_threshold(model_bytes),
         ),
         "livenessProbe": _http_probe(meta.HEALTH_PATH, period_s=10, timeout_s=5, failure_threshold=3),
         "readinessProbe": _http_probe(meta.READY_PATH, period_s=5, timeout_s=3, failure_threshold=2),
@@ -211,7 +229,7 @@ def build_pod_template(svc: models.LLMService, *, default_image: str) -> dict[st
     }
 
 
-def build_deployment(svc: models.LLMService, *, default_image: str) -> dict[str, Any]:
+def build_deployment(svc: models.LLMService, *, default_image: str, model_bytes: int | None = None) -> dict[str, Any]:
     """The runtime Deployment; `default_image` is used when spec.runtime.image is unset."""
     return {
         "apiVersion": "apps/v1",
@@ -223,6 +241,6 @@ def build_deployment(svc: models.LLMService, *, default_image: str) -> dict[str,
             "strategy": {"type": "RollingUpdate", "rollingUpdate": {"maxSurge": "25%", "maxUnavailable": "25%"}},
             "revisionHistoryLimit": 3,
             "progressDeadlineSeconds": PROGRESS_DEADLINE_S,
-            "template": build_pod_template(svc, default_image=default_image),
+            "template": build_pod_template(svc, default_image=default_image, model_bytes=model_bytes),
         },
     }

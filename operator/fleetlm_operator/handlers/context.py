@@ -25,4 +25,7 @@ def get(memo: kopf.Memo) -> OperatorContext:
     ctx = memo.get(MEMO_KEY)
     if not isinstance(ctx, OperatorContext):
         raise kopf.TemporaryError("the operator is still starting", delay=2)
+    if ctx.elector is not None and not ctx.elector.is_leader:
+        # Stepped down (the Lease could not be renewed in time): act on nothing while the process stops.
+        raise kopf.TemporaryError("this replica no longer holds the leader Lease", delay=30)
     return ctx

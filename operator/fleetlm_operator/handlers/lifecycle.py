@@ -36,8 +36,22 @@ def _api_client() -> client.ApiClient:
 
 
 def _stop_self() -> None:
-    # A replica without the Lease must not act: end the process; Kubernetes restarts it as a standby.
+    # A replica without the Lease must not act: handlers refuse at once (context.get reads is_leader), and
+    # the process ends; Kubernetes restarts it as a standby, which takes the Lease again when it is free.
+    # Stepping down in-process instead would leave kopf running its handlers' retries and writing its
+    # progress annotations on objects another leader now owns. (client-go's controllers exit the same way.)
+    metrics.IS_LEADER.set(0)
     os.kill(os.getpid(), signal.SIGTERM)
+
+
+def _hold_ended(task: asyncio.Task[None]) -> None:
+    _background.discard(task)
+    if task.cancelled():
+        return
+    error = task.exception()
+    if error is not None:  # a bug in the renewal loop: never keep acting without a Lease being renewed
+        logging.getLogger(__name__).error("the leader-election renewal failed; stepping down", exc_info=error)
+        _stop_self()
 
 
 @kopf.on.login()
@@ -68,14 +82,14 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
         lease = leader.LeaseConfig(name=operator_settings.lease_name, namespace=operator_settings.namespace,
                                    identity=operator_settings.identity,
                                    lease_duration_s=operator_settings.lease_duration_s,
-                                   renew_period_s=operator_settings.lease_duration_s / 3,
-                                   retry_period_s=min(2.0, operator_settings.lease_duration_s / 5))
+                                   renew_period_s=operator_settings.lease_duration_s / 5,
+                                   retry_period_s=min(1.0, operator_settings.lease_duration_s / 10))
         elector = leader.LeaseElector(lease, api=client.CoordinationV1Api(api_client))
         await elector.acquire()
         ctx.elector = elector
         task = asyncio.create_task(elector.hold(on_lost=_stop_self))
         _background.add(task)
-        task.add_done_callback(_background.discard)
+        task.add_done_callback(_hold_ended)
     metrics.IS_LEADER.set(1)
     memo[context.MEMO_KEY] = ctx
     logger.info("fleetlm-operator started as %s (runtime image %s)", operator_settings.identity,

@@ -5,6 +5,6 @@ Run with `fleetlm-operator` or `kopf run --standalone -A -m fleetlm_operator.han
 
 from __future__ import annotations
 
-from fleetlm_operator.handlers import lifecycle, reconcile, tune
+from fleetlm_operator.handlers import idle, lifecycle, model_cache, reconcile, tune
 
-HANDLER_MODULES = (lifecycle, reconcile, tune)
+HANDLER_MODULES = (lifecycle, reconcile, model_cache, tune, idle)

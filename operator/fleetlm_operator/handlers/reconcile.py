@@ -23,9 +23,22 @@ import kopf
 
 from fleetlm_operator import metrics
 from fleetlm_operator.api import models, names
-from fleetlm_operator.builders import configmap, deployment, meta, pdb, secret, service, servicemonitor
+from fleetlm_operator.builders import (
+    configmap,
+    deployment,
+    inferencepool,
+    meta,
+    model_cache,
+    pdb,
+    router,
+    secret,
+    service,
+    servicemonitor,
+)
 from fleetlm_operator.handlers import context
+from fleetlm_operator.handlers import model_cache as model_cache_handler
 from fleetlm_operator.status import conditions, summary
+from fleetlm_operator.status import model_cache as model_cache_status
 
 
 def _now() -> datetime.datetime:
@@ -38,8 +51,11 @@ def plain_body(body: Mapping[str, Any]) -> dict[str, Any]:
     return {
         "apiVersion": body.get("apiVersion"),
         "kind": body.get("kind"),
-        "metadata": {key: metadata.get(key) for key in ("name", "namespace", "uid", "generation", "labels",
-                                                        "annotations") if metadata.get(key) is not None},
+        "metadata": {
+            key: metadata.get(key)
+            for key in ("name", "namespace", "uid", "generation", "labels", "annotations")
+            if metadata.get(key) is not None
+        },
         "spec": dict(body.get("spec", {})),
         "status": dict(body.get("status", {}) or {}) or None,
     }
@@ -66,27 +82,66 @@ def current_tuning(svc: models.LLMService) -> models.Tuning:
         max_batch_size=size,
         max_batch_tokens=tokens,
         shed_classes=[name for name in stored.shed_classes if name in class_names],
-        class_weights={**(initial.class_weights or {}),
-                       **{k: v for k, v in (stored.class_weights or {}).items() if k in class_names}},
+        class_weights={
+            **(initial.class_weights or {}),
+            **{k: v for k, v in (stored.class_weights or {}).items() if k in class_names},
+        },
     )
 
 
-def render_children(svc: models.LLMService, *, tuning: models.Tuning, default_image: str,
-                    with_service_monitor: bool) -> list[dict[str, Any]]:
-    """Every child but the admin Secret, in the order they should be applied (config before pods)."""
+def render_children(
+    svc: models.LLMService,
+    *,
+    tuning: models.Tuning,
+    default_image: str,
+    with_service_monitor: bool,
+    with_deployment: bool = True,
+    model_bytes: int | None = None,
+    router_image: str = "",
+    with_inference_pool: bool = False,
+    objective_api_version: str | None = None,
+) -> list[dict[str, Any]]:
+    """Every child but the admin Secret, in the order they should be applied (config before pods).
+
+    Without `with_deployment` (the model cache is not Ready) the Deployment is left out: not created, or
+    left as it is, so no pod starts on a checkpoint that is not there yet. The router's objects come with
+    `spec.router.enabled`; the InferencePool (and one objective per class) only where the Gateway API
+    Inference Extension CRDs are installed, as with the ServiceMonitor.
+    """
     children = [
         configmap.build_config_map(svc, tuning=tuning),
         service.build_service(svc),
-        deployment.build_deployment(svc, default_image=default_image),
+        *([deployment.build_deployment(svc, default_image=default_image, model_bytes=model_bytes)]
+          if with_deployment else []),
         pdb.build_pod_disruption_budget(svc),
     ]
     if with_service_monitor:
         children.append(servicemonitor.build_service_monitor(svc))
+    if svc.spec.router.enabled:
+        children.extend(router.build_router_children(svc, default_image=router_image or default_image))
+    if with_inference_pool:
+        children.append(inferencepool.build_inference_pool(svc))
+        if objective_api_version is not None:
+            children.extend(inferencepool.build_objectives(svc, api_version=objective_api_version))
     return children
 
 
-def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.Logger,
-              cause: str) -> dict[str, Any]:
+def _objective_api_version(ctx: context.OperatorContext) -> str | None:
+    for api_version in inferencepool.OBJECTIVE_API_VERSIONS:
+        if ctx.applier.has_kind(api_version, inferencepool.OBJECTIVE_KIND):
+            return api_version
+    return None
+
+
+def _remove_disabled_router(svc: models.LLMService, ctx: context.OperatorContext) -> None:
+    """Switching the router off removes its objects (pods first, permissions last); one read when none exist."""
+    if ctx.applier.read_deployment(router.router_name(svc), svc.namespace) is None:
+        return
+    for child in reversed(router.build_router_children(svc, default_image="")):
+        ctx.applier.delete_if_present(child["apiVersion"], child["kind"], child["metadata"]["name"], svc.namespace)
+
+
+def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.Logger, cause: str) -> dict[str, Any]:
     """Apply every child of `body`; returns the status to write."""
     started = time.monotonic()
     try:
@@ -103,10 +158,27 @@ def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.
     if created:
         metrics.CHILDREN_APPLIED.labels(kind="Secret").inc()
 
+    cache = model_cache_handler.ensure(svc, body=body, ctx=ctx)
+    if cache is not None:
+        model_cache_handler.post_transition_event(body, before=model_cache_handler.stored_cache(body), after=cache)
+
     with_monitor = ctx.applier.has_kind(servicemonitor.API_VERSION, "ServiceMonitor")
+    with_pool = ctx.applier.has_kind(inferencepool.POOL_API_VERSION, inferencepool.POOL_KIND)
+    objective_version = _objective_api_version(ctx) if with_pool else None
+    if not svc.spec.router.enabled:
+        _remove_disabled_router(svc, ctx)
     applied = []
-    for child in render_children(svc, tuning=tuning, default_image=ctx.settings.runtime_image,
-                                 with_service_monitor=with_monitor):
+    for child in render_children(
+        svc,
+        tuning=tuning,
+        default_image=ctx.settings.runtime_image,
+        with_service_monitor=with_monitor,
+        with_deployment=model_cache.pods_allowed(svc.spec, cache),
+        model_bytes=model_cache.model_bytes(svc.spec, cache),
+        router_image=ctx.settings.router_image,
+        with_inference_pool=with_pool,
+        objective_api_version=objective_version,
+    ):
         kopf.adopt(child, owner=body)
         ctx.applier.apply(child)
         metrics.CHILDREN_APPLIED.labels(kind=child["kind"]).inc()
@@ -114,7 +186,7 @@ def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.
 
     if cause != "resume":
         kopf.info(body, reason="Reconciled", message=f"applied {', '.join(applied)}")
-    status = rollout_status(svc, body=body, ctx=ctx)
+    status = rollout_status(svc, body=body, ctx=ctx, cache=cache)
     status["tuning"] = tuning.model_dump(mode="json", by_alias=True, exclude_none=True)
     _export_service_gauges(svc, tuning=tuning, ready=int(status.get("readyReplicas") or 0))
     metrics.RECONCILES.labels(result="ok").inc()
@@ -135,24 +207,43 @@ def _export_service_gauges(svc: models.LLMService, *, tuning: models.Tuning, rea
     metrics.SERVICE_BATCH_LIMIT.labels(**labels, limit="max_batch_tokens").set(tuning.max_batch_tokens or 0)
 
 
-def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: context.OperatorContext) -> dict[str, Any]:
-    """Status fields derived from the Deployment and its pods, merged into the stored conditions."""
+def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: context.OperatorContext,
+                   cache: models.ModelCacheStatus | None = None) -> dict[str, Any]:
+    """Status fields derived from the Deployment and its pods, merged into the stored conditions.
+
+    `cache` is the model cache's state as just read; unset, the one stored in status is used.
+    """
     found = ctx.applier.read_deployment(svc.name, svc.namespace)
     pods = ctx.applier.list_pods(svc.namespace, meta.selector_string(svc))
     rollout = summary.summarize(deployment=found, pods=pods, min_ready=svc.spec.replicas.min)
     stored = body.get("status", {}) or {}
-    # Only this writer's conditions: the caller server-side applies them (`apply_conditions`).
-    owned = conditions.for_apply(stored.get("conditions", []) or [], rollout.conditions,
-                                 owned={c.type for c in rollout.conditions}, now=_now(),
+    fresh = cache is not None  # only a cache state just read from its Job is written back
+    if cache is None and svc.spec.model.cached:
+        cache = model_cache_handler.stored_cache(body)
+    found_conditions = list(rollout.conditions)
+    phase = rollout.phase
+    if cache is not None and svc.spec.model.cached:
+        found_conditions += model_cache_status.cache_conditions(cache, ready_replicas=rollout.ready_replicas)
+        phase = model_cache_status.phase(phase, cache, ready_replicas=rollout.ready_replicas)
+    # Only this writer's conditions (rollout and cache): the caller server-side applies them
+    # (`apply_conditions`); a type it no longer computes (the cache turned off) is dropped by the apply.
+    owned = conditions.for_apply(stored.get("conditions", []) or [], found_conditions,
+                                 owned={c.type for c in found_conditions}, now=_now(),
                                  observed_generation=body.get("metadata", {}).get("generation"))
+    cache_fields: dict[str, Any] = {}
+    if fresh and cache is not None and svc.spec.model.cached:
+        cache_fields["modelCache"] = model_cache_handler.status_patch(cache)
+    elif not svc.spec.model.cached and stored.get("modelCache"):
+        cache_fields["modelCache"] = None  # the cache was turned off: drop what status said about it
     return {
-        "phase": rollout.phase,
+        "phase": phase,
         "replicas": rollout.replicas,
         "readyReplicas": rollout.ready_replicas,
         "selector": meta.selector_string(svc),
-        "endpoint": service.endpoint_url(svc),
+        "endpoint": router.endpoint_url(svc) if svc.spec.router.enabled else service.endpoint_url(svc),
         "observedGeneration": body.get("metadata", {}).get("generation"),
         "conditions": owned,
+        **cache_fields,
     }
 
 
@@ -180,8 +271,7 @@ def apply_conditions(body: Mapping[str, Any], rollout_conditions: list[dict[str,
 @kopf.on.resume(names.GROUP, names.VERSION, names.PLURAL)
 @kopf.on.create(names.GROUP, names.VERSION, names.PLURAL)
 @kopf.on.update(names.GROUP, names.VERSION, names.PLURAL, field="spec")
-def on_spec(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, reason: str,
-            **_: Any) -> None:
+def on_spec(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, reason: str, **_: Any) -> None:
     ctx = context.get(memo)
     status = reconcile(body, ctx=ctx, logger=logger, cause=str(reason))
     apply_conditions(body, status.pop("conditions"), ctx=ctx, only_if_changed=False)

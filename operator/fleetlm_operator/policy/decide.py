@@ -66,9 +66,10 @@ def decide(
     held = current_limits(spec, state)
     learnt = startup.observe(state.startup, policy_input.started, tuning=tuning)
     loading = startup.classify(policy_input, learnt, tuning=tuning)
-    # The fleet is settling while pods load or have served less than two intervals (as the replica rule).
+    # The fleet is settling while pods have served less than two intervals (as the replica rule). Pods still
+    # loading do not count: they serve nothing, so the window's misses are of the fleet as it is.
     just_ready = any(p.ready_for_s is not None and p.ready_for_s < 2 * spec.interval_s for p in policy_input.started)
-    settling = loading.on_the_way > 0 or just_ready or window.num_pods_with_delta < window.num_pods_sampled
+    settling = just_ready or window.num_pods_with_delta < window.num_pods_sampled
     batch = batching.decide_batch_limits(
         spec,
         window,

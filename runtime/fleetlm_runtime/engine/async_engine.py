@@ -136,6 +136,7 @@ class AsyncEngine:
         self._shut_down = False
         self._idle = asyncio.Event()
         self._dead: BaseException | None = None
+        self._dead_event = asyncio.Event()  # set on the loop once every stream has been failed
         self._limits = self._executor.initial_limits  # (max_batch_size, max_batch_tokens) as last requested
 
     @classmethod
@@ -149,9 +150,7 @@ class AsyncEngine:
         """Load the model (without blocking the loop, so it keeps serving /health) and start the engine:
         on a worker thread, or in its own process (`executor_kind="process"`)."""
         if executor_kind == "process":
-            built: core_mod.EngineCore | executor.Executor = await asyncio.to_thread(
-                core_process.ProcessExecutor.launch, config
-            )
+            built: core_mod.EngineCore | executor.Executor = await core_process.ProcessExecutor.open(config)
         else:
             from fleetlm_runtime.engine import core as core_mod  # noqa: PLC0415  (torch, for this layout only)
 
@@ -200,6 +199,13 @@ class AsyncEngine:
     def is_running(self) -> bool:
         return self._started and self._dead is None and self._executor.is_alive
 
+    async def wait_dead(self) -> BaseException:
+        """Return once the worker (thread or process) has died and every stream has been failed; the
+        server then stops, since this engine cannot serve again. Never returns for a healthy engine."""
+        await self._dead_event.wait()
+        assert self._dead is not None
+        return self._dead
+
     @property
     def is_draining(self) -> bool:
         return self._draining
@@ -240,6 +246,8 @@ class AsyncEngine:
         req_id: str | None = None,
         qos_class: str = "default",
         priority: int = 0,
+        weight: float = 1.0,
+        tenant: str = "",
     ) -> RequestStream:
         """Validate and queue a request; returns its stream. Raises InvalidParameterError (naming the
         parameter), EngineDrainingError or EngineDeadError at once, before anything is queued."""
@@ -260,6 +268,8 @@ class AsyncEngine:
             sampling_params=sampling_params or request_mod.SamplingParams(),
             qos_class=qos_class,
             priority=priority,
+            weight=weight,
+            tenant=tenant,
         )
         stream = RequestStream(self, req_id, prompt_ids)
         self._streams[req_id] = stream
@@ -395,3 +405,4 @@ class AsyncEngine:
             )
         self._streams.clear()
         self._idle.set()
+        self._dead_event.set()

@@ -11,8 +11,6 @@ from dataclasses import dataclass
 from fleetlm_runtime.engine import queues
 from fleetlm_runtime.engine import request as request_mod
 
-DEFAULT_PREFIX_CACHE_TOKENS = 8192
-
 
 @dataclass(frozen=True, slots=True, kw_only=True)
 class EngineConfig:
@@ -22,15 +20,22 @@ class EngineConfig:
     max_model_len: int | None = None  # None: the model's context length
     max_batch_size: int = 64  # running sequences
     max_batch_tokens: int = 512  # tokens per step (prefill chunks + decodes)
-    max_kv_tokens: int | None = None  # KV capacity in tokens; None: max_batch_size * max_model_len
+    # The KV pool, allocated once at start (see caches/kv_budget.py for the rules): `kv_cache_memory` bytes
+    # when set; else `max_kv_tokens` tokens when set (with both, the smaller); else on a GPU
+    # `gpu_memory_utilization` of its memory less the weights and a profiled activation peak; else (CPU)
+    # 2 GiB, at most max_batch_size sequences of the full context.
+    max_kv_tokens: int | None = None
+    kv_cache_memory: int | None = None  # bytes
+    gpu_memory_utilization: float = 0.9
+    kv_block_size: int = 16  # tokens per KV block: the unit of allocation and of prefix sharing
     scheduling_policy: queues.SchedulingPolicy = "priority"
     num_threads: int | None = None  # torch intra-op threads; None leaves torch's default
     seed: int = 0  # seeds the streams of requests that give no seed of their own
     fast_path: bool = True  # the lean Llama-family forward where it applies (checked against the modules)
-    # Prefix cache: KV copies of full prompt blocks, reused by later prompts sharing the prefix. Bounded in
-    # tokens (memory beyond max_kv_tokens: this many tokens of KV for every layer); 0 or None disables it.
-    prefix_cache_max_tokens: int | None = DEFAULT_PREFIX_CACHE_TOKENS
-    prefix_cache_block_size: int = 16
+    # Prefix cache: full prompt blocks of the pool stay indexed by their chain hash, and later prompts
+    # sharing the prefix share those blocks. None: bounded by the pool only (free cached blocks are evicted,
+    # least recently used first, when blocks are needed); N: at most N tokens of blocks indexed; 0: off.
+    prefix_cache_max_tokens: int | None = None
     # Priority policy only: a waiting request gains one priority level per `priority_aging_s` seconds of
     # waiting (None: strict priority, lower classes may starve), and a higher class that finds the batch
     # or the KV full preempts (recompute) the lowest-priority, most recently admitted running request.
@@ -42,7 +47,7 @@ class EngineConfig:
             value = getattr(self, name)
             if not isinstance(value, int) or value < 1:
                 raise request_mod.InvalidParameterError(name, f"must be an integer >= 1, got {value!r}")
-        for name in ("max_model_len", "max_kv_tokens", "num_threads"):
+        for name in ("max_model_len", "max_kv_tokens", "num_threads", "kv_cache_memory"):
             value = getattr(self, name)
             if value is not None and (not isinstance(value, int) or value < 1):
                 raise request_mod.InvalidParameterError(name, f"must be None or an integer >= 1, got {value!r}")
@@ -50,20 +55,23 @@ class EngineConfig:
             raise request_mod.InvalidParameterError(
                 "max_batch_tokens", f"must be >= max_batch_size ({self.max_batch_size}), got {self.max_batch_tokens}"
             )
-        if not isinstance(self.prefix_cache_block_size, int) or self.prefix_cache_block_size < 1:
+        if not isinstance(self.kv_block_size, int) or not 1 <= self.kv_block_size <= 256:
             raise request_mod.InvalidParameterError(
-                "prefix_cache_block_size", f"must be an integer >= 1, got {self.prefix_cache_block_size!r}"
+                "kv_block_size", f"must be an integer in [1, 256], got {self.kv_block_size!r}"
             )
+        util = self.gpu_memory_utilization
+        if isinstance(util, bool) or not isinstance(util, int | float) or not 0 < util <= 1:
+            raise request_mod.InvalidParameterError("gpu_memory_utilization", f"must be in (0, 1], got {util!r}")
         cache_tokens = self.prefix_cache_max_tokens
         if cache_tokens is not None and (not isinstance(cache_tokens, int) or cache_tokens < 0):
             raise request_mod.InvalidParameterError(
-                "prefix_cache_max_tokens", f"must be None, 0 (off) or a positive integer, got {cache_tokens!r}"
+                "prefix_cache_max_tokens",
+                f"must be None (the pool), 0 (off) or a positive integer, got {cache_tokens!r}",
             )
-        if cache_tokens and cache_tokens < self.prefix_cache_block_size:
+        if cache_tokens and cache_tokens < self.kv_block_size:
             raise request_mod.InvalidParameterError(
                 "prefix_cache_max_tokens",
-                f"must be 0 (off) or hold one block of {self.prefix_cache_block_size} tokens, "
-                f"got {self.prefix_cache_max_tokens}",
+                f"must be 0 (off) or hold one block of {self.kv_block_size} tokens, got {self.prefix_cache_max_tokens}",
             )
         aging = self.priority_aging_s
         if aging is not None and (isinstance(aging, bool) or not isinstance(aging, int | float) or not aging > 0):

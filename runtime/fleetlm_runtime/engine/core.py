@@ -14,7 +14,7 @@ from collections.abc import Callable, Iterable, Sequence
 
 import torch
 
-from fleetlm_runtime.caches import prefix_cache
+from fleetlm_runtime.caches import kv_budget, kv_manager
 from fleetlm_runtime.engine import config as config_mod
 from fleetlm_runtime.engine import detokenizer, outputs, runner, scheduler, validate
 from fleetlm_runtime.engine import request as request_mod
@@ -35,10 +35,13 @@ class EngineCore:
     ) -> None:
         if config.num_threads is not None:
             torch.set_num_threads(config.num_threads)
+        load_seconds = 0.0  # a model handed in was loaded by someone else
         if loaded is None:
+            started = time.perf_counter()
             loaded = loader.load(
                 config.model, dtype=config.dtype, device=config.device, max_model_len=config.max_model_len
             )
+            load_seconds = time.perf_counter() - started
         self.config = config
         self.loaded = loaded
         self.tokenizer = loaded.tokenizer
@@ -47,29 +50,37 @@ class EngineCore:
                 "max_model_len", f"{config.max_model_len} exceeds this model's context of {loaded.max_model_len} tokens"
             )
         self.max_model_len = config.max_model_len or loaded.max_model_len
-        kv_capacity = config.max_kv_tokens or config.max_batch_size * self.max_model_len
-        index = None
-        if config.prefix_cache_max_tokens:
-            index = prefix_cache.PrefixCacheIndex(
-                max_tokens=config.prefix_cache_max_tokens, block_size=config.prefix_cache_block_size
-            )
+        block_size = config.kv_block_size
+        # The runner sizes the pool (it measures the model and, on a GPU, the memory) and allocates it now.
+        self.runner = runner.ModelRunner(
+            loaded=loaded,
+            max_model_len=self.max_model_len,
+            budget=kv_budget.KVBudget(
+                block_size=block_size,
+                memory_bytes=config.kv_cache_memory,
+                max_kv_tokens=config.max_kv_tokens,
+                gpu_memory_utilization=config.gpu_memory_utilization,
+                max_useful_tokens=config.max_batch_size * self.max_model_len,
+            ),
+            max_batch_tokens=config.max_batch_tokens,
+            seed=config.seed,
+            fast_path=config.fast_path,
+        )
+        cache_tokens = config.prefix_cache_max_tokens
         self.scheduler = scheduler.Scheduler(
             limits=scheduler.SchedulerLimits(
                 max_batch_size=config.max_batch_size, max_batch_tokens=config.max_batch_tokens
             ),
-            kv_capacity_tokens=kv_capacity,
+            kv=kv_manager.KVCacheManager(
+                num_blocks=self.runner.num_blocks + 1,  # with the null block
+                block_size=block_size,
+                enable_caching=cache_tokens != 0,
+                max_cached_blocks=cache_tokens // block_size if cache_tokens else None,
+            ),
             policy=config.scheduling_policy,
             clock=clock,
-            prefix_cache=index,
             aging_s=config.priority_aging_s,
             enable_preemption=config.enable_preemption,
-        )
-        self.runner = runner.ModelRunner(
-            loaded=loaded,
-            max_model_len=self.max_model_len,
-            seed=config.seed,
-            fast_path=config.fast_path,
-            prefix_cache_block_size=config.prefix_cache_block_size,
         )
         self.clock = clock  # arrival times of requests made here (tests drive it with a fake one)
         self._detokenizers: dict[str, detokenizer.IncrementalDetokenizer] = {}
@@ -81,6 +92,14 @@ class EngineCore:
             eos_token_ids=loaded.eos_token_ids,
             kv_capacity_tokens=self.scheduler.kv.capacity_tokens,
             forward_name=self.runner.forward_name,
+            kv_block_size=block_size,
+            kv_num_blocks=self.runner.num_blocks,
+            kv_pool_bytes=self.runner.pool_bytes,
+            kv_budget_source=self.runner.budget_source,
+            weight_bytes=sum(
+                t.numel() * t.element_size() for t in (*loaded.model.parameters(), *loaded.model.buffers())
+            ),
+            load_seconds=load_seconds,
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -95,6 +114,8 @@ class EngineCore:
         arrival_time_s: float | None = None,
         qos_class: str = "default",
         priority: int = 0,
+        weight: float = 1.0,
+        tenant: str = "",
     ) -> request_mod.Request:
         """Validate against the model and the KV capacity (`validate.make_request`); any thread may call it."""
         return validate.make_request(
@@ -105,6 +126,8 @@ class EngineCore:
             arrival_time_s=self.clock() if arrival_time_s is None else arrival_time_s,
             qos_class=qos_class,
             priority=priority,
+            weight=weight,
+            tenant=tenant,
         )
 
     def add_request(self, req: request_mod.Request) -> None:
@@ -125,7 +148,7 @@ class EngineCore:
         status: RequestStatus = RequestStatus.FINISHED_ABORTED,
         error: str | None = None,
     ) -> list[outputs.RequestOutput]:
-        """End requests now and free their KV at once (logical reservation and runner slot)."""
+        """End requests now and free their KV blocks at once (and the runner's state for them)."""
         finished = self.scheduler.finish_requests(req_ids, status)
         self._free_finished()
         return [self._final_output(req, error=error) for req in finished]
@@ -167,20 +190,28 @@ class EngineCore:
             runner_out = self.runner.execute(sched_out)
         except Exception as exc:  # a bug or OOM must fail these requests, not kill the engine
             logger.exception("engine step failed; failing the %d requests in it", sched_out.num_reqs)
-            # The step's prefix-cache saves may not have happened: start the cache afresh rather than
-            # let the index name blocks whose KV copies are missing.
-            if self.scheduler.prefix_cache is not None:
-                self.scheduler.prefix_cache.clear()
-            self.runner.clear_prefix_cache()
+            # Blocks indexed in this step may not have been written: start the prefix cache afresh rather
+            # than let later prompts share KV that is missing.
+            self.scheduler.kv.reset_prefix_cache()
             failed = self.abort_requests(
                 sched_out.req_ids, status=RequestStatus.FINISHED_ERROR, error=f"engine step failed: {exc}"
             )
             self.runner.last_model_s = 0.0
             return failed, self._make_stats(sched_out, started)
+        self._attribute(sched_out, time.perf_counter() - started)
         updated = self.scheduler.update_from_output(sched_out, runner_out)
         request_outputs = self._make_outputs(updated)
         self._free_finished()
         return request_outputs, self._make_stats(sched_out, started)
+
+    def _attribute(self, sched_out: outputs.SchedulerOutput, step_s: float) -> None:
+        """The usage ledger's engine-seconds: this step's time so far (schedule and model), split by each
+        request's share of the step's tokens. Done before the update, so a request finishing now has its
+        last step counted in its FINISHED event."""
+        per_token = step_s / len(sched_out.input_token_ids)
+        requests = self.scheduler.requests
+        for req_id, count in zip(sched_out.req_ids, sched_out.num_scheduled_tokens, strict=True):
+            requests[req_id].engine_seconds += per_token * count
 
     def _make_outputs(self, updated: list[request_mod.Request]) -> list[outputs.RequestOutput]:
         # Runs once per token of every running request: kept flat, with locals for the lookups.
@@ -238,8 +269,8 @@ class EngineCore:
         )
 
     def _free_finished(self) -> None:
-        # The scheduler has released the reservations; release the slots now rather than at the next
-        # schedule(), so an idle engine holds no KV either.
+        # The scheduler has released the blocks; drop the runner's state now rather than at the next
+        # schedule(), so an idle engine holds nothing either.
         finished = self.scheduler.take_finished_req_ids()
         if finished:
             self.runner.free(finished)
@@ -262,7 +293,7 @@ class EngineCore:
             running_by_class=dict(sched.running_by_class),
             waiting_by_class=dict(sched.waiting_by_class),
             kv_usage=kv.usage,
-            num_kv_tokens_reserved=kv.num_reserved_tokens,
+            num_kv_tokens_reserved=kv.num_used_tokens,
             kv_capacity_tokens=kv.capacity_tokens,
             max_batch_size=sched.limits.max_batch_size,
             max_batch_tokens=sched.limits.max_batch_tokens,
@@ -271,7 +302,9 @@ class EngineCore:
             num_preemptions=preemptions,
             prefix_cache_queries=prefix_queries,
             prefix_cache_hits=prefix_hits,
-            prefix_cache_tokens=sched.prefix_cache.num_tokens if sched.prefix_cache is not None else 0,
+            prefix_cache_tokens=kv.pool.num_cached_blocks * kv.block_size,
+            kv_blocks_total=kv.num_blocks,
+            kv_blocks_used=kv.num_used_blocks,
         )
 
     def close(self) -> None:

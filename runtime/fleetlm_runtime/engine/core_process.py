@@ -15,16 +15,19 @@ Shape:
   costs a quarter of pickling the dataclasses, and this is paid per token), the step's stats and the KV
   usage. The parent reads them on the event loop (`add_reader`), and drains every message waiting in one
   go, so a busy loop gets several steps at once and each stream one merged chunk.
-* Lifetimes: the child ignores SIGINT/SIGTERM (the server drains and then stops it with a Stop command),
-  and exits when the parent's end of the command pipe closes, so it never outlives a killed server. A child
-  that dies (OOM killer, a crash in native code) is seen as EOF: every stream fails and the server's
-  health check reports the engine dead.
+* Lifetimes: the child ignores SIGINT/SIGTERM (the server drains and then stops it with a Stop command).
+  It dies with its parent at once (the kernel's parent-death signal; the closed command pipe too, later,
+  where that signal does not exist), so it never outlives a killed server. A child that dies (OOM killer, a
+  crash in native code) is seen as EOF: it is reaped, every stream fails, and the server exits non-zero
+  (server/app.py watches for it) so that its supervisor starts a fresh one; restarting an engine in place
+  would keep a process whose state nobody can vouch for.
 """
 
 from __future__ import annotations
 
 import asyncio
 import contextlib
+import ctypes
 import logging
 import multiprocessing
 import multiprocessing.connection
@@ -32,6 +35,7 @@ import os
 import pickle
 import signal
 import struct
+import sys
 import time
 from typing import Any
 
@@ -43,6 +47,7 @@ from fleetlm_runtime.models import errors
 logger = logging.getLogger(__name__)
 
 STOP_TIMEOUT_S = 30.0  # after a Stop, how long the child may take to abort and exit before it is killed
+REAP_TIMEOUT_S = 1.0  # after the results pipe's EOF, how long the dead child may take to be collectable
 MAX_MESSAGES_PER_READ = 64  # bounded work per loop callback, so a fast core cannot starve the other tasks
 
 _FINISH_REASONS = {r.value: r for r in request_mod.FinishReason}
@@ -104,8 +109,12 @@ class ProcessExecutor:
         self._dead = False
 
     @classmethod
-    def launch(cls, config: config_mod.EngineConfig) -> ProcessExecutor:
-        """Spawn the core and wait until its model is loaded. Blocking: call it from a thread.
+    async def open(cls, config: config_mod.EngineConfig) -> ProcessExecutor:
+        """Spawn the core and wait (off the loop) until its model is loaded.
+
+        The child is started from the calling (event-loop) thread, not from a worker thread: the kernel's
+        parent-death signal, which kills the child the instant this process dies, fires when the *thread*
+        that forked it exits, and the loop's thread lives as long as the server.
 
         Raises what the child raised while loading (InvalidParameterError naming the field, ModelLoadError),
         or EngineProcessError if it exited without saying why."""
@@ -114,7 +123,7 @@ class ProcessExecutor:
         results_rx, results_tx = ctx.Pipe(duplex=False)
         process = ctx.Process(
             target=run_child,
-            args=(config, commands_rx, results_tx, _log_settings()),
+            args=(config, commands_rx, results_tx, _log_settings(), os.getpid()),
             name="fleetlm-engine-core",
             daemon=True,  # multiprocessing kills it if this process exits without stopping it
         )
@@ -123,16 +132,21 @@ class ProcessExecutor:
         commands_rx.close()
         results_tx.close()
         try:
-            message = results_rx.recv()
+            message = await asyncio.to_thread(results_rx.recv)
         except EOFError:
-            process.join()
+            message = None
+        except BaseException:  # cancelled while loading (the server stops): do not leave the child behind
+            process.kill()
+            await asyncio.to_thread(process.join)
             commands_tx.close()
             results_rx.close()
-            raise EngineProcessError(f"the engine process exited (code {process.exitcode}) while loading") from None
-        if message[0] != "ready":
-            process.join()
+            raise
+        if message is None or message[0] != "ready":
+            await asyncio.to_thread(process.join)
             commands_tx.close()
             results_rx.close()
+            if message is None:
+                raise EngineProcessError(f"the engine process exited (code {process.exitcode}) while loading")
             raise _rebuild_error(message)
         _, info, tokenizer = message
         return cls(
@@ -233,6 +247,8 @@ class ProcessExecutor:
                 else:  # ("died", description): the child's loop raised; it exits next
                     ended = message[1]
         except (EOFError, OSError):
+            if not self._stopping:
+                self._reap()
             ended = ended or f"the engine process exited (code {self._process.exitcode})"
         sink = self._sink
         assert sink is not None
@@ -244,6 +260,11 @@ class ProcessExecutor:
                 self._dead = True
                 logger.error("%s", ended)
                 sink.died(EngineProcessError(ended))
+
+    def _reap(self) -> None:
+        """Collect the dead child's exit status (its code goes into the error, and no zombie lingers). The
+        pipe's EOF can come a moment before the kernel lets the exit be collected: a short wait, paid once."""
+        self._process.join(REAP_TIMEOUT_S)
 
     def _detach_reader(self) -> None:
         if self._loop is not None and not self._loop.is_closed():
@@ -268,8 +289,10 @@ def run_child(
     commands: multiprocessing.connection.Connection,
     results: multiprocessing.connection.Connection,
     log_settings: tuple[int, logging.Formatter | None],
+    parent_pid: int,
 ) -> None:
     """The engine process: load, report, then serve commands until Stop or until the parent is gone."""
+    die_with_parent(parent_pid)
     # The server decides when the engine stops (after its drain), not a signal sent to the process group.
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
@@ -308,6 +331,21 @@ def run_child(
         raise
     finally:
         core.close()
+
+
+PR_SET_PDEATHSIG = 1  # from <linux/prctl.h>
+
+
+def die_with_parent(parent_pid: int) -> None:
+    """Have the kernel SIGKILL this process the moment its parent dies (Linux), so a killed server never
+    leaves its engine running on, holding the GPU and its memory, until the next pipe read notices. If the
+    parent already died before this ran, exit now: the signal would never come."""
+    if sys.platform.startswith("linux"):
+        libc = ctypes.CDLL(None, use_errno=True)
+        if libc.prctl(PR_SET_PDEATHSIG, signal.SIGKILL, 0, 0, 0) != 0:
+            logger.warning("prctl(PR_SET_PDEATHSIG) failed: %s", os.strerror(ctypes.get_errno()))
+    if os.getppid() != parent_pid:
+        os._exit(0)
 
 
 def _describe_error(exc: BaseException) -> tuple[str, str, str, str]:

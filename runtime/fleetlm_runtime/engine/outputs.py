@@ -23,8 +23,16 @@ class EngineInfo:
     max_model_len: int  # context length in tokens (prompt + output)
     vocab_size: int  # ids the model can emit
     eos_token_ids: frozenset[int]
-    kv_capacity_tokens: int
+    kv_capacity_tokens: int  # tokens the KV pool holds (kv_num_blocks * kv_block_size)
     forward_name: str  # "modules" or "llama-fast"
+    kv_block_size: int = 16  # tokens per KV block
+    kv_num_blocks: int = 0  # blocks requests can hold (the pool also has one null block)
+    kv_pool_bytes: int = 0  # bytes of KV tensors allocated at start, all layers, null block included
+    kv_budget_source: str = (
+        ""  # what sized the pool: "memory", "max_kv_tokens", "gpu_memory_utilization", "cpu_default"
+    )
+    weight_bytes: int = 0  # parameters and buffers of the model
+    load_seconds: float = 0.0  # time to load the model (0 when the engine was given a loaded model)
 
 
 @dataclass(frozen=True, slots=True)
@@ -34,10 +42,9 @@ class NewRequestData:
     req_id: str
     prompt_token_ids: list[int]
     sampling_params: request_mod.SamplingParams
-    max_num_tokens: int  # prompt + max_tokens: how far its KV can grow
-    # Prefix-cache hit: the runner copies these blocks' KV into the new slot (they cover the first
-    # len(...) * block_size tokens, which the scheduler does not schedule).
-    cached_block_hashes: tuple[bytes, ...] = ()
+    # Its block table in the KV pool so far. A prefix-cache hit puts the shared cached blocks first: they
+    # hold the KV of the first num_computed_tokens tokens, which the scheduler does not schedule.
+    block_ids: tuple[int, ...] = ()
 
 
 @dataclass(slots=True)
@@ -52,11 +59,9 @@ class SchedulerOutput:
     input_token_ids: list[int]  # [total_num_tokens] each request's scheduled tokens, in batch order
     finished_req_ids: list[str]  # [num_finished] requests that left since the previous step: free their KV
     num_prefill_tokens: int = 0  # prompt tokens in this step (the rest are decode tokens)
-    preempted_req_ids: list[str] = field(default_factory=list)  # also in finished_req_ids: slots to free
-    # Prefix cache, applied by the runner after this step's forward: copy these full blocks out of the
-    # requests' slots [(req_id, block index, hash)], then drop the copies of the evicted hashes.
-    prefix_cache_saves: list[tuple[str, int, bytes]] = field(default_factory=list)
-    prefix_cache_evicted: list[bytes] = field(default_factory=list)
+    preempted_req_ids: list[str] = field(default_factory=list)  # also in finished_req_ids: state to park
+    # Blocks appended this step to the tables of requests admitted earlier (only those that got some).
+    new_block_ids: list[tuple[str, list[int]]] = field(default_factory=list)
 
     @property
     def total_num_tokens(self) -> int:
@@ -120,6 +125,12 @@ class RequestEvent:
     num_output_tokens: int = 0
     scheduled_time_s: float | None = None  # FINISHED only; None if it never left the queue
     first_token_time_s: float | None = None  # FINISHED only; None if it produced no token
+    # FINISHED only, for the usage ledger: who sent it (a bounded label, never a key), how many of its
+    # prompt tokens the prefix cache served at its first admission, and the engine-seconds attributed to it
+    # (each step's duration split by the tokens each request had in it).
+    tenant: str = ""
+    num_cached_tokens: int = 0
+    engine_seconds: float = 0.0
 
 
 @dataclass(frozen=True, slots=True)
@@ -137,8 +148,8 @@ class EngineStats:
     num_waiting: int
     running_by_class: dict[str, int]
     waiting_by_class: dict[str, int]
-    kv_usage: float  # reserved KV tokens / capacity, in [0, 1]
-    num_kv_tokens_reserved: int
+    kv_usage: float  # KV blocks in use / blocks in the pool, in [0, 1]
+    num_kv_tokens_reserved: int  # tokens of the KV blocks in use (whole blocks)
     kv_capacity_tokens: int
     max_batch_size: int  # limits in force for this step (so a pushed change can be confirmed)
     max_batch_tokens: int
@@ -148,4 +159,6 @@ class EngineStats:
     num_preemptions: int = 0  # requests preempted (recompute) in this step
     prefix_cache_queries: int = 0  # prompt tokens looked up in the prefix cache in this step
     prefix_cache_hits: int = 0  # of which found (their prefill was skipped)
-    prefix_cache_tokens: int = 0  # tokens held by the prefix cache after this step
+    prefix_cache_tokens: int = 0  # tokens in blocks indexed by the prefix cache after this step
+    kv_blocks_total: int = 0  # blocks in the pool that requests can hold
+    kv_blocks_used: int = 0  # of which held by requests after this step

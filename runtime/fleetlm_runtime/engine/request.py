@@ -141,6 +141,8 @@ class Request:
     arrival_time_s: float
     qos_class: str = "default"
     priority: int = 0  # lower runs sooner (vLLM semantics); the QoS issue maps classes onto it
+    weight: float = 1.0  # its class's fair-share weight among classes of the same priority
+    tenant: str = ""  # who sent it (a bounded label: a key's digest or one fold value), never the key
     status: RequestStatus = RequestStatus.WAITING
     output_token_ids: list[int] = field(default_factory=list)
     num_computed_tokens: int = 0
@@ -150,10 +152,13 @@ class Request:
     last_token_time_s: float | None = None
     finished_time_s: float | None = None
     num_preemptions: int = 0
-    # Prefix cache: chain hashes of the prompt's full blocks (computed on first admission) and how many
-    # leading blocks are known to be cached (hit on admission, or saved after being computed).
+    # Prefix cache: chain hashes of the prompt's full blocks (computed on first admission).
     block_hashes: list[bytes] | None = None
-    num_cached_blocks: int = 0
+    admit_seq: int = 0  # order of the latest admission into the running batch (preemption picks the newest)
+    # Usage: prompt tokens found in the prefix cache at admissions (each recompute looks again), and
+    # engine-seconds attributed by each step's token share.
+    num_cached_tokens: int = 0
+    engine_seconds: float = 0.0
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -169,8 +174,8 @@ class Request:
 
     @property
     def kv_reservation(self) -> int:
-        """KV tokens this request may come to hold: admission reserves them up front (so a running request
-        never runs out; room for a higher class is made by preemption instead)."""
+        """KV tokens this request may come to hold at most. Admission does not reserve them (a request holds
+        the blocks its computed tokens fill); a request whose worst case exceeds the whole pool is refused."""
         return len(self.prompt_token_ids) + self.max_tokens
 
     @property
@@ -193,6 +198,8 @@ def resolve_request(
     arrival_time_s: float,
     qos_class: str = "default",
     priority: int = 0,
+    weight: float = 1.0,
+    tenant: str = "",
 ) -> Request:
     """Validate a request against the model and build its engine state; errors name the parameter.
 
@@ -232,4 +239,12 @@ def resolve_request(
         arrival_time_s=arrival_time_s,
         qos_class=qos_class,
         priority=priority,
+        weight=_check_weight(weight),
+        tenant=tenant,
     )
+
+
+def _check_weight(weight: float) -> float:
+    if not _is_number(weight) or not weight > 0:
+        raise InvalidParameterError("weight", f"must be a number > 0, got {weight!r}")
+    return float(weight)

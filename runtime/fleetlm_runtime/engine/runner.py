@@ -1,26 +1,28 @@
-"""Executes one scheduled step on the model (torch + transformers): KV buffers, attention, sampling.
+"""Executes one scheduled step on the model (torch + transformers): the KV pool, attention, sampling.
 
-Design (the fastest exact one we measured on CPU; `fleetlm-dev bench engine` prints the figures):
+Design (`fleetlm-dev bench engine` prints the figures):
 
+* **One KV pool, allocated at start and never grown.** Per layer one tensor of keys and values,
+  `[2, kv_heads, num_blocks, block_size, head_dim]`, sized once from the budget (`caches/kv_budget.py`:
+  bytes, a token cap, or on a GPU what is left after the weights and a profiling forward). Block 0 is
+  the null block: it stays zero and pads block tables. Nothing on the hot path allocates KV: the
+  scheduler hands out block ids (`caches/kv_manager.py`), the runner only indexes.
 * **Packed tokens, one forward per step.** Every scheduled token of every request (decodes and prefill
   chunks) goes into a single `[1, T]` row with explicit `position_ids`, so the linear layers see exactly
   the tokens that need computing: no padding, and a prefill chunk costs no more than its tokens.
 * **Our attention inside the model's forward** (`engine/forward.py`: the model's own modules, or a lean
-  Llama-family path over the same weights). `attend` writes the new keys and values straight into
-  per-slot KV buffers (`index_copy_`, no per-step concatenation of the cache) and computes attention per
-  group: all single-token (decode) queries together (one batched matmul, softmax, matmul over
-  contiguous slots), each prefill chunk in its own causal SDPA call. Sliding-window layers get their
-  window in the mask, so they are exact.
-* **Slot buffers kept compact.** Each running request owns a slot (a row of every layer's KV buffer).
-  Slots `0..N-1` are always the live ones: when a request leaves, the last slot moves into its hole
-  (one copy of that request's KV), so decode attention reads a plain slice `K[:N, :, :L]` without any
-  gather. Buffers grow geometrically in length and in slots, and shrink when the longest request goes.
-* **Prefix cache copies.** The scheduler decides which full prompt blocks are cached or evicted
-  (`caches/prefix_cache.py`); the runner keeps a copy of each cached block's KV for every layer, copies
-  the blocks of a hit into a new request's slot before the forward, copies newly completed blocks out of
-  the slots after it, and drops evicted ones. A hit thus costs one copy instead of a prefill.
-* **Preemption.** A preempted request's slot is freed like a finished one's, but its sampling state is
-  parked until it returns, so a seeded stream continues where it stopped.
+  Llama-family path over the same weights). `attend` writes the new keys and values into the pool by
+  slot (`block * block_size + offset`, one `index_copy_` per layer), then attends per group: all
+  single-token (decode) queries together, over their blocks gathered by block table (one `index_select`
+  of whole blocks per layer, the index built once per step and shared by all layers; rows shorter than
+  the longest read the null block, masked), one batched matmul, softmax, matmul; each prefill chunk in
+  its own causal SDPA call over its own new keys, or, when it continues a sequence (a later chunk, a
+  prefix-cache hit), over its gathered blocks. Sliding-window layers get their window in the mask.
+* **Prefix-cache hits share blocks.** A hit's block table starts with the cached blocks, which other
+  requests may hold too: no copy, no prefill of those tokens.
+* **Preemption.** A preempted request's state is dropped like a finished one's (its blocks are the
+  scheduler's to reuse), but its sampling state is parked until it returns, so a seeded stream continues
+  where it stopped.
 * **Sampling per batch.** One argmax for greedy batches, vectorised top-k/top-p otherwise
   (`engine/sampling.py`), one `.tolist()` per step.
 
@@ -30,7 +32,6 @@ This module must never decide *what* runs (the scheduler does) nor touch request
 from __future__ import annotations
 
 import logging
-import math
 import random
 import time
 from dataclasses import dataclass, field
@@ -38,6 +39,7 @@ from dataclasses import dataclass, field
 import torch
 import torch.nn.functional as F
 
+from fleetlm_runtime.caches import block_pool, kv_budget
 from fleetlm_runtime.engine import forward as forward_mod
 from fleetlm_runtime.engine import outputs, sampling
 from fleetlm_runtime.engine import request as request_mod
@@ -45,9 +47,8 @@ from fleetlm_runtime.models import loader
 
 logger = logging.getLogger(__name__)
 
-_MIN_LEN = 128  # smallest per-slot KV length allocated
-_MIN_SLOTS = 8
 _PROBE_TOKENS = 8
+_NULL = block_pool.NULL_BLOCK
 
 
 class UnsupportedModelError(loader.ModelLoadError):
@@ -60,8 +61,9 @@ class _Chunk:
 
     offset: int  # index of its first token in the packed row
     num_tokens: int
-    slot: int
     start: int  # position of its first token
+    gather: torch.Tensor | None = None  # [kv_heads * blocks] pool rows of its keys; None: its own keys only
+    key_len: int = 0  # keys read through `gather` (whole blocks)
     masks: dict[int | None, torch.Tensor | None] = field(default_factory=dict)  # by sliding window
 
 
@@ -69,16 +71,13 @@ class _Chunk:
 class _StepMeta:
     """Everything the attention function needs, computed once per step and shared by all layers."""
 
-    position_ids: torch.Tensor  # [T]
-    slot_ids: torch.Tensor  # [T]
-    num_decode: int  # single-token queries, packed first, in slot order
-    decode_rows: int  # rows of the decode attention batch (num_decode, or N when slots are not a prefix)
-    decode_len: int  # keys read by decode attention
-    decode_slots: torch.Tensor | None  # None when decode slots are exactly 0..num_decode-1
-    decode_lens: torch.Tensor  # [decode_rows] valid keys per row, including the new token
+    num_decode: int  # single-token queries, packed first
+    decode_len: int  # keys read per decode row (whole blocks)
+    decode_gather: torch.Tensor | None  # [rows * kv_heads * blocks] pool rows, row major
+    decode_lens: torch.Tensor  # [num_decode] valid keys per row, including the new token
     chunks: list[_Chunk]
+    write_index: torch.Tensor | None  # [T * kv_heads] token rows of the flat pool; None while discovering
     decode_masks: dict[int | None, torch.Tensor] = field(default_factory=dict)  # by sliding window
-    write_index: torch.Tensor | None = None  # [T * kv_heads], made by the first layer (see _write_index)
 
 
 class ModelRunner:
@@ -87,14 +86,16 @@ class ModelRunner:
         *,
         loaded: loader.LoadedModel,
         max_model_len: int,
+        budget: kv_budget.KVBudget,
+        max_batch_tokens: int = 512,
         seed: int = 0,
         fast_path: bool = True,
-        prefix_cache_block_size: int = 16,
     ) -> None:
         self.loaded = loaded
         self.model = loaded.model
         self.device = loaded.device
         self.max_model_len = max_model_len
+        self.block_size = budget.block_size
         self._lm_head = self.model.get_output_embeddings()
         self._rng = random.Random(seed)
         self.model.set_attn_implementation(forward_mod.ATTN_IMPLEMENTATION)
@@ -102,33 +103,30 @@ class ModelRunner:
             raise UnsupportedModelError(
                 f"{type(self.model).__name__} does not route attention through transformers' AttentionInterface"
             )
-        # Request state, by slot. Slots 0..num_slots-1 are live.
-        self._slot_of: dict[str, int] = {}
-        self._req_of_slot: list[str] = []
-        self._slot_len: list[int] = []  # tokens with KV in each live slot
-        self._sampling: list[sampling.SamplingState] = []
+        # Request state.
+        self._tables: dict[str, list[int]] = {}  # block tables, as the scheduler sent them
+        self._sampling: dict[str, sampling.SamplingState] = {}
         self._num_sampled = 0  # live requests that are not greedy
         self._parked: dict[str, sampling.SamplingState] = {}  # preempted requests' sampling streams
-        # Prefix cache: block hash -> (K, V) of that block for every layer, each [layers, kv_heads, block, dim].
-        self._prefix_blocks: dict[bytes, tuple[torch.Tensor, torch.Tensor]] = {}
-        self._block_size = prefix_cache_block_size
-        # KV buffers, one pair per layer: [slot_capacity, kv_heads, len_capacity, head_dim].
-        self._k: list[torch.Tensor] = []
-        self._v: list[torch.Tensor] = []
-        self._k_flat: list[torch.Tensor] = []  # views [slots * kv_heads * len, head_dim] for index_copy_
-        self._v_flat: list[torch.Tensor] = []
-        self._slot_capacity = _MIN_SLOTS
-        self._len_capacity = min(_MIN_LEN, max_model_len)
+        # The pool, per layer: keys and values in one tensor [2, kv_heads, num_blocks, block_size, head_dim]
+        # (one write and one gather per layer serve both), and two flat views of it.
+        self._kv: list[torch.Tensor] = []
+        self._kv_rows: list[torch.Tensor] = []  # [2 * kv_heads * num_blocks * block_size, head_dim]: writes
+        self._kv_blocks: list[torch.Tensor] = []  # [2 * kv_heads * num_blocks, block_size * head_dim]: gathers
+        self.num_blocks = 0  # usable blocks (the null block excluded)
+        self.budget_source = ""
         self._kv_heads = 0
         self._head_dim = 0
+        self._shapes: list[tuple[int, int, torch.dtype]] = []  # per layer, seen while discovering
         self._meta: _StepMeta | None = None
-        self._arange = torch.arange(max_model_len, device=self.device)
-        self._head_offsets = self._arange[:0]  # h * len_capacity for each KV head h (see _write_index)
+        self._arange = torch.arange(max(max_model_len, budget.block_size) + budget.block_size, device=self.device)
         self._layers_seen: list[int] | None = None  # attend() records layers while this is a list
         self._reference_hidden: torch.Tensor | None = None
         self.last_model_s = 0.0  # time in the model (forward and output head) during the last step
         self._forward: forward_mod.Forward = forward_mod.ModuleForward(self.model, self.attend)
         self._num_layers = self._check_module_path()
+        gpu_free = self._profile_gpu(budget, max_batch_tokens) if self.device.type == "cuda" else None
+        self._allocate_pool(budget, gpu_free)
         if fast_path and forward_mod.LlamaForward.supports(self.model) is None:
             self._try_fast_path()
 
@@ -141,38 +139,28 @@ class ModelRunner:
     # Public surface
 
     @property
-    def num_slots(self) -> int:
-        return len(self._req_of_slot)
+    def num_requests(self) -> int:
+        return len(self._tables)
 
     @property
-    def kv_buffer_bytes(self) -> int:
-        return sum(t.numel() * t.element_size() for t in self._k + self._v)
+    def pool_bytes(self) -> int:
+        return sum(t.numel() * t.element_size() for t in self._kv)
+
+    @property
+    def pool_tensors(self) -> list[torch.Tensor]:
+        return list(self._kv)
 
     @property
     def num_layers(self) -> int:
         return self._num_layers
 
-    @property
-    def num_prefix_blocks(self) -> int:
-        return len(self._prefix_blocks)
-
-    @property
-    def prefix_cache_bytes(self) -> int:
-        return sum(k.numel() * k.element_size() * 2 for k, _ in self._prefix_blocks.values())
-
-    def clear_prefix_cache(self) -> None:
-        self._prefix_blocks.clear()
-
     def close(self) -> None:
-        """Drop the KV buffers. The model keeps the engine's attention implementation: other runners may
+        """Drop the pool. The model keeps the engine's attention implementation: other runners may
         share the model, and outside a runner step it is exactly transformers' SDPA."""
-        self._k, self._v, self._k_flat, self._v_flat = [], [], [], []
-        self._slot_of.clear()
-        self._req_of_slot.clear()
-        self._slot_len.clear()
+        self._kv, self._kv_rows, self._kv_blocks = [], [], []
+        self._tables.clear()
         self._sampling.clear()
         self._parked.clear()
-        self._prefix_blocks.clear()
 
     def execute(self, sched: outputs.SchedulerOutput) -> outputs.RunnerOutput:
         with torch.inference_mode():
@@ -180,15 +168,17 @@ class ModelRunner:
                 self._free(sched.finished_req_ids, preempted=sched.preempted_req_ids)
             for new in sched.new_reqs:
                 self._add(new)
+            tables = self._tables
+            for req_id, block_ids in sched.new_block_ids:
+                tables[req_id].extend(block_ids)
             if not sched.req_ids:
-                result = outputs.RunnerOutput(req_ids=[], sampled_token_ids=[])
-            else:
-                result = self._execute(sched)
-            if sched.prefix_cache_saves:
-                self._save_blocks(sched.prefix_cache_saves)
-            for block_hash in sched.prefix_cache_evicted:
-                self._prefix_blocks.pop(block_hash, None)
-            return result
+                return outputs.RunnerOutput(req_ids=[], sampled_token_ids=[])
+            return self._execute(sched)
+
+    def free(self, req_ids: list[str], preempted: list[str] | None = None) -> None:
+        """Forget these requests now; unknown ids are ignored. Those also in `preempted` keep their
+        sampling state for their return."""
+        self._free(req_ids, preempted)
 
     # ----------------------------------------------------------------------------------------------
     # The step
@@ -199,61 +189,78 @@ class ModelRunner:
         counts = sched.num_scheduled_tokens
         starts = sched.num_computed_tokens
         token_ids = sched.input_token_ids
-        slot_of = self._slot_of
-        slot_len = self._slot_len
+        tables = self._tables
+        states = self._sampling
+        bs = self.block_size
 
         # Single-token sampled entries come first (the scheduler's decode pass): the decode group. The
         # first test is the common all-decode step, answered without a Python loop over the requests.
         do_sample = sched.do_sample
         pure_decode = len(token_ids) == num_reqs and all(do_sample)
         num_decode = num_reqs if pure_decode else _leading_decodes(counts, do_sample)
-        dec_slots = [slot_of[r] for r in req_ids[:num_decode]]
-        order = sorted(range(num_decode), key=dec_slots.__getitem__)
-        dec_slots = [dec_slots[i] for i in order]
-        ids = [token_ids[i] for i in order]
-        positions = [starts[i] for i in order]
-        slots = dec_slots.copy()
-        sample_req_ids = [req_ids[i] for i in order]
-        sample_states = [self._sampling[s] for s in dec_slots]
-        for slot, pos in zip(dec_slots, positions, strict=True):
-            slot_len[slot] = pos + 1
-        decode_len = needed_len = max(positions) + 1 if positions else 0
+        ids = token_ids[:num_decode]
+        positions = starts[:num_decode]
+        sample_req_ids = req_ids[:num_decode]
+        sample_states = [states[r] for r in sample_req_ids]
+        slots: list[int] = []
+        decode_tables: list[int] = []
+        decode_len = 0
+        if num_decode:
+            num_blocks = max(positions) // bs + 1
+            decode_len = num_blocks * bs
+            null_row = [_NULL] * num_blocks
+            for req_id, pos in zip(sample_req_ids, positions, strict=True):
+                table = tables[req_id]
+                slots.append(table[pos // bs] * bs + pos % bs)
+                decode_tables += table[:num_blocks]
+                if len(table) < num_blocks:
+                    decode_tables += null_row[len(table) :]
+            positions = list(positions)
+        else:
+            positions = []
 
         chunks: list[_Chunk] = []
+        chunk_tables: list[int] = []
         sample_index: list[int] | None = None
         if num_decode < num_reqs:
+            ids = list(ids)
             sample_index = list(range(num_decode))
+            sample_req_ids = list(sample_req_ids)
             src = num_decode  # read position in token_ids (decode entries hold one token each)
             for i in range(num_decode, num_reqs):
-                n, start, slot = counts[i], starts[i], slot_of[req_ids[i]]
+                n, start, req_id = counts[i], starts[i], req_ids[i]
+                end = start + n
+                table = tables[req_id]
                 offset = len(ids)
-                chunks.append(_Chunk(offset=offset, num_tokens=n, slot=slot, start=start))
+                chunk = _Chunk(offset=offset, num_tokens=n, start=start)
+                chunks.append(chunk)
                 ids.extend(token_ids[src : src + n])
-                positions.extend(range(start, start + n))
-                slots.extend([slot] * n)
+                positions.extend(range(start, end))
+                _extend_slots(slots, table, start, end, bs)
+                if start:  # continues a sequence: attends over its blocks, not only its new keys
+                    num_blocks = (end - 1) // bs + 1
+                    chunk.key_len = num_blocks * bs
+                    chunk_tables += table[:num_blocks]
                 src += n
-                slot_len[slot] = start + n
-                needed_len = max(needed_len, start + n)
                 if do_sample[i]:
                     sample_index.append(offset + n - 1)
-                    sample_req_ids.append(req_ids[i])
-                    sample_states.append(self._sampling[slot])
-        if needed_len > self._len_capacity:
-            self._grow_len(needed_len)
+                    sample_req_ids.append(req_id)
+                    sample_states.append(states[req_id])
 
-        packed = torch.tensor([ids, positions, slots], dtype=torch.long).to(self.device, non_blocking=True)
-        position_ids = packed[1]
+        num_tokens = len(ids)
+        packed = torch.tensor(ids + positions + slots + decode_tables + chunk_tables, dtype=torch.long)
+        packed = packed.to(self.device, non_blocking=True)
         self._meta = self._make_meta(
-            position_ids=position_ids,
-            slot_ids=packed[2],
+            packed=packed,
+            num_tokens=num_tokens,
             num_decode=num_decode,
             decode_len=decode_len,
-            dec_slots=dec_slots,
+            num_decode_tables=len(decode_tables),
             chunks=chunks,
         )
         started = time.perf_counter()
         try:
-            hidden = self._forward(packed[0], position_ids)
+            hidden = self._forward(packed[:num_tokens], packed[num_tokens : 2 * num_tokens])
         finally:
             self._meta = None
         if sample_index is not None:
@@ -266,34 +273,39 @@ class ModelRunner:
     def _make_meta(
         self,
         *,
-        position_ids: torch.Tensor,
-        slot_ids: torch.Tensor,
+        packed: torch.Tensor,
+        num_tokens: int,
         num_decode: int,
         decode_len: int,
-        dec_slots: list[int],
+        num_decode_tables: int,
         chunks: list[_Chunk],
     ) -> _StepMeta:
-        decode_slots: torch.Tensor | None = None
-        decode_rows = num_decode
-        if num_decode:
-            lens = position_ids[:num_decode] + 1
-            if dec_slots[-1] != num_decode - 1:  # sorted and distinct, so this means "not 0..n-1"
-                decode_rows = self.num_slots
-                decode_slots = slot_ids[:num_decode]
-                # Rows that do not decode this step attend to key 0 only: finite, and discarded.
-                full = torch.ones(decode_rows, dtype=lens.dtype, device=self.device)
-                lens = full.index_copy_(0, decode_slots, lens)
-        else:
-            lens = position_ids[:0]
+        positions = packed[num_tokens : 2 * num_tokens]
+        at = 3 * num_tokens
+        write_index = decode_gather = None
+        if self._kv:
+            slots = packed[2 * num_tokens : at]
+            # Row of (K or V, token t, KV head h) in the flat pool: (kv * kv_heads + h) * rows_per_head +
+            # slot; the source is cat(k, v), whose rows are ordered (t, h), t-major, as the projections
+            # lay them out in memory.
+            write_index = (slots.view(1, -1, 1) + self._head_rows).reshape(-1)
+            if num_decode:
+                tables = packed[at : at + num_decode_tables].view(1, num_decode, 1, -1)
+                decode_gather = (tables + self._head_blocks).reshape(-1)  # (K or V, row, KV head, block)
+            at += num_decode_tables
+            for chunk in chunks:
+                if chunk.key_len:
+                    num_blocks = chunk.key_len // self.block_size
+                    table = packed[at : at + num_blocks]
+                    chunk.gather = (table + self._head_blocks.view(-1, 1)).reshape(-1)  # (K or V, KV head, block)
+                    at += num_blocks
         return _StepMeta(
-            position_ids=position_ids,
-            slot_ids=slot_ids,
             num_decode=num_decode,
-            decode_rows=decode_rows,
             decode_len=decode_len,
-            decode_slots=decode_slots,
-            decode_lens=lens,
+            decode_gather=decode_gather,
+            decode_lens=positions[:num_decode] + 1,
             chunks=chunks,
+            write_index=write_index,
         )
 
     # ----------------------------------------------------------------------------------------------
@@ -310,30 +322,33 @@ class ModelRunner:
         sliding_window: int | None,
     ) -> torch.Tensor:
         """Store this step's keys and values for `layer` and attend; returns [T, heads, head_dim]."""
-        if layer >= len(self._k):
-            self._allocate_layer(layer, k)
         meta = self._meta
         assert meta is not None, "attend() runs only inside a runner step"
         if self._layers_seen is not None:
             self._layers_seen.append(layer)
+            self._shapes.append((k.shape[1], k.shape[2], k.dtype))
         head_dim = k.shape[-1]
-        write_index = meta.write_index if meta.write_index is not None else self._write_index(meta)
-        self._k_flat[layer].index_copy_(0, write_index, k.reshape(-1, head_dim))
-        self._v_flat[layer].index_copy_(0, write_index, v.reshape(-1, head_dim))
+        if meta.write_index is not None:
+            self._kv_rows[layer].index_copy_(0, meta.write_index, torch.cat((k, v)).view(-1, head_dim))
         if sliding_window is not None and sliding_window >= self.max_model_len:
             sliding_window = None  # a window as long as the context is no window
         parts: list[torch.Tensor] = []
         if meta.num_decode:
             parts.append(self._decode_attention(layer, q, meta, scaling, sliding_window))
-        k_layer, v_layer = self._k[layer], self._v[layer]
-        grouped = q.shape[1] != k_layer.shape[1]
+        kv_heads = k.shape[1]
+        grouped = q.shape[1] != kv_heads
         for chunk in meta.chunks:
-            end = chunk.start + chunk.num_tokens
+            first, last = chunk.offset, chunk.offset + chunk.num_tokens
+            if chunk.gather is None:  # a sequence's first chunk: its own keys are all it attends to
+                keys = k[first:last].transpose(0, 1).unsqueeze(0)
+                values = v[first:last].transpose(0, 1).unsqueeze(0)
+            else:
+                keys, values = self._kv_blocks[layer].index_select(0, chunk.gather).view(2, 1, kv_heads, -1, head_dim)
             mask = self._chunk_mask(chunk, sliding_window)
             out = F.scaled_dot_product_attention(
-                q[chunk.offset : chunk.offset + chunk.num_tokens].transpose(0, 1).unsqueeze(0),
-                k_layer[chunk.slot : chunk.slot + 1, :, :end],
-                v_layer[chunk.slot : chunk.slot + 1, :, :end],
+                q[first:last].transpose(0, 1).unsqueeze(0),
+                keys,
+                values,
                 attn_mask=mask,
                 is_causal=mask is None,
                 scale=scaling,
@@ -341,14 +356,6 @@ class ModelRunner:
             )
             parts.append(out[0].transpose(0, 1))  # [n, heads, head_dim]
         return parts[0] if len(parts) == 1 else torch.cat(parts)
-
-    def _write_index(self, meta: _StepMeta) -> torch.Tensor:
-        # Row of (token t, KV head h) in a flat buffer: (slot * kv_heads + h) * length + position. Source
-        # rows are ordered (t, h), t-major, which is how the k/v projections lay them out in memory.
-        kv_heads, length = self._kv_heads, self._len_capacity
-        base = meta.slot_ids * (kv_heads * length) + meta.position_ids
-        meta.write_index = (base.unsqueeze(1) + self._head_offsets).reshape(-1)
-        return meta.write_index
 
     def _decode_attention(
         self,
@@ -358,18 +365,19 @@ class ModelRunner:
         scaling: float,
         sliding_window: int | None,
     ) -> torch.Tensor:
-        num_decode, rows, length = meta.num_decode, meta.decode_rows, meta.decode_len
+        rows, length = meta.num_decode, meta.decode_len
         heads, head_dim = q.shape[1], q.shape[2]
         kv_heads = self._kv_heads
         group = heads // kv_heads
+        assert meta.decode_gather is not None, "decodes need the pool"
         # One decode token per row: fold the query heads that share a KV head into the "query length"
-        # dimension ([rows * kv_heads, group, head_dim]), so GQA needs no repeat of K and V.
-        q = q[:num_decode].reshape(num_decode, kv_heads, group, head_dim)
-        if meta.decode_slots is not None:
-            q = q.new_zeros(rows, kv_heads, group, head_dim).index_copy_(0, meta.decode_slots, q)
+        # dimension ([rows * kv_heads, group, head_dim], the order of the gathered blocks), so GQA needs
+        # no repeat of K and V, and neither side a transpose.
+        q = q[:rows].reshape(rows * kv_heads, group, head_dim)
         mask = meta.decode_masks.get(sliding_window)
         if mask is None:
-            # Additive mask, made once per step and window and shared by all layers.
+            # Additive mask, made once per step and window and shared by all layers. Keys past a row's
+            # length (the rest of its last block, null blocks) are masked.
             keys = self._arange[:length]
             lens = meta.decode_lens.unsqueeze(1)
             invalid = keys >= lens
@@ -378,182 +386,163 @@ class ModelRunner:
             mask = torch.zeros(invalid.shape, dtype=q.dtype, device=q.device).masked_fill_(invalid, float("-inf"))
             mask = mask.repeat_interleave(kv_heads, dim=0).unsqueeze(1)  # [rows * kv_heads, 1, length]
             meta.decode_masks[sliding_window] = mask
-        # Three batched kernels instead of SDPA: for one query per row (tiny GEMMs, many of them) they
-        # are 10-15% faster on CPU, and the math is the same (softmax(q k^T * scale + mask) v).
-        keys_view = self._k[layer][:rows, :, :length].reshape(rows * kv_heads, length, head_dim)
-        values_view = self._v[layer][:rows, :, :length].reshape(rows * kv_heads, length, head_dim)
-        scores = torch.baddbmm(
-            mask, q.reshape(rows * kv_heads, group, head_dim), keys_view.transpose(1, 2), alpha=scaling
+        keys_view, values_view = (
+            self._kv_blocks[layer].index_select(0, meta.decode_gather).view(2, rows * kv_heads, length, head_dim)
         )
+        # Three batched kernels instead of SDPA: for one query per row (tiny GEMMs, many of them) they
+        # are faster on CPU, and the math is the same (softmax(q k^T * scale + mask) v).
+        scores = torch.baddbmm(mask, q, keys_view.transpose(1, 2), alpha=scaling)
         probs = torch.softmax(scores, dim=-1, dtype=torch.float32)  # fp32 softmax, as eager attention does
         if probs.dtype != values_view.dtype:
             probs = probs.to(values_view.dtype)
-        out = torch.bmm(probs, values_view).view(rows, kv_heads, group, head_dim)
-        if meta.decode_slots is not None:
-            out = out.index_select(0, meta.decode_slots)
-        return out.reshape(num_decode, heads, head_dim)
+        return torch.bmm(probs, values_view).view(rows, heads, head_dim)
 
     def _chunk_mask(self, chunk: _Chunk, sliding_window: int | None) -> torch.Tensor | None:
         end = chunk.start + chunk.num_tokens
-        if chunk.start == 0 and (sliding_window is None or sliding_window >= end):
-            return None  # plain causal square: SDPA's is_causal
+        if chunk.gather is None and (sliding_window is None or sliding_window >= end):
+            return None  # its own keys from position 0: SDPA's is_causal
         if sliding_window in chunk.masks:
             return chunk.masks[sliding_window]
         q_pos = self._arange[chunk.start : end].unsqueeze(1)
-        keys = self._arange[:end]
-        mask = keys <= q_pos
+        keys = self._arange[: chunk.key_len or end]
+        mask = keys <= q_pos  # also masks the rest of the last block
         if sliding_window is not None:
             mask &= keys > q_pos - sliding_window
         chunk.masks[sliding_window] = mask
         return mask
 
     # ----------------------------------------------------------------------------------------------
-    # Slots and buffers
+    # Requests
 
     def _add(self, new: outputs.NewRequestData) -> None:
-        if new.req_id in self._slot_of:
-            raise ValueError(f"request {new.req_id!r} already has a KV slot")
-        slot = self.num_slots
-        if slot >= self._slot_capacity:
-            self._grow_slots(slot + 1)
-        self._slot_of[new.req_id] = slot
-        self._req_of_slot.append(new.req_id)
-        self._slot_len.append(0)
+        if new.req_id in self._tables:
+            raise ValueError(f"request {new.req_id!r} is already in the runner")
+        self._tables[new.req_id] = list(new.block_ids)
         state = self._parked.pop(new.req_id, None)
         if state is None:
             state = sampling.SamplingState.from_params(new.sampling_params, fallback_rng=self._rng)
-        self._sampling.append(state)
+        self._sampling[new.req_id] = state
         if not state.greedy:
             self._num_sampled += 1
-        if new.cached_block_hashes:
-            self._load_blocks(slot, new.cached_block_hashes)
-
-    def _load_blocks(self, slot: int, hashes: tuple[bytes, ...]) -> None:
-        """Copy the KV of cached prefix blocks into positions 0.. of `slot` (a prefix-cache hit)."""
-        blocks = [self._prefix_blocks[h] for h in hashes]  # KeyError: the scheduler's index disagrees
-        length = len(hashes) * self._block_size
-        if length > self._len_capacity:
-            self._grow_len(length)
-        keys = torch.cat([k for k, _ in blocks], dim=2) if len(blocks) > 1 else blocks[0][0]
-        values = torch.cat([v for _, v in blocks], dim=2) if len(blocks) > 1 else blocks[0][1]
-        for layer, (k_buf, v_buf) in enumerate(zip(self._k, self._v, strict=True)):
-            k_buf[slot, :, :length].copy_(keys[layer])
-            v_buf[slot, :, :length].copy_(values[layer])
-        self._slot_len[slot] = length
-
-    def _save_blocks(self, saves: list[tuple[str, int, bytes]]) -> None:
-        """Copy newly cached full blocks out of their requests' slots (after the forward wrote them)."""
-        size = self._block_size
-        for req_id, index, block_hash in saves:
-            slot = self._slot_of[req_id]
-            start, end = index * size, (index + 1) * size
-            self._prefix_blocks[block_hash] = (
-                torch.stack([buf[slot, :, start:end] for buf in self._k]),
-                torch.stack([buf[slot, :, start:end] for buf in self._v]),
-            )
-
-    def free(self, req_ids: list[str], preempted: list[str] | None = None) -> None:
-        """Release the slots (and so the KV) of these requests now; unknown ids are ignored. Those also
-        in `preempted` keep their sampling state for their return."""
-        with torch.inference_mode():  # the buffers are inference tensors
-            self._free(req_ids, preempted)
 
     def _free(self, req_ids: list[str], preempted: list[str] | None = None) -> None:
         for req_id in req_ids:
-            slot = self._slot_of.pop(req_id, None)
-            if slot is None:
+            if self._tables.pop(req_id, None) is None:
                 self._parked.pop(req_id, None)  # a preempted request that ended while waiting
                 continue  # never reached the runner (aborted while waiting) or already freed
+            state = self._sampling.pop(req_id)
             if preempted and req_id in preempted:
-                self._parked[req_id] = self._sampling[slot]
-            if not self._sampling[slot].greedy:
+                self._parked[req_id] = state
+            if not state.greedy:
                 self._num_sampled -= 1
-            last = self.num_slots - 1
-            if slot != last:
-                # Keep slots compact: the last request moves into the hole, KV and all.
-                length = self._slot_len[last]
-                for buffers in (self._k, self._v):
-                    for buf in buffers:
-                        buf[slot, :, :length].copy_(buf[last, :, :length])
-                moved = self._req_of_slot[last]
-                self._slot_of[moved] = slot
-                self._req_of_slot[slot] = moved
-                self._slot_len[slot] = length
-                self._sampling[slot] = self._sampling[last]
-            self._req_of_slot.pop()
-            self._slot_len.pop()
-            self._sampling.pop()
-        self._maybe_shrink()
 
-    def _allocate_layer(self, layer: int, key: torch.Tensor) -> None:
-        if layer != len(self._k):
-            raise UnsupportedModelError("attention layers were called out of order")
-        kv_heads, head_dim = key.shape[1], key.shape[2]
-        if self._k and (kv_heads, head_dim) != (self._kv_heads, self._head_dim):
+    # ----------------------------------------------------------------------------------------------
+    # The pool, sized and allocated once
+
+    def _allocate_pool(self, budget: kv_budget.KVBudget, gpu_free: int | None) -> None:
+        kv_heads, head_dim, dtype = self._shapes[0]
+        if any(shape != self._shapes[0] for shape in self._shapes):
             raise UnsupportedModelError("layers with different KV head shapes are not supported by the engine")
+        bs = self.block_size
+        size = kv_budget.plan(
+            budget,
+            bytes_per_block=kv_budget.block_bytes(
+                num_layers=self._num_layers,
+                kv_heads=kv_heads,
+                head_dim=head_dim,
+                block_size=bs,
+                dtype_bytes=torch.empty((), dtype=dtype).element_size(),
+            ),
+            gpu_free_for_kv=gpu_free,
+        )
+        total = size.num_blocks_with_null
         self._kv_heads, self._head_dim = kv_heads, head_dim
-        self._head_offsets = torch.arange(kv_heads, device=self.device) * self._len_capacity
-        shape = (self._slot_capacity, kv_heads, self._len_capacity, head_dim)
-        for buffers, flats in ((self._k, self._k_flat), (self._v, self._v_flat)):
-            buf = torch.zeros(shape, dtype=key.dtype, device=key.device)
-            buffers.append(buf)
-            flats.append(buf.view(-1, head_dim))
-        if not self._k_flat[layer].is_contiguous():
-            raise AssertionError("KV buffers must be contiguous")
+        for _ in range(self._num_layers):
+            # zeros, not empty: the pages are touched now, so memory is taken at start (resident size stays
+            # flat) and the null block reads as zeros.
+            tensor = torch.zeros((2, kv_heads, total, bs, head_dim), dtype=dtype, device=self.device)
+            self._kv.append(tensor)
+            self._kv_rows.append(tensor.view(2 * kv_heads * total * bs, head_dim))
+            self._kv_blocks.append(tensor.view(2 * kv_heads * total, bs * head_dim))
+        self.num_blocks, self.budget_source = size.num_blocks, size.source
+        heads = torch.arange(2 * kv_heads, device=self.device)  # K's heads, then V's
+        self._head_rows = (heads * (total * bs)).view(2, 1, kv_heads)  # [2, 1, kv_heads]: + slot [1, T, 1]
+        self._head_blocks = (heads * total).view(2, 1, kv_heads, 1)  # + block table [1, rows, 1, blocks]
+        logger.info(
+            "KV pool: %d blocks of %d tokens (%.1f MiB, sized by %s)",
+            size.num_blocks,
+            bs,
+            self.pool_bytes / 2**20,
+            size.source,
+        )
 
-    def _reallocate(self, *, slots: int, length: int) -> None:
-        keep_slots = self.num_slots
-        keep_len = min(length, self._len_capacity)
-        for buffers, flats in ((self._k, self._k_flat), (self._v, self._v_flat)):
-            for i, old in enumerate(buffers):
-                new = torch.zeros((slots, self._kv_heads, length, self._head_dim), dtype=old.dtype, device=old.device)
-                new[:keep_slots, :, :keep_len].copy_(old[:keep_slots, :, :keep_len])
-                buffers[i] = new
-                flats[i] = new.view(-1, self._head_dim)
-        self._slot_capacity, self._len_capacity = slots, length
-        self._head_offsets = torch.arange(self._kv_heads, device=self.device) * length
+    def _profile_gpu(self, budget: kv_budget.KVBudget, max_batch_tokens: int) -> int:
+        """vLLM's sizing: run a forward of `max_batch_tokens` prompt tokens before the pool exists, and
+        give the pool what `gpu_memory_utilization` of the device allows beyond the weights, that peak,
+        and the memory outside torch's allocator (CUDA context, other processes: counted, to be safe)."""
+        device = self.device
+        torch.cuda.synchronize(device)
+        torch.cuda.reset_peak_memory_stats(device)
+        remaining = max_batch_tokens
+        tokens: list[int] = []
+        lengths: list[int] = []
+        while remaining > 0:
+            n = min(remaining, self.max_model_len - 1)
+            lengths.append(n)
+            tokens += [(i % (self.loaded.vocab_size - 1)) + 1 for i in range(n)]
+            remaining -= n
+        self._run_prompts(lengths, tokens)
+        torch.cuda.synchronize(device)
+        peak = torch.cuda.max_memory_allocated(device)
+        free, total = torch.cuda.mem_get_info(device)
+        outside_torch = max(0, (total - free) - torch.cuda.memory_reserved(device))
+        allowed = int(total * budget.gpu_memory_utilization) - peak - outside_torch
+        torch.cuda.empty_cache()
+        logger.info(
+            "GPU: %.2f GiB total, peak %.2f GiB in torch (weights and activations), %.2f GiB outside torch; "
+            "KV may use %.2f GiB",
+            total / 2**30,
+            peak / 2**30,
+            outside_torch / 2**30,
+            allowed / 2**30,
+        )
+        return max(0, allowed)
 
-    def _grow_slots(self, needed: int) -> None:
-        self._reallocate(slots=max(needed, 2 * self._slot_capacity), length=self._len_capacity)
-
-    def _grow_len(self, needed: int) -> None:
-        # Doubling keeps the copies amortised: a request growing to L tokens costs O(L) copies in total.
-        self._reallocate(slots=self._slot_capacity, length=self._fit_len(max(needed, 2 * self._len_capacity)))
-
-    def _fit_len(self, needed: int) -> int:
-        return min(self.max_model_len, max(_MIN_LEN, 1 << math.ceil(math.log2(max(needed, 1)))))
-
-    def _maybe_shrink(self) -> None:
-        # Give memory back when the longest (or most) requests have gone. Shrinking at 4x and growing at
-        # 2x leaves a band in which a request coming and going does not reallocate every time.
-        longest = max(self._slot_len, default=0)
-        length = self._len_capacity
-        if length > _MIN_LEN and length >= 4 * max(longest, 1):
-            length = self._fit_len(2 * longest)
-        slots = self._slot_capacity
-        if slots > _MIN_SLOTS and slots >= 4 * self.num_slots:
-            slots = max(_MIN_SLOTS, 2 * self.num_slots)
-        if (slots, length) != (self._slot_capacity, self._len_capacity) and self._k:
-            self._reallocate(slots=slots, length=length)
+    def _run_prompts(self, lengths: list[int], tokens: list[int]) -> None:
+        """One step prefilling fresh prompts of these lengths (probes and profiling), then forgetting them.
+        Their blocks are 1, 2, ...: at start nothing else holds any, and they are written before read."""
+        bs = self.block_size
+        sched = outputs.SchedulerOutput.make_empty()
+        next_block = 1
+        for i, n in enumerate(lengths):
+            req_id = f"__probe{i}__"
+            num_blocks = -(-n // bs)
+            blocks = tuple(range(next_block, next_block + num_blocks)) if self._kv else (1,) * num_blocks
+            next_block += num_blocks
+            sched.new_reqs.append(
+                outputs.NewRequestData(
+                    req_id=req_id,
+                    prompt_token_ids=[],
+                    sampling_params=request_mod.SamplingParams(max_tokens=1, temperature=0.0),
+                    block_ids=blocks,
+                )
+            )
+            sched.req_ids.append(req_id)
+            sched.num_scheduled_tokens.append(n)
+            sched.num_computed_tokens.append(0)
+            sched.do_sample.append(False)
+        sched.input_token_ids = tokens
+        try:
+            self.execute(sched)
+        finally:
+            self.free(list(sched.req_ids))
 
     def _probe(self) -> torch.Tensor:
-        """Prefill a few fixed tokens on a scratch slot; returns their final hidden states."""
-        tokens = [i % self.loaded.vocab_size for i in range(1, _PROBE_TOKENS + 1)]
-        probe = outputs.NewRequestData(
-            req_id="__probe__",
-            prompt_token_ids=tokens,
-            sampling_params=request_mod.SamplingParams(max_tokens=1, temperature=0.0),
-            max_num_tokens=len(tokens) + 1,
-        )
-        sched = outputs.SchedulerOutput(
-            new_reqs=[probe],
-            req_ids=["__probe__"],
-            num_scheduled_tokens=[len(tokens)],
-            num_computed_tokens=[0],
-            do_sample=[False],
-            input_token_ids=tokens,
-            finished_req_ids=[],
-        )
+        """Prefill a few fixed tokens; returns their final hidden states."""
+        num = _PROBE_TOKENS
+        if self._kv:
+            num = min(num, self.num_blocks * self.block_size)
+        tokens = [i % self.loaded.vocab_size for i in range(1, num + 1)]
         captured: list[torch.Tensor] = []
         forward = self._forward
 
@@ -564,10 +553,9 @@ class ModelRunner:
 
         self._forward = capture  # type: ignore[assignment]
         try:
-            self.execute(sched)
+            self._run_prompts([num], tokens)
         finally:
             self._forward = forward
-            self.free(["__probe__"])
         return captured[0]
 
     def _check_module_path(self) -> int:
@@ -606,3 +594,13 @@ def _leading_decodes(counts: list[int], do_sample: list[bool]) -> int:
         if n != 1 or not sample:
             return i
     return len(counts)
+
+
+def _extend_slots(slots: list[int], table: list[int], start: int, end: int, block_size: int) -> None:
+    """Append the pool slots of positions start..end-1 of a sequence, one range per block."""
+    first, last = start // block_size, (end - 1) // block_size
+    for index in range(first, last + 1):
+        base = table[index] * block_size
+        low = start - index * block_size if index == first else 0
+        high = end - index * block_size if index == last else block_size
+        slots.extend(range(base + low, base + high))

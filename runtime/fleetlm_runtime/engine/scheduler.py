@@ -8,18 +8,21 @@ others keep decoding. Each step runs in three passes:
 1. decodes: every running request that needs exactly one token gets it first, so a long prefill can
    never stall streams that are already flowing;
 2. partial prefills: running requests part-way through their prompt get what is left of the budget;
-3. admission: waiting requests, in queue order, join while there is budget, a free sequence slot
-   (`max_batch_size`) and KV capacity for their worst case (prompt + max_tokens). With a prefix cache,
-   an admitted request starts with `num_computed_tokens` at its longest cached prefix (whole blocks),
-   whose KV the runner copies into its slot, so only the rest is prefilled.
+3. admission: waiting requests, in queue order (priority policy: by priority, then fair shares of the
+   classes by weight and of tenants within a class, see `queues.PriorityQueue`), join while there is
+   budget, a free sequence slot (`max_batch_size`) and room in the KV pool for the tokens they compute
+   now (not their worst case: `caches/kv_manager.py` hands out fixed-size blocks as tokens are
+   computed). With the prefix cache, an admitted request starts with `num_computed_tokens` at its
+   longest cached prefix (whole blocks), whose blocks it shares with their other holders, so only the
+   rest is prefilled.
 
-Before the passes, with the priority policy, preemption by recompute: when the head of the queue cannot
-be admitted because the batch or the KV is full, running requests of a strictly lower priority (the
-lowest first, and among those the most recently admitted; never one whose aged priority is already
-better than the head's) are preempted until it fits: their KV is freed, `num_computed_tokens` goes back
-to 0 and they are put back at the head of their class, keeping their generated tokens, which are
-prefilled again with the prompt when they return (vLLM's recompute). Nothing is preempted unless the
-head then fits.
+Every running request that needs a new block and finds the pool full makes room by preemption (recompute,
+vLLM's rule): the lowest-priority running request (priority policy), and among equals the most recently
+admitted, gives back its blocks, `num_computed_tokens` goes back to 0 and it returns to the head of its
+class, keeping its generated tokens, which are prefilled again with the prompt when it is readmitted. A
+step that preempted admits nobody. With the priority policy, the head of the queue may also preempt
+running requests of a strictly lower priority when the batch or the pool is full (the lowest first,
+never one whose aged priority is already better than the head's, and nobody unless the head then fits).
 
 `update_from_output` appends sampled tokens and applies the token-level stop rules (stop token ids,
 EOS, max_tokens); stop *strings* need text and are applied by the engine core through
@@ -69,19 +72,20 @@ class Scheduler:
         self,
         *,
         limits: SchedulerLimits,
-        kv_capacity_tokens: int,
+        kv: kv_manager.KVCacheManager,
         policy: queues.SchedulingPolicy = "priority",
         clock: Callable[[], float] = time.monotonic,
-        prefix_cache: prefix_cache_mod.PrefixCacheIndex | None = None,
         aging_s: float | None = None,
         enable_preemption: bool = True,
     ) -> None:
         self._limits = limits
-        self.kv = kv_manager.KVCacheManager(capacity_tokens=kv_capacity_tokens)
+        self.kv = kv
         self.waiting = queues.create_queue(policy, clock=clock, aging_s=aging_s)
-        self._preemption = enable_preemption and isinstance(self.waiting, queues.PriorityQueue)
-        self.prefix_cache = prefix_cache
-        self._pending_saves: list[tuple[request_mod.Request, int]] = []  # (request, blocks now complete)
+        self._by_priority = isinstance(self.waiting, queues.PriorityQueue)
+        # The fair queue's counters (priority policy): charged at first admission, settled at the end.
+        self._fair = self.waiting if isinstance(self.waiting, queues.PriorityQueue) else None
+        self._preemption = enable_preemption and self._by_priority
+        self._admit_seq = 0
         self._num_preemptions = 0  # since the last take_step_counters()
         self._prefix_queries = 0
         self._prefix_hits = 0
@@ -118,7 +122,7 @@ class Scheduler:
         return bool(self.requests)
 
     def take_finished_req_ids(self) -> list[str]:
-        """Requests that released KV since the last call (or schedule()); their runner slots can go."""
+        """Requests that released KV since the last call (or schedule()); the runner drops their state."""
         finished, self._finished_req_ids = self._finished_req_ids, []
         return finished
 
@@ -141,7 +145,7 @@ class Scheduler:
         if req.req_id in self.requests:
             raise ValueError(f"request id {req.req_id!r} is already in the engine")
         if req.kv_reservation > self.kv.capacity_tokens:
-            # It could never be admitted; refuse now instead of blocking the queue forever.
+            # It could never finish, even alone in the pool; refuse now instead of blocking the queue.
             raise request_mod.InvalidParameterError(
                 "max_tokens",
                 f"prompt + max_tokens = {req.kv_reservation} tokens exceeds the engine's KV capacity of "
@@ -179,6 +183,8 @@ class Scheduler:
 
     def _release(self, req: request_mod.Request, now: float) -> None:
         req.finished_time_s = now
+        if self._fair is not None and req.scheduled_time_s is not None:
+            self._fair.charge(req, 0, len(req.output_token_ids) - req.max_tokens)
         del self.requests[req.req_id]
         # A preempted request may still have state parked in the runner (its sampling stream).
         if self.kv.free(req.req_id) or req.num_preemptions:
@@ -195,6 +201,9 @@ class Scheduler:
                 num_output_tokens=req.num_output_tokens,
                 scheduled_time_s=req.scheduled_time_s,
                 first_token_time_s=req.first_token_time_s,
+                tenant=req.tenant,
+                num_cached_tokens=req.num_cached_tokens,
+                engine_seconds=req.engine_seconds,
             )
         )
 
@@ -206,21 +215,31 @@ class Scheduler:
         self._finished_req_ids = []
         if self._preemption and self.waiting and self.running:
             self._maybe_preempt(out)
+        # Decodes go straight into the output; chunks are decisions (request -> tokens) written after the
+        # passes. A request preempted for blocks later in the step is taken back out of either.
+        scheduled: dict[request_mod.Request, int] = {}
+        preempted_before = len(out.preempted_req_ids)
         budget = self._limits.max_batch_tokens
-        budget = self._schedule_decodes(out, budget)
-        budget = self._schedule_partial_prefills(out, budget)
-        self._admit_waiting(out, budget)
-        if self._pending_saves:
-            self._commit_prefix_blocks(out)
+        budget = self._schedule_decodes(out, scheduled, budget)
+        budget = self._schedule_partial_prefills(out, scheduled, budget)
+        new_reqs: list[request_mod.Request] = []
+        # No admission in a step that had to preempt for blocks (vLLM): the pool is full right now.
+        if len(out.preempted_req_ids) == preempted_before:
+            self._admit_waiting(scheduled, new_reqs, budget)
+        self._make_output(out, scheduled, new_reqs)
         return out
 
     def _maybe_preempt(self, out: outputs.SchedulerOutput) -> None:
+        """Priority policy: make room for the head of the queue when the batch or the pool is full, by
+        preempting running requests of a strictly lower priority; nothing is preempted unless it fits."""
         waiting = self.waiting
         assert isinstance(waiting, queues.PriorityQueue)
         head = waiting.peek()
+        kv = self.kv
         free_slots = self._limits.max_batch_size - len(self.running)
-        free_kv = self.kv.num_free_tokens
-        need_kv = head.kv_reservation
+        free_kv = kv.num_free_blocks
+        # Blocks for its first step (prefix hits ignored: a conservative estimate).
+        need_kv = kv.blocks_needed(min(head.num_tokens, self._limits.max_batch_tokens))
         if free_slots >= 1 and free_kv >= need_kv:
             return
         head_class = head.priority
@@ -237,80 +256,146 @@ class Scheduler:
                 continue  # aged past the head: preempting it would trade one starvation for another
             victims.append(req)
             free_slots += 1
-            free_kv += self.kv.reserved_by(req.req_id)
+            free_kv += kv.num_blocks_held(req.req_id)
             if free_slots >= 1 and free_kv >= need_kv:
                 break
         if not (free_slots >= 1 and free_kv >= need_kv):
             return  # preempting every candidate would still not make room: preempt nobody
         for req in list(victims):  # spare those the others already make room without (a KV shortfall)
-            reserved = self.kv.reserved_by(req.req_id)
-            if free_slots >= 2 and free_kv - reserved >= need_kv:
+            held = kv.num_blocks_held(req.req_id)
+            if free_slots >= 2 and free_kv - held >= need_kv:
                 victims.remove(req)
                 free_slots -= 1
-                free_kv -= reserved
-        gone = {req.req_id for req in victims}
-        self.running = [req for req in self.running if req.req_id not in gone]
+                free_kv -= held
         for req in victims:
-            self.kv.free(req.req_id)
-            req.status = RequestStatus.PREEMPTED
-            req.num_computed_tokens = 0
-            req.num_cached_blocks = 0
-            req.num_preemptions += 1
-            _bump(self.running_by_class, req.qos_class, -1)
-            _bump(self.waiting_by_class, req.qos_class, 1)
-            waiting.prepend(req)
-            out.finished_req_ids.append(req.req_id)
-            out.preempted_req_ids.append(req.req_id)
-        self._num_preemptions += len(victims)
+            self._preempt(req, out)
 
-    def _schedule_decodes(self, out: outputs.SchedulerOutput, budget: int) -> int:
-        # The hot path: with a full batch this loop is most of the scheduler's time, so it stays flat.
-        req_ids, input_ids = out.req_ids, out.input_token_ids
-        for req in self.running:
+    def _preempt(self, req: request_mod.Request, out: outputs.SchedulerOutput) -> None:
+        """Recompute: free its blocks and put it back at the head of its class, keeping its tokens."""
+        self.running.remove(req)
+        self.kv.free(req.req_id)
+        req.status = RequestStatus.PREEMPTED
+        req.num_computed_tokens = 0
+        req.num_preemptions += 1
+        _bump(self.running_by_class, req.qos_class, -1)
+        _bump(self.waiting_by_class, req.qos_class, 1)
+        self.waiting.prepend(req)
+        out.finished_req_ids.append(req.req_id)
+        out.preempted_req_ids.append(req.req_id)
+        if any(req_id == req.req_id for req_id, _ in out.new_block_ids):
+            out.new_block_ids[:] = [entry for entry in out.new_block_ids if entry[0] != req.req_id]
+        self._num_preemptions += 1
+
+    def _victim(self) -> request_mod.Request:
+        """Who gives up its blocks when the pool is full: the lowest priority (priority policy), and among
+        equals the most recently admitted (vLLM's choice: it has the least work to redo)."""
+        if self._by_priority:
+            return max(self.running, key=lambda r: (r.priority, r.admit_seq))
+        return self.running[-1]
+
+    def _allocate(
+        self,
+        req: request_mod.Request,
+        num_tokens: int,
+        out: outputs.SchedulerOutput,
+        scheduled: dict[request_mod.Request, int],
+    ) -> tuple[bool, int]:
+        """Blocks for `num_tokens` more of a running request, preempting until they fit. Returns whether
+        `req` got them (False: it was the victim itself) and the tokens given back by scheduled victims."""
+        returned = 0
+        while (blocks := self.kv.allocate_slots(req, num_tokens)) is None:
+            victim = self._victim()
+            returned += scheduled.pop(victim, 0) + _unschedule_decode(out, victim)
+            self._preempt(victim, out)
+            if victim is req:
+                return False, returned
+        if blocks:
+            out.new_block_ids.append((req.req_id, blocks))
+        return True, returned
+
+    def _schedule_decodes(
+        self, out: outputs.SchedulerOutput, scheduled: dict[request_mod.Request, int], budget: int
+    ) -> int:
+        # The hot path: with a full batch this loop is most of the scheduler's time, so it stays flat and
+        # writes the output directly (a decode preempted later in the step is taken out again).
+        block_size = self.kv.block_size
+        req_ids, input_ids, computed = out.req_ids, out.input_token_ids, out.num_computed_tokens
+        counts, do_sample = out.num_scheduled_tokens, out.do_sample
+        running = RequestStatus.RUNNING
+        for req in list(self.running):  # a copy: preemption removes from self.running
             if budget <= 0:
                 break
             num_computed = req.num_computed_tokens
-            if len(req.prompt_token_ids) + len(req.output_token_ids) - num_computed != 1:
-                continue  # still prefilling: pass 2
+            output_ids = req.output_token_ids
+            if len(req.prompt_token_ids) + len(output_ids) - num_computed != 1 or req.status is not running:
+                continue  # still prefilling (pass 2), or preempted earlier in this loop
+            if num_computed % block_size == 0:  # its token starts a new block
+                ok, returned = self._allocate(req, 1, out, scheduled)
+                budget += returned
+                if not ok:
+                    continue
             req_ids.append(req.req_id)
-            input_ids.append(req.output_token_ids[-1] if req.output_token_ids else req.prompt_token_ids[-1])
-            out.num_computed_tokens.append(num_computed)
+            input_ids.append(output_ids[-1] if output_ids else req.prompt_token_ids[-1])
+            computed.append(num_computed)
+            counts.append(1)
+            do_sample.append(True)
             req.num_computed_tokens = num_computed + 1
             budget -= 1
-        num_decodes = len(req_ids)
-        out.num_scheduled_tokens.extend([1] * num_decodes)
-        out.do_sample.extend([True] * num_decodes)
         return budget
 
-    def _schedule_partial_prefills(self, out: outputs.SchedulerOutput, budget: int) -> int:
-        for req in self.running:
+    def _schedule_partial_prefills(
+        self, out: outputs.SchedulerOutput, scheduled: dict[request_mod.Request, int], budget: int
+    ) -> int:
+        running = RequestStatus.RUNNING
+        for req in list(self.running):
             if budget <= 0:
                 break
             remaining = req.num_tokens - req.num_computed_tokens
-            if remaining > 1:
-                budget -= self._schedule_chunk(out, req, min(remaining, budget))
+            if remaining <= 1 or req.status is not running:
+                continue
+            num_tokens = min(remaining, budget)
+            ok, returned = self._allocate(req, num_tokens, out, scheduled)
+            budget += returned
+            if ok:
+                scheduled[req] = num_tokens
+                budget -= num_tokens
         return budget
 
-    def _admit_waiting(self, out: outputs.SchedulerOutput, budget: int) -> None:
+    def _admit_waiting(
+        self, scheduled: dict[request_mod.Request, int], new_reqs: list[request_mod.Request], budget: int
+    ) -> None:
+        kv = self.kv
         now: float | None = None
         while budget > 0 and self.waiting and len(self.running) < self._limits.max_batch_size:
             req = self.waiting.peek()
+            if kv.enable_caching and req.block_hashes is None:
+                req.block_hashes = prefix_cache_mod.block_hashes(req.prompt_token_ids, kv.block_size)
+            computed = kv.get_computed_blocks(req)
+            num_hit = len(computed) * kv.block_size
+            num_tokens = min(req.num_tokens - num_hit, budget)
             # Strict queue order: a request that does not fit blocks those behind it, so a large request
             # is not starved by a stream of small ones.
-            if not self.kv.allocate(req.req_id, req.kv_reservation):
+            if kv.allocate_slots(req, num_tokens, computed) is None:
                 break
             self.waiting.pop()
-            cached: tuple[bytes, ...] = ()
-            if self.prefix_cache is not None:
-                cached = self._match_prefix(req)
+            if kv.enable_caching:
+                self._prefix_queries += len(req.prompt_token_ids)
+                self._prefix_hits += num_hit
+                if req.scheduled_time_s is None:  # the ledger's split of the prompt: at first admission
+                    req.num_cached_tokens = num_hit
+            req.num_computed_tokens = num_hit
             _bump(self.waiting_by_class, req.qos_class, -1)
             _bump(self.running_by_class, req.qos_class, 1)
             req.status = RequestStatus.RUNNING
+            self._admit_seq += 1
+            req.admit_seq = self._admit_seq
             self.running.append(req)
             if now is None:
                 now = self._clock()
             if req.scheduled_time_s is None:
                 req.scheduled_time_s = now
+                if self._fair is not None:  # its whole cost now, the unused part given back at the end
+                    self._fair.charge(req, len(req.prompt_token_ids), req.max_tokens)
                 self._events.append(
                     outputs.RequestEvent(
                         kind=outputs.EventKind.SCHEDULED,
@@ -321,70 +406,43 @@ class Scheduler:
                         num_prompt_tokens=req.num_prompt_tokens,
                     )
                 )
+            new_reqs.append(req)
+            scheduled[req] = num_tokens
+            budget -= num_tokens
+
+    def _make_output(
+        self,
+        out: outputs.SchedulerOutput,
+        scheduled: dict[request_mod.Request, int],
+        new_reqs: list[request_mod.Request],
+    ) -> None:
+        """Chunks (partial prefills and admissions) after the decodes, in decision order."""
+        kv = self.kv
+        for req in new_reqs:
             out.new_reqs.append(
                 outputs.NewRequestData(
                     req_id=req.req_id,
                     prompt_token_ids=req.prompt_token_ids,
                     sampling_params=req.sampling_params,
-                    max_num_tokens=req.kv_reservation,
-                    cached_block_hashes=cached,
+                    block_ids=tuple(kv.block_ids(req.req_id)),
                 )
             )
-            budget -= self._schedule_chunk(out, req, min(req.num_tokens - req.num_computed_tokens, budget))
-
-    def _match_prefix(self, req: request_mod.Request) -> tuple[bytes, ...]:
-        """Look the prompt up in the prefix cache; skip the cached blocks. Returns their hashes."""
-        cache = self.prefix_cache
-        assert cache is not None
-        size = cache.block_size
-        if req.block_hashes is None:
-            req.block_hashes = prefix_cache_mod.block_hashes(req.prompt_token_ids, size)
-        # At least one token must be computed, to produce the logits of the next token.
-        hashes = req.block_hashes[: (req.num_tokens - 1) // size]
-        num_hit = cache.match(hashes)
-        self._prefix_queries += len(req.prompt_token_ids)
-        self._prefix_hits += num_hit * size
-        req.num_computed_tokens = num_hit * size
-        req.num_cached_blocks = num_hit
-        return tuple(hashes[:num_hit])
-
-    def _commit_prefix_blocks(self, out: outputs.SchedulerOutput) -> None:
-        """Blocks completed in this step join the cache; the runner copies the new ones out after the
-        forward. Committed after admission, so no request of this step can match a block that has no KV
-        copy yet."""
-        cache = self.prefix_cache
-        assert cache is not None
-        saves = out.prefix_cache_saves
-        for req, num_blocks in self._pending_saves:
-            assert req.block_hashes is not None
-            chain = req.block_hashes[:num_blocks]
-            new = cache.insert(chain)
-            if new:
-                # Every block of the chain is in this request's slot, so any of them can be (re)saved.
-                saves.extend((req.req_id, i, h) for i, h in enumerate(chain) if h in new)
-        self._pending_saves.clear()
-        out.prefix_cache_evicted = cache.take_evicted()
-
-    def _schedule_chunk(self, out: outputs.SchedulerOutput, req: request_mod.Request, num_tokens: int) -> int:
-        start = req.num_computed_tokens
-        end = start + num_tokens
-        num_prompt = len(req.prompt_token_ids)
-        if req.block_hashes is not None:
-            complete = min(end, num_prompt) // self.prefix_cache.block_size  # type: ignore[union-attr]
-            if complete > req.num_cached_blocks:
-                req.num_cached_blocks = complete
-                self._pending_saves.append((req, complete))
-        if end <= num_prompt:
-            out.input_token_ids.extend(req.prompt_token_ids[start:end])
-        else:  # only after a recompute (preemption): the chunk runs into the generated tokens
-            out.input_token_ids.extend((req.prompt_token_ids + req.output_token_ids)[start:end])
-        out.num_prefill_tokens += max(0, min(end, num_prompt) - start)
-        out.req_ids.append(req.req_id)
-        out.num_scheduled_tokens.append(num_tokens)
-        out.num_computed_tokens.append(start)
-        out.do_sample.append(end == req.num_tokens)
-        req.num_computed_tokens = end
-        return num_tokens
+        for req, num_tokens in scheduled.items():
+            start = req.num_computed_tokens
+            end = start + num_tokens
+            req.num_computed_tokens = end
+            out.req_ids.append(req.req_id)
+            out.num_computed_tokens.append(start)
+            out.num_scheduled_tokens.append(num_tokens)
+            num_prompt = len(req.prompt_token_ids)
+            if end <= num_prompt:
+                out.input_token_ids.extend(req.prompt_token_ids[start:end])
+            else:  # only after a recompute (preemption): the chunk runs into the generated tokens
+                out.input_token_ids.extend((req.prompt_token_ids + req.output_token_ids)[start:end])
+            out.num_prefill_tokens += max(0, min(end, num_prompt) - start)
+            out.do_sample.append(end == req.num_tokens)
+            if kv.enable_caching and start < num_prompt:
+                kv.cache_blocks(req, min(end, num_prompt))
 
     def update_from_output(
         self, sched_out: outputs.SchedulerOutput, runner_out: outputs.RunnerOutput
@@ -447,3 +505,15 @@ def _bump(counts: dict[str, int], key: str, delta: int) -> None:
         counts[key] = value
     else:
         counts.pop(key, None)
+
+
+def _unschedule_decode(out: outputs.SchedulerOutput, req: request_mod.Request) -> int:
+    """Take a decode scheduled earlier in this step out of the output; returns the tokens it had (0 or 1).
+    Decodes come first and hold one token each, so entry i's token is input_token_ids[i]."""
+    try:
+        i = out.req_ids.index(req.req_id)
+    except ValueError:
+        return 0
+    for values in (out.req_ids, out.input_token_ids, out.num_computed_tokens, out.num_scheduled_tokens, out.do_sample):
+        del values[i]
+    return 1

@@ -21,6 +21,8 @@ def make_request(
     arrival_time_s: float,
     qos_class: str = "default",
     priority: int = 0,
+    weight: float = 1.0,
+    tenant: str = "",
 ) -> request_mod.Request:
     """A request validated against the model and the KV capacity.
 
@@ -36,6 +38,8 @@ def make_request(
         arrival_time_s=arrival_time_s,
         qos_class=qos_class,
         priority=priority,
+        weight=weight,
+        tenant=tenant,
     )
     if req.kv_reservation > info.kv_capacity_tokens:
         raise request_mod.InvalidParameterError(

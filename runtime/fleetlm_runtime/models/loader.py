@@ -1,11 +1,19 @@
 """Load a causal LM and its tokenizer once per process: a built-in model or a local safetensors directory.
 
 A model spec is `builtin:tiny`, `builtin:small` or a filesystem path (a local checkout or a mounted PVC).
-Loading never touches the network (`local_files_only`) and never unpickles (`use_safetensors=True`
-refuses `.bin` checkpoints). Architectures are checked before the weights are read: the engine replaces
-the attention function and keeps its own KV buffers, which is exact only for decoder-only models whose
-attention layers are full or sliding-window softmax attention called through transformers'
-`AttentionInterface`; anything else is refused here with a message that says why.
+Loading never touches the network (`local_files_only`) and never unpickles (only safetensors are read).
+
+A local checkpoint is loaded straight onto the target device with no second copy in host memory: the model
+is built on the device with uninitialised parameters (nothing is computed or touched), then every tensor
+is copied out of the memory-mapped safetensors file into its parameter, converting the dtype in the same
+copy, a chunk at a time, and the mapped pages are dropped at once (see safetensors_io). The host peak is
+the model plus one 16 MB chunk on the CPU, one chunk on a GPU; `fleetlm-dev bench load` measures it
+against `from_pretrained`.
+
+Architectures are checked before the weights are read: the engine replaces the attention function and
+keeps its own KV buffers, which is exact only for decoder-only models whose attention layers are full or
+sliding-window softmax attention called through transformers' `AttentionInterface`; anything else is
+refused here with a message that says why.
 
 This module must never import the engine or the server; the engine asks it for a `LoadedModel`.
 """
@@ -14,13 +22,16 @@ from __future__ import annotations
 
 import dataclasses
 import functools
+import json
 import pathlib
+import re
 import threading
 
 import torch
 import transformers
+from transformers import initialization as hf_init
 
-from fleetlm_runtime.models import builtin
+from fleetlm_runtime.models import builtin, safetensors_io
 from fleetlm_runtime.models.errors import ModelLoadError
 
 # Families whose attention the engine reproduces exactly (tested in tests/runtime/models). Each calls the
@@ -49,6 +60,7 @@ class LoadedModel:
     max_model_len: int  # context length in tokens (prompt + output)
     vocab_size: int  # rows of the output head (ids the model can emit)
     eos_token_ids: frozenset[int]  # from the generation config: what generate() stops on
+    weight_bytes: int = 0  # bytes of the parameters as loaded (tied weights once), on `device`
 
     @property
     def model_id(self) -> str:
@@ -118,20 +130,110 @@ def _eos_token_ids(model: transformers.PreTrainedModel) -> frozenset[int]:
     return frozenset([eos] if isinstance(eos, int) else eos)
 
 
-def _load_local(
-    path: pathlib.Path, dtype: torch.dtype
-) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+SINGLE_FILE = "model.safetensors"
+INDEX_FILE = "model.safetensors.index.json"
+
+
+def checkpoint_files(path: pathlib.Path) -> list[pathlib.Path]:
+    """The safetensors files of a checkpoint directory: the shards its index names, or the single file."""
     if not path.is_dir():
         raise ModelLoadError(f"model path {str(path)!r} is not a directory (expected a local safetensors checkout)")
-    if not any(path.glob("*.safetensors")):
-        raise ModelLoadError(f"no *.safetensors weights in {str(path)!r}; only safetensors checkpoints are loaded")
+    index = path / INDEX_FILE
+    if index.is_file():
+        try:
+            weight_map = json.loads(index.read_text())["weight_map"]
+            names = sorted(set(weight_map.values()))
+        except (ValueError, KeyError, TypeError, AttributeError):
+            raise ModelLoadError(f"{index} has no readable weight_map") from None
+        files = [path / name for name in names]
+        absent = [str(f.name) for f in files if not f.is_file() or f.parent != path]
+        if absent or not files:
+            raise ModelLoadError(f"{index} names shards that are not in {str(path)!r}: {absent}")
+        return files
+    if (path / SINGLE_FILE).is_file():
+        return [path / SINGLE_FILE]
+    raise ModelLoadError(
+        f"no safetensors weights ({SINGLE_FILE} or {INDEX_FILE}) in {str(path)!r}; only safetensors checkpoints "
+        "are loaded"
+    )
+
+
+def _target_name(
+    key: str, targets: dict[str, torch.Tensor], prefix: str, ignored: list[re.Pattern[str]], model_class: str
+) -> str | None:
+    """The model's name for a checkpoint key; None for keys the model class says to ignore."""
+    if key in targets:
+        return key
+    if prefix and f"{prefix}.{key}" in targets:  # checkpoints saved from the base model (GPT-2's "h.0...")
+        return f"{prefix}.{key}"
+    if any(p.search(key) for p in ignored):
+        return None
+    raise ModelLoadError(f"checkpoint tensor {key!r} matches no parameter of {model_class} (wrong config.json?)")
+
+
+def _load_weights(model: transformers.PreTrainedModel, files: list[pathlib.Path]) -> None:
+    """Copy every checkpoint tensor into its (uninitialised) parameter, then check that none is left out."""
+    buffers = dict(model.named_buffers(remove_duplicate=False))
+    persistent = {name for name in buffers if name.rsplit(".", 1)[-1] not in _non_persistent(model, name)}
+    targets = dict(model.named_parameters(remove_duplicate=False)) | {n: buffers[n] for n in persistent}
+    prefix = getattr(model, "base_model_prefix", "") or ""
+    ignored = [re.compile(p) for p in (getattr(model, "_keys_to_ignore_on_load_unexpected", None) or [])]
+    # Buffers old checkpoints saved that the model now computes at build (rotary frequencies, GPT-2 masks).
+    ignored += [re.compile(r"rotary_emb\.inv_freq$"), re.compile(r"attn\.masked_bias$")]
+    filled: set[int] = set()
+    for path in files:
+        with safetensors_io.mapped(path) as mapped:
+            for info in mapped.tensors:
+                name = _target_name(info.name, targets, prefix, ignored, type(model).__name__)
+                if name is None:
+                    continue
+                target = targets[name]
+                if tuple(target.shape) != info.shape:
+                    raise ModelLoadError(
+                        f"{path.name}: tensor {info.name!r} has shape {list(info.shape)}, the model expects "
+                        f"{list(target.shape)} (does config.json belong to these weights?)"
+                    )
+                mapped.copy_into(info, target)
+                filled.add(id(target))
+    missing = sorted(name for name, tensor in targets.items() if id(tensor) not in filled)
+    if missing:
+        shown = ", ".join(missing[:5]) + (f" and {len(missing) - 5} more" if len(missing) > 5 else "")
+        raise ModelLoadError(f"the checkpoint lacks {len(missing)} tensors the model needs: {shown}")
+
+
+def _non_persistent(model: torch.nn.Module, buffer_name: str) -> set[str]:
+    owner = model.get_submodule(buffer_name.rpartition(".")[0]) if "." in buffer_name else model
+    return set(getattr(owner, "_non_persistent_buffers_set", ()))
+
+
+def _generation_config(path: pathlib.Path, config: transformers.PretrainedConfig) -> transformers.GenerationConfig:
+    """The checkpoint's generation_config.json (its EOS ids are what generate() stops on), else the config's."""
+    if (path / transformers.utils.GENERATION_CONFIG_NAME).is_file():
+        return transformers.GenerationConfig.from_pretrained(path, local_files_only=True)
+    return transformers.GenerationConfig.from_model_config(config)
+
+
+def _load_local(
+    path: pathlib.Path, dtype: torch.dtype, device: torch.device
+) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerBase]:
+    files = checkpoint_files(path)
     config = transformers.AutoConfig.from_pretrained(path, local_files_only=True)
     check_architecture(config)
-    model = transformers.AutoModelForCausalLM.from_pretrained(
-        path, dtype=dtype, local_files_only=True, use_safetensors=True, attn_implementation="sdpa"
-    )
+    # Parameters are allocated on the device and left uninitialised (no random init, no touched pages);
+    # buffers computed from the config (rotary frequencies) are made there too. no_init_weights patches
+    # torch's init functions for the duration: the caller holds the load lock.
+    with torch.device(device), hf_init.no_init_weights():
+        model = transformers.AutoModelForCausalLM.from_config(config, dtype=dtype, attn_implementation="sdpa")
+    model.tie_weights()  # one tensor for tied embeddings before loading, so it is filled once
+    _load_weights(model, files)
+    model.generation_config = _generation_config(path, config)
     tokenizer = transformers.AutoTokenizer.from_pretrained(path, local_files_only=True)
     return model, tokenizer
+
+
+def _weight_bytes(model: torch.nn.Module) -> int:
+    unique = {p.untyped_storage().data_ptr(): p.untyped_storage().nbytes() for p in model.parameters()}
+    return sum(unique.values())
 
 
 _LOCK = threading.Lock()
@@ -143,7 +245,7 @@ def _load_cached(spec: str, dtype: torch.dtype, device: str) -> LoadedModel:
     if builtin.is_builtin(spec):
         model, tokenizer = builtin.build(spec.removeprefix(builtin.BUILTIN_PREFIX), dtype=dtype)
     else:
-        model, tokenizer = _load_local(pathlib.Path(spec).expanduser(), dtype)
+        model, tokenizer = _load_local(pathlib.Path(spec).expanduser(), dtype, torch_device)
     check_architecture(model.config)
     model.to(device=torch_device).eval()
     model.requires_grad_(False)
@@ -156,6 +258,7 @@ def _load_cached(spec: str, dtype: torch.dtype, device: str) -> LoadedModel:
         max_model_len=_max_model_len(model.config, None),
         vocab_size=int(model.get_output_embeddings().weight.shape[0]),
         eos_token_ids=_eos_token_ids(model),
+        weight_bytes=_weight_bytes(model),
     )
 
 

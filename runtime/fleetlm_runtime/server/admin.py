@@ -1,4 +1,5 @@
-"""Live tuning: `GET /admin/config` shows the config in force, `PUT /admin/config` changes the live fields.
+"""Live tuning: `GET /admin/config` shows the config in force, `PUT /admin/config` changes the live fields;
+and `GET /admin/usage`, the usage ledger per tenant and class.
 
 Both need the admin bearer token (a mounted Secret); without a configured token the API is closed.
 A PUT takes the same camelCase shape as the config file, restricted to what can change without a
@@ -95,6 +96,13 @@ async def get_config(request: web.Request) -> web.Response:
     state = request.app[state_mod.state_key]
     auth.check_admin(request, state.admin_token)
     return web.json_response(_view(state))
+
+
+async def get_usage(request: web.Request) -> web.Response:
+    """The usage ledger (server/ledger.py): per (tenant, class) and in total, since the server started."""
+    state = request.app[state_mod.state_key]
+    auth.check_admin(request, state.admin_token)
+    return web.json_response(state.metrics.ledger.as_json())
 
 
 async def put_config(request: web.Request) -> web.Response:

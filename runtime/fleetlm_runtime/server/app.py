@@ -28,6 +28,8 @@ from fleetlm_runtime.server import state as state_mod
 log = logging.getLogger(__name__)
 
 engine_task_key = web.AppKey("engine_task", asyncio.Task[None])
+# Ends (with the error) if the engine's worker dies after it came up: the server must then exit.
+engine_death_key = web.AppKey("engine_death", asyncio.Task[BaseException])
 
 
 def engine_config_from(cfg: config_mod.RuntimeConfig, *, device: str = "cpu") -> engine_config.EngineConfig:
@@ -40,13 +42,13 @@ def engine_config_from(cfg: config_mod.RuntimeConfig, *, device: str = "cpu") ->
         max_batch_size=cfg.batching.max_batch_size,
         max_batch_tokens=cfg.batching.max_batch_tokens,
         max_kv_tokens=cfg.batching.max_kv_tokens,
+        kv_cache_memory=cfg.kv_cache.memory_bytes,
+        gpu_memory_utilization=cfg.kv_cache.gpu_memory_utilization,
+        kv_block_size=cfg.kv_cache.block_size,
         # The FIFO policy is the plain batcher kept as a baseline: arrival order whatever the class.
         scheduling_policy="fcfs" if cfg.qos.policy == contract.QOS_POLICY_FIFO else "priority",
-        prefix_cache_max_tokens=(
-            (cfg.caching.prefix_cache.max_tokens or engine_config.DEFAULT_PREFIX_CACHE_TOKENS)
-            if cfg.caching.prefix_cache.enabled
-            else 0
-        ),
+        # None: the cache is bounded by the KV pool alone.
+        prefix_cache_max_tokens=cfg.caching.prefix_cache.max_tokens if cfg.caching.prefix_cache.enabled else 0,
     )
 
 
@@ -92,12 +94,15 @@ def create_app(
     async def engine_ctx(app: web.Application) -> AsyncIterator[None]:
         task = asyncio.create_task(_bring_up(state, factory), name="fleetlm-engine-startup")
         app[engine_task_key] = task
+        death = asyncio.create_task(_watch_engine(state, task), name="fleetlm-engine-watch")
+        app[engine_death_key] = death
         yield
         state.start_draining()
-        if not task.done():
-            task.cancel()
-        with contextlib.suppress(asyncio.CancelledError, Exception):
-            await task
+        for pending in (task, death):
+            if not pending.done():
+                pending.cancel()
+            with contextlib.suppress(asyncio.CancelledError, Exception):
+                await pending
         if state.engine is not None:
             await state.engine.shutdown()
 
@@ -130,3 +135,15 @@ async def _warm_up(engine: async_engine.AsyncEngine, *, qos_class: str) -> None:
     if last is None or not last.finished or str(last.finish_reason) not in ("length", "stop"):
         reason = None if last is None else last.finish_reason
         raise RuntimeError(f"the warm-up generation did not finish normally (finish reason {reason})")
+
+
+async def _watch_engine(state: state_mod.ServerState, bring_up: asyncio.Task[None]) -> BaseException:
+    """Wait for the engine to come up, then for it to die. A dead engine never serves again: /ready and
+    /health turn false at once (phase failed, with the cause), and the caller exits the process."""
+    await bring_up
+    assert state.engine is not None
+    error = await state.engine.wait_dead()
+    if state.phase is not state_mod.Phase.DRAINING:  # dying while draining: the drain ends it anyway
+        state.set_failed(error)
+    log.error("the engine died: %s", error)
+    return error

@@ -21,6 +21,8 @@ from fleetlm_runtime import contract
 from fleetlm_runtime import qos as qos_mod
 from fleetlm_runtime.server import schemas
 
+TENANT_DIGEST_CHARS = 12  # 48 bits of SHA-256: distinct for any real key file, short enough for a label
+
 
 def read_token_file(path: str | pathlib.Path) -> str:
     """The token in a file (a mounted Secret), stripped of surrounding whitespace; refuses an empty one."""
@@ -68,6 +70,12 @@ class Client:
 
     qos_class: str
     key_id: str = ""  # a digest of the client's known API key ("" without one): a cache salt, never the key
+
+    @property
+    def tenant(self) -> str:
+        """Who to share fairly with and bill: a short digest of a key in the key file, or one fold value for
+        everyone else, so the label stays bounded by the key file. Never the key itself."""
+        return self.key_id[:TENANT_DIGEST_CHARS] if self.key_id else contract.TENANT_OTHER
 
 
 def resolve_client(

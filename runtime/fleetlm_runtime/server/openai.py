@@ -59,6 +59,7 @@ class _Prepared:
     prompt_ids: list[int]
     params: request_mod.SamplingParams
     qos_class: str
+    tenant: str = contract.TENANT_OTHER  # auth.Client.tenant: fair sharing and the usage ledger
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -119,7 +120,13 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
         state.metrics.record_rejection(error.reason, qos_class)
         raise
     p = _Prepared(
-        req_id=_request_id(kind), kind=kind, body=body, prompt_ids=prompt_ids, params=params, qos_class=qos_class
+        req_id=_request_id(kind),
+        kind=kind,
+        body=body,
+        prompt_ids=prompt_ids,
+        params=params,
+        qos_class=qos_class,
+        tenant=client.tenant,
     )
     key = response_cache.key_for(state, prompt_ids=prompt_ids, params=params, salt=client.key_id)
     state.request_started(p.req_id)
@@ -142,12 +149,14 @@ async def _serve_cacheable(
         claim = cache.claim(key)
         if isinstance(claim, responses.Hit):
             state.metrics.record_response_cache(hit=True)
+            _book_response_cache_hit(state, p, claim.value)
             return await _replay(request, state, p, claim.value, contract.RESPONSE_CACHE_HIT)
         if isinstance(claim, responses.Follower):
             shared = await claim.wait()
             if shared is None:
                 continue  # its leader failed or was aborted: claim again (perhaps to lead)
             state.metrics.record_response_cache(hit=True)
+            _book_response_cache_hit(state, p, shared)
             return await _replay(request, state, p, shared, contract.RESPONSE_CACHE_SHARED)
         state.metrics.record_response_cache(hit=False)
         recorder = response_cache.Recorder()
@@ -157,6 +166,12 @@ async def _serve_cacheable(
             # Whatever happened (done, refused, client gone, cancelled), the followers are released.
             claim.finish(recorder.result(num_prompt_tokens=p.num_prompt_tokens))
     return await _compute(request, state, engine, p)
+
+
+def _book_response_cache_hit(state: state_mod.ServerState, p: _Prepared, cached: responses.CachedResponse) -> None:
+    state.metrics.record_response_cache_hit(
+        tenant=p.tenant, qos_class=p.qos_class, num_output_tokens=cached.num_output_tokens
+    )
 
 
 async def _compute(
@@ -186,9 +201,17 @@ async def _compute(
 
 
 def _submit(state: state_mod.ServerState, engine: async_engine.AsyncEngine, p: _Prepared) -> async_engine.RequestStream:
-    priority = state.config.qos.by_name()[p.qos_class].priority
+    qos_class = state.config.qos.by_name()[p.qos_class]
     try:
-        return engine.submit(p.prompt_ids, p.params, req_id=p.req_id, qos_class=p.qos_class, priority=priority)
+        return engine.submit(
+            p.prompt_ids,
+            p.params,
+            req_id=p.req_id,
+            qos_class=p.qos_class,
+            priority=qos_class.priority,
+            weight=qos_class.weight,
+            tenant=p.tenant,
+        )
     except request_mod.InvalidParameterError as error:
         reason = contract.REJECT_TOO_LONG if error.param in ("prompt", "max_tokens") else contract.REJECT_INVALID
         raise schemas.invalid(error.param, error.message, reason=reason) from None

@@ -26,6 +26,7 @@ def setup_routes(app: web.Application) -> None:
     app.router.add_get(contract.PATH_METRICS, health.metrics)
     app.router.add_get(contract.PATH_ADMIN_CONFIG, admin.get_config)
     app.router.add_put(contract.PATH_ADMIN_CONFIG, admin.put_config)
+    app.router.add_get(contract.PATH_ADMIN_USAGE, admin.get_usage)
 
 
 _HTTP_TYPES = {

@@ -84,7 +84,8 @@ class StreamOptions(_Request):
 # Parameters both endpoints share, with OpenAI's ranges.
 NonNegInt = Annotated[int, pydantic.Field(ge=0, lt=2**63)]
 StopField = Annotated[
-    str | Annotated[list[Annotated[str, pydantic.Field(min_length=1, max_length=256)]], pydantic.Field(max_length=16)]
+    str
+    | Annotated[list[Annotated[str, pydantic.Field(min_length=1, max_length=256)]], pydantic.Field(max_length=16)]
     | None,
     pydantic.Field(default=None),
 ]

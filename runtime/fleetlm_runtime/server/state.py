@@ -201,6 +201,7 @@ class ServerState:
 
     def set_ready(self, engine: async_engine.AsyncEngine) -> None:
         self.engine = engine
+        self.metrics.set_engine_info(engine.info)
         self.metrics.set_config(self.config, max_kv_tokens=kv_capacity_tokens(engine))
         if self.phase is Phase.LOADING:
             self.phase = Phase.READY

@@ -71,7 +71,7 @@ async def test_abort_mid_stream_ends_it_and_frees_kv(engine: async_engine.AsyncE
         _, _, last = await collect(stream)
         assert last.finish_reason is request_mod.FinishReason.ABORT
     assert engine.core.kv_usage == 0.0
-    assert engine.core.runner.num_slots == 0 and engine.core.scheduler.kv.num_requests == 0
+    assert engine.core.runner.num_requests == 0 and engine.core.scheduler.kv.num_requests == 0
 
 
 async def test_a_cancelled_consumer_aborts_its_request(engine: async_engine.AsyncEngine) -> None:

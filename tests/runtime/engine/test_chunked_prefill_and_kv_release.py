@@ -52,6 +52,7 @@ def test_aborting_running_and_waiting_requests_returns_kv_to_zero(
     make_core: Callable[..., core.EngineCore], random_prompts: Callable[..., list[list[int]]]
 ) -> None:
     engine = make_core(max_batch_size=4, max_batch_tokens=64, max_kv_tokens=2000)
+    pool = [t.data_ptr() for t in engine.runner.pool_tensors]
     prompts = random_prompts(10, vocab_size=engine.loaded.vocab_size, seed=2, min_len=50, max_len=300)
     for i, prompt in enumerate(prompts):
         engine.add_request(
@@ -61,19 +62,23 @@ def test_aborting_running_and_waiting_requests_returns_kv_to_zero(
         )
     for _ in range(12):
         engine.step()
-    assert engine.kv_usage > 0 and engine.runner.num_slots > 0 and engine.scheduler.num_waiting > 0
-    kv_bytes = engine.runner.kv_buffer_bytes
+    assert engine.kv_usage > 0 and engine.runner.num_requests > 0 and engine.scheduler.num_waiting > 0
     outputs = engine.abort_requests([f"r{i}" for i in range(10)])
     assert len(outputs) == 10 and all(o.finish_reason is request_mod.FinishReason.ABORT for o in outputs)
-    assert engine.kv_usage == 0.0 and engine.scheduler.kv.num_reserved_tokens == 0
-    assert engine.runner.num_slots == 0  # freed at once, not at the next step
-    assert engine.runner.kv_buffer_bytes < kv_bytes  # and the buffers shrank back
+    assert engine.kv_usage == 0.0 and engine.scheduler.kv.num_used_blocks == 0
+    assert engine.runner.num_requests == 0  # freed at once, not at the next step
+    assert [t.data_ptr() for t in engine.runner.pool_tensors] == pool  # the same pool, never reallocated
     assert not engine.has_unfinished_requests()
     assert engine.step() == ([], None)
 
 
-def test_requests_wait_when_kv_capacity_is_reserved(make_core: Callable[..., core.EngineCore]) -> None:
-    engine = make_core(max_batch_size=8, max_batch_tokens=256, max_kv_tokens=100)
+def test_requests_hold_the_blocks_of_their_tokens_not_their_worst_case(
+    make_core: Callable[..., core.EngineCore],
+) -> None:
+    # 7 blocks of 16 tokens. Each request may come to 40 tokens (3 blocks): reserving the worst case would
+    # run 2 at once; holding what they compute (2 blocks for the 20-token prompt and first tokens) runs 3.
+    engine = make_core(max_batch_size=8, max_batch_tokens=256, max_kv_tokens=112)
+    assert engine.info.kv_num_blocks == 7 and engine.info.kv_capacity_tokens == 112
     for i in range(3):
         engine.add_request(
             engine.make_request(
@@ -81,9 +86,13 @@ def test_requests_wait_when_kv_capacity_is_reserved(make_core: Callable[..., cor
             )
         )
     _, stats = engine.step()
-    assert stats is not None and stats.num_running == 2 and stats.num_waiting == 1
-    assert stats.num_kv_tokens_reserved == 80 and stats.kv_usage == 0.8
+    assert stats is not None and stats.num_running == 3 and stats.num_waiting == 0
+    assert stats.kv_blocks_used == 6 and stats.num_kv_tokens_reserved == 96 and abs(stats.kv_usage - 6 / 7) < 1e-9
     finished: list[str] = []
+    preemptions = 0
     while engine.has_unfinished_requests():
-        finished += [o.req_id for o in engine.step()[0] if o.finished]
-    assert finished[-1] == "r2" and engine.kv_usage == 0.0
+        outs, stats = engine.step()
+        finished += [o.req_id for o in outs if o.finished]
+        preemptions += stats.num_preemptions if stats is not None else 0
+    # They outgrow the pool (9 blocks for 3 x 40 tokens): the newest is preempted, and all complete.
+    assert preemptions >= 1 and sorted(finished) == ["r0", "r1", "r2"] and engine.kv_usage == 0.0

@@ -118,6 +118,11 @@ async def test_a_killed_core_fails_every_stream_and_new_requests(process_engine:
     assert not process_engine.is_running
     with pytest.raises(async_engine.EngineDeadError):
         process_engine.submit([1, 2], greedy(2))
+    # The server learns of the death (to exit), and the dead child is reaped, not left a zombie.
+    error = await asyncio.wait_for(process_engine.wait_dead(), timeout=5)
+    assert isinstance(error, core_process.EngineProcessError) and "code -9" in str(error)
+    assert executor._process.exitcode == -signal.SIGKILL
+    assert not await asyncio.to_thread(os.path.exists, f"/proc/{executor.pid}"), "the dead child was not reaped"
 
 
 async def test_shutdown_aborts_what_is_left_and_stops_the_process() -> None:
@@ -133,7 +138,7 @@ async def test_shutdown_aborts_what_is_left_and_stops_the_process() -> None:
     assert _wait_gone(executor.pid, timeout_s=5)
 
 
-def test_the_core_process_exits_when_its_server_is_killed(tmp_path: object) -> None:
+def test_the_core_process_dies_with_its_server_at_once(tmp_path: object) -> None:
     script = textwrap.dedent(
         """
         import asyncio, sys, time
@@ -158,7 +163,12 @@ def test_the_core_process_exits_when_its_server_is_killed(tmp_path: object) -> N
         assert testing.is_running(child_pid)
         server.send_signal(signal.SIGKILL)  # no cleanup at all: the child must notice on its own
         server.wait(timeout=10)
-        assert _wait_gone(child_pid), "the engine process outlived its server"
+        killed = time.monotonic()
+        # The kernel's parent-death signal kills it at once (a pipe read would notice only later).
+        assert _wait_gone(child_pid, timeout_s=5), "the engine process outlived its server"
+        assert time.monotonic() - killed < 0.5, (
+            f"the engine process outlived its server by {time.monotonic() - killed:.2f}s"
+        )
     finally:
         if server.poll() is None:
             server.kill()

@@ -1,8 +1,9 @@
 """Greedy output of every batched request equals `model.generate(do_sample=False)` on it alone.
 
 Requests of mixed prompt lengths and max_tokens arrive at random steps, the token budget is small so
-long prompts are prefilled in chunks next to running decodes, and requests leave mid-batch (slots are
-compacted). Both forwards are checked: the model's own modules and the lean Llama-family path.
+long prompts are prefilled in chunks next to running decodes (later chunks attend over their blocks in
+the pool), and requests leave mid-batch, their blocks reused by others. Both forwards are checked: the
+model's own modules and the lean Llama-family path.
 """
 
 from __future__ import annotations
@@ -67,7 +68,7 @@ def test_greedy_equals_generate_with_random_arrivals(  # noqa: PLR0917 (pytest f
         expected = generate_greedy(reference_model, prompt, max_tokens)
         assert got[f"r{index}"] == expected, f"request {index} (prompt {len(prompt)} tokens) differs"
         assert reasons[f"r{index}"] == ("stop" if expected[-1] in engine.loaded.eos_token_ids else "length")
-    assert engine.kv_usage == 0.0 and engine.runner.num_slots == 0
+    assert engine.kv_usage == 0.0 and engine.runner.num_requests == 0
 
 
 def test_a_request_alone_equals_generate_over_a_long_context(
@@ -76,7 +77,7 @@ def test_a_request_alone_equals_generate_over_a_long_context(
     generate_greedy: Callable[..., list[int]],
     random_prompts: Callable[..., list[list[int]]],
 ) -> None:
-    # Crosses several KV buffer growths (128 -> 256 -> 512 -> 1024 positions).
+    # 740 tokens: 47 blocks of 16, gathered by block table on every decode step.
     engine = make_core(max_batch_size=4, max_batch_tokens=256)
     prompt = random_prompts(1, vocab_size=engine.loaded.vocab_size, seed=5, min_len=700, max_len=700)[0]
     engine.add_request(

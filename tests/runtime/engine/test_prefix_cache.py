@@ -1,7 +1,8 @@
-"""Prefix cache: shared prompt prefixes reuse KV, greedy output is unchanged, memory is bounded, LRU evicts.
+"""Prefix cache: shared prompt prefixes share KV blocks of the pool, greedy output is unchanged, the
+index is bounded, LRU evicts, and a hit costs no prefill of the cached tokens.
 
-The index (pure Python) is tested alone; the engine tests run the tiny model and compare every output
-with `model.generate()` on the request alone.
+The engine tests run the tiny model and compare every output with `model.generate()` on the request
+alone; the block pool itself is tested in tests/runtime/caches.
 """
 
 from __future__ import annotations
@@ -23,27 +24,6 @@ def test_block_hashes_name_the_whole_prefix_and_only_full_blocks() -> None:
     assert a[2] != b[2]
     assert c[1] != a[1]  # same block tokens, different parent: different block
     assert prefix_cache.block_hashes([1, 2, 3, 4, 5, 6, 7], 2, start=2, parent=a[1]) == a[2:]  # resumable chain
-
-
-def test_index_is_bounded_and_evicts_least_recently_used_tails_first() -> None:
-    index = prefix_cache.PrefixCacheIndex(max_tokens=64, block_size=16)  # 4 blocks
-    first = prefix_cache.block_hashes(list(range(48)), 16)  # 3 blocks
-    second = prefix_cache.block_hashes(list(range(100, 148)), 16)
-    assert index.insert(first) == set(first)
-    assert index.match(first) == 3
-    assert index.take_evicted() == []
-    index.insert(second)
-    assert index.num_tokens <= index.max_tokens == 64
-    evicted = index.take_evicted()
-    # The older chain lost its tail, not its root: a shorter prefix of it still hits.
-    assert evicted == [first[2], first[1]]
-    assert index.match(first) == 1
-    assert index.match(second) == 3
-    # Touching moves a chain to the most recently used end.
-    index.match(first)
-    index.insert(prefix_cache.block_hashes(list(range(200, 216)), 16))
-    assert index.take_evicted() == [second[2]]
-    assert index.insert(first[:1]) == set()
 
 
 def _run(engine: core.EngineCore, prompts: list[list[int]], max_tokens: int, *, stagger: bool) -> dict[str, list[int]]:
@@ -90,9 +70,9 @@ def test_shared_prefix_hits_and_greedy_output_is_identical_to_generate(
     # Every request after the first finds at least the system prompt's first block.
     assert hits >= 16 * (len(prompts) - 1)
     assert hits % 16 == 0
-    # Index and KV copies agree, and the request slots were all released.
-    assert engine.runner.num_prefix_blocks == engine.scheduler.prefix_cache.num_blocks  # type: ignore[union-attr]
-    assert engine.runner.num_slots == 0
+    # Every request gave its blocks back; the cached ones stay in the pool, free until reused or evicted.
+    assert engine.runner.num_requests == 0 and engine.scheduler.kv.num_used_blocks == 0
+    assert engine.scheduler.kv.pool.num_cached_blocks >= 4
 
 
 def test_output_is_the_same_with_and_without_the_cache_when_batched_together(
@@ -107,19 +87,17 @@ def test_output_is_the_same_with_and_without_the_cache_when_batched_together(
     assert on == off
 
 
-def test_memory_bound_holds_and_eviction_keeps_index_and_copies_in_step(
+def test_the_index_bound_holds_and_least_recently_used_blocks_leave_it(
     make_core: Callable[..., core.EngineCore],
     reference_model: object,
     generate_greedy: Callable[..., list[int]],
 ) -> None:
     rng = random.Random(3)
     engine = make_core(max_batch_size=4, max_batch_tokens=64, prefix_cache_max_tokens=64)  # 4 blocks of 16
-    cache = engine.scheduler.prefix_cache
-    assert cache is not None
+    cache = engine.scheduler.kv.pool
     prompts = [[rng.randrange(1, 250) for _ in range(40)] for _ in range(12)]  # 2 full blocks each
     got = _run(engine, prompts, 4, stagger=True)
-    assert cache.num_tokens <= 64
-    assert engine.runner.num_prefix_blocks == cache.num_blocks <= 4
+    assert cache.num_cached_blocks <= 4
     # The last prompts are still cached; repeating the most recent one hits, the oldest misses.
     again = _run(engine, [prompts[-1]], 4, stagger=True)
     assert sum(s.prefix_cache_hits for s in engine.stats_seen) == 32  # type: ignore[attr-defined]
@@ -127,13 +105,38 @@ def test_memory_bound_holds_and_eviction_keeps_index_and_copies_in_step(
     again = _run(engine, [prompts[0]], 4, stagger=True)
     assert sum(s.prefix_cache_hits for s in engine.stats_seen) == 0  # type: ignore[attr-defined]  (evicted)
     assert again["r0"] == generate_greedy(reference_model, prompts[0], 4)
-    assert engine.runner.num_prefix_blocks == cache.num_blocks <= 4
+    assert cache.num_cached_blocks <= 4
 
 
 def test_disabled_cache_counts_nothing(make_core: Callable[..., core.EngineCore]) -> None:
     engine = make_core(prefix_cache_max_tokens=0)
-    assert engine.scheduler.prefix_cache is None
+    assert not engine.scheduler.kv.enable_caching
     prompt = list(range(1, 50))
     _run(engine, [prompt, prompt], 3, stagger=True)
     assert sum(s.prefix_cache_queries + s.prefix_cache_hits for s in engine.stats_seen) == 0  # type: ignore[attr-defined]
-    assert engine.runner.num_prefix_blocks == 0
+    assert engine.scheduler.kv.pool.num_cached_blocks == 0
+
+
+def test_a_hit_shares_the_cached_blocks_and_prefills_only_the_rest(
+    make_core: Callable[..., core.EngineCore],
+    reference_model: object,
+    generate_greedy: Callable[..., list[int]],
+) -> None:
+    rng = random.Random(5)
+    prompt = [rng.randrange(1, 250) for _ in range(40)]  # two full blocks of 16, then 8 tokens
+    engine = make_core(max_batch_size=4, max_batch_tokens=64)
+    first = _run(engine, [prompt], 6, stagger=True)
+    kv = engine.scheduler.kv
+    hashes = prefix_cache.block_hashes(prompt, 16)
+    cached = [kv.pool.get_cached_block(h) for h in hashes]
+    assert None not in cached and kv.num_used_blocks == 0  # free, still cached
+    params = request_mod.SamplingParams(max_tokens=6, temperature=0.0)
+    engine.add_request(engine.make_request(req_id="again", prompt_token_ids=prompt, sampling_params=params))
+    outs, stats = engine.step()
+    assert stats is not None
+    assert (stats.prefix_cache_hits, stats.num_prefill_tokens, stats.num_tokens) == (32, 8, 8)  # no prefill of 32
+    assert engine.runner._tables["again"][:2] == cached  # the very blocks, not copies
+    tokens = [t for o in outs for t in o.new_token_ids]
+    while engine.has_unfinished_requests():
+        tokens += [t for o in engine.step()[0] for t in o.new_token_ids]
+    assert tokens == first["r0"] == generate_greedy(reference_model, prompt, 6)

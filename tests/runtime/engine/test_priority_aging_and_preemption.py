@@ -7,6 +7,7 @@ from collections.abc import Callable
 
 import pytest
 
+from fleetlm_runtime.caches import kv_manager
 from fleetlm_runtime.engine import core, outputs, scheduler
 from fleetlm_runtime.engine import request as request_mod
 
@@ -26,7 +27,7 @@ def make_scheduler(
 ) -> scheduler.Scheduler:
     return scheduler.Scheduler(
         limits=scheduler.SchedulerLimits(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens),
-        kv_capacity_tokens=kv,
+        kv=kv_manager.KVCacheManager(num_blocks=kv + 1, block_size=1),  # blocks of one token: counts are tokens
         policy="priority",
         clock=Clock(),
         aging_s=aging_s,
@@ -109,7 +110,7 @@ def test_a_higher_class_preempts_the_lowest_most_recent_running_request_which_ke
     assert low_c.status is Status.PREEMPTED
     assert low_c.num_computed_tokens == 0
     assert low_c.output_token_ids == [7, 7]  # generated tokens are kept
-    assert sched.kv.reserved_by("low-c") == 0
+    assert sched.kv.num_blocks_held("low-c") == 0
     assert sched.take_step_counters()[0] == 1
     assert sched.waiting.peek().req_id == "low-c"
     assert sched.waiting_by_class == {"default": 2}
@@ -123,19 +124,19 @@ def test_a_higher_class_preempts_the_lowest_most_recent_running_request_which_ke
 
 
 def test_preemption_also_frees_kv_and_only_when_it_makes_room() -> None:
-    sched = make_scheduler(max_batch_size=8, kv=40, aging_s=None)
+    sched = make_scheduler(max_batch_size=8, kv=24, aging_s=None)
     sched.add_request(make_request("low", priority=2, arrival=1.0, prompt_len=10, max_tokens=10))
     sched.add_request(make_request("low2", priority=2, arrival=1.0, prompt_len=5, max_tokens=5))
     step(sched)
-    assert sched.kv.num_free_tokens == 10
-    # Needs 25 tokens: preempting the most recent (10) is not enough, the older one (20) is, alone.
-    sched.add_request(make_request("high", priority=0, arrival=2.0, prompt_len=15, max_tokens=10))
+    assert sched.kv.num_free_blocks == 9  # the prompts' tokens are held, not prompt + max_tokens
+    # Needs 15 tokens: preempting the most recent (5) is not enough, the older one (10) is, alone.
+    sched.add_request(make_request("high", priority=0, arrival=2.0, prompt_len=15, max_tokens=9))
     out = step(sched)
     assert out.preempted_req_ids == ["low"]
     assert [r.req_id for r in sched.running] == ["low2", "high"]
     # Room only preempting an equal priority could make: preempting low2 alone would not help, so
     # nobody is preempted.
-    sched.add_request(make_request("peer", priority=0, arrival=3.0, prompt_len=15, max_tokens=10))
+    sched.add_request(make_request("peer", priority=0, arrival=3.0, prompt_len=15, max_tokens=9))
     out = step(sched)
     assert out.preempted_req_ids == []
     assert [r.req_id for r in sched.running] == ["low2", "high"]
@@ -205,5 +206,5 @@ def test_preempted_requests_output_equals_an_unpreempted_run(
         for out in alone.step()[0]:
             reference.extend(out.new_token_ids)
     assert tokens["low-b"] == reference
-    assert engine.runner.num_slots == 0
+    assert engine.runner.num_requests == 0
     assert not engine.runner._parked

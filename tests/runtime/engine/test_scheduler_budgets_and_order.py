@@ -7,6 +7,7 @@ import sys
 
 import pytest
 
+from fleetlm_runtime.caches import kv_manager
 from fleetlm_runtime.engine import outputs, scheduler
 from fleetlm_runtime.engine import request as request_mod
 
@@ -23,11 +24,19 @@ class Clock:
 
 
 def make_scheduler(
-    *, max_batch_size: int = 4, max_batch_tokens: int = 16, kv: int = 10_000, policy: str = "fcfs"
+    *,
+    max_batch_size: int = 4,
+    max_batch_tokens: int = 16,
+    kv: int = 10_000,
+    block_size: int = 1,
+    policy: str = "fcfs",
+    prefix_cache: bool = False,
 ) -> scheduler.Scheduler:
     return scheduler.Scheduler(
         limits=scheduler.SchedulerLimits(max_batch_size=max_batch_size, max_batch_tokens=max_batch_tokens),
-        kv_capacity_tokens=kv,
+        kv=kv_manager.KVCacheManager(
+            num_blocks=kv // block_size + 1, block_size=block_size, enable_caching=prefix_cache
+        ),
         policy=policy,  # type: ignore[arg-type]
         clock=Clock(),
     )
@@ -108,18 +117,57 @@ def test_token_budget_is_never_exceeded() -> None:
         assert out.total_num_tokens == sum(out.num_scheduled_tokens)
 
 
-def test_requests_wait_for_kv_capacity_and_finishing_frees_it() -> None:
-    sched = make_scheduler(max_batch_tokens=64, kv=20)  # room for one prompt 4 + max_tokens 8 = 12
-    sched.add_request(make_request("a"))
-    sched.add_request(make_request("b"))
-    step(sched)
-    assert sched.num_running == 1 and sched.kv.num_reserved_tokens == 12 and sched.kv.usage == pytest.approx(0.6)
-    for _ in range(7):
-        step(sched)
-    assert "a" not in sched.requests  # max_tokens reached: finished and freed
-    assert sched.take_finished_req_ids() == ["a"]
+def test_the_pool_runs_sequences_by_the_tokens_they_hold_not_their_worst_case() -> None:
+    # 1024 tokens in blocks of 16. Each request may grow to 30 + 226 = 256 tokens: reserving that would run
+    # 4 at once. They stop after 10 tokens (40 tokens, 3 blocks, held), so the pool runs about 1024 / 40.
+    sched = make_scheduler(max_batch_size=64, max_batch_tokens=4096, kv=1024, block_size=16)
+    for i in range(64):
+        sched.add_request(make_request(f"r{i}", prompt_len=30, max_tokens=226))
+    peak = 0
+    finished = 0
+    while sched.has_unfinished_requests():
+        out = sched.schedule()
+        assert sched.kv.num_used_blocks <= 64
+        peak = max(peak, sched.num_running)
+        ids = [r for r, s in zip(out.req_ids, out.do_sample, strict=True) if s]
+        tokens = [EOS if len(sched.requests[r].output_token_ids) == 9 else 7 for r in ids]
+        updated = sched.update_from_output(out, outputs.RunnerOutput(req_ids=ids, sampled_token_ids=tokens))
+        finished += sum(r.status is Status.FINISHED_STOPPED for r in updated)
+    assert finished == 64 and sched.kv.num_used_blocks == 0
+    assert peak >= 20  # N / average held length, not N / max length (4)
+
+
+def test_a_full_pool_preempts_the_newest_request_which_recomputes_and_completes() -> None:
+    sched = make_scheduler(max_batch_size=8, max_batch_tokens=64, kv=32, block_size=4)  # 8 blocks
+    for name in "abc":
+        sched.add_request(make_request(name, prompt_len=8, max_tokens=8))  # 2 blocks each, up to 4
+    first = step(sched)
+    assert first.req_ids == ["a", "b", "c"] and sched.kv.num_used_blocks == 6
+    preempted: list[str] = []
+    while sched.has_unfinished_requests():
+        out = step(sched)
+        preempted += out.preempted_req_ids
+        assert set(out.preempted_req_ids) <= set(out.finished_req_ids)
+        assert not set(out.preempted_req_ids) & set(out.req_ids)  # taken back from this step
+    assert preempted[0] == "c"  # the most recently admitted gives its blocks back
+    assert sched.kv.num_used_blocks == 0
+
+
+def test_a_prefix_hit_shares_blocks_and_schedules_only_the_rest() -> None:
+    sched = make_scheduler(max_batch_tokens=256, kv=256, block_size=16, prefix_cache=True)
+    sched.add_request(make_request("a", prompt_len=40, max_tokens=4))
+    first = step(sched)
+    assert first.num_scheduled_tokens == [40]
+    sched.add_request(make_request("b", prompt_len=40, max_tokens=4))  # the same prompt
     out = step(sched)
-    assert out.req_ids == ["b"] and sched.kv.num_reserved_tokens == 12
+    i = out.req_ids.index("b")
+    assert out.num_computed_tokens[i] == 32 and out.num_scheduled_tokens[i] == 8  # two blocks hit
+    assert out.num_prefill_tokens == 8
+    (new,) = out.new_reqs
+    shared = sched.kv.block_ids("a")[:2]
+    assert list(new.block_ids[:2]) == shared  # the same blocks, not copies
+    assert all(sched.kv.pool.ref_cnt[b] == 2 for b in shared)
+    assert sched.take_step_counters()[1:] == (80, 32)
 
 
 def test_a_request_that_could_never_fit_is_refused_at_once() -> None:
@@ -142,7 +190,7 @@ def test_stop_token_and_max_tokens_end_requests_with_their_reasons() -> None:
         (Status.FINISHED_STOPPED, EOS),
         (Status.FINISHED_LENGTH, None),
     ]
-    assert not sched.has_unfinished_requests() and sched.kv.num_reserved_tokens == 0
+    assert not sched.has_unfinished_requests() and sched.kv.num_used_blocks == 0
 
 
 def test_abort_frees_waiting_and_running_requests_and_late_aborts_are_ignored() -> None:
@@ -153,7 +201,7 @@ def test_abort_frees_waiting_and_running_requests_and_late_aborts_are_ignored() 
     finished = sched.finish_requests(["running", "waiting", "unknown"], Status.FINISHED_ABORTED)
     assert {r.req_id for r in finished} == {"running", "waiting"}
     assert all(r.status.finish_reason is request_mod.FinishReason.ABORT for r in finished)
-    assert sched.kv.num_reserved_tokens == 0 and sched.num_running == 0 and sched.num_waiting == 0
+    assert sched.kv.num_used_blocks == 0 and sched.num_running == 0 and sched.num_waiting == 0
     assert sched.take_finished_req_ids() == ["running"]  # only it held KV in the runner
     assert sched.finish_requests(["running"], Status.FINISHED_ABORTED) == []
 
@@ -223,6 +271,7 @@ def test_events_record_queue_first_token_and_finish_times() -> None:
 def test_scheduling_modules_do_not_import_torch() -> None:
     code = (
         "import sys; import fleetlm_runtime.engine.scheduler, fleetlm_runtime.engine.queues, "
-        "fleetlm_runtime.caches.kv_manager; assert 'torch' not in sys.modules, 'torch was imported'"
+        "fleetlm_runtime.caches.kv_manager, fleetlm_runtime.caches.block_pool, "
+        "fleetlm_runtime.caches.kv_budget; assert 'torch' not in sys.modules, 'torch was imported'"
     )
     subprocess.run([sys.executable, "-c", code], check=True, env={"PYTHONPATH": ":".join(sys.path)})

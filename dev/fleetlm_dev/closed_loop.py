@@ -1,0 +1,403 @@
+"""The closed loop on this machine, as pieces the end-to-end suite (e2e/) and the demo share.
+
+* `Service`: an LLMService on the local control plane, its operator replicas run as the real
+  `fleetlm-operator` console script (kept running as a Deployment would: `supervise.Supervised`), and its
+  pods run by `pod_runner` (the kubelet stand-in, on a thread) as real `fleetlm-runtime` processes.
+* `Load`: a load generator that spreads requests over the *ready* endpoints in turn, as a Service's
+  kube-proxy would, with Poisson arrivals at a rate that may change over time, per-class API keys, and a
+  record of every request (`bench_serve.send_request` does the HTTP and the timing).
+* `measure_capacity`: what one replica completes per second on this machine with the service's request
+  shape, measured first so that each scenario sizes its load from it rather than from a constant.
+* `Timeline`: one sample per interval of what the operator asked for and did (replicas asked and ready,
+  decisions), and `per_interval` to cut the request record into the same intervals.
+
+Only for tests and the demo.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import dataclasses
+import itertools
+import json
+import math
+import pathlib
+import random
+import sys
+import threading
+import time
+import urllib.request
+from collections.abc import Callable, Sequence
+from typing import Any
+
+import aiohttp
+import yaml
+
+from fleetlm_dev import bench_serve, cluster, pod_runner, supervise
+
+PROMPT = "Write a long story about a fleet of language models keeping their promises to every client."
+
+
+def install_crd(plane: cluster.ControlPlane) -> None:
+    from fleetlm_operator.api import crdgen  # noqa: PLC0415  (the operator package, only here)
+
+    plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
+                  input=crdgen.dump_yaml(crdgen.render_crd()))  # fmt: skip
+    plane.kubectl("wait", "--for=condition=Established", "crd/llmservices.fleetlm.dev", "--timeout=60s")
+
+
+# --------------------------------------------------------------------------------------------------
+# The service: operators, pods, the object
+
+
+class Service:
+    """One LLMService with its operator replicas and its pods; `close()` stops everything it started."""
+
+    def __init__(
+        self,
+        plane: cluster.ControlPlane,
+        namespace: str,
+        body: dict[str, Any],
+        workdir: pathlib.Path,
+        *,
+        operators: int = 1,
+        lease_duration_s: int = 15,
+        api_keys: dict[str, str] | None = None,
+    ) -> None:
+        self.plane = plane
+        self.namespace = namespace
+        self.name = str(body["metadata"]["name"])
+        self.workdir = workdir
+        self.operators: list[supervise.Supervised] = []
+        self.identities: list[str] = []
+        self.metrics_ports: list[int] = []
+        self.runner: pod_runner.PodRunner | None = None
+        self.events: list[tuple[float, str]] = []
+        self._halt = threading.Event()
+        self._kubelet: threading.Thread | None = None
+        workdir.mkdir(parents=True, exist_ok=True)
+        if api_keys:
+            secret = {
+                "apiVersion": "v1", "kind": "Secret",
+                "metadata": {"name": f"{self.name}-keys", "namespace": namespace},
+                "stringData": {"api-keys.yaml": yaml.safe_dump(api_keys)},
+            }  # fmt: skip
+            plane.kubectl("apply", "-f", "-", input=json.dumps(secret))
+            body["spec"].setdefault("qos", {})["apiKeysSecretRef"] = {"name": f"{self.name}-keys"}
+        script = pathlib.Path(sys.executable).parent / "fleetlm-operator"
+        for index in range(operators):
+            identity = f"operator-{index}"  # a pod keeps its name across container restarts
+            port = cluster.free_port()
+            env = supervise.console_script_env(
+                KUBECONFIG=str(plane.kubeconfig),
+                FLEETLM_OPERATOR_NAMESPACE=namespace,
+                FLEETLM_OPERATOR_IDENTITY=identity,
+                FLEETLM_METRICS_PORT=str(port),
+                FLEETLM_HEALTH_PORT="0",
+                FLEETLM_LEASE_DURATION_S=str(lease_duration_s),
+            )
+            self.identities.append(identity)
+            self.metrics_ports.append(port)
+            self.operators.append(
+                supervise.Supervised([str(script), "-n", namespace], env=env, log_path=workdir / f"{identity}.log")
+            )
+        body["metadata"]["namespace"] = namespace
+        plane.kubectl("apply", "-f", "-", input=json.dumps(body))
+
+    # What the control plane says ------------------------------------------------------------------
+
+    def get(self, kind: str, name: str | None = None) -> dict[str, Any] | None:
+        proc = self.plane.kubectl("get", kind, name or self.name, "-n", self.namespace, "-o", "json", check=False)
+        return json.loads(proc.stdout) if proc.returncode == 0 else None
+
+    def desired_replicas(self) -> int:
+        deployment = self.get("deployment") or {}
+        return int(deployment.get("spec", {}).get("replicas") or 0)
+
+    def status(self) -> dict[str, Any]:
+        return dict((self.get("llmservice") or {}).get("status") or {})
+
+    def lease_holder(self) -> tuple[str | None, str | None]:
+        spec = (self.get("lease", "fleetlm-operator") or {}).get("spec", {})
+        return spec.get("holderIdentity"), spec.get("renewTime")
+
+    def leaders(self) -> list[str]:
+        """The operator replicas that say they lead (their `fleetlm_operator_leader` gauge is 1)."""
+        leading = []
+        for identity, port in zip(self.identities, self.metrics_ports, strict=True):
+            url = f"http://127.0.0.1:{port}/metrics"
+            with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1) as resp:
+                if "fleetlm_operator_leader 1.0" in resp.read().decode():
+                    leading.append(identity)
+        return leading
+
+    def operator(self, identity: str) -> supervise.Supervised:
+        return self.operators[self.identities.index(identity)]
+
+    # The kubelet ------------------------------------------------------------------------------------
+
+    def start_pods(self, *, timeout_s: float = 120) -> None:
+        """Wait for the Deployment, then run its pods (a thread syncs every half second)."""
+        deadline = time.monotonic() + timeout_s
+        while (deployment := self.get("deployment")) is None:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"the operator created no Deployment {self.namespace}/{self.name}")
+            time.sleep(0.5)
+        labels = deployment["spec"]["selector"]["matchLabels"]
+        self.runner = pod_runner.PodRunner(
+            plane=self.plane, namespace=self.namespace,
+            selector=",".join(f"{k}={v}" for k, v in sorted(labels.items())), directory=self.workdir / "pods",
+        )  # fmt: skip
+        self._kubelet = threading.Thread(target=self._sync_forever, name="kubelet", daemon=True)
+        self._kubelet.start()
+        while len(self.ready_urls()) < 1:
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"no pod of {self.name} became ready; events: {self.events[-10:]}")
+            time.sleep(0.3)
+
+    def _sync_forever(self) -> None:
+        assert self.runner is not None
+        while not self._halt.is_set():
+            try:
+                for event in self.runner.sync():
+                    self.events.append((time.monotonic(), event))
+            except cluster.ClusterError as error:  # the API server may be down (an outage scenario)
+                self.events.append((time.monotonic(), f"kubelet sync failed: {error}"[:300]))
+            self._halt.wait(0.5)
+
+    def ready_urls(self) -> list[str]:
+        return self.runner.ready_urls() if self.runner is not None else []
+
+    def wait_ready(self, count: int, *, timeout_s: float = 120) -> float:
+        """Wait until `count` pods serve; the seconds it took."""
+        began = time.monotonic()
+        while len(self.ready_urls()) < count:
+            if time.monotonic() - began > timeout_s:
+                raise TimeoutError(f"{len(self.ready_urls())}/{count} pods ready after {timeout_s}s")
+            time.sleep(0.2)
+        return time.monotonic() - began
+
+    def close(self) -> None:
+        self._halt.set()
+        if self._kubelet is not None:
+            self._kubelet.join(timeout=10)
+        for operator in self.operators:
+            operator.stop(timeout_s=20)
+        if self.runner is not None:
+            self.runner.stop_all()
+
+
+# --------------------------------------------------------------------------------------------------
+# Load
+
+
+@dataclasses.dataclass(slots=True)
+class Record:
+    qos_class: str
+    url: str
+    start_s: float  # time.monotonic()
+    end_s: float
+    status: int
+    success: bool
+    ttft_s: float | None
+    error: str
+    output_tokens: int
+    retry_after: str | None = None
+
+
+_serial = itertools.count()
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Shape:
+    """The request every scenario sends: one prompt, a fixed number of streamed tokens."""
+
+    output_tokens: int = 64
+    prompt: str = PROMPT
+
+    def request(self, qos_class: str | None = None) -> bench_serve.RequestSpec:
+        # A serial number makes every prompt unique: the response cache must not answer repeats.
+        prompt = f"{self.prompt} (request {next(_serial)})"
+        return bench_serve.RequestSpec(prompt=prompt, prompt_len=0, output_len=self.output_tokens, qos_class=qos_class)
+
+
+class Load:
+    """Poisson arrivals at `rate(t)` requests/s (t: seconds since `run` began), class drawn from `mix`,
+    each sent to the next ready endpoint in turn. Records every request in `records`."""
+
+    def __init__(
+        self,
+        endpoints: Callable[[], Sequence[str]],
+        *,
+        shape: Shape = Shape(),
+        mix: Sequence[tuple[str, float]] = (("default", 1.0),),
+        keys: dict[str, str] | None = None,
+        seed: int = 7,
+        timeout_s: float = 120.0,
+    ) -> None:
+        self.endpoints = endpoints
+        self.shape = shape
+        self.mix = list(mix)
+        self.keys = dict(keys or {})
+        self.rng = random.Random(seed)
+        self.timeout_s = timeout_s
+        self.records: list[Record] = []
+        self.inflight: dict[asyncio.Task[None], tuple[str, float]] = {}
+        self.unrouted = 0  # arrivals while no endpoint was ready
+        self.began_s = 0.0  # time.monotonic() when `run` began: t = 0 of `rate`
+        self._turn = 0
+
+    def _pick_class(self) -> str:
+        point = self.rng.random() * sum(w for _, w in self.mix)
+        for name, weight in self.mix:
+            point -= weight
+            if point <= 0:
+                return name
+        return self.mix[-1][0]
+
+    async def run(self, rate: Callable[[float], float], duration_s: float) -> None:
+        began = self.began_s = time.monotonic()
+        connector = aiohttp.TCPConnector(limit=0)
+        timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_read=30)
+        async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
+            while (elapsed := time.monotonic() - began) < duration_s:
+                current = rate(elapsed)
+                if current <= 0:
+                    await asyncio.sleep(0.2)
+                    continue
+                await asyncio.sleep(self.rng.expovariate(current))
+                urls = list(self.endpoints())
+                if not urls:
+                    self.unrouted += 1
+                    continue
+                url = urls[self._turn % len(urls)]
+                self._turn += 1
+                task = asyncio.create_task(self._one(session, url, self._pick_class()))
+                self.inflight[task] = (url, time.monotonic())
+                task.add_done_callback(lambda t: self.inflight.pop(t, None))
+            if self.inflight:
+                await asyncio.wait(list(self.inflight), timeout=self.timeout_s)
+
+    async def _one(self, session: aiohttp.ClientSession, url: str, qos_class: str) -> None:
+        cfg = bench_serve.BenchConfig(
+            url=url, model="tiny", class_keys=tuple(self.keys.items()), progress=False, timeout_s=self.timeout_s
+        )
+        spec = self.shape.request(qos_class)
+        start = time.monotonic()
+        result = await bench_serve.send_request(session, cfg, "tiny", spec)
+        self.records.append(Record(
+            qos_class=qos_class, url=url, start_s=start, end_s=time.monotonic(), status=result.status,
+            success=result.success, ttft_s=result.ttft_s if result.success else None, error=result.error,
+            output_tokens=result.output_tokens, retry_after=result.retry_after,
+        ))  # fmt: skip
+
+
+def measure_capacity(
+    url: str | Sequence[str],
+    *,
+    concurrency: int,
+    shape: Shape = Shape(),
+    seconds: float = 10.0,
+    key: str | None = None,
+) -> float:
+    """Requests/s completed with `concurrency` streams always open per replica (batches full): one
+    replica's capacity for one URL, the service's for several at once (on a shared machine that is less
+    than the sum). Scenarios size their load from it. A first round of requests warms every replica."""
+    urls = [url] if isinstance(url, str) else list(url)
+
+    async def closed_loop() -> float:
+        done = 0
+        async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
+
+            async def one(target: str) -> bench_serve.RequestResult:
+                cfg = bench_serve.BenchConfig(url=target, model="tiny", api_key=key, progress=False)
+                return await bench_serve.send_request(session, cfg, "tiny", shape.request())
+
+            await asyncio.gather(*(one(u) for u in urls for _ in range(concurrency)))
+            began = time.monotonic()
+
+            async def worker(target: str) -> None:
+                nonlocal done
+                while time.monotonic() - began < seconds:
+                    result = await one(target)
+                    if not result.success:
+                        raise RuntimeError(f"capacity probe failed: {result.status} {result.error}")
+                    done += 1
+
+            await asyncio.gather(*(worker(u) for u in urls for _ in range(concurrency)))
+            return done / (time.monotonic() - began)
+
+    return asyncio.run(closed_loop())
+
+
+# --------------------------------------------------------------------------------------------------
+# What the operator did, per interval
+
+
+@dataclasses.dataclass(slots=True)
+class Sample:
+    t_s: float  # time.monotonic()
+    desired: int
+    ready: int
+    decisions: int  # the length of status.decisions
+    last_action: str | None
+    shed: tuple[str, ...]
+
+
+class Timeline(threading.Thread):
+    """Samples the service every `every_s` seconds until stopped."""
+
+    def __init__(self, service: Service, every_s: float) -> None:
+        super().__init__(daemon=True, name="timeline")
+        self.service = service
+        self.every_s = every_s
+        self.samples: list[Sample] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            with contextlib.suppress(cluster.ClusterError, json.JSONDecodeError):
+                status = self.service.status()
+                decisions = status.get("decisions") or []
+                self.samples.append(Sample(
+                    t_s=time.monotonic(), desired=self.service.desired_replicas(),
+                    ready=len(self.service.ready_urls()), decisions=len(decisions),
+                    last_action=decisions[-1].get("action") if decisions else None,
+                    shed=tuple((status.get("tuning") or {}).get("shedClasses") or ()),
+                ))  # fmt: skip
+            self._halt.wait(self.every_s)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=30)
+
+
+def replica_minutes(samples: Sequence[Sample]) -> float:
+    """Ready replicas integrated over time: what the service cost."""
+    return sum(b.ready * (b.t_s - a.t_s) for a, b in itertools.pairwise(samples)) / 60
+
+
+def attainment(records: Sequence[Record], target_s: float) -> float | None:
+    """Share of requests served with TTFT within `target_s` (refused or failed ones miss); None if none."""
+    if not records:
+        return None
+    return sum(1 for r in records if r.success and r.ttft_s is not None and r.ttft_s <= target_s) / len(records)
+
+
+def quantile(values: Sequence[float], q: float) -> float | None:
+    if not values:
+        return None
+    ordered = sorted(values)
+    return ordered[min(len(ordered) - 1, max(0, math.ceil(q * len(ordered)) - 1))]
+
+
+def per_interval(records: Sequence[Record], start_s: float, end_s: float, every_s: float) -> list[list[Record]]:
+    """Requests by the interval they *arrived* in, from `start_s` on."""
+    count = max(0, math.ceil((end_s - start_s) / every_s))
+    buckets: list[list[Record]] = [[] for _ in range(count)]
+    for record in records:
+        index = int((record.start_s - start_s) // every_s)
+        if 0 <= index < count:
+            buckets[index].append(record)
+    return buckets

@@ -1,0 +1,50 @@
+"""The router's settings: one validated model, from flags (and the operator's Deployment args).
+
+Every bound has a unit in its name. Errors name the flag's field (`holdTimeoutS: ...`).
+"""
+
+from __future__ import annotations
+
+from typing import Literal
+
+import pydantic
+from pydantic import alias_generators
+
+from fleetlm_router import picker
+
+POLICY_PREFIX_AFFINITY = "prefix-affinity"
+POLICY_LEAST_LOADED = "least-loaded"
+POLICY_ROUND_ROBIN = "round-robin"
+Policy = Literal["prefix-affinity", "least-loaded", "round-robin"]
+
+
+class RouterSettings(pydantic.BaseModel):
+    model_config = pydantic.ConfigDict(
+        extra="forbid", frozen=True, alias_generator=alias_generators.to_camel, populate_by_name=True
+    )
+
+    host: str = "127.0.0.1"
+    port: int = pydantic.Field(default=8080, ge=0, le=65535)
+    policy: Policy = POLICY_PREFIX_AFFINITY
+    prefix_tokens: int = pydantic.Field(
+        default=picker.DEFAULT_PREFIX_TOKENS, ge=1, le=65536, description="Leading prompt tokens hashed."
+    )
+    load_factor: float = pydantic.Field(
+        default=picker.DEFAULT_LOAD_FACTOR, ge=1.0, le=10.0, description="Bounded load: at most this times the mean."
+    )
+    max_attempts: int = pydantic.Field(default=3, ge=1, le=16, description="Replicas tried before the first byte.")
+    connect_timeout_s: float = pydantic.Field(default=2.0, gt=0, le=60)
+    max_body_bytes: int = pydantic.Field(default=8 * 1024 * 1024, ge=1024)
+    # Holding while no replica is ready (scale from zero, a rollout with none ready).
+    hold_max_requests: int = pydantic.Field(default=256, ge=0, description="Requests held at once; 0 disables.")
+    hold_timeout_s: float = pydantic.Field(default=300.0, ge=0, le=3600, description="Longest a request is held.")
+    hold_comment_interval_s: float = pydantic.Field(
+        default=5.0, gt=0, le=60, description="SSE comment period for held streams (keeps proxies from timing out)."
+    )
+    retry_after_s: int = pydantic.Field(default=5, ge=1, le=3600, description="Retry-After on the router's 503/429.")
+    scale_up_interval_s: float = pydantic.Field(
+        default=5.0, gt=0, le=600, description="At most one scale-up request per interval while holding."
+    )
+    activity_interval_s: float = pydantic.Field(
+        default=30.0, gt=0, le=3600, description="At most one 'traffic seen' report per interval."
+    )
