@@ -5,7 +5,8 @@
                          [--queue-limit N|none]
 
 Every run puts the FleetLM policy beside the plain queue-depth HPA baseline (unless `--policy` picks one)
-on the same arrivals, prints a table of outcomes, then each bar with PASS/FAIL per policy. Exit status 0
+on the same arrivals, prints a table of outcomes, then each bar with PASS/FAIL per policy: issue #8's and
+#14's, then the tighter ones of issue #18 (marked `#18`). Exit status 0
 when every bar judged in the run passes for the FleetLM policy (the baseline is expected to fail some),
 1 otherwise, 2 on bad arguments. With `--trace all` and `--plot out.png`, one PNG per trace
 (`out-step.png`, ...). A trace may fix its own pod start-up (`startup60`: 60 s, whatever the profile or
@@ -138,7 +139,7 @@ def main(argv: list[str] | None = None) -> int:
     verdicts: list[dict[str, Any]] = []
     all_pass = True
     for trace_name, outcomes in by_trace.items():
-        for bar in bars.bars_for(trace_name):
+        for bar in bars.bars_for(trace_name, tight=True):
             row: dict[str, Any] = {"bar": bar.key, "description": bar.description}
             for outcome in outcomes:
                 verdict = bar.judge(outcome)

@@ -57,6 +57,7 @@ def policy_spec_of(spec: models.LLMServiceSpec) -> policy_spec.PolicySpec:
         scale_up_stabilization_s=models.parse_duration_s(spec.autoscaling.scale_up_stabilization),
         scale_down_stabilization_s=models.parse_duration_s(spec.autoscaling.scale_down_stabilization),
         autoscaling=spec.autoscaling.enabled,
+        advise=spec.autoscaling.mode == "advise",
     )
 
 
@@ -189,10 +190,13 @@ def decision_actions(decision: decide_mod.Decision, *, current_replicas: int, cu
     return actions
 
 
-def decision_record(decision: decide_mod.Decision, *, actions: list[str], now: datetime.datetime) -> dict[str, Any]:
+def decision_record(decision: decide_mod.Decision, *, actions: list[str], now: datetime.datetime,
+                    advise: bool = False) -> dict[str, Any]:
+    """One status.decisions entry; in advisory mode the action reads `advise:<actions>` (nothing was applied)."""
+    action = ",".join(actions) if actions else "hold"
     return {
         "time": _timestamp(now),
-        "action": ",".join(actions) if actions else "hold",
+        "action": f"advise:{action}" if advise else action,
         "reason": "; ".join(decision.reasons)[:1024] or "no change needed",
     }
 

@@ -19,7 +19,8 @@ CHILDREN_APPLIED = prometheus_client.Counter(
     "fleetlm_operator_children_applied", "Child objects applied (server-side apply) by kind.", ["kind"],
     registry=REGISTRY)
 DECISIONS = prometheus_client.Counter(
-    "fleetlm_operator_tuning_decisions", "Tuning decisions taken, by action.", ["action"], registry=REGISTRY)
+    "fleetlm_operator_tuning_decisions", "Tuning decisions taken, by action; mode=advise: recorded, not applied.",
+    ["action", "mode"], registry=REGISTRY)
 MANAGED_SERVICES = prometheus_client.Gauge(
     "fleetlm_operator_llmservices", "LLMService objects this operator currently manages.", registry=REGISTRY)
 IS_LEADER = prometheus_client.Gauge(

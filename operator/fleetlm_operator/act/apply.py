@@ -141,6 +141,30 @@ class Applier:
             if error.status != 404:
                 raise
 
+    def apply_llmservice_conditions(self, name: str, namespace: str, conditions: list[dict[str, Any]], *,
+                                    field_manager: str, force: bool = True) -> bool:
+        """Server-side apply `conditions` (one writer's full set) on the status subresource as `field_manager`.
+
+        status.conditions is a list-map keyed by `type`, so the API server merges entry by entry: entries
+        another manager owns stay as they are, and this manager's entries not in `conditions` go. A
+        condition type has one writer, which forces (a conflict is then only a leftover of an older
+        operator's patch); unforced, a value another manager set wins and this returns False. A deleted
+        LLMService is not an error.
+        """
+        resource = self._resource(f"{names.GROUP}/{names.VERSION}", names.KIND)
+        body = {"apiVersion": f"{names.GROUP}/{names.VERSION}", "kind": names.KIND,
+                "metadata": {"name": name, "namespace": namespace}, "status": {"conditions": conditions}}
+        try:
+            self._dynamic.server_side_apply(resource.status, body=body, name=name, namespace=namespace,
+                                            field_manager=field_manager, force_conflicts=force)
+        except dynamic_exceptions.NotFoundError:
+            return False
+        except dynamic_exceptions.ConflictError:
+            if force:
+                raise
+            return False
+        return True
+
     def patch_llmservice_replicas(self, name: str, namespace: str, replicas: int) -> None:
         """Write the desired replica count where /scale reads it (spec.replicas.desired)."""
         self._custom.patch_namespaced_custom_object(names.GROUP, names.VERSION, namespace, names.PLURAL, name,

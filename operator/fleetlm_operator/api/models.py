@@ -1057,6 +1057,14 @@ class AutoscalingSpec(_SpecModel):
             "the `/scale` subresource instead."
         ),
     )
+    mode: Literal["act", "advise"] = pydantic.Field(
+        default="act",
+        description=(
+            "`act` applies the tuner's decisions; `advise` computes and records every decision (status.decisions, "
+            "Events, the decisions metric with mode=advise) but applies none: no scaling, no batch-limit or "
+            "shedding change. Switching back to `act` applies the current decision at the next tick."
+        ),
+    )
     metrics_source: Literal["pods", "prometheus"] = pydantic.Field(
         default="pods",
         description="`pods` scrapes each ready pod's /metrics directly; `prometheus` queries `prometheusUrl`.",

@@ -144,6 +144,8 @@ def _refresh(namespace: str, owner: str, *, memo: kopf.Memo) -> None:
         return
     if before is None or before.phase != after.phase:
         status = reconcile.reconcile(stored, ctx=ctx, logger=logger, cause="model-cache")
+        # Conditions go by server-side apply as their writer, never in a merge patch of the whole list.
+        reconcile.apply_conditions(stored, status.pop("conditions"), ctx=ctx, only_if_changed=False)
     else:  # progress only: the bytes, nothing else changes
         status = {"modelCache": status_patch(after)}
     ctx.applier.patch_llmservice_status(owner, namespace, status)

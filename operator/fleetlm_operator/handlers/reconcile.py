@@ -225,15 +225,11 @@ def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: cont
     if cache is not None and svc.spec.model.cached:
         found_conditions += model_cache_status.cache_conditions(cache, ready_replicas=rollout.ready_replicas)
         phase = model_cache_status.phase(phase, cache, ready_replicas=rollout.ready_replicas)
-    merged = conditions.merge(stored.get("conditions", []) or [], found_conditions, now=_now(),
-                              observed_generation=body.get("metadata", {}).get("generation"))
-    if not any(c["type"] == names.ConditionType.SLO_MET for c in merged):
-        merged = conditions.merge(merged, [
-            conditions.Condition(names.ConditionType.SLO_MET, "Unknown", "NotYetObserved",
-                                 "no latency window has been observed yet"),
-            conditions.Condition(names.ConditionType.METRICS_AVAILABLE, "Unknown", "NotYetCollected",
-                                 "metrics have not been collected yet"),
-        ], now=_now(), observed_generation=body.get("metadata", {}).get("generation"))
+    # Only this writer's conditions (rollout and cache): the caller server-side applies them
+    # (`apply_conditions`); a type it no longer computes (the cache turned off) is dropped by the apply.
+    owned = conditions.for_apply(stored.get("conditions", []) or [], found_conditions,
+                                 owned={c.type for c in found_conditions}, now=_now(),
+                                 observed_generation=body.get("metadata", {}).get("generation"))
     cache_fields: dict[str, Any] = {}
     if fresh and cache is not None and svc.spec.model.cached:
         cache_fields["modelCache"] = model_cache_handler.status_patch(cache)
@@ -246,9 +242,30 @@ def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: cont
         "selector": meta.selector_string(svc),
         "endpoint": router.endpoint_url(svc) if svc.spec.router.enabled else service.endpoint_url(svc),
         "observedGeneration": body.get("metadata", {}).get("generation"),
-        "conditions": merged,
+        "conditions": owned,
         **cache_fields,
     }
+
+
+def apply_conditions(body: Mapping[str, Any], rollout_conditions: list[dict[str, Any]], *,
+                     ctx: context.OperatorContext, only_if_changed: bool) -> None:
+    """Server-side apply the rollout's conditions as their writer; until the tuner has written its own,
+    say they are not known yet (unforced, so a value the tuner wrote meanwhile is never reverted)."""
+    metadata = body.get("metadata", {})
+    name, namespace = str(metadata.get("name")), str(metadata.get("namespace"))
+    stored = (body.get("status", {}) or {}).get("conditions", []) or []
+    if not only_if_changed or conditions.differ(stored, rollout_conditions):
+        ctx.applier.apply_llmservice_conditions(name, namespace, rollout_conditions,
+                                                field_manager=conditions.ROLLOUT_WRITER)
+    if not any(c.get("type") in conditions.TUNER_TYPES for c in stored):
+        placeholders = conditions.for_apply(stored, [
+            conditions.Condition(names.ConditionType.SLO_MET, "Unknown", "NotYetObserved",
+                                 "no latency window has been observed yet"),
+            conditions.Condition(names.ConditionType.METRICS_AVAILABLE, "Unknown", "NotYetCollected",
+                                 "metrics have not been collected yet"),
+        ], owned=conditions.TUNER_TYPES, now=_now(), observed_generation=metadata.get("generation"))
+        ctx.applier.apply_llmservice_conditions(name, namespace, placeholders,
+                                                field_manager=conditions.PLACEHOLDER_WRITER, force=False)
 
 
 @kopf.on.resume(names.GROUP, names.VERSION, names.PLURAL)
@@ -257,6 +274,7 @@ def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: cont
 def on_spec(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, reason: str, **_: Any) -> None:
     ctx = context.get(memo)
     status = reconcile(body, ctx=ctx, logger=logger, cause=str(reason))
+    apply_conditions(body, status.pop("conditions"), ctx=ctx, only_if_changed=False)
     for key, value in status.items():
         patch.status[key] = value
 
@@ -273,9 +291,10 @@ def _refresh_owner(namespace: str | None, owner: str | None, *, memo: kopf.Memo)
     except ValueError:
         return  # the spec handler reports invalid objects
     status = rollout_status(svc, body=stored, ctx=ctx)
+    # Conditions carry timestamps that only move on transitions, so an unchanged rollout writes nothing.
+    apply_conditions(stored, status.pop("conditions"), ctx=ctx, only_if_changed=True)
     current = stored.get("status", {}) or {}
     changed = {key: value for key, value in status.items() if current.get(key) != value}
-    # Conditions carry timestamps that only move on transitions, so an unchanged rollout writes nothing.
     if changed:
         ctx.applier.patch_llmservice_status(owner, namespace, changed)
 

@@ -6,6 +6,8 @@ desired replicas where /scale reads them (the reconcile handler scales the Deplo
 ConfigMap and push batch limits and shed classes to every ready pod without restarting it, and record
 status (observed metrics, tuning, the last decisions, SLOMet and MetricsAvailable), an Event and the
 operator's metrics. The tuner's state lives in an annotation, so it survives operator restarts.
+With `spec.autoscaling.mode: advise` it decides and records (status.decisions, Events, metrics) the
+same way but applies nothing.
 """
 
 from __future__ import annotations
@@ -101,11 +103,12 @@ async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.Operator
         stored_conditions = (body.get("status", {}) or {}).get("conditions", []) or []
         current = conditions.find(stored_conditions, names.ConditionType.METRICS_AVAILABLE)
         if current is None or current.get("reason") != "NoReadyPods":
-            patch.status["conditions"] = conditions.merge(stored_conditions, [conditions.Condition(
-                names.ConditionType.METRICS_AVAILABLE, "False", "NoReadyPods",
-                "no runtime pod is ready, so there are no metrics to collect")],
-                now=datetime.datetime.fromtimestamp(now_s, tz=datetime.UTC),
-                observed_generation=body.get("metadata", {}).get("generation"))
+            updates = [conditions.Condition(names.ConditionType.METRICS_AVAILABLE, "False", "NoReadyPods",
+                                            "no runtime pod is ready, so there are no metrics to collect")]
+            if conditions.find(stored_conditions, names.ConditionType.SLO_MET) is None:
+                updates.append(conditions.Condition(names.ConditionType.SLO_MET, "Unknown", "NotYetObserved",
+                                                    "no latency window has been observed yet"))
+            await _apply_conditions(body, updates, ctx=ctx, now_s=now_s)
         return None
     current, errors = await _collect(svc, endpoints, now_s=now_s)
     window = window_mod.from_scrapes(memory.previous, current, expected_pods=endpoints, spec=spec, now_s=now_s,
@@ -126,7 +129,8 @@ async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.Operator
     current_limits = (tuning_now.max_batch_size or 0, tuning_now.max_batch_tokens or 0)
     actions = bridge.decision_actions(decision, current_replicas=desired, current_limits=current_limits,
                                       current_shed=tuple(tuning_now.shed_classes))
-    await _act(svc, body=body, decision=decision, actions=actions, endpoints=endpoints, tuning_now=tuning_now,
+    await _act(svc, body=body, decision=decision, actions=actions, current_replicas=desired, endpoints=endpoints,
+               tuning_now=tuning_now,
                ctx=ctx, logger=logger)
 
     now = datetime.datetime.fromtimestamp(now_s, tz=datetime.UTC)
@@ -134,24 +138,45 @@ async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.Operator
     patch.metadata.setdefault("annotations", {})[ANNOTATION_STATE] = decision.state.to_json()
     patch.status["observed"] = bridge.observed_status(window, now=now)
     patch.status["startup"] = bridge.startup_status(decision)
-    patch.status["tuning"] = {**tuning_now.model_dump(mode="json", by_alias=True, exclude_none=True),
-                              "maxBatchSize": decision.max_batch_size, "maxBatchTokens": decision.max_batch_tokens,
-                              "shedClasses": list(decision.shed_classes)}
+    in_force = tuning_now.model_dump(mode="json", by_alias=True, exclude_none=True)
+    # status.tuning is what the pods run with (reconcile renders it): advice never lands there.
+    patch.status["tuning"] = in_force if spec.advise else {
+        **in_force, "maxBatchSize": decision.max_batch_size, "maxBatchTokens": decision.max_batch_tokens,
+        "shedClasses": list(decision.shed_classes)}
     if actions:
-        record = bridge.decision_record(decision, actions=actions, now=now)
+        record = bridge.decision_record(decision, actions=actions, now=now, advise=spec.advise)
         patch.status["decisions"] = bridge.bounded_history(list(stored.get("decisions", []) or []), record)
-    patch.status["conditions"] = conditions.merge(stored.get("conditions", []) or [],
-                                                  bridge.decision_conditions(decision), now=now,
-                                                  observed_generation=body.get("metadata", {}).get("generation"))
+    await _apply_conditions(body, bridge.decision_conditions(decision), ctx=ctx, now_s=now_s)
     return decision
 
 
+async def _apply_conditions(body: kopf.Body, updates: list[conditions.Condition], *, ctx: context.OperatorContext,
+                            now_s: float) -> None:
+    """Server-side apply the tuner's conditions (all of its types) as their one writer; never a merge patch
+    of the whole list, which could revert a condition the rollout refresh wrote a moment before."""
+    metadata = body.get("metadata", {})
+    owned = conditions.for_apply((body.get("status", {}) or {}).get("conditions", []) or [], updates,
+                                 owned=conditions.TUNER_TYPES,
+                                 now=datetime.datetime.fromtimestamp(now_s, tz=datetime.UTC),
+                                 observed_generation=metadata.get("generation"))
+    await asyncio.to_thread(ctx.applier.apply_llmservice_conditions, str(metadata.get("name")),
+                            str(metadata.get("namespace")), owned, field_manager=conditions.TUNER_WRITER)
+
+
 async def _act(svc: models.LLMService, *, body: kopf.Body, decision: decide_mod.Decision, actions: list[str],
-               endpoints: dict[str, str], tuning_now: models.Tuning, ctx: context.OperatorContext,
-               logger: logging.Logger) -> None:
+               current_replicas: int, endpoints: dict[str, str], tuning_now: models.Tuning,
+               ctx: context.OperatorContext, logger: logging.Logger) -> None:
     reason_text = "; ".join(decision.reasons)[:1000]
+    mode = "advise" if svc.spec.autoscaling.mode == "advise" else "act"
     for action in actions:
-        metrics.DECISIONS.labels(action=action).inc()
+        metrics.DECISIONS.labels(action=action, mode=mode).inc()
+    if actions and mode == "advise":
+        # Recorded (Event, metric, status.decisions), applied nowhere: no /scale write, no ConfigMap, no push.
+        kopf.info(body, reason="Advised",
+                  message=f"would {','.join(actions)}: replicas {current_replicas} -> {decision.replicas}, batch "
+                          f"{decision.max_batch_size} seqs / {decision.max_batch_tokens} tokens, shed "
+                          f"{list(decision.shed_classes)}: {reason_text}")
+        return
     if "scale_up" in actions or "scale_down" in actions:
         # Written where /scale reads it; the spec handler scales the Deployment (one writer of replicas).
         await asyncio.to_thread(ctx.applier.patch_llmservice_replicas, svc.name, svc.namespace, decision.replicas)

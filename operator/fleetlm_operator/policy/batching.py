@@ -52,6 +52,7 @@ def decide_batch_limits(
     changed_s: float | None,
     direction: int,
     now: float,
+    settling: bool = False,
 ) -> BatchDecision:
     """The batch limits for the next interval, with the numbers that chose them."""
     batching, tuning = spec.batching, spec.tuning
@@ -87,6 +88,17 @@ def decide_batch_limits(
         and window.tpot_attainment is not None
         and window.tpot_attainment < target_attainment
     )
+    if tpot_missed and short_queue and settling:
+        # Pods just turned ready (or are loading): the short queue is theirs, and the misses are of the
+        # requests that ran on the overloaded fleet before them, not of the batch limit.
+        return BatchDecision(
+            current,
+            0,
+            (
+                f"batch: hold {_fmt(current)}, TPOT attainment {window.tpot_attainment:.1%} < "
+                f"{target_attainment:.0%} is from before the new pods served",
+            ),
+        )
     if tpot_missed and short_queue:
         shrunk = clamp(
             BatchLimits(
@@ -127,17 +139,20 @@ def decide_batch_limits(
     queued = (waiting is not None and waiting > tuning.short_queue_per_pod) or (
         occupancy is not None and occupancy >= tuning.batch_grow_occupancy * tuning.target_occupancy
     )
-    # Headroom is judged where it matters, at a *full* larger batch: the step time is a fixed part plus a
-    # per-sequence part, TPOT(b) ~ 1 + b/h, so TPOT(B') ~ TPOT (1 + B'/h) / (1 + b/h) at today's batch b.
-    # The largest B' with TPOT(B') within the growth limit bounds the step; a TTFT miss does not stop
-    # growth (with a queue behind a full batch, a larger batch is the cure).
+    # Headroom is judged where the fleet will run: the replica rule sizes pods so batches run at the
+    # occupancy band's target of the limit, and a full batch is the rare Poisson swing the band leaves room
+    # for. The step time is a fixed part plus a per-sequence part, TPOT(b) ~ 1 + b/h, so at today's batch b
+    # TPOT(b') ~ TPOT (1 + b'/h) / (1 + b/h); the largest running batch b' within the growth limit gives the
+    # largest limit B' whose target running batch is b'. A TTFT miss does not stop growth (with a queue
+    # behind a full batch, a larger batch is the cure).
     ceiling = batching.max_max_batch_size
     if grow_limit_s is not None:
         if tpot_mean_s is None or running is None or running < 1.0:
             ceiling = size
         else:
             half = tuning.batch_half_cost_seqs
-            ceiling = min(ceiling, math.floor(half * ((grow_limit_s / tpot_mean_s) * (1.0 + running / half) - 1.0)))
+            most_running = half * ((grow_limit_s / tpot_mean_s) * (1.0 + running / half) - 1.0)
+            ceiling = min(ceiling, limit_for_running(most_running, tuning=tuning))
     if tpot_ok and kv_ok and queued and ceiling > size:
         step = max(1, math.ceil(batching.max_batch_size * tuning.batch_grow_fraction), size // 2)
         grown = clamp(BatchLimits(max_batch_size=min(size + step, ceiling), max_batch_tokens=tokens), batching)
@@ -145,7 +160,8 @@ def decide_batch_limits(
             "no TPOT target"
             if grow_limit_s is None or tpot_target_s is None
             else f"mean TPOT {_secs(tpot_mean_s)} at {running:.0f} running/pod predicts <= "
-            f"{tuning.batch_grow_below_tpot:g} x {tpot_target_s:.3f}s up to {ceiling} seqs"
+            f"{tuning.batch_grow_below_tpot:g} x {tpot_target_s:.3f}s at the target running batch of up to "
+            f"{ceiling} seqs"
         )
         return BatchDecision(
             grown,
@@ -177,6 +193,18 @@ def decide_batch_limits(
             f"batch {_pct(occupancy)} full, {_num(waiting)} waiting/pod, KV {_num(window.kv_usage_max)})",
         ),
     )
+
+
+def limit_for_running(running: float, *, tuning: spec_mod.Tuning) -> int:
+    """The largest batch limit B whose occupancy-band target (see `replicas.band`) is at most `running`.
+
+    The band's target slots are min(target_occupancy x B, u x B) with u x B + z sqrt(u x B) = B, both
+    increasing in B, so the largest B is max(running / target_occupancy, running + z sqrt(running)).
+    """
+    if running <= 0:
+        return 0
+    z = tuning.fluctuation_z
+    return math.floor(max(running / tuning.target_occupancy, running + z * math.sqrt(running)))
 
 
 def _fmt(limits: BatchLimits) -> str:

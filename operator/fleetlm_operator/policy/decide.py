@@ -64,14 +64,24 @@ def decide(
     spec = policy_input.spec
     tuning = spec.tuning
     held = current_limits(spec, state)
+    learnt = startup.observe(state.startup, policy_input.started, tuning=tuning)
+    loading = startup.classify(policy_input, learnt, tuning=tuning)
+    # The fleet is settling while pods have served less than two intervals (as the replica rule). Pods still
+    # loading do not count: they serve nothing, so the window's misses are of the fleet as it is.
+    just_ready = any(p.ready_for_s is not None and p.ready_for_s < 2 * spec.interval_s for p in policy_input.started)
+    settling = just_ready or window.num_pods_with_delta < window.num_pods_sampled
     batch = batching.decide_batch_limits(
-        spec, window, current=held, changed_s=state.batch_changed_s, direction=state.batch_direction, now=now
+        spec,
+        window,
+        current=held,
+        changed_s=state.batch_changed_s,
+        direction=state.batch_direction,
+        now=now,
+        settling=settling,
     )
     limits = batch.limits
     assessment = window_mod.assess(window, spec=spec, ignore_classes=state.shed_classes)
     demand = replicas.estimate_demand(window, tuning=tuning, shed_classes=state.shed_classes)
-    learnt = startup.observe(state.startup, policy_input.started, tuning=tuning)
-    loading = startup.classify(policy_input, learnt, tuning=tuning)
     rep = replicas.decide_replicas(
         policy_input,
         window,
@@ -136,6 +146,26 @@ def decide(
         cost=cost,
         startup=learnt,
     )
+    if spec.advise:
+        # Nothing of this decision will be applied: carry forward what is in force (the limits, the shed
+        # classes and when they moved, the last scale) so the next tick decides from the fleet as it
+        # really is, and keep what was learnt from the data (recommendations, cost curve, start-up).
+        reasons.append("advisory mode: decision recorded, not applied")
+        new_state = dataclasses.replace(
+            new_state,
+            max_batch_size=state.max_batch_size,
+            max_batch_tokens=state.max_batch_tokens,
+            batch_changed_s=state.batch_changed_s,
+            batch_direction=state.batch_direction,
+            shed_classes=state.shed_classes,
+            shed_changed_s=state.shed_changed_s,
+            # How long unshedding has been justified is data about the classes in force: keep counting.
+            unshed_clear_since_s=shed.clear_since_s
+            if shed.shed_classes == state.shed_classes
+            else state.unshed_clear_since_s,
+            last_replicas=state.last_replicas,
+            last_scale_s=state.last_scale_s,
+        )
     return Decision(
         replicas=rep.replicas,
         max_batch_size=limits.max_batch_size,

@@ -15,6 +15,14 @@ And of issue #14 (point 4), on the same step with 60 s start-ups (`startup60`):
 - recovery: the step bar counted from when a pod asked for at the step can first serve, i.e. within
   3 intervals plus the start-up in intervals (the oracle has no start-up; no policy can beat it);
 - steady: zero replica changes over the steady window, as for the step.
+
+And the tighter bars of issue #18 (point 5), judged beside those (`TIGHT_BARS`, keys prefixed `tight-`):
+
+- step: recovery within 2 intervals; replica-minutes at most 1.15x the oracle's;
+- diurnal: attainment >= 99%, replica-minutes at most 1.15x the oracle's;
+- bursts: replica-minutes at most 1.8x the oracle's;
+- class-mix: the interactive (unsheddable, most urgent) class's attainment >= 99%;
+- startup60: recovery within 2 intervals plus the start-up.
 """
 
 from __future__ import annotations
@@ -145,5 +153,59 @@ BARS: tuple[Bar, ...] = (
 )
 
 
-def bars_for(trace: str) -> tuple[Bar, ...]:
-    return tuple(bar for bar in BARS if bar.trace == trace)
+TIGHT_RECOVERY_INTERVALS = 2
+TIGHT_ATTAINMENT = 0.99
+TIGHT_COST_RATIO = 1.15
+TIGHT_BURSTS_COST_RATIO = 1.8
+TIGHT_INTERACTIVE_ATTAINMENT = 0.99
+INTERACTIVE_CLASS = "interactive"
+
+
+def _tight_recovery(outcome: run.Outcome) -> Verdict:
+    intervals = outcome.recovery_intervals
+    if intervals is None:
+        return Verdict("n/a", False)
+    limit = TIGHT_RECOVERY_INTERVALS + (startup_allowance(outcome) if outcome.trace == "startup60" else 0)
+    return Verdict(f"{intervals} intervals (<= {limit})", intervals <= limit)
+
+
+def _cost_at_most(limit: float) -> Callable[[run.Outcome], Verdict]:
+    def judge(outcome: run.Outcome) -> Verdict:
+        ratio = outcome.cost_ratio
+        return Verdict(f"{ratio:.2f}x oracle (<= {limit:g}x)", ratio <= limit)
+
+    return judge
+
+
+def _tight_attainment(outcome: run.Outcome) -> Verdict:
+    return Verdict(f"{outcome.attainment:.2%}", outcome.attainment >= TIGHT_ATTAINMENT)
+
+
+def _interactive(outcome: run.Outcome) -> Verdict:
+    value = outcome.attainment_by_class.get(INTERACTIVE_CLASS)
+    if value is None:
+        return Verdict("n/a", False)
+    return Verdict(f"{value:.2%}", value >= TIGHT_INTERACTIVE_ATTAINMENT)
+
+
+TIGHT_BARS: tuple[Bar, ...] = (
+    Bar("tight-step-recovery", "step", f"#18 step: recovery <= {TIGHT_RECOVERY_INTERVALS} intervals", _tight_recovery),
+    Bar("tight-step-cost", "step", f"#18 step: replica-minutes <= {TIGHT_COST_RATIO}x oracle",
+        _cost_at_most(TIGHT_COST_RATIO)),
+    Bar("tight-startup60-recovery", "startup60",
+        f"#18 60s start-ups: recovery <= {TIGHT_RECOVERY_INTERVALS} intervals + the start-up", _tight_recovery),
+    Bar("tight-diurnal-attainment", "diurnal", f"#18 diurnal: SLO attainment >= {TIGHT_ATTAINMENT:.0%}",
+        _tight_attainment),
+    Bar("tight-diurnal-cost", "diurnal", f"#18 diurnal: replica-minutes <= {TIGHT_COST_RATIO}x oracle",
+        _cost_at_most(TIGHT_COST_RATIO)),
+    Bar("tight-bursts-cost", "bursts", f"#18 bursts: replica-minutes <= {TIGHT_BURSTS_COST_RATIO}x oracle",
+        _cost_at_most(TIGHT_BURSTS_COST_RATIO)),
+    Bar("tight-class-mix-interactive", "class-mix",
+        f"#18 class-mix: interactive attainment >= {TIGHT_INTERACTIVE_ATTAINMENT:.0%}", _interactive),
+)  # fmt: skip
+
+
+def bars_for(trace: str, *, tight: bool = False) -> tuple[Bar, ...]:
+    """The bars judged on `trace`: issue #8's and #14's, or with `tight` also issue #18's."""
+    chosen = (*BARS, *TIGHT_BARS) if tight else BARS
+    return tuple(bar for bar in chosen if bar.trace == trace)

@@ -40,8 +40,10 @@ CASES = {
     "long-queue-holds": Case((64, 4096), {**MISS, "waiting_per_pod": 10.0}, (64, 4096), 0, "hold"),
     # Headroom and full batches: grow by a step (half the limit here).
     "grow-with-headroom": Case((64, 4096), BUSY, (96, 4096), +1, "grow"),
-    # Growth stops where TPOT at a full batch is predicted to reach the limit: 48*((0.04/0.033)*2.25-1) = 82.
-    "grow-bounded-by-tpot": Case((64, 4096), {**BUSY, "tpot_mean_s": 0.033}, (82, 4096), +1, "up to 82 seqs"),
+    # Growth stops where TPOT at the running batch the replica rule sizes for (the band's target of the new
+    # limit) is predicted to reach 0.7 x target: b' = 48*((0.035/0.033)*2.25-1) = 66.5 running, the limit
+    # whose target is that: max(66.5/0.7, 66.5 + 3 sqrt(66.5)) = 95.
+    "grow-bounded-by-tpot": Case((64, 4096), {**BUSY, "tpot_mean_s": 0.033}, (95, 4096), +1, "up to 95 seqs"),
     # ... and at the spec's upper bound.
     "grow-bounded-by-spec": Case(
         (240, 4096), {**BUSY, "running_per_pod": 230.0, "tpot_mean_s": 0.005}, (256, 4096), +1, "grow"
@@ -93,3 +95,26 @@ def test_limits_outside_new_bounds_are_clamped_at_once(make_spec: MakeSpec, make
         spec, make_window(), current=batching.BatchLimits(200, 2048), changed_s=NOW - 1.0, direction=1, now=NOW
     )
     assert decision.limits.max_batch_size == 64
+
+
+def test_a_tpot_miss_while_new_pods_settle_holds_the_limit(make_spec: MakeSpec, make_window: MakeWindow) -> None:
+    # Just after a scale-up the queue is short (the new pods took it) but the window's misses are of the
+    # requests the overloaded fleet ran before them: shrinking then cut the limit the fleet was sized for.
+    common = {"spec": make_spec(), "current": batching.BatchLimits(64, 4096), "changed_s": None, "direction": 0}
+    settling = batching.decide_batch_limits(window=make_window(**MISS), now=NOW, settling=True, **common)
+    assert settling.limits == batching.BatchLimits(64, 4096)
+    assert settling.direction == 0
+    assert any("from before the new pods served" in r for r in settling.reasons), settling.reasons
+    settled = batching.decide_batch_limits(window=make_window(**MISS), now=NOW, **common)
+    assert settled.limits == batching.BatchLimits(48, 3072)
+
+
+def test_limit_for_running_inverts_the_occupancy_band() -> None:
+    from fleetlm_operator.policy import replicas
+
+    tuning = spec_mod.Tuning()
+    for running in (4.0, 20.0, 66.5, 150.0):
+        limit = batching.limit_for_running(running, tuning=tuning)
+        slots = replicas.band(max_batch_size=limit, tuning=tuning).target * limit
+        above = replicas.band(max_batch_size=limit + 1, tuning=tuning).target * (limit + 1)
+        assert slots <= running + 1e-9 < above, (running, limit, slots, above)
