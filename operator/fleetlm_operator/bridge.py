@@ -41,7 +41,9 @@ def policy_spec_of(spec: models.LLMServiceSpec) -> policy_spec.PolicySpec:
             tpot_s=_seconds(slo.tpot) if slo is not None else None,
             percentile=slo.percentile if slo is not None else 95.0,
         ),
-        min_replicas=spec.replicas.min,
+        # The tuner never scales to zero: only the idle handler does (after spec.replicas.idleTimeout, with
+        # the router to hold requests), so with min 0 the tuner's floor is one replica.
+        min_replicas=max(spec.replicas.min, 1),
         max_replicas=spec.replicas.max,
         batching=policy_spec.BatchingSpec(
             max_batch_size=batching.max_batch_size,

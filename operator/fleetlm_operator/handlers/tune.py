@@ -25,7 +25,7 @@ import kopf
 from fleetlm_operator import bridge, metrics
 from fleetlm_operator.act import push
 from fleetlm_operator.api import models, names
-from fleetlm_operator.builders import configmap, meta, secret
+from fleetlm_operator.builders import configmap, meta, model_cache, secret
 from fleetlm_operator.collect import prometheus, scrape
 from fleetlm_operator.handlers import context, reconcile
 from fleetlm_operator.policy import decide as decide_mod
@@ -94,6 +94,8 @@ async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.Operator
     deployment = await asyncio.to_thread(ctx.applier.read_deployment, svc.name, svc.namespace)
     if deployment is None:
         return None  # the reconcile handler has not created it yet
+    if not model_cache.pods_allowed(svc.spec, svc.status.model_cache if svc.status else None):
+        return None  # the model cache is (re)filling: reconcile holds the pods back, so there is nothing to tune
     pods = await asyncio.to_thread(ctx.applier.list_pods, svc.namespace, meta.selector_string(svc))
     endpoints = _ready_endpoints(pods)
     if not endpoints:
