@@ -11,6 +11,7 @@ import aiohttp
 import openai
 
 from fleetlm_dev import bench_router
+from fleetlm_runtime import contract
 
 PROMPT_IDS = list(range(20, 20 + 300))
 
@@ -125,7 +126,7 @@ async def test_the_runtimes_429_and_retry_after_pass_through(start_replica, make
             assert resp.status == 429
             assert resp.headers["Retry-After"]
             assert resp.headers["X-FleetLM-Replica"]  # the replica answered, the router passed it on
-            assert (await resp.json())["error"]["code"] == "class_shed"
+            assert (await resp.json())["error"]["code"] == contract.CODE_CLASS_SHED
 
 
 async def test_shed_classes_are_refused_at_the_edge(replicas, make_router, qos_rules) -> None:
@@ -136,7 +137,7 @@ async def test_shed_classes_are_refused_at_the_edge(replicas, make_router, qos_r
                                 headers={"X-FleetLM-QoS-Class": "batch"}) as resp:  # fmt: skip
             assert resp.status == 429 and "X-FleetLM-Replica" not in resp.headers
             assert int(resp.headers["Retry-After"]) >= 1
-            assert (await resp.json())["error"]["code"] == "class_shed"
+            assert (await resp.json())["error"]["code"] == contract.CODE_CLASS_SHED
         async with session.post(router.url + "/v1/completions", json=body,
                                 headers={"X-FleetLM-QoS-Class": "nope"}) as resp:  # fmt: skip
             assert resp.status == 400  # the runtime's own words: unknown class

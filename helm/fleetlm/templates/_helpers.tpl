@@ -44,9 +44,9 @@ helm.sh/chart: {{ include "fleetlm.chart" . }}
 {{- end -}}
 
 {{/*
-Least privilege: exactly the verbs the operator uses on the objects it manages. It never deletes
-anything (owner references let the garbage collector remove children), never lists Secrets, and
-touches no other kinds.
+Least privilege: exactly the verbs the operator uses on the objects it manages. It deletes only the
+router's objects when spec.router is switched off (owner references let the garbage collector remove
+every other child), never lists Secrets, and touches no other kinds.
 */}}
 {{- define "fleetlm.managedRules" }}
 - apiGroups: ["fleetlm.dev"]

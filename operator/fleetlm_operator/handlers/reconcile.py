@@ -322,6 +322,8 @@ def _request_refresh(namespace: str | None, owner: str | None, *, memo: kopf.Mem
         _pending_refresh.discard((namespace, owner))
         try:
             await asyncio.to_thread(_refresh_owner, namespace, owner, memo=memo)
+        except kopf.TemporaryError as error:  # still starting, or no longer the leader: nothing to refresh
+            logging.getLogger(__name__).info("status refresh of %s/%s skipped: %s", namespace, owner, error)
         except Exception:  # a failed refresh is retried by the next event; never kill the loop
             logging.getLogger(__name__).exception("status refresh of %s/%s failed", namespace, owner)
 
