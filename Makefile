@@ -10,7 +10,7 @@ PY := $(VENV)/bin/python
 PYTEST_ARGS ?=
 E2E_ARGS ?=
 
-.PHONY: venv k8s system-deps lint test unit e2e demo
+.PHONY: venv k8s system-deps lint test unit e2e e2e-short demo
 
 # Installed once per change of pyproject.toml (the stamp); the install is editable, so code changes
 # need no reinstall. pip shows what it fetches: on a fresh machine that is several GB (torch).
@@ -42,9 +42,12 @@ PYTEST_RUN = rc=0; $(PY) -m pytest $(1) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; \
 	if [ $$rc -ne 0 ]; then exit $$rc; fi
 
-# The suite, then the short end-to-end scenarios (a, b, c: a few minutes) in a session of their own.
+# The whole suite. The end-to-end scenarios run apart (`make e2e`, or `make e2e-short` for b and c): on
+# a 2-core machine their load sizing is not yet steady enough to gate CI (see e2e/).
 test: venv k8s system-deps lint
 	@$(call PYTEST_RUN,$(PYTEST_ARGS))
+
+e2e-short: venv k8s
 	@$(call PYTEST_RUN,e2e -m "e2e and short" -s $(E2E_ARGS))
 
 e2e: venv k8s
