@@ -173,6 +173,8 @@ async def on_job_event(meta: kopf.Meta, memo: kopf.Memo, **_: Any) -> None:
         _pending.discard((namespace, owner))
         try:
             await asyncio.to_thread(_refresh, namespace, owner, memo=memo)
+        except kopf.TemporaryError as error:  # still starting, or no longer the leader: nothing to refresh
+            logger.info("model cache refresh of %s/%s skipped: %s", namespace, owner, error)
         except Exception:  # the next Job event retries; never kill the watch
             logger.exception("model cache refresh of %s/%s failed", namespace, owner)
 

@@ -166,9 +166,9 @@ def test_renewal_survives_outages_and_leadership_stays_single(
                               timeout_s=LEASE_S + 10)
         print(f"short outage {short_s:.1f}s: {renewed_by} renewed; restarts {[r.process.restarts for r in replicas]}")
         assert renewed_by == holder and leader.process.restarts == 0, leader.process.log()[-3000:]
-        log = leader.process.log()
-        # The freeze did hit a renewal: a request timed out (retried by the client, or failed and logged).
-        assert "Read timed out" in log or "renewal of lease" in log, log[-3000:]
+        # Whether the freeze caught a renewal in flight depends on its phase against the 5 s renew period
+        # (a freeze long enough to always catch one could also pass the 10 s deadline): not asserted here;
+        # the long outage below always hits renewals and asserts on them.
         _reconciled_by_leader(kube, make_example, replicas, str(renewed_by))
 
         # 2. A long outage, past the renew deadline and the Lease's duration: the leader steps down before
