@@ -27,10 +27,37 @@ from typing import Any
 
 import pytest
 
-from fleetlm_dev import cluster, supervise
+from fleetlm_dev import cluster, k8s_build, supervise
 from fleetlm_dev.testing import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
+
+@pytest.fixture(scope="module")
+def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.ControlPlane]:
+    """A control plane of this module's own: the test stops and restarts its API server, which the tests
+    that share the session's plane must not inherit (a just-restarted API server broke the next ones)."""
+    toolset = k8s_build.ensure_built()
+    plane = cluster.ControlPlane(directory=tmp_path_factory.mktemp("outage-plane"), bin_dir=toolset.bin_dir)
+    plane.start()
+    previous = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(plane.kubeconfig)
+    try:
+        yield plane
+    finally:
+        if previous is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = previous
+        plane.stop()
+
+
+@pytest.fixture(scope="module")
+def llmservice_crd(control_plane: cluster.ControlPlane) -> pathlib.Path:
+    crd = pathlib.Path(__file__).resolve().parents[3] / "crds" / "llmservices.fleetlm.dev.yaml"
+    control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(crd))
+    control_plane.kubectl("wait", "--for=condition=Established", "crd/llmservices.fleetlm.dev", "--timeout=60s")
+    return crd
+
 
 LEASE_S = 15  # the deadline to step down is 2/3 of it: 10 s
 DEADLINE_S = LEASE_S * 2 / 3
