@@ -11,7 +11,6 @@ them). Run: `make e2e` (all), or `pytest e2e -m "e2e and short"` (the ones CI ru
 
 from __future__ import annotations
 
-import os
 import pathlib
 import uuid
 from collections.abc import Callable, Iterator
@@ -19,25 +18,14 @@ from typing import Any
 
 import pytest
 
-from fleetlm_dev import closed_loop, cluster, k8s_build
+from fleetlm_dev import closed_loop, cluster
 
 
 @pytest.fixture(scope="session")
 def plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.ControlPlane]:
-    toolset = k8s_build.ensure_built()
-    control = cluster.ControlPlane(directory=tmp_path_factory.mktemp("control-plane"), bin_dir=toolset.bin_dir)
-    control.start()
-    previous = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(control.kubeconfig)
-    try:
+    with cluster.running(tmp_path_factory.mktemp("control-plane")) as control:
         closed_loop.install_crd(control)
         yield control
-    finally:
-        if previous is None:
-            os.environ.pop("KUBECONFIG", None)
-        else:
-            os.environ["KUBECONFIG"] = previous
-        control.stop()
 
 
 @pytest.fixture

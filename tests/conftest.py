@@ -7,33 +7,21 @@ repository. It is stopped — by the PIDs it started — when the session ends, 
 
 from __future__ import annotations
 
-import os
 import pathlib
 import uuid
 from collections.abc import Iterator
 
 import pytest
 
-from fleetlm_dev import cluster, k8s_build
+from fleetlm_dev import cluster
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[1]
 
 
 @pytest.fixture(scope="session")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.ControlPlane]:
-    toolset = k8s_build.ensure_built()
-    plane = cluster.ControlPlane(directory=tmp_path_factory.mktemp("control-plane"), bin_dir=toolset.bin_dir)
-    plane.start()
-    previous = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(plane.kubeconfig)
-    try:
+    with cluster.running(tmp_path_factory.mktemp("control-plane")) as plane:
         yield plane
-    finally:
-        if previous is None:
-            os.environ.pop("KUBECONFIG", None)
-        else:
-            os.environ["KUBECONFIG"] = previous
-        plane.stop()
 
 
 @pytest.fixture

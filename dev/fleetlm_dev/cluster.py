@@ -25,7 +25,7 @@ import subprocess
 import time
 import urllib.error
 import urllib.request
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 
 from fleetlm_dev import k8s_build, paths, pki
 
@@ -403,6 +403,24 @@ def _http_ok(url: str) -> bool:
             return int(response.status) == 200
     except (urllib.error.URLError, OSError):
         return False
+
+
+@contextlib.contextmanager
+def running(directory: pathlib.Path) -> Iterator[ControlPlane]:
+    """A control plane for the duration of the block, with KUBECONFIG pointing at it (and restored after);
+    stopped by the PIDs it started, whatever the block did. What the test fixtures share."""
+    plane = ControlPlane(directory=directory, bin_dir=k8s_build.ensure_built().bin_dir)
+    plane.start()
+    previous = os.environ.get("KUBECONFIG")
+    os.environ["KUBECONFIG"] = str(plane.kubeconfig)
+    try:
+        yield plane
+    finally:
+        if previous is None:
+            os.environ.pop("KUBECONFIG", None)
+        else:
+            os.environ["KUBECONFIG"] = previous
+        plane.stop()
 
 
 def up(directory: pathlib.Path, *, timeout_s: float = 180) -> ControlPlane:

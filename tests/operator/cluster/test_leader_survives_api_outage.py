@@ -27,7 +27,7 @@ from typing import Any
 
 import pytest
 
-from fleetlm_dev import cluster, k8s_build, supervise
+from fleetlm_dev import cluster, supervise
 from fleetlm_dev.testing import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
@@ -36,19 +36,8 @@ pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.ControlPlane]:
     """A control plane of this module's own: the test stops and restarts its API server, which the tests
     that share the session's plane must not inherit (a just-restarted API server broke the next ones)."""
-    toolset = k8s_build.ensure_built()
-    plane = cluster.ControlPlane(directory=tmp_path_factory.mktemp("outage-plane"), bin_dir=toolset.bin_dir)
-    plane.start()
-    previous = os.environ.get("KUBECONFIG")
-    os.environ["KUBECONFIG"] = str(plane.kubeconfig)
-    try:
+    with cluster.running(tmp_path_factory.mktemp("outage-plane")) as plane:
         yield plane
-    finally:
-        if previous is None:
-            os.environ.pop("KUBECONFIG", None)
-        else:
-            os.environ["KUBECONFIG"] = previous
-        plane.stop()
 
 
 @pytest.fixture(scope="module")
