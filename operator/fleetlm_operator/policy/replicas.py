@@ -345,11 +345,15 @@ def decide_replicas(
 
     if surge is not None:
         # Burst release: the ticks since the surge's latest scale-up (that tick itself measured the burst)
-        # are all clean, and even their peak work would fill fewer pods at most to the band's target.
+        # are all clean, and even their peak work would fill fewer pods at most to the band's target if
+        # they are the fleet from before the surge (a size already in steady use), else at most to the
+        # scale-down threshold (where the ordinary rule would land too).
         # Giving those pods back now, not a stabilization window later, is what keeps a burst every few
-        # minutes from holding the burst's fleet for good. Steady load never triggers it: there the work
-        # after a scale-up does not fall below what the smaller fleet carries at target (the band's gap
-        # to the scale-up threshold is the hysteresis), and without a recent scale-up there is no surge.
+        # minutes from holding the burst's fleet for good. Steady load never triggers it: a scale-up on
+        # noise sees about the same work afterwards, not `release_drop` of it, and without a recent
+        # scale-up there is no surge. The cost is the next burst's onset, served by the smaller fleet
+        # until new pods are ready: a service that cannot afford that sets a longer window's worth of
+        # min replicas, or turns release off with a release_drop near 0.
         needed = max(1, tuning.release_intervals) - 1
         since = [r for r in history if r.at_s > surge.at_s][-needed:] if needed else []
         works = [work_slots, *(r.work for r in since if r.work is not None)]
@@ -361,7 +365,8 @@ def decide_replicas(
             fits = [
                 n
                 for n in range(low_end, current)
-                if occupancy_on(peak, replicas=n, max_batch_size=max_batch_size, tuning=tuning) <= limits.target
+                if occupancy_on(peak, replicas=n, max_batch_size=max_batch_size, tuning=tuning)
+                <= (limits.target if n == surge.base else limits.down)
             ]
             if fits:
                 back = fits[0]
@@ -374,7 +379,8 @@ def decide_replicas(
                     f"replicas: release {current} -> {back}, the surge since {surge.at_s:.0f}s is over (work "
                     f"{peak:.0f} <= {tuning.release_drop:.0%} of its {surge.work:.0f}): "
                     f"{back} replicas would run {load:.0%} full at the peak of the {len(since) + 1} clean "
-                    f"tick(s) since (<= {limits.target:.0%}; not below {low_end}); {demand_txt}",
+                    f"tick(s) since (<= {limits.target if back == surge.base else limits.down:.0%}; "
+                    f"not below {low_end}); {demand_txt}",
                 )
 
     covered_s = now - start_s

@@ -114,7 +114,7 @@ class Tuning:
     # bought for a burst that is over only cost money, and a burst every few minutes would otherwise hold
     # the burst's fleet for good (the 300 s window never sees a quiet 300 s).
     release_intervals: int = 2
-    release_drop: float = 0.6
+    release_drop: float = 0.75
     # Cap on one scale-up: max(current * factor, current + min_step), as AIBrix/HPA cap a step.
     max_scale_up_factor: float = 4.0
     max_scale_up_min_step: int = 4
