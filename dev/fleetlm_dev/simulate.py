@@ -2,11 +2,13 @@
 
     fleetlm-dev simulate --trace step|startup60|diurnal|bursts|class-mix|all [--policy fleetlm|hpa|all] [--json]
                          [--plot out.png] [--seed N] [--profile gpu|cpu-tiny] [--startup-s S]
-                         [--queue-limit N|none]
+                         [--queue-limit N|none] [--calibrate-from BENCH.json [--model builtin:tiny]]
 
 Every run puts the FleetLM policy beside the plain queue-depth HPA baseline (unless `--policy` picks one)
 on the same arrivals, prints a table of outcomes, then each bar with PASS/FAIL per policy: issue #8's and
-#14's, then the tighter ones of issue #18 (marked `#18`). Exit status 0
+#14's, then the tighter ones of issue #18 (marked `#18`). Issue #18 judges them on three profiles: the
+default `gpu`, `--profile cpu-tiny`, and one measured on this machine with
+`fleetlm-dev bench engine --json > bench.json` then `--calibrate-from bench.json`. Exit status 0
 when every bar judged in the run passes for the FleetLM policy (the baseline is expected to fail some),
 1 otherwise, 2 on bad arguments. With `--trace all` and `--plot out.png`, one PNG per trace
 (`out-step.png`, ...). A trace may fix its own pod start-up (`startup60`: 60 s, whatever the profile or

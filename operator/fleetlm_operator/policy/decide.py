@@ -93,6 +93,7 @@ def decide(
         shedding=bool(state.shed_classes),
         now=now,
         loading=loading,
+        surge=state.surge,
     )
 
     load_at_max_with_shed: float | None = None
@@ -142,6 +143,7 @@ def decide(
         unshed_clear_since_s=shed.clear_since_s,
         last_replicas=rep.replicas,
         last_scale_s=now if scaled else state.last_scale_s,
+        surge=rep.surge,
         updated_s=now,
         cost=cost,
         startup=learnt,
@@ -165,6 +167,7 @@ def decide(
             else state.unshed_clear_since_s,
             last_replicas=state.last_replicas,
             last_scale_s=state.last_scale_s,
+            surge=state.surge,
         )
     return Decision(
         replicas=rep.replicas,

@@ -49,6 +49,7 @@ class ReplicaDecision:
     reasons: tuple[str, ...]
     recommendations: tuple[state_mod.Recommendation, ...]
     history_start_s: float
+    surge: state_mod.Surge | None = None  # the run of scale-ups whose pods may still go back early
 
 
 def estimate_demand(
@@ -191,6 +192,7 @@ def decide_replicas(
     shedding: bool,
     now: float,
     loading: startup_mod.Loading | None = None,
+    surge: state_mod.Surge | None = None,
 ) -> ReplicaDecision:
     spec = policy_input.spec
     tuning = spec.tuning
@@ -203,6 +205,10 @@ def decide_replicas(
     horizon_s = max(spec.scale_up_stabilization_s, spec.scale_down_stabilization_s) + spec.interval_s
     history = tuple(r for r in recommendations if r.at_s >= now - horizon_s)[-state_mod.MAX_RECOMMENDATIONS :]
     start_s = now if history_start_s is None else min(history_start_s, now)
+    # A surge lasts while its pods are still above the base and younger than the scale-down window; after
+    # that the ordinary scale-down rule governs them.
+    if surge is not None and (current <= surge.base or now - surge.at_s >= spec.scale_down_stabilization_s):
+        surge = None
 
     def result(
         replicas: int, rec: int | None, wanted: int | None, work_slots: float | None, *reasons: str
@@ -210,7 +216,16 @@ def decide_replicas(
         recorded = history
         if rec is not None:
             recorded = (*history, state_mod.Recommendation(at_s=now, replicas=rec, work=work_slots))
-        return ReplicaDecision(replicas, rec, wanted, reasons, recorded[-state_mod.MAX_RECOMMENDATIONS :], start_s)
+        kept = surge
+        if replicas > current:
+            # A scale-up starts a surge, or extends the one under way (keeping its base).
+            base = min(current, surge.base) if surge is not None else current
+            kept = state_mod.Surge(at_s=now, base=base, work=work_slots if work_slots is not None else 0.0)
+        elif kept is not None and replicas <= kept.base:
+            kept = None
+        return ReplicaDecision(
+            replicas, rec, wanted, reasons, recorded[-state_mod.MAX_RECOMMENDATIONS :], start_s, kept
+        )
 
     if not spec.autoscaling:
         return result(current, None, None, None, f"replicas: autoscaling off, {current} as set through /scale")
@@ -327,6 +342,46 @@ def decide_replicas(
     rec = max(floor, min(current, wanted))
     if current <= floor:
         return result(current, rec, wanted, work_slots, f"replicas: hold {current} at min {floor}: {demand_txt}")
+
+    if surge is not None:
+        # Burst release: the ticks since the surge's latest scale-up (that tick itself measured the burst)
+        # are all clean, and even their peak work would fill fewer pods at most to the band's target if
+        # they are the fleet from before the surge (a size already in steady use), else at most to the
+        # scale-down threshold (where the ordinary rule would land too).
+        # Giving those pods back now, not a stabilization window later, is what keeps a burst every few
+        # minutes from holding the burst's fleet for good. Steady load never triggers it: a scale-up on
+        # noise sees about the same work afterwards, not `release_drop` of it, and without a recent
+        # scale-up there is no surge. The cost is the next burst's onset, served by the smaller fleet
+        # until new pods are ready: a service that cannot afford that sets a longer window's worth of
+        # min replicas, or turns release off with a release_drop near 0.
+        needed = max(1, tuning.release_intervals) - 1
+        since = [r for r in history if r.at_s > surge.at_s][-needed:] if needed else []
+        works = [work_slots, *(r.work for r in since if r.work is not None)]
+        # Only once the demand has fallen well below what asked for the surge: a scale-up on noise at
+        # steady load sees about the same work afterwards, and giving its pod back would cycle.
+        if len(works) == needed + 1 and max(works) <= tuning.release_drop * surge.work:
+            peak = max(works)
+            low_end = max(floor, surge.base)
+            fits = [
+                n
+                for n in range(low_end, current)
+                if occupancy_on(peak, replicas=n, max_batch_size=max_batch_size, tuning=tuning)
+                <= (limits.target if n == surge.base else limits.down)
+            ]
+            if fits:
+                back = fits[0]
+                load = occupancy_on(peak, replicas=back, max_batch_size=max_batch_size, tuning=tuning)
+                return result(
+                    back,
+                    rec,
+                    wanted,
+                    work_slots,
+                    f"replicas: release {current} -> {back}, the surge since {surge.at_s:.0f}s is over (work "
+                    f"{peak:.0f} <= {tuning.release_drop:.0%} of its {surge.work:.0f}): "
+                    f"{back} replicas would run {load:.0%} full at the peak of the {len(since) + 1} clean "
+                    f"tick(s) since (<= {limits.target if back == surge.base else limits.down:.0%}; "
+                    f"not below {low_end}); {demand_txt}",
+                )
 
     covered_s = now - start_s
     if covered_s < spec.scale_down_stabilization_s:

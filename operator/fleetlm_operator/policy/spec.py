@@ -106,6 +106,15 @@ class Tuning:
     backlog_drain_s: float = 20.0
     # A queue this short per pod is "short": latency misses with it are the batch's fault, not load.
     short_queue_per_pod: float = 2.0
+    # Burst release: pods a run of scale-ups added may go back before the scale-down stabilization window
+    # has passed once `release_intervals` clean ticks after the latest scale-up (complete data, no queue,
+    # no starting pods, latency headroom) all show work at most `release_drop` of the work that asked for
+    # it (the demand that bought them is gone, not noise), which fewer pods carry at the band's target;
+    # never below the fleet before the run. The window guards a fleet against noise at steady load; pods
+    # bought for a burst that is over only cost money, and a burst every few minutes would otherwise hold
+    # the burst's fleet for good (the 300 s window never sees a quiet 300 s).
+    release_intervals: int = 2
+    release_drop: float = 0.75
     # Cap on one scale-up: max(current * factor, current + min_step), as AIBrix/HPA cap a step.
     max_scale_up_factor: float = 4.0
     max_scale_up_min_step: int = 4
@@ -160,6 +169,10 @@ class Tuning:
             raise ValueError("cost fit needs a positive half-life and z, and at least 3 windows")
         if not 0 < self.batch_shrink_factor < 1:
             raise ValueError("batch_shrink_factor must lie in (0, 1)")
+        if self.release_intervals < 1:
+            raise ValueError("release_intervals must be at least 1")
+        if not 0 < self.release_drop < 1:
+            raise ValueError("release_drop must lie in (0, 1)")
         if self.refusal_attempts < 1:
             raise ValueError("refusal_attempts must be at least 1")
         if self.startup_prior_s <= 0 or self.startup_stuck_factor < 1 or not 0 < self.startup_smoothing <= 1:

@@ -66,6 +66,28 @@ class CostSums:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Surge:
+    """The latest scale-up and the fleet size before the run of scale-ups it belongs to.
+
+    Pods a scale-up added for demand that has since gone (a burst) may be given back before the
+    scale-down stabilization window has passed, down to `base` at most (see `replicas`).
+    """
+
+    at_s: float  # when the latest scale-up of the run was decided
+    base: int  # the replicas before the run's first scale-up
+    work: float  # the work (batch slots, slowdown taken out) that asked for the latest scale-up
+
+    def to_list(self) -> list[float]:
+        return [self.at_s, self.base, self.work]
+
+    @classmethod
+    def from_list(cls, row: Any) -> Surge:
+        if not isinstance(row, list | tuple) or len(row) != 3:
+            raise ValueError(f"surge must be a list [atS, base, work], got {row!r}")
+        return cls(at_s=float(row[0]), base=int(row[1]), work=float(row[2]))
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class TunerState:
     recommendations: tuple[Recommendation, ...] = ()
     history_start_s: float | None = None  # first tick this state has seen: stabilization needs a full window
@@ -78,6 +100,7 @@ class TunerState:
     unshed_clear_since_s: float | None = None  # since when unshedding has been justified
     last_replicas: int | None = None  # what the last decision asked for
     last_scale_s: float | None = None
+    surge: Surge | None = None  # the latest run of scale-ups, while its pods may still be given back early
     updated_s: float | None = None
     cost: CostSums = CostSums()  # the engine's TPOT-vs-batch observations, for the fitted cost curve
     startup: startup_mod.StartupStats = dataclasses.field(default_factory=startup_mod.StartupStats)  # learnt start-up
@@ -96,6 +119,7 @@ class TunerState:
             "unshedClearSinceS": self.unshed_clear_since_s,
             "lastReplicas": self.last_replicas,
             "lastScaleS": self.last_scale_s,
+            "surge": None if self.surge is None else self.surge.to_list(),
             "updatedS": self.updated_s,
             "costCurve": self.cost.to_list(),
             "startup": self.startup.to_dict(),
@@ -129,6 +153,7 @@ class TunerState:
                 unshed_clear_since_s=_opt_float(data.get("unshedClearSinceS")),
                 last_replicas=_opt_int(data.get("lastReplicas")),
                 last_scale_s=_opt_float(data.get("lastScaleS")),
+                surge=Surge.from_list(data["surge"]) if data.get("surge") is not None else None,
                 updated_s=_opt_float(data.get("updatedS")),
                 cost=CostSums.from_list(data["costCurve"]) if data.get("costCurve") is not None else CostSums(),
                 startup=(

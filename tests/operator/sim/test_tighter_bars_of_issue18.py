@@ -1,19 +1,87 @@
-"""The tighter bars of issue #18 that the policy meets on the default GPU profile (seed 1): diurnal attainment
->= 99% at <= 1.15x the oracle's replica-minutes, and the interactive class >= 99% on class-mix. Batch limits
-grow while TPOT at the running batch the replica rule sizes for (not at a full batch) has headroom, and a
-TPOT miss while new pods settle no longer shrinks them: before, the day settled at 1.17-1.18x.
+"""The tighter bars of issue #18 (`bars.TIGHT_BARS`), judged on the three profiles the issue names: the default
+GPU profile, the built-in CPU profile (cpu-tiny) and a profile calibrated from `fleetlm-dev bench engine`.
 
-The step's recovery (3 intervals, bar 2), the step's cost (~1.19x, bar 1.15x) and the bursts' cost (~2.1x,
-bar 1.8x) are printed by `fleetlm-dev simulate` and not met yet; see the issue note.
+Every (profile, bar) pair is a test. Those the policy meets assert it; those it does not meet yet are strict
+xfails with the figure measured, so a change that makes one hold fails here until it is promoted (and one that
+breaks a held bar fails as a plain test). Seed 1 throughout, as `fleetlm-dev simulate`.
+
+Bursts: before the burst release (pods a surge bought go back two clean ticks after the demand that asked for
+them has fallen to 75% of it) a burst every 5 minutes held the burst's fleet for good, 2.2-2.5x the oracle;
+now 1.5-1.7x (and on the bench-calibrated profile the step's overshoot goes back too: 1.17x -> 1.11x, so
+every tight bar holds there), at the price of the next burst's onset being served by the smaller fleet
+(attainment 79-86% there; no bar is set on it).
 """
 
 from __future__ import annotations
 
+import functools
+
 import pytest
 
-from fleetlm_operator.sim import bars, run, workload
+from fleetlm_operator.sim import bars, calibration, run, workload
 
 SEED = 1
+# `fleetlm-dev bench engine --quick --json` on a 2-core x86_64 machine (as test_compute_bound_engine_meets_the_bars):
+# (concurrency, full decode step ms).
+MEASURED_STEPS_MS = ((1, 0.6228), (8, 0.941), (32, 1.7234), (64, 2.7574))
+
+
+def _measured() -> calibration.Calibration:
+    report = {
+        "cpu": "2 CPUs, x86_64",
+        "models": [
+            {
+                "model": "builtin:tiny",
+                "concurrency": [{"concurrency": c, "full_decode_step_p50_ms": ms} for c, ms in MEASURED_STEPS_MS],
+            }
+        ],
+    }
+    return calibration.from_engine_benchmark(report, model="builtin:tiny")
+
+
+PROFILES = {"gpu": calibration.GPU_LIKE, "cpu-tiny": calibration.CPU_TINY, "measured": _measured()}
+
+# Not met yet, with what seed 1 gives (see the issue note for the full table).
+NOT_MET = {
+    (
+        "gpu",
+        "tight-step-recovery",
+    ): "3 intervals: the 3 old pods' queues of 32 hold the first interval the new pods serve",
+    ("gpu", "tight-step-cost"): "1.19x: one window's TPOT dip at 11 replicas shrinks the batch and adds a 12th",
+    ("cpu-tiny", "tight-step-recovery"): "3 intervals, as on the GPU profile",
+    (
+        "cpu-tiny",
+        "tight-step-cost",
+    ): "1.30x: batch limits stay ~35-44 (the oracle runs 96), so 12 pods where it runs 10",
+    ("cpu-tiny", "tight-startup60-recovery"): "7 intervals (bar 6)",
+    ("cpu-tiny", "tight-diurnal-cost"): "1.20x, for the same small batch limits",
+}
+
+
+@functools.cache
+def _outcome(profile: str, trace: str) -> run.Outcome:
+    return run.simulate(workload.TRACES[trace], run.POLICIES["fleetlm"], calib=PROFILES[profile], seed=SEED)
+
+
+def _cases() -> list[object]:
+    cases: list[object] = []
+    for profile in PROFILES:
+        for bar in bars.TIGHT_BARS:
+            marks: list[pytest.MarkDecorator] = []
+            if profile != "gpu":
+                marks.append(pytest.mark.slow)
+            reason = NOT_MET.get((profile, bar.key))
+            if reason is not None:
+                marks.append(pytest.mark.xfail(strict=True, reason=f"not met yet: {reason}"))
+            cases.append(pytest.param(profile, bar.key, marks=marks, id=f"{profile}-{bar.key}"))
+    return cases
+
+
+@pytest.mark.parametrize(("profile", "key"), _cases())
+def test_tight_bar(profile: str, key: str) -> None:
+    bar = _bar(key)
+    verdict = bar.judge(_outcome(profile, bar.trace))
+    assert verdict.passed, f"{profile} {key}: {verdict.value}"
 
 
 def _bar(key: str) -> bars.Bar:
@@ -28,15 +96,22 @@ def hpa_diurnal() -> run.Outcome:
 def test_diurnal_meets_99_percent_within_115_percent_of_the_oracle(diurnal_run: run.Outcome) -> None:
     assert diurnal_run.attainment >= bars.TIGHT_ATTAINMENT
     assert diurnal_run.cost_ratio <= bars.TIGHT_COST_RATIO
-    assert _bar("tight-diurnal-attainment").judge(diurnal_run).passed
-    assert _bar("tight-diurnal-cost").judge(diurnal_run).passed
     # ... without buying it with churn: the day still takes a few dozen changes at most.
     assert diurnal_run.num_changes <= 30
 
 
 def test_the_interactive_class_meets_99_percent_on_class_mix(class_mix_run: run.Outcome) -> None:
     assert class_mix_run.attainment_by_class["interactive"] >= bars.TIGHT_INTERACTIVE_ATTAINMENT
-    assert _bar("tight-class-mix-interactive").judge(class_mix_run).passed
+
+
+def test_burst_pods_go_back_between_bursts() -> None:
+    outcome = _outcome("gpu", "bursts")
+    assert outcome.cost_ratio <= bars.TIGHT_BURSTS_COST_RATIO
+    # Between bursts (the first 255 s of every 5 minutes, after the first) the fleet is back near the base
+    # load's size, not at the burst's: the oracle needs 3 there and 8 in a burst.
+    quiet = [t.replicas for t in outcome.ticks if t.t_s >= 600.0 and 90.0 <= t.t_s % 300.0 < 240.0]
+    assert quiet and max(quiet) <= 5
+    assert outcome.num_failed < 0.1 * outcome.num_requests
 
 
 def test_the_queue_depth_baseline_fails_them(hpa_diurnal: run.Outcome) -> None:
@@ -49,3 +124,4 @@ def test_every_tight_bar_is_judged_on_a_trace_the_simulator_has() -> None:
     assert {bar.trace for bar in bars.TIGHT_BARS} <= set(workload.TRACES)
     assert {bar.key for bar in bars.TIGHT_BARS}.isdisjoint(bar.key for bar in bars.BARS)
     assert set(bars.bars_for("step", tight=True)) > set(bars.bars_for("step"))
+    assert {key for _, key in NOT_MET} <= {bar.key for bar in bars.TIGHT_BARS}
