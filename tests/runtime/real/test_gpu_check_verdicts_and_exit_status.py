@@ -24,7 +24,7 @@ def _gpu_check(model: pathlib.Path, *args: str) -> tuple[int, dict, str]:
     script = pathlib.Path(sys.executable).with_name("fleetlm-dev")
     command = [str(script)] if script.exists() else [sys.executable, "-m", "fleetlm_dev.cli"]
     command += ["gpu-check", "--device", "cpu", "--json", "--model", str(model), *args]
-    done = subprocess.run(command, capture_output=True, text=True, timeout=900, env=env, check=False)
+    done = subprocess.run(command, capture_output=True, text=True, timeout=1800, env=env, check=False)
     report = json.loads(done.stdout.strip().splitlines()[-1]) if done.stdout.strip() else {}
     return done.returncode, report, done.stderr[-3000:]
 
