@@ -127,6 +127,10 @@ def build_parser() -> argparse.ArgumentParser:
     load_bench = bench_verbs.add_parser("load", help="model load time and peak RSS: our loader vs from_pretrained",
                                         add_help=False)
     load_bench.set_defaults(func=_delegate("fleetlm_dev.bench_load"), delegated=True)
+    overload_bench = bench_verbs.add_parser(
+        "overload", help="a real runtime process under 3x its KV pool: completions, /ready, RSS", add_help=False
+    )
+    overload_bench.set_defaults(func=_delegate("fleetlm_dev.bench_overload"), delegated=True)
 
     simulate = verbs.add_parser("simulate", help="replay the tuning policy against simulated replicas",
                                 add_help=False)

