@@ -37,6 +37,7 @@ from fleetlm_router import endpoints as endpoints_mod
 from fleetlm_router import metrics as metrics_mod
 from fleetlm_router import picker
 from fleetlm_router import scale as scale_mod
+from fleetlm_router import scrape as scrape_mod
 from fleetlm_router import settings as settings_mod
 from fleetlm_runtime import config as config_mod
 from fleetlm_runtime import contract, qos
@@ -80,6 +81,10 @@ class RouterState:
         self._last_scale_up = -1e18
         self._last_activity = -1e18
         self.session: aiohttp.ClientSession | None = None
+        self.scraper = scrape_mod.LoadScraper(
+            endpoints, lambda: self.session, self.in_flight, interval_s=settings.scrape_interval_s,
+            timeout_s=settings.scrape_timeout_s, on_result=self.metrics.record_scrape,
+        )  # fmt: skip
 
     # -- picking ------------------------------------------------------------------------------------
 
@@ -101,9 +106,17 @@ class RouterState:
             return self.round_robin.pick(list(self.endpoints.replicas), exclude=exclude)
         if policy == settings_mod.POLICY_LEAST_LOADED:
             key = None
+        loads = self.loads()
         return picker.pick_affinity(
-            self._ring, key=key, in_flight=self.in_flight, load_factor=self.settings.load_factor,
-            exclude=exclude, tie_break=self._tie_break, seen=seen,
+            self._ring, key=key, in_flight=loads.load, load_factor=self.settings.load_factor,
+            exclude=exclude, tie_break=self._tie_break, seen=seen, saturated=loads.saturated,
+        )  # fmt: skip
+
+    def loads(self) -> picker.Loads:
+        """Own in flight plus what fresh scrapes of the replicas add (`picker.replica_loads`)."""
+        return picker.replica_loads(
+            self.in_flight, self.scraper.scraped, replicas=self.endpoints.replicas, now_s=time.monotonic(),
+            max_age_s=self.settings.scrape_stale_s, kv_saturated=self.settings.kv_saturated,
         )  # fmt: skip
 
     def begin(self, replica: str) -> None:
@@ -282,15 +295,23 @@ async def handle_openai(request: web.Request) -> web.StreamResponse:
     state = request.app[state_key]
     settings = state.settings
     try:
-        body = await request.read()
+        # A body that trickles in (slowloris) is bounded in time as well as in size.
+        async with asyncio.timeout(settings.body_timeout_s):
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         state.metrics.rejected.labels("", metrics_mod.REJECT_INVALID).inc()
         return _error(413, f"request body over {settings.max_body_bytes} bytes", code="too_large")
+    except TimeoutError:
+        state.metrics.rejected.labels("", metrics_mod.REJECT_INVALID).inc()
+        return _error(408, f"the request body did not arrive within {settings.body_timeout_s:g}s", code="timeout")
     try:
-        parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        parsed = None  # the replica answers the 400 in its own words
-    parsed = parsed if isinstance(parsed, dict) else {}
+        # The runtime's own parser and words: a malformed body is a 400 here, before it is held or routed.
+        parsed = schemas.parse_json(body)
+        if not isinstance(parsed, dict):
+            raise schemas.invalid(None, f"the request body must be a JSON object, got {type(parsed).__name__}")
+    except schemas.APIError as error:
+        state.metrics.rejected.labels("", metrics_mod.REJECT_INVALID).inc()
+        return error.response()
     body_class = parsed.get(contract.FIELD_QOS_CLASS)
     try:
         client = auth.resolve_client(
@@ -500,6 +521,8 @@ def create_app(
             auto_decompress=False,
         )
         tasks = [asyncio.create_task(source.run(endpoint_set)), asyncio.create_task(_report_busy(state))]
+        if settings.scrape_interval_s > 0:
+            tasks.append(asyncio.create_task(state.scraper.run()))
         if runtime_config_path is not None:
             tasks.append(asyncio.create_task(_follow_runtime_config(state, runtime_config_path)))
         yield
