@@ -133,7 +133,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fleetlm-router: {error}", file=sys.stderr)
         return 2
     application = app_mod.create_app(
-        cfg, source=source, qos_settings=qos, api_keys=keys, scaler=scaler, runtime_config_path=args.runtime_config
+        cfg,
+        source=source,
+        qos_settings=qos,
+        api_keys=keys,
+        scaler=scaler,
+        runtime_config_path=args.runtime_config,
+        api_keys_path=args.api_keys_file,
     )
     # keepalive_timeout: aiohttp closes a connection still waiting for a request's headers this long after
     # it opened or answered, which bounds slow headers (slowloris) as well as idle keep-alive.

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import pathlib
@@ -493,6 +494,32 @@ async def _follow_runtime_config(state: RouterState, path: pathlib.Path, *, inte
         await asyncio.sleep(interval_s)
 
 
+async def _follow_api_keys(state: RouterState, path: pathlib.Path, *, interval_s: float = 2.0) -> None:
+    """Reload the key -> class map when the file's bytes change (a rotated Secret), as the runtime does
+    (`fleetlm_runtime.server.api_keys`), so a key resolves to the same class here as at the pods. A file
+    that fails validation is refused whole and the keys in force stay. Never log a key."""
+
+    async def digest() -> bytes | None:
+        try:
+            return hashlib.sha256(await asyncio.to_thread(path.read_bytes)).digest()
+        except OSError:
+            return None  # gone for a moment (mid-swap)
+
+    last = await digest()  # the version the keys in force came from (loaded by the caller)
+    while True:
+        await asyncio.sleep(interval_s)
+        current = await digest()
+        if current is None or current == last:
+            continue
+        last = current
+        classes = {c.name for c in state.qos.classes}
+        try:
+            state.api_keys = await asyncio.to_thread(config_mod.load_api_keys, path, classes=classes)
+            log.info("API keys reloaded from %s: %d keys", path, len(state.api_keys))
+        except config_mod.ConfigError as error:
+            log.error("API keys file changed but is invalid; keeping the %d in force: %s", len(state.api_keys), error)
+
+
 def create_app(
     settings: settings_mod.RouterSettings,
     *,
@@ -501,11 +528,13 @@ def create_app(
     api_keys: dict[str, str] | None = None,
     scaler: scale_mod.Scaler | None = None,
     runtime_config_path: pathlib.Path | None = None,
+    api_keys_path: pathlib.Path | None = None,
 ) -> web.Application:
     """The router app; `source.run(endpoint_set)` feeds it replicas for as long as the app lives.
 
     With `runtime_config_path` (the service's runtime ConfigMap, mounted) the class rules are re-read
-    when the file changes, so classes the operator sheds are refused here as they are at the pods.
+    when the file changes, so classes the operator sheds are refused here as they are at the pods; with
+    `api_keys_path` the key -> class map is reloaded when the Secret rotates.
     """
     app = web.Application(client_max_size=settings.max_body_bytes)
     endpoint_set = endpoints_mod.EndpointSet()
@@ -525,6 +554,8 @@ def create_app(
             tasks.append(asyncio.create_task(state.scraper.run()))
         if runtime_config_path is not None:
             tasks.append(asyncio.create_task(_follow_runtime_config(state, runtime_config_path)))
+        if api_keys_path is not None:
+            tasks.append(asyncio.create_task(_follow_api_keys(state, api_keys_path)))
         yield
         for task in tasks:
             task.cancel()

@@ -96,7 +96,10 @@ MakeRouter = Callable[..., Awaitable[RouterHandle]]
 async def make_router(aiohttp_server: Any, tmp_path: pathlib.Path) -> AsyncIterator[MakeRouter]:
     count = 0
 
-    async def make(urls: list[str], *, qos: dict[str, Any] | None = None, **overrides: Any) -> RouterHandle:
+    async def make(
+        urls: list[str], *, qos: dict[str, Any] | None = None, api_keys_file: pathlib.Path | None = None,
+        **overrides: Any,
+    ) -> RouterHandle:  # fmt: skip
         nonlocal count
         count += 1
         endpoints_file = tmp_path / f"endpoints-{count}.txt"
@@ -104,9 +107,11 @@ async def make_router(aiohttp_server: Any, tmp_path: pathlib.Path) -> AsyncItera
         bench_router.write_endpoints(endpoints_file, urls)
         cfg = settings.RouterSettings(**{"hold_timeout_s": 2.0, "hold_comment_interval_s": 0.2, **overrides})
         qos_settings = config_mod.parse_config({"qos": qos or QOS}).qos
+        classes = {c.name for c in qos_settings.classes}
+        keys = config_mod.load_api_keys(api_keys_file, classes=classes) if api_keys_file else {}
         application = app_mod.create_app(
             cfg, source=endpoints.FileSource(endpoints_file, interval_s=0.05), qos_settings=qos_settings,
-            scaler=scale.FileScaler(scale_file),
+            scaler=scale.FileScaler(scale_file), api_keys=keys, api_keys_path=api_keys_file,
         )  # fmt: skip
         server = await aiohttp_server(application)
         handle = RouterHandle(server, endpoints_file, scale_file)
