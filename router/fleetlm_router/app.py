@@ -73,6 +73,7 @@ class RouterState:
         self.scaler = scaler
         self.metrics = metrics_mod.RouterMetrics()
         self.in_flight: dict[str, int] = {}
+        self.started: dict[str, int] = {}  # requests ever sent to each replica (the scraper's reference)
         self.held_by_class: dict[str, int] = {}
         self.round_robin = picker.RoundRobin()
         self.seen_keys = picker.SeenKeys()
@@ -83,7 +84,7 @@ class RouterState:
         self._last_activity = -1e18
         self.session: aiohttp.ClientSession | None = None
         self.scraper = scrape_mod.LoadScraper(
-            endpoints, lambda: self.session, self.in_flight, interval_s=settings.scrape_interval_s,
+            endpoints, lambda: self.session, self.in_flight, self.started, interval_s=settings.scrape_interval_s,
             timeout_s=settings.scrape_timeout_s, on_result=self.metrics.record_scrape,
         )  # fmt: skip
 
@@ -96,6 +97,8 @@ class RouterState:
         self._ring = picker.HashRing(sorted(names))
         self._ring_version = self.endpoints.version
         self.metrics.set_replicas(names)
+        for gone in set(self.started) - names - set(self.in_flight):
+            del self.started[gone]  # bounded by the replicas listed or still busy, not by pod churn
         for name in names:
             self.metrics.in_flight.labels(name).set(self.in_flight.get(name, 0))
 
@@ -122,6 +125,7 @@ class RouterState:
 
     def begin(self, replica: str) -> None:
         self.in_flight[replica] = self.in_flight.get(replica, 0) + 1
+        self.started[replica] = self.started.get(replica, 0) + 1
         if replica in self.endpoints.replicas:
             self.metrics.in_flight.labels(replica).set(self.in_flight[replica])
 

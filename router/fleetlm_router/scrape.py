@@ -87,6 +87,7 @@ class LoadScraper:
         endpoints: endpoints_mod.EndpointSet,
         session: Callable[[], aiohttp.ClientSession | None],
         own_in_flight: Mapping[str, int],
+        own_started: Mapping[str, int],
         *,
         interval_s: float,
         timeout_s: float,
@@ -96,6 +97,7 @@ class LoadScraper:
         self._endpoints = endpoints
         self._session = session
         self._own = own_in_flight
+        self._started = own_started
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._on_result = on_result
@@ -105,6 +107,10 @@ class LoadScraper:
         session = self._session()
         if session is None:
             return None
+        # This router's part of what the replica will report: its requests open there now plus any it
+        # sends during the scrape. Requests that end meanwhile still count, so the others' share is never
+        # overestimated (no phantom load from our own churn), at worst under by our churn in the window.
+        own_before, started_before = self._own.get(name, 0), self._started.get(name, 0)
         try:
             timeout = aiohttp.ClientTimeout(total=self._timeout_s)
             async with session.get(url + contract.PATH_METRICS, timeout=timeout) as resp:
@@ -123,8 +129,9 @@ class LoadScraper:
             self._on_result(name, None)
             return None
         if name in self._endpoints.replicas:
+            ours = own_before + self._started.get(name, 0) - started_before
             self.scraped[name] = picker.Scraped(
-                reported.waiting, reported.running, reported.kv_usage, time.monotonic(), self._own.get(name, 0)
+                reported.waiting, reported.running, reported.kv_usage, time.monotonic(), ours
             )
         self._on_result(name, reported)
         return reported
