@@ -1,7 +1,8 @@
 """Which replica serves a request: prefix affinity by consistent hashing with bounded load.
 
 Pure: no clock, no I/O, no aiohttp. The proxy hands it the ready replicas, the in-flight count it keeps
-per replica and the request's prefix key; it returns a replica and the reason, as data.
+per replica, what the replicas last reported about their own load (with the time, read by the caller)
+and the request's prefix key; it returns a replica and the reason, as data.
 
 - `prefix_key(body, num_tokens)`: the prompt's leading tokens (token-id prompts: the first `num_tokens`
   ids; text: the first `num_tokens * CHARS_PER_TOKEN` characters, since the router has no tokenizer; chat:

@@ -1,9 +1,10 @@
 """Fixtures for the router tests: real `fleetlm-runtime` processes on loopback, and the router app.
 
-`replicas` starts two runtime processes on `builtin:tiny` once per module (the response cache is off, so
-every request reaches an engine). `make_router` builds the real router app on aiohttp's test server,
-reading its replicas from a file the test rewrites (add, remove). `start_replica` starts an extra
-process a test may kill. Everything is stopped by the PID it started.
+`replicas` starts two runtime processes on `builtin:tiny` once per session (the response cache is off,
+so every request reaches an engine; tests read their counters as deltas and leave them idle).
+`make_router` builds the real router app on aiohttp's test server, reading its replicas from a file the
+test rewrites (add, remove). `start_replica` starts an extra process a test may kill. Everything is
+stopped by the PID it started.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def qos_rules() -> dict[str, Any]:
     return dict(QOS)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[bench_router.Process]]:
     directory = tmp_path_factory.mktemp("replicas")
     started = [bench_router.start_runtime(directory, runtime_config(), name=f"replica-{i}") for i in range(2)]
