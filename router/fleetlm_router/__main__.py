@@ -52,6 +52,32 @@ def build_parser() -> argparse.ArgumentParser:
         dest="activity_interval_s",
         help="seconds between 'traffic seen' stamps on the LLMService (keep well under its idleTimeout)",
     )
+    p.add_argument(
+        "--header-timeout",
+        type=float,
+        default=None,
+        dest="header_timeout_s",
+        help="seconds a connection gets to send a request's headers (slow clients; idle keep-alive)",
+    )
+    p.add_argument(
+        "--body-timeout", type=float, default=None, dest="body_timeout_s", help="seconds a request body gets to arrive"
+    )
+    p.add_argument("--max-body-bytes", type=int, default=None)
+    p.add_argument(
+        "--scrape-interval",
+        type=float,
+        default=None,
+        dest="scrape_interval_s",
+        help="seconds between scrapes of each replica's /metrics (0: off, own in-flight only)",
+    )
+    p.add_argument("--scrape-timeout", type=float, default=None, dest="scrape_timeout_s")
+    p.add_argument(
+        "--scrape-stale",
+        type=float,
+        default=None,
+        dest="scrape_stale_s",
+        help="a replica's scraped load older than this many seconds is ignored",
+    )
     p.add_argument("--shutdown-timeout", type=float, default=30.0, help="seconds open streams get on SIGTERM")
     p.add_argument("--log-level", default="INFO")
     return p
@@ -69,6 +95,12 @@ def main(argv: Sequence[str] | None = None) -> int:
         "hold_timeout_s",
         "hold_comment_interval_s",
         "activity_interval_s",
+        "header_timeout_s",
+        "body_timeout_s",
+        "max_body_bytes",
+        "scrape_interval_s",
+        "scrape_timeout_s",
+        "scrape_stale_s",
     )
     values: dict[str, Any] = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     try:
@@ -101,11 +133,22 @@ def main(argv: Sequence[str] | None = None) -> int:
         print(f"fleetlm-router: {error}", file=sys.stderr)
         return 2
     application = app_mod.create_app(
-        cfg, source=source, qos_settings=qos, api_keys=keys, scaler=scaler, runtime_config_path=args.runtime_config
+        cfg,
+        source=source,
+        qos_settings=qos,
+        api_keys=keys,
+        scaler=scaler,
+        runtime_config_path=args.runtime_config,
+        api_keys_path=args.api_keys_file,
     )
+    # keepalive_timeout: aiohttp closes a connection still waiting for a request's headers this long after
+    # it opened or answered, which bounds slow headers (slowloris) as well as idle keep-alive.
+    # handler_cancellation: a client that hangs up cancels its handler, which closes the upstream
+    # connection, so the replica aborts the sequence even while nothing is being written to the client.
     web.run_app(
-        application, host=cfg.host, port=cfg.port, shutdown_timeout=args.shutdown_timeout, print=None, access_log=None
-    )
+        application, host=cfg.host, port=cfg.port, shutdown_timeout=args.shutdown_timeout, print=None,
+        access_log=None, keepalive_timeout=cfg.header_timeout_s, handler_cancellation=True,
+    )  # fmt: skip
     return 0
 
 

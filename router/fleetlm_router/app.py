@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hashlib
 import json
 import logging
 import pathlib
@@ -37,6 +38,7 @@ from fleetlm_router import endpoints as endpoints_mod
 from fleetlm_router import metrics as metrics_mod
 from fleetlm_router import picker
 from fleetlm_router import scale as scale_mod
+from fleetlm_router import scrape as scrape_mod
 from fleetlm_router import settings as settings_mod
 from fleetlm_runtime import config as config_mod
 from fleetlm_runtime import contract, qos
@@ -71,6 +73,7 @@ class RouterState:
         self.scaler = scaler
         self.metrics = metrics_mod.RouterMetrics()
         self.in_flight: dict[str, int] = {}
+        self.started: dict[str, int] = {}  # requests ever sent to each replica (the scraper's reference)
         self.held_by_class: dict[str, int] = {}
         self.round_robin = picker.RoundRobin()
         self.seen_keys = picker.SeenKeys()
@@ -80,6 +83,10 @@ class RouterState:
         self._last_scale_up = -1e18
         self._last_activity = -1e18
         self.session: aiohttp.ClientSession | None = None
+        self.scraper = scrape_mod.LoadScraper(
+            endpoints, lambda: self.session, self.in_flight, self.started, interval_s=settings.scrape_interval_s,
+            timeout_s=settings.scrape_timeout_s, on_result=self.metrics.record_scrape,
+        )  # fmt: skip
 
     # -- picking ------------------------------------------------------------------------------------
 
@@ -90,6 +97,8 @@ class RouterState:
         self._ring = picker.HashRing(sorted(names))
         self._ring_version = self.endpoints.version
         self.metrics.set_replicas(names)
+        for gone in set(self.started) - names - set(self.in_flight):
+            del self.started[gone]  # bounded by the replicas listed or still busy, not by pod churn
         for name in names:
             self.metrics.in_flight.labels(name).set(self.in_flight.get(name, 0))
 
@@ -101,13 +110,22 @@ class RouterState:
             return self.round_robin.pick(list(self.endpoints.replicas), exclude=exclude)
         if policy == settings_mod.POLICY_LEAST_LOADED:
             key = None
+        loads = self.loads()
         return picker.pick_affinity(
-            self._ring, key=key, in_flight=self.in_flight, load_factor=self.settings.load_factor,
-            exclude=exclude, tie_break=self._tie_break, seen=seen,
+            self._ring, key=key, in_flight=loads.load, load_factor=self.settings.load_factor,
+            exclude=exclude, tie_break=self._tie_break, seen=seen, saturated=loads.saturated,
+        )  # fmt: skip
+
+    def loads(self) -> picker.Loads:
+        """Own in flight plus what fresh scrapes of the replicas add (`picker.replica_loads`)."""
+        return picker.replica_loads(
+            self.in_flight, self.scraper.scraped, replicas=self.endpoints.replicas, now_s=time.monotonic(),
+            max_age_s=self.settings.scrape_stale_s, kv_saturated=self.settings.kv_saturated,
         )  # fmt: skip
 
     def begin(self, replica: str) -> None:
         self.in_flight[replica] = self.in_flight.get(replica, 0) + 1
+        self.started[replica] = self.started.get(replica, 0) + 1
         if replica in self.endpoints.replicas:
             self.metrics.in_flight.labels(replica).set(self.in_flight[replica])
 
@@ -282,15 +300,23 @@ async def handle_openai(request: web.Request) -> web.StreamResponse:
     state = request.app[state_key]
     settings = state.settings
     try:
-        body = await request.read()
+        # A body that trickles in (slowloris) is bounded in time as well as in size.
+        async with asyncio.timeout(settings.body_timeout_s):
+            body = await request.read()
     except web.HTTPRequestEntityTooLarge:
         state.metrics.rejected.labels("", metrics_mod.REJECT_INVALID).inc()
         return _error(413, f"request body over {settings.max_body_bytes} bytes", code="too_large")
+    except TimeoutError:
+        state.metrics.rejected.labels("", metrics_mod.REJECT_INVALID).inc()
+        return _error(408, f"the request body did not arrive within {settings.body_timeout_s:g}s", code="timeout")
     try:
-        parsed = json.loads(body)
-    except (ValueError, UnicodeDecodeError, RecursionError):
-        parsed = None  # the replica answers the 400 in its own words
-    parsed = parsed if isinstance(parsed, dict) else {}
+        # The runtime's own parser and words: a malformed body is a 400 here, before it is held or routed.
+        parsed = schemas.parse_json(body)
+        if not isinstance(parsed, dict):
+            raise schemas.invalid(None, f"the request body must be a JSON object, got {type(parsed).__name__}")
+    except schemas.APIError as error:
+        state.metrics.rejected.labels("", metrics_mod.REJECT_INVALID).inc()
+        return error.response()
     body_class = parsed.get(contract.FIELD_QOS_CLASS)
     try:
         client = auth.resolve_client(
@@ -472,6 +498,32 @@ async def _follow_runtime_config(state: RouterState, path: pathlib.Path, *, inte
         await asyncio.sleep(interval_s)
 
 
+async def _follow_api_keys(state: RouterState, path: pathlib.Path, *, interval_s: float = 2.0) -> None:
+    """Reload the key -> class map when the file's bytes change (a rotated Secret), as the runtime does
+    (`fleetlm_runtime.server.api_keys`), so a key resolves to the same class here as at the pods. A file
+    that fails validation is refused whole and the keys in force stay. Never log a key."""
+
+    async def digest() -> bytes | None:
+        try:
+            return hashlib.sha256(await asyncio.to_thread(path.read_bytes)).digest()
+        except OSError:
+            return None  # gone for a moment (mid-swap)
+
+    last = await digest()  # the version the keys in force came from (loaded by the caller)
+    while True:
+        await asyncio.sleep(interval_s)
+        current = await digest()
+        if current is None or current == last:
+            continue
+        last = current
+        classes = {c.name for c in state.qos.classes}
+        try:
+            state.api_keys = await asyncio.to_thread(config_mod.load_api_keys, path, classes=classes)
+            log.info("API keys reloaded from %s: %d keys", path, len(state.api_keys))
+        except config_mod.ConfigError as error:
+            log.error("API keys file changed but is invalid; keeping the %d in force: %s", len(state.api_keys), error)
+
+
 def create_app(
     settings: settings_mod.RouterSettings,
     *,
@@ -480,11 +532,13 @@ def create_app(
     api_keys: dict[str, str] | None = None,
     scaler: scale_mod.Scaler | None = None,
     runtime_config_path: pathlib.Path | None = None,
+    api_keys_path: pathlib.Path | None = None,
 ) -> web.Application:
     """The router app; `source.run(endpoint_set)` feeds it replicas for as long as the app lives.
 
     With `runtime_config_path` (the service's runtime ConfigMap, mounted) the class rules are re-read
-    when the file changes, so classes the operator sheds are refused here as they are at the pods.
+    when the file changes, so classes the operator sheds are refused here as they are at the pods; with
+    `api_keys_path` the key -> class map is reloaded when the Secret rotates.
     """
     app = web.Application(client_max_size=settings.max_body_bytes)
     endpoint_set = endpoints_mod.EndpointSet()
@@ -500,8 +554,12 @@ def create_app(
             auto_decompress=False,
         )
         tasks = [asyncio.create_task(source.run(endpoint_set)), asyncio.create_task(_report_busy(state))]
+        if settings.scrape_interval_s > 0:
+            tasks.append(asyncio.create_task(state.scraper.run()))
         if runtime_config_path is not None:
             tasks.append(asyncio.create_task(_follow_runtime_config(state, runtime_config_path)))
+        if api_keys_path is not None:
+            tasks.append(asyncio.create_task(_follow_api_keys(state, api_keys_path)))
         yield
         for task in tasks:
             task.cancel()

@@ -6,6 +6,7 @@ Series of a replica that left are removed, so the label set never grows with pod
 from __future__ import annotations
 
 import contextlib
+from typing import Any
 
 import prometheus_client
 from prometheus_client import registry
@@ -21,6 +22,11 @@ HOLD_SECONDS = "fleetlm_router_hold_seconds"  # histogram {outcome}: served | ti
 REJECTED = "fleetlm_router_rejected"  # counter {qos_class, reason}
 UPSTREAM_LOST = "fleetlm_router_upstream_lost"  # counter: streams cut by their replica after the first byte
 SCALE_UP_REQUESTS = "fleetlm_router_scale_up_requests"  # counter {result}: sent | failed
+# What each replica's /metrics last said (vLLM names there), as the picker reads it.
+REPLICA_WAITING = "fleetlm_router_replica_waiting"  # gauge {replica}: queued requests at the last scrape
+REPLICA_RUNNING = "fleetlm_router_replica_running"  # gauge {replica}: running requests at the last scrape
+REPLICA_KV_USAGE = "fleetlm_router_replica_kv_usage"  # gauge {replica}: KV-cache usage 0-1 at the last scrape
+SCRAPES = "fleetlm_router_scrapes"  # counter {result}: ok | failed
 
 REJECT_OVERLOADED = "overloaded"  # 429: the class rules at the edge (shed class, hold queue full)
 REJECT_NO_REPLICA = "no_replica"  # 503: none ready and holding is off or full
@@ -59,6 +65,20 @@ class RouterMetrics:
         self.scale_up = prometheus_client.Counter(
             SCALE_UP_REQUESTS, "Scale-up requests sent while holding.", ["result"], registry=r
         )
+        self.replica_waiting = prometheus_client.Gauge(
+            REPLICA_WAITING, "Queued requests a replica reported at the last scrape.", ["replica"], registry=r
+        )
+        self.replica_running = prometheus_client.Gauge(
+            REPLICA_RUNNING, "Running requests a replica reported at the last scrape.", ["replica"], registry=r
+        )
+        self.replica_kv_usage = prometheus_client.Gauge(
+            REPLICA_KV_USAGE, "KV-cache usage (0-1) a replica reported at the last scrape.", ["replica"], registry=r
+        )
+        self.scrapes = prometheus_client.Counter(
+            SCRAPES, "Scrapes of the replicas' /metrics, by result.", ["result"], registry=r
+        )
+        for result in ("ok", "failed"):
+            self.scrapes.labels(result)
         for reason in ("connect_error", "unavailable"):
             self.retries.labels(reason)
         for outcome in ("served", "timeout", "gone"):
@@ -70,6 +90,9 @@ class RouterMetrics:
     def set_replicas(self, names: set[str]) -> None:
         for gone in self._replicas - names:
             self.in_flight.remove(gone)
+            for gauge in (self.replica_waiting, self.replica_running, self.replica_kv_usage):
+                with contextlib.suppress(KeyError):
+                    gauge.remove(gone)
             for reason in ("affinity", "spill", "least_loaded", "new_prefix", "round_robin"):
                 with contextlib.suppress(KeyError):
                     self.picks.remove(gone, reason)
@@ -77,6 +100,18 @@ class RouterMetrics:
             self.in_flight.labels(new).set(0)
         self._replicas = set(names)
         self.ready.set(len(names))
+
+    def record_scrape(self, replica: str, reported: Any) -> None:
+        """One scrape's outcome (a `scrape.Reported`, or None when it failed); gone replicas get no series."""
+        if reported is None:
+            self.scrapes.labels("failed").inc()
+            return
+        self.scrapes.labels("ok").inc()
+        if replica in self._replicas:
+            self.replica_waiting.labels(replica).set(reported.waiting)
+            self.replica_running.labels(replica).set(reported.running)
+            if reported.kv_usage is not None:
+                self.replica_kv_usage.labels(replica).set(reported.kv_usage)
 
     def render(self) -> bytes:
         return prometheus_client.generate_latest(self.registry)

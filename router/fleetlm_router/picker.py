@@ -1,7 +1,8 @@
 """Which replica serves a request: prefix affinity by consistent hashing with bounded load.
 
 Pure: no clock, no I/O, no aiohttp. The proxy hands it the ready replicas, the in-flight count it keeps
-per replica and the request's prefix key; it returns a replica and the reason, as data.
+per replica, what the replicas last reported about their own load (with the time, read by the caller)
+and the request's prefix key; it returns a replica and the reason, as data.
 
 - `prefix_key(body, num_tokens)`: the prompt's leading tokens (token-id prompts: the first `num_tokens`
   ids; text: the first `num_tokens * CHARS_PER_TOKEN` characters, since the router has no tokenizer; chat:
@@ -19,6 +20,15 @@ per replica and the request's prefix key; it returns a replica and the reason, a
   again goes home. With few hot prefixes a tight bound spills most of them (8 prefixes on 3 replicas at
   1.25x: 28% of picks spill and each prefix ends up on 2.2 replicas, a simulation of `pick_affinity`
   shows), hence the default of 2x for repeated prefixes.
+- `replica_loads(...)`: the load each replica is judged by. The router's own in-flight count is exact
+  and current but blind to traffic that reached a replica another way (a second router replica, clients
+  of the runtime Service); a replica's /metrics (`vllm:num_requests_waiting`/`running`,
+  `vllm:kv_cache_usage_perc`, as an Inference Gateway endpoint picker reads them) sees everything but is a
+  scrape old. So load = own in flight now + the others' requests at the last scrape (what the replica
+  reported minus what this router had open there then). A replica that queues requests or whose KV cache
+  is nearly full is *saturated*: a seen prefix spills past it as if it were at its bound (llm-d's queue
+  and KV scorers outrank its prefix scorer the same way), and least-loaded picks prefer the others.
+  Scrapes older than `max_age_s` are ignored: a stale number is worse than none.
 - `RoundRobin`: the blind baseline a Kubernetes Service gives, kept for benchmarks.
 """
 
@@ -30,7 +40,7 @@ import dataclasses
 import hashlib
 import json
 import math
-from collections.abc import Iterator, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 CHARS_PER_TOKEN = 4  # text prompts: about four characters per token on common BPEs
@@ -112,8 +122,60 @@ def load_bound(total_in_flight: int, num_replicas: int, load_factor: float) -> i
     return max(1, math.ceil(load_factor * (total_in_flight + 1) / max(1, num_replicas)))
 
 
-def least_loaded(candidates: Sequence[str], in_flight: Mapping[str, int], *, tie_break: int = 0) -> str:
-    """Fewest in flight; ties rotate with `tie_break` so equal replicas share the work."""
+@dataclasses.dataclass(frozen=True, slots=True)
+class Scraped:
+    """What a replica reported on /metrics, when (the caller's monotonic clock), and the router's own
+    in-flight count on it at that moment (its part of what the replica reported)."""
+
+    waiting: float
+    running: float
+    kv_usage: float | None
+    at_s: float
+    own_at_scrape: int
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Loads:
+    """Per replica: the load the picker balances, and which replicas are saturated."""
+
+    load: dict[str, int]
+    saturated: frozenset[str]
+
+
+def replica_loads(
+    own: Mapping[str, int],
+    scraped: Mapping[str, Scraped],
+    *,
+    replicas: Iterable[str],
+    now_s: float,
+    max_age_s: float,
+    kv_saturated: float,
+) -> Loads:
+    """Own in flight plus the others' requests from a fresh scrape; saturated = queueing or KV nearly full."""
+    load: dict[str, int] = {}
+    saturated: set[str] = set()
+    for name in replicas:
+        mine = own.get(name, 0)
+        report = scraped.get(name)
+        if report is None or now_s - report.at_s > max_age_s or now_s < report.at_s:
+            load[name] = mine
+            continue
+        others = max(0, math.ceil(report.waiting + report.running) - report.own_at_scrape)
+        load[name] = mine + others
+        if report.waiting >= 1 or (report.kv_usage is not None and report.kv_usage >= kv_saturated):
+            saturated.add(name)
+    return Loads(load, frozenset(saturated))
+
+
+def least_loaded(
+    candidates: Sequence[str],
+    in_flight: Mapping[str, int],
+    *,
+    tie_break: int = 0,
+    saturated: frozenset[str] = frozenset(),
+) -> str:
+    """Fewest in flight among the unsaturated (all, if every one is); ties rotate with `tie_break`."""
+    candidates = [c for c in candidates if c not in saturated] or list(candidates)
     low = min(in_flight.get(c, 0) for c in candidates)
     tied = sorted(c for c in candidates if in_flight.get(c, 0) == low)
     return tied[tie_break % len(tied)]
@@ -128,29 +190,36 @@ def pick_affinity(
     exclude: frozenset[str] = frozenset(),
     tie_break: int = 0,
     seen: bool = True,
+    saturated: frozenset[str] = frozenset(),
 ) -> Pick | None:
     """The replica for a request with prefix `key`; None when every replica is excluded.
 
+    `in_flight`: each replica's load (`replica_loads`, or the router's own counts alone).
     `seen`: whether the key came recently (see `SeenKeys`); an unseen key goes to the least loaded replica.
+    `saturated`: replicas a seen key passes over as if at their bound, unless every candidate is one.
     """
     candidates = [r for r in ring.replicas if r not in exclude]
     if not candidates:
         return None
+    saturated = saturated & frozenset(candidates)
+    if saturated == frozenset(candidates):
+        saturated = frozenset()  # all queueing: only the load bound can tell them apart
     if key is None:
-        return Pick(least_loaded(candidates, in_flight, tie_break=tie_break), REASON_LEAST_LOADED)
+        return Pick(least_loaded(candidates, in_flight, tie_break=tie_break, saturated=saturated), REASON_LEAST_LOADED)
     if not seen:
-        return Pick(least_loaded(candidates, in_flight, tie_break=tie_break), REASON_NEW_PREFIX)
+        return Pick(least_loaded(candidates, in_flight, tie_break=tie_break, saturated=saturated), REASON_NEW_PREFIX)
     total = sum(in_flight.get(r, 0) for r in candidates)
     bound = load_bound(total, len(candidates), load_factor)
     first = True
     for name in ring.walk(key):
         if name in exclude:
             continue
-        if in_flight.get(name, 0) + 1 <= bound:
+        if name not in saturated and in_flight.get(name, 0) + 1 <= bound:
             return Pick(name, REASON_AFFINITY if first else REASON_SPILL)
         first = False
-    # Unreachable with load_factor >= 1 (someone is always at or under the mean); kept for factors below 1.
-    return Pick(least_loaded(candidates, in_flight, tie_break=tie_break), REASON_LEAST_LOADED)
+    # Every unsaturated replica is at its bound (the bound counts the saturated ones' load too, or the
+    # factor is below 1): the least loaded of them, still a spill from the key's home.
+    return Pick(least_loaded(candidates, in_flight, tie_break=tie_break, saturated=saturated), REASON_SPILL)
 
 
 class SeenKeys:

@@ -35,6 +35,25 @@ class RouterSettings(pydantic.BaseModel):
     max_attempts: int = pydantic.Field(default=3, ge=1, le=16, description="Replicas tried before the first byte.")
     connect_timeout_s: float = pydantic.Field(default=2.0, gt=0, le=60)
     max_body_bytes: int = pydantic.Field(default=8 * 1024 * 1024, ge=1024)
+    # Slow clients (slowloris): a connection gets this long to complete a request's headers, from its
+    # opening or from its previous response (so it is also the idle keep-alive limit); a body this long.
+    header_timeout_s: float = pydantic.Field(
+        default=30.0, gt=0, le=3600, description="Headers must be complete this long after opening or the last answer."
+    )
+    body_timeout_s: float = pydantic.Field(
+        default=30.0, gt=0, le=3600, description="The whole request body must arrive within this long."
+    )
+    # The replicas' own load, read from their /metrics (vLLM names): queued and running requests, KV usage.
+    scrape_interval_s: float = pydantic.Field(
+        default=0.5, ge=0, le=60, description="Period of the /metrics scrape of each replica; 0 turns it off."
+    )
+    scrape_timeout_s: float = pydantic.Field(default=0.5, gt=0, le=60, description="One scrape's time limit.")
+    scrape_stale_s: float = pydantic.Field(
+        default=3.0, gt=0, le=600, description="A replica's scraped load older than this is ignored."
+    )
+    kv_saturated: float = pydantic.Field(
+        default=0.95, gt=0, le=1.0, description="KV-cache usage (0-1) at which a replica counts as saturated."
+    )
     # Holding while no replica is ready (scale from zero, a rollout with none ready).
     hold_max_requests: int = pydantic.Field(default=256, ge=0, description="Requests held at once; 0 disables.")
     hold_timeout_s: float = pydantic.Field(default=300.0, ge=0, le=3600, description="Longest a request is held.")

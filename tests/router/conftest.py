@@ -1,9 +1,10 @@
 """Fixtures for the router tests: real `fleetlm-runtime` processes on loopback, and the router app.
 
-`replicas` starts two runtime processes on `builtin:tiny` once per module (the response cache is off, so
-every request reaches an engine). `make_router` builds the real router app on aiohttp's test server,
-reading its replicas from a file the test rewrites (add, remove). `start_replica` starts an extra
-process a test may kill. Everything is stopped by the PID it started.
+`replicas` starts two runtime processes on `builtin:tiny` once per session (the response cache is off,
+so every request reaches an engine; tests read their counters as deltas and leave them idle).
+`make_router` builds the real router app on aiohttp's test server, reading its replicas from a file the
+test rewrites (add, remove). `start_replica` starts an extra process a test may kill. Everything is
+stopped by the PID it started.
 """
 
 from __future__ import annotations
@@ -40,7 +41,7 @@ def qos_rules() -> dict[str, Any]:
     return dict(QOS)
 
 
-@pytest.fixture(scope="module")
+@pytest.fixture(scope="session")
 def replicas(tmp_path_factory: pytest.TempPathFactory) -> Iterator[list[bench_router.Process]]:
     directory = tmp_path_factory.mktemp("replicas")
     started = [bench_router.start_runtime(directory, runtime_config(), name=f"replica-{i}") for i in range(2)]
@@ -96,7 +97,10 @@ MakeRouter = Callable[..., Awaitable[RouterHandle]]
 async def make_router(aiohttp_server: Any, tmp_path: pathlib.Path) -> AsyncIterator[MakeRouter]:
     count = 0
 
-    async def make(urls: list[str], *, qos: dict[str, Any] | None = None, **overrides: Any) -> RouterHandle:
+    async def make(
+        urls: list[str], *, qos: dict[str, Any] | None = None, api_keys_file: pathlib.Path | None = None,
+        **overrides: Any,
+    ) -> RouterHandle:  # fmt: skip
         nonlocal count
         count += 1
         endpoints_file = tmp_path / f"endpoints-{count}.txt"
@@ -104,9 +108,11 @@ async def make_router(aiohttp_server: Any, tmp_path: pathlib.Path) -> AsyncItera
         bench_router.write_endpoints(endpoints_file, urls)
         cfg = settings.RouterSettings(**{"hold_timeout_s": 2.0, "hold_comment_interval_s": 0.2, **overrides})
         qos_settings = config_mod.parse_config({"qos": qos or QOS}).qos
+        classes = {c.name for c in qos_settings.classes}
+        keys = config_mod.load_api_keys(api_keys_file, classes=classes) if api_keys_file else {}
         application = app_mod.create_app(
             cfg, source=endpoints.FileSource(endpoints_file, interval_s=0.05), qos_settings=qos_settings,
-            scaler=scale.FileScaler(scale_file),
+            scaler=scale.FileScaler(scale_file), api_keys=keys, api_keys_path=api_keys_file,
         )  # fmt: skip
         server = await aiohttp_server(application)
         handle = RouterHandle(server, endpoints_file, scale_file)

@@ -13,6 +13,7 @@ import signal
 import aiohttp
 
 from fleetlm_dev import bench_router, testing
+from fleetlm_runtime import contract
 
 LONG = {"model": "tiny", "prompt": list(range(20, 60)), "max_tokens": 400, "ignore_eos": True, "temperature": 0,
         "stream": True}  # fmt: skip
@@ -121,3 +122,28 @@ async def test_from_zero_a_held_stream_gets_comments_then_tokens(replicas, make_
     assert sum(len(d["choices"]) for d in data if d.get("choices")) >= 1
     assert rest.endswith(b"data: [DONE]\n\n")
     assert router.state.metrics.hold_seconds.labels("served")._sum.get() > 0
+
+
+async def test_a_rotated_api_key_takes_its_new_class_at_the_edge(make_router, qos_rules, tmp_path) -> None:
+    """Keys resolve to classes here as at the runtime, and a rotated Secret is followed without a restart:
+    the same key, moved to a shed class, is refused at the edge instead of being held for a replica."""
+    keys = tmp_path / "keys.yaml"
+    keys.write_text("k-1: interactive\n")
+    router = await make_router([], qos={**qos_rules, "shedClasses": ["batch"]}, api_keys_file=keys,
+                               hold_timeout_s=0.3)  # fmt: skip
+    auth = {"Authorization": "Bearer k-1"}
+    body = {"model": "tiny", "prompt": "x", "max_tokens": 1}
+    async with aiohttp.ClientSession() as session:
+        async with session.post(router.url + "/v1/completions", json=body, headers=auth) as resp:
+            assert resp.status == 503  # interactive: held for a replica, none came
+        keys.write_text("k-1: batch\n")
+        for _ in range(100):
+            if router.state.api_keys.get("k-1") == "batch":
+                break
+            await asyncio.sleep(0.05)
+        async with session.post(router.url + "/v1/completions", json=body, headers=auth) as resp:
+            assert resp.status == 429 and int(resp.headers["Retry-After"]) >= 1
+            assert (await resp.json())["error"]["code"] == contract.CODE_CLASS_SHED
+        keys.write_text("k-1: nonexistent\n")  # refused whole: the keys in force stay
+        await asyncio.sleep(2.5)
+        assert router.state.api_keys == {"k-1": "batch"}
