@@ -439,7 +439,7 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     for round_ in range(args.rounds if args.section in ("all", "routing") else 0):
         order = policies if round_ % 2 == 0 else policies[::-1]
         # Shared prefixes: fresh replicas per policy, so neither inherits the other's warm caches.
-        for policy in order:
+        for policy in order if args.workload in ("all", "shared-prefix") else ():
             tag = f"shared-{policy}-{round_}"
             with _replicas(directory, config, args.replicas, tag) as replicas:
                 results.append(
@@ -448,6 +448,8 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
                     )
                 )
         # Uniform prompts share nothing: one replica set serves both policies.
+        if args.workload == "shared-prefix":
+            continue
         with _replicas(directory, config, args.replicas, f"uniform-{round_}") as replicas:
             for policy in order:
                 results.append(
@@ -512,16 +514,18 @@ def _routing_report(data: dict[str, Any]) -> list[str]:
     def ratio(workload: str, key: str) -> float:
         return _mean(by[(workload, "round-robin")], key) / _mean(by[(workload, "prefix-affinity")], key)
 
-    lines.append(
-        f"shared-prefix: TTFT p50 round-robin / affinity = {ratio('shared-prefix', 'ttft_p50_ms'):.2f}x"
-        f" (bar >= 2x); hit rate {_mean(by[('shared-prefix', 'prefix-affinity')], 'hit_rate'):.3f} vs "
-        f"{_mean(by[('shared-prefix', 'round-robin')], 'hit_rate'):.3f}"
-    )
-    lines.append(
-        f"uniform: throughput affinity / round-robin = {1 / ratio('uniform', 'throughput_tok_s'):.2f}"
-        f" (bar >= 1, noise aside); busiest/mean in-flight with affinity "
-        f"{_mean(by[('uniform', 'prefix-affinity')], 'in_flight_max_over_mean'):.2f} (bar <= 1.25)"
-    )
+    if ("shared-prefix", "round-robin") in by:
+        lines.append(
+            f"shared-prefix: TTFT p50 round-robin / affinity = {ratio('shared-prefix', 'ttft_p50_ms'):.2f}x"
+            f" (bar >= 2x); hit rate {_mean(by[('shared-prefix', 'prefix-affinity')], 'hit_rate'):.3f} vs "
+            f"{_mean(by[('shared-prefix', 'round-robin')], 'hit_rate'):.3f}"
+        )
+    if ("uniform", "round-robin") in by:
+        lines.append(
+            f"uniform: throughput affinity / round-robin = {1 / ratio('uniform', 'throughput_tok_s'):.2f}"
+            f" (bar >= 1, noise aside); busiest/mean in-flight with affinity "
+            f"{_mean(by[('uniform', 'prefix-affinity')], 'in_flight_max_over_mean'):.2f} (bar <= 1.25)"
+        )
     return lines
 
 
@@ -544,6 +548,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--rounds", type=int, default=1, help="A/B rounds per workload (alternating order)")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--workload",
+        choices=("all", "shared-prefix", "uniform"),
+        default="all",
+        help="routing section: which workloads to run",
+    )
     p.add_argument("--section", choices=("all", "routing", "zero", "metrics"), default="all")
     p.add_argument("--metrics-streams", type=int, default=32, help="streams while /metrics latency is measured")
     p.add_argument("--json", default=None, help="also write the figures here")
