@@ -307,6 +307,7 @@ class EngineCore:
             prefix_cache_tokens=kv.pool.num_cached_blocks * kv.block_size,
             kv_blocks_total=kv.num_blocks,
             kv_blocks_used=kv.num_used_blocks,
+            grammar_compile_s=self.runner.take_grammar_compile_seconds(),
         )
 
     def close(self) -> None:

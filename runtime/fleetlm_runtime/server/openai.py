@@ -36,6 +36,7 @@ from fleetlm_runtime.engine import request as request_mod
 from fleetlm_runtime.server import auth, response_cache, schemas
 from fleetlm_runtime.server import logprobs as logprobs_mod
 from fleetlm_runtime.server import state as state_mod
+from fleetlm_runtime.structured import formats
 
 log = logging.getLogger(__name__)
 
@@ -74,6 +75,12 @@ class _Prepared:
     @property
     def n(self) -> int:
         return self.body.num_choices
+
+    @property
+    def structured_kind(self) -> str | None:
+        """What constrains its decoding, for the metrics (contract.STRUCTURED_KINDS), or None."""
+        constraint = self.params.constraint
+        return None if constraint is None else constraint.kind
 
     @property
     def echo(self) -> bool:
@@ -203,6 +210,8 @@ async def _compute(
     except schemas.APIError as error:
         state.metrics.record_rejection(error.reason, p.qos_class)
         raise
+    if p.structured_kind is not None:
+        state.metrics.record_structured(p.structured_kind)
     state.mark_waiting(p.req_id, p.qos_class)
     try:
         if p.body.stream:
@@ -335,9 +344,14 @@ async def _maybe_in_thread(size: int, fn: Any) -> Any:
 
 def _sampling_params(body: schemas.CompletionRequest | schemas.ChatCompletionRequest) -> request_mod.SamplingParams:
     prompt_logprobs: int | None = None
+    constraint = None
     if isinstance(body, schemas.ChatCompletionRequest):
         max_tokens = body.effective_max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        try:
+            constraint = formats.from_response_format(body.response_format)
+        except request_mod.InvalidParameterError as error:
+            raise schemas.invalid(error.param, error.message) from None
     else:
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
         logprobs = body.logprobs
@@ -360,6 +374,7 @@ def _sampling_params(body: schemas.CompletionRequest | schemas.ChatCompletionReq
             frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             logit_bias=body.logit_bias_pairs(),
+            constraint=constraint,
         )
     except request_mod.InvalidParameterError as error:
         raise schemas.invalid(error.param, error.message) from None

@@ -3,7 +3,7 @@
 A body is parsed in two steps so every failure becomes a 400 that names its parameter: `parse_json()`
 refuses malformed JSON (and NaN/Infinity, which JSON does not have), then `validate()` checks types and
 ranges with OpenAI's semantics. Unknown fields are ignored, as OpenAI and vLLM do, so newer clients keep
-working. Options we do not implement (best_of, suffix, tools, structured outputs) are refused by name
+working. Options we do not implement (best_of, suffix) are refused by name
 rather than silently ignored. Nothing here touches the engine or aiohttp beyond building responses.
 """
 
@@ -220,8 +220,6 @@ class ChatCompletionRequest(_Sampling):
             raise invalid("tools", "tool calling is not supported")
         if self.tool_choice not in (None, "none", "auto"):
             raise invalid("tool_choice", "tool calling is not supported")
-        if self.response_format is not None and self.response_format.get("type") not in ("text", None):
-            raise invalid("response_format", "only response_format {'type': 'text'} is supported")
         both = self.max_tokens is not None and self.max_completion_tokens is not None
         if both and self.max_tokens != self.max_completion_tokens:
             raise invalid("max_completion_tokens", "max_tokens and max_completion_tokens disagree")
