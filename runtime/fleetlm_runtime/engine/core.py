@@ -131,6 +131,8 @@ class EngineCore:
         )
 
     def add_request(self, req: request_mod.Request) -> None:
+        if req.sampling_params.constraint is not None:  # compiled now: a refused schema ends this request alone
+            self.runner.prepare_grammar(req.sampling_params.constraint)
         self.scheduler.add_request(req)
         params = req.sampling_params
         if params.detokenize:

@@ -459,6 +459,16 @@ class ModelRunner:
             )
         return self._grammars
 
+    def prepare_grammar(self, constraint: Any) -> None:
+        """Compile a request's grammar (or find it cached) before it is scheduled."""
+        from fleetlm_runtime.structured import formats  # noqa: PLC0415
+
+        try:
+            self._grammar_cache().compile(constraint)
+        except Exception as error:  # xgrammar's refusal (RuntimeError and kin), with its reason
+            message = f"the schema cannot be compiled: {formats.library_reason(error)}"
+            raise request_mod.InvalidParameterError("response_format", message) from None
+
     def take_grammar_compile_seconds(self) -> tuple[float, ...]:
         """Durations of the grammar compiles since the last call (the engine's stats carry them)."""
         return () if self._grammars is None else self._grammars.take_compile_seconds()

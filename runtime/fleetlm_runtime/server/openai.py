@@ -637,6 +637,8 @@ async def _complete(
         last = c.last
         if last is None or last.finish_reason is request_mod.FinishReason.ERROR:
             detail = last.error if last is not None and last.error else "the engine ended the request without output"
+            if detail.startswith(_ENGINE_REFUSED_FORMAT):  # the engine's compile refused the schema: the client's
+                raise schemas.invalid("response_format", detail[len(_ENGINE_REFUSED_FORMAT) :])
             raise schemas.APIError(500, f"generation failed: {detail}", type="internal_server_error")
     echo = _echo_text(state, p) if p.echo else ""
     token_str = _token_str(state) if p.params.logprobs is not None else _no_token_str
@@ -649,6 +651,9 @@ async def _complete(
     num_output = sum(c.last.num_output_tokens for c in choices if c.last is not None)
     body = _completion_body(state, p, body_choices, num_output)
     return web.json_response(body, headers=_cache_headers(recorder))
+
+
+_ENGINE_REFUSED_FORMAT = "response_format: "  # str() of the engine's InvalidParameterError for a refused grammar
 
 
 def _no_token_str(token_id: int) -> str:

@@ -1,14 +1,14 @@
 """OpenAI's `response_format` (and a tool's parameters schema) -> a `Constraint`, checked in the server.
 
 A schema the grammar library cannot turn into a grammar is refused here, as a 400 naming the field, before
-the request is admitted: the engine process never sees a schema that would fail to compile. The check
-converts the schema to a grammar without a tokenizer (cheap; the tokenizer-specific compile happens once
-per schema in the engine) and remembers the schemas it has accepted.
+the request is admitted. The check is pure Python (the grammar library imports torch, which the server
+process never loads): types, keywords' shapes, ranges, regular expressions and local `$ref`s. The engine
+compiles each schema once and has the last word: a schema the library still refuses ends that request
+alone, with the reason, as `response_format`.
 """
 
 from __future__ import annotations
 
-import functools
 import json
 import re
 from typing import Any
@@ -102,14 +102,95 @@ def _bound_strings(node: Any) -> bool:
     return changed
 
 
-@functools.lru_cache(maxsize=512)
-def _convert(text: str) -> str | None:
-    """Why `text` does not convert to a grammar, or None when it does (the same options the engine uses)."""
-    import xgrammar  # noqa: PLC0415 - imported on first use: servers without structured requests never load it
+_TYPES = frozenset({"object", "array", "string", "integer", "number", "boolean", "null"})
+_SCHEMA_MAPS = ("properties", "patternProperties", "$defs", "definitions", "dependentSchemas")
+_SCHEMA_LISTS = ("anyOf", "oneOf", "allOf", "prefixItems")
+_SCHEMA_VALUES = ("items", "additionalProperties", "not", "contains", "if", "then", "else", "propertyNames")
+_COUNTS = (("minLength", "maxLength"), ("minItems", "maxItems"), ("minProperties", "maxProperties"))
+_BOUNDS = (("minimum", "maximum"), ("exclusiveMinimum", "exclusiveMaximum"))
 
-    try:
-        xgrammar.Grammar.from_json_schema(for_grammar(text), any_whitespace=False, strict_mode=True)
-    except Exception as error:  # xgrammar raises RuntimeError/ValueError subclasses with the reason
-        lines = str(error).strip().splitlines()
-        return _LOG_PREFIX.sub("", lines[0])[:300] if lines else type(error).__name__
+
+def library_reason(error: BaseException) -> str:
+    """The grammar library's reason for refusing a schema, without its log prefix."""
+    lines = str(error).strip().splitlines()
+    return _LOG_PREFIX.sub("", lines[0])[:300] if lines else type(error).__name__
+
+
+def _convert(text: str) -> str | None:
+    """Why `text` is not a schema the engine can compile, or None. Pure Python on purpose: the grammar
+    library imports torch, which the server process never loads (the engine child compiles, and refuses
+    by name, as `response_format`, the rare schema this check lets through and the library does not take)."""
+    root = json.loads(text)
+    return _check_node(root, root, "schema", depth=0)
+
+
+def _check_node(node: Any, root: Any, path: str, *, depth: int) -> str | None:
+    if depth > 64:
+        return f"{path}: nested too deeply"
+    if isinstance(node, bool):
+        return None
+    if not isinstance(node, dict):
+        return f"{path}: a schema must be an object or a boolean, got {type(node).__name__}"
+    kind = node.get("type")
+    kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
+    for k in kinds:
+        if k not in _TYPES:
+            return f"{path}.type: unsupported type {str(k)[:40]!r}"
+    for key in _SCHEMA_MAPS:
+        if key in node:
+            if not isinstance(node[key], dict):
+                return f"{path}.{key}: must be an object"
+            for name, sub in node[key].items():
+                if problem := _check_node(sub, root, f"{path}.{key}.{name}", depth=depth + 1):
+                    return problem
+    for key in _SCHEMA_LISTS:
+        if key in node:
+            if not isinstance(node[key], list) or not node[key]:
+                return f"{path}.{key}: must be a non-empty array of schemas"
+            for i, sub in enumerate(node[key]):
+                if problem := _check_node(sub, root, f"{path}.{key}[{i}]", depth=depth + 1):
+                    return problem
+    for key in _SCHEMA_VALUES:
+        if key in node and (problem := _check_node(node[key], root, f"{path}.{key}", depth=depth + 1)):
+            return problem
+    if "required" in node and (
+        not isinstance(node["required"], list) or not all(isinstance(r, str) for r in node["required"])
+    ):
+        return f"{path}.required: must be an array of property names"
+    if "enum" in node and (not isinstance(node["enum"], list) or not node["enum"]):
+        return f"{path}.enum: must be a non-empty array"
+    for low, high in (*_COUNTS, *_BOUNDS):
+        for key in (low, high):
+            value = node.get(key)
+            if value is not None and (isinstance(value, bool) or not isinstance(value, int | float)):
+                return f"{path}.{key}: must be a number"
+        if (low, high) in _COUNTS and any(isinstance(node.get(k), int | float) and node[k] < 0 for k in (low, high)):
+            return f"{path}: {low}/{high} must be non-negative"
+        bounded = isinstance(node.get(low), int | float) and isinstance(node.get(high), int | float)
+        if bounded and node[low] > node[high]:
+            return f"{path}: {low} is greater than {high}"
+    if "multipleOf" in node and not (isinstance(node["multipleOf"], int | float) and node["multipleOf"] > 0):
+        return f"{path}.multipleOf: must be a number greater than 0"
+    if "pattern" in node:
+        pattern = node["pattern"]
+        if not isinstance(pattern, str):
+            return f"{path}.pattern: must be a string"
+        try:
+            re.compile(pattern)
+        except re.error as error:
+            return f"{path}.pattern: not a regular expression ({error})"
+    if "$ref" in node:
+        return _check_ref(node["$ref"], root, path)
+    return None
+
+
+def _check_ref(ref: Any, root: Any, path: str) -> str | None:
+    if not isinstance(ref, str) or not ref.startswith("#"):
+        return f"{path}.$ref: only references inside the schema ('#/...') are supported"
+    target = root
+    for raw in [p for p in ref[1:].split("/") if p]:
+        part = raw.replace("~1", "/").replace("~0", "~")
+        if not isinstance(target, dict) or part not in target:
+            return f"{path}.$ref: {ref[:100]!r} points at nothing in the schema"
+        target = target[part]
     return None

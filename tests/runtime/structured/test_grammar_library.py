@@ -4,6 +4,8 @@ schemas compile once, and a matcher's mask admits exactly the tokens that keep t
 from __future__ import annotations
 
 import json
+import subprocess
+import sys
 from typing import Any
 
 import jsonschema
@@ -29,6 +31,18 @@ def test_bad_schemas_are_refused_naming_the_field() -> None:
     assert caught.value.param == "response_format.json_schema.name"
     assert formats.from_response_format({"type": "text"}) is None
     assert formats.from_response_format({"type": "json_object"}) is not None
+
+
+def test_the_server_side_check_loads_no_torch() -> None:
+    """The server process never loads torch (its engine child does); checking a schema must not either."""
+    code = (
+        "import sys; from fleetlm_runtime.structured import formats; "
+        "formats.from_response_format({'type': 'json_schema', 'json_schema': {'name': 'x', 'schema': "
+        "{'type': 'object', 'properties': {'a': {'type': 'string', 'maxLength': 3}}}}}); "
+        "print('torch' in sys.modules, 'xgrammar' in sys.modules)"
+    )
+    out = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout
+    assert out.split() == ["False", "False"]
 
 
 def test_each_schema_compiles_once_and_the_mask_keeps_a_valid_instance_reachable(
