@@ -11,6 +11,9 @@ Streams follow OpenAI's framing: `data: {chunk}\\n\\n` per delta, an optional us
 (a failed write, or aiohttp cancelling the handler) aborts its engine request at once, which frees its KV.
 `n` choices are n engine sequences (`_submit`), merged into one answer or one SSE stream by index;
 logprobs come in OpenAI's chat or completions shape (`server/logprobs.py`), with the echoed prompt's too.
+`response_format` becomes a grammar constraint carried by `SamplingParams` (`structured/formats.py`; the
+engine compiles and enforces it), and `tools`/`tool_choice` are rendered, enforced and parsed back into
+`tool_calls`, whole or as stream deltas, by `server/tools.py`.
 This module must never block the event loop on model work: long prompts are tokenized in a thread.
 """
 
