@@ -118,6 +118,9 @@ def build_parser() -> argparse.ArgumentParser:
     prefix = bench_verbs.add_parser("prefix-cache", help="TTFT with vs without the prefix cache (shared prompt)",
                                     add_help=False)
     prefix.set_defaults(func=_delegate("fleetlm_dev.bench_prefix_cache"), delegated=True)
+    structured = bench_verbs.add_parser("structured", help="decode tok/s, 32 streams: half JSON-constrained vs none",
+                                        add_help=False)
+    structured.set_defaults(func=_delegate("fleetlm_dev.bench_structured"), delegated=True)
     router_bench = bench_verbs.add_parser("router", help="router prefix affinity vs round-robin, 3 replicas",
                                           add_help=False)
     router_bench.set_defaults(func=_delegate("fleetlm_dev.bench_router"), delegated=True)

@@ -128,6 +128,8 @@ NUM_PREEMPTIONS: Final = "fleetlm_num_preemptions"  # {model}; vllm:num_preempti
 PREFIX_CACHE_QUERIES: Final = "fleetlm_prefix_cache_queries"  # {model}; tokens; vllm:prefix_cache_queries
 PREFIX_CACHE_HITS: Final = "fleetlm_prefix_cache_hits"  # {model}; tokens; vllm:prefix_cache_hits
 RESPONSE_CACHE_LOOKUPS: Final = "fleetlm_response_cache_lookups"  # {model, result}
+# Structured outputs: requests decoded under a grammar, by what constrained them.
+STRUCTURED_REQUESTS: Final = "fleetlm_structured_requests"  # {model, kind}: json_object|json_schema|tool_call
 # The usage ledger (server/ledger.py): per tenant and class; the same figures as GET /admin/usage.
 USAGE_PROMPT_TOKENS: Final = "fleetlm_usage_prompt_tokens"  # {model, qos_class, tenant, source}
 USAGE_GENERATION_TOKENS: Final = "fleetlm_usage_generation_tokens"  # {model, qos_class, tenant}
@@ -147,6 +149,7 @@ REQUEST_PROMPT_TOKENS: Final = "fleetlm_request_prompt_tokens"  # {model}; 1-2-5
 REQUEST_GENERATION_TOKENS: Final = "fleetlm_request_generation_tokens"  # {model}; 1-2-5 buckets
 ITERATION_TOKENS: Final = "fleetlm_iteration_tokens_total"  # {model}; tokens per step (vLLM's name, a histogram)
 ITERATION_BATCH_SIZE: Final = "fleetlm_iteration_batch_size"  # {model}; sequences per step
+GRAMMAR_COMPILE_SECONDS: Final = "fleetlm_grammar_compile_seconds"  # {model}; per grammar compiled (cache misses)
 
 COUNTERS: Final = frozenset(
     {
@@ -158,6 +161,7 @@ COUNTERS: Final = frozenset(
         PREFIX_CACHE_QUERIES,
         PREFIX_CACHE_HITS,
         RESPONSE_CACHE_LOOKUPS,
+        STRUCTURED_REQUESTS,
         USAGE_PROMPT_TOKENS,
         USAGE_GENERATION_TOKENS,
         USAGE_RESPONSE_CACHE_TOKENS,
@@ -198,6 +202,7 @@ HISTOGRAMS: Final = frozenset(
         REQUEST_PROMPT_TOKENS,
         REQUEST_GENERATION_TOKENS,
         ITERATION_TOKENS,
+        GRAMMAR_COMPILE_SECONDS,
         ITERATION_BATCH_SIZE,
     }
 )
@@ -249,6 +254,9 @@ REQUEST_LATENCY_BUCKETS_S: Final = (
     0.3, 0.5, 0.8, 1.0, 1.5, 2.0, 2.5, 5.0, 10.0, 15.0, 20.0, 30.0, 40.0, 50.0, 60.0,
     120.0, 240.0, 480.0, 960.0, 1920.0, 7680.0,
 )  # fmt: skip
+LABEL_STRUCTURED_KIND: Final = "kind"
+STRUCTURED_KINDS: Final = ("json_object", "json_schema", "tool_call")
+GRAMMAR_COMPILE_BUCKETS_S: Final = (0.001, 0.002, 0.005, 0.01, 0.02, 0.05, 0.1, 0.2, 0.5, 1.0, 2.0, 5.0)
 ITERATION_TOKENS_BUCKETS: Final = (1, 8, 16, 32, 64, 128, 256, 512, 1024, 2048, 4096, 8192, 16384)
 
 

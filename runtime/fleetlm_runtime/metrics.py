@@ -225,6 +225,13 @@ class RuntimeMetrics:
             contract.RESPONSE_CACHE_LOOKUPS, "Response-cache lookups.", [_M, contract.LABEL_RESULT], registry=r
         )
         self._response_hits = response_lookups.labels(m, "hit")
+        structured = prometheus_client.Counter(
+            contract.STRUCTURED_REQUESTS,
+            "Requests decoded under a grammar (structured outputs, enforced tool calls).",
+            [_M, contract.LABEL_STRUCTURED_KIND],
+            registry=r,
+        )
+        self._structured = {kind: structured.labels(m, kind) for kind in contract.STRUCTURED_KINDS}
         self._response_misses = response_lookups.labels(m, "miss")
 
         # The usage ledger: the same figures as GET /admin/usage, labelled by tenant (bounded: see ledger.py).
@@ -289,6 +296,13 @@ class RuntimeMetrics:
         ).labels(m)
         self._iteration_batch = hist(
             contract.ITERATION_BATCH_SIZE, "Sequences per engine step.", contract.ITERATION_TOKENS_BUCKETS, [_M]
+        ).labels(m)
+
+        self._grammar_compile = hist(
+            contract.GRAMMAR_COMPILE_SECONDS,
+            "Seconds per grammar compiled in the engine (compiled grammars are cached by schema).",
+            contract.GRAMMAR_COMPILE_BUCKETS_S,
+            [_M],
         ).labels(m)
 
         self._config_info = _ConfigInfoCollector(m)
@@ -383,6 +397,8 @@ class RuntimeMetrics:
         if stats.prefix_cache_queries:
             self._prefix_queries.inc(stats.prefix_cache_queries)
             self._prefix_hits.inc(stats.prefix_cache_hits)
+        for seconds in stats.grammar_compile_s:
+            self._grammar_compile.observe(seconds)
         for event in stats.events:
             self._record_event(event)
 
@@ -439,6 +455,10 @@ class RuntimeMetrics:
         self._load_seconds.set(info.load_seconds)
         self._vllm.block_size = info.kv_block_size
         self._vllm.num_blocks = info.kv_num_blocks
+
+    def record_structured(self, kind: str) -> None:
+        """One request admitted with a grammar; `kind` is one of contract.STRUCTURED_KINDS."""
+        self._structured[kind].inc()
 
     def record_rejection(self, reason: str, qos_class: str) -> None:
         self._rejected.labels(self.model_name, qos_class, reason).inc()

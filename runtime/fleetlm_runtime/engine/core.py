@@ -131,6 +131,8 @@ class EngineCore:
         )
 
     def add_request(self, req: request_mod.Request) -> None:
+        if req.sampling_params.constraint is not None:  # compiled now: a refused schema ends this request alone
+            self.runner.prepare_grammar(req.sampling_params.constraint)
         self.scheduler.add_request(req)
         params = req.sampling_params
         if params.detokenize:
@@ -307,6 +309,7 @@ class EngineCore:
             prefix_cache_tokens=kv.pool.num_cached_blocks * kv.block_size,
             kv_blocks_total=kv.num_blocks,
             kv_blocks_used=kv.num_used_blocks,
+            grammar_compile_s=self.runner.take_grammar_compile_seconds(),
         )
 
     def close(self) -> None:

@@ -173,3 +173,4 @@ class EngineStats:
     prefix_cache_tokens: int = 0  # tokens in blocks indexed by the prefix cache after this step
     kv_blocks_total: int = 0  # blocks in the pool that requests can hold
     kv_blocks_used: int = 0  # of which held by requests after this step
+    grammar_compile_s: tuple[float, ...] = ()  # structured outputs: each grammar compiled in this step

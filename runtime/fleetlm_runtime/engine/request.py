@@ -13,6 +13,8 @@ import math
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 
+from fleetlm_runtime.structured import spec as structured_spec
+
 # OpenAI caps `stop` at 4 sequences; we allow a few more but keep it bounded, because every stop string
 # is searched in the text tail on each step.
 MAX_STOP_STRINGS = 16
@@ -96,6 +98,9 @@ class SamplingParams:
     frequency_penalty: float = 0.0  # OpenAI: subtracted per occurrence of the token in the output so far
     repetition_penalty: float = 1.0  # vLLM/HF: logits of prompt and output tokens divided (>0) or multiplied
     logit_bias: tuple[tuple[int, float], ...] = ()  # (token id, bias in [-100, 100]) added to the logits
+    # Structured output: only tokens its grammar allows are sampled, and the model's EOS ends it once the
+    # grammar is complete (EOS stops a constrained request even with ignore_eos: nothing may follow).
+    constraint: structured_spec.Constraint | None = None
 
     def __post_init__(self) -> None:
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
@@ -144,6 +149,8 @@ class SamplingParams:
             if not math.isfinite(value) or not -100.0 <= value <= 100.0:
                 raise InvalidParameterError("logit_bias", f"biases must be in [-100, 100], got {value!r}")
         object.__setattr__(self, "logit_bias", tuple(sorted(bias)))
+        if self.constraint is not None and not isinstance(self.constraint, structured_spec.Constraint):
+            raise InvalidParameterError("response_format", "must be a structured-output constraint")
 
     @property
     def greedy(self) -> bool:
@@ -270,7 +277,7 @@ def resolve_request(
             f"of {max_model_len} tokens; request at most {room} tokens or shorten the prompt",
         )
     stop_ids = set(sampling_params.stop_token_ids)
-    if not sampling_params.ignore_eos:
+    if not sampling_params.ignore_eos or sampling_params.constraint is not None:
         stop_ids |= eos_token_ids
     return Request(
         req_id=req_id,

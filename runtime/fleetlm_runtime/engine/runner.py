@@ -36,6 +36,7 @@ import logging
 import random
 import time
 from dataclasses import dataclass, field
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -125,6 +126,7 @@ class ModelRunner:
         self._num_sampled = 0  # live requests that are not greedy
         self._num_special = 0  # live requests that want logprobs or process logits (the sampler's slow path)
         self._parked: dict[str, sampling.SamplingState] = {}  # preempted requests' sampling streams
+        self._grammars: Any = None  # structured.grammar.GrammarCache, made on the first constrained request
         # The pool, per layer: keys and values in one tensor [2, kv_heads, num_blocks, block_size, head_dim]
         # (one write and one gather per layer serve both), and two flat views of it.
         self._kv: list[torch.Tensor] = []
@@ -451,11 +453,38 @@ class ModelRunner:
             state = sampling.SamplingState.from_params(
                 new.sampling_params, fallback_rng=self._rng, prompt_token_ids=new.prompt_token_ids
             )
+        if new.sampling_params.constraint is not None and state.grammar is None:
+            # A parked state keeps its matcher: a preempted request recomputes the tokens it already took.
+            state.grammar = self._grammar_cache().matcher(new.sampling_params.constraint)
         self._sampling[new.req_id] = state
         if not state.greedy:
             self._num_sampled += 1
         if state.special:
             self._num_special += 1
+
+    def _grammar_cache(self) -> Any:
+        if self._grammars is None:
+            from fleetlm_runtime.structured import grammar  # noqa: PLC0415 - xgrammar loads on first use
+
+            loaded = self.loaded
+            self._grammars = grammar.GrammarCache(
+                loaded.tokenizer, vocab_size=loaded.vocab_size, stop_token_ids=sorted(loaded.eos_token_ids)
+            )
+        return self._grammars
+
+    def prepare_grammar(self, constraint: Any) -> None:
+        """Compile a request's grammar (or find it cached) before it is scheduled."""
+        from fleetlm_runtime.structured import formats  # noqa: PLC0415
+
+        try:
+            self._grammar_cache().compile(constraint)
+        except Exception as error:  # xgrammar's refusal (RuntimeError and kin), with its reason
+            message = f"the schema cannot be compiled: {formats.library_reason(error)}"
+            raise request_mod.InvalidParameterError("response_format", message) from None
+
+    def take_grammar_compile_seconds(self) -> tuple[float, ...]:
+        """Durations of the grammar compiles since the last call (the engine's stats carry them)."""
+        return () if self._grammars is None else self._grammars.take_compile_seconds()
 
     def _free(self, req_ids: list[str], preempted: list[str] | None = None) -> None:
         for req_id in req_ids:

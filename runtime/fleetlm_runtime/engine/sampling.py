@@ -15,17 +15,30 @@ Temperature, top-k and top-p follow; greedy rows take the argmax of the processe
 counts are kept per request, on the device, updated by one scatter per step. Log-probabilities are of the
 raw distribution (the model's logits, log-softmax in fp32), vLLM's default: the sampled token's and the top
 `logprobs` alternatives (ties in index order, as torch.topk gives them).
+
+Constrained rows (structured outputs) take the second path too: before anything else, each one's grammar
+matcher fills its row of one batch bitmask and the mask sets every token its grammar does not allow to
+-inf, in place, in those rows only (`structured/mask.py`); after picking, each matcher takes its row's
+token. Their log-probabilities are then of the masked distribution, as vLLM's are.
 """
 
 from __future__ import annotations
 
+import logging
 import random
 from collections.abc import Sequence
 from dataclasses import dataclass, field
+from typing import TYPE_CHECKING
 
 import torch
 
 from fleetlm_runtime.engine import request as request_mod
+
+if TYPE_CHECKING:
+    from fleetlm_runtime.structured import grammar as grammar_mod
+    from fleetlm_runtime.structured import mask as mask_mod
+
+logger = logging.getLogger(__name__)
 
 # Per sampled row: None, or (the sampled token's logprob, [(token id, logprob)] for the top alternatives).
 Logprobs = tuple[float, list[tuple[int, float]]]
@@ -50,6 +63,8 @@ class SamplingState:
     # Prompt logprobs so far (prompt_logprobs requests): one entry per prompt token, None for the first.
     prompt_logprobs: list[Logprobs | None] | None = None
     prompt_logprobs_sent: bool = False
+    # Structured output: the grammar matcher, advanced by every token sampled (and kept through preemption).
+    grammar: grammar_mod.Matcher | None = None
 
     @classmethod
     def from_params(
@@ -96,8 +111,8 @@ class SamplingState:
 
     @property
     def special(self) -> bool:
-        """Needs the second path: log-probabilities or processed logits."""
-        return self.params.logprobs is not None or self.params.processes_logits
+        """Needs the second path: log-probabilities, processed logits or a grammar."""
+        return self.params.logprobs is not None or self.params.processes_logits or self.params.constraint is not None
 
     def _tensors(self, vocab: int, device: torch.device) -> None:
         """Made on the request's first sampled step, when the vocabulary and device are known."""
@@ -162,6 +177,10 @@ def _sample_special(
     raw: torch.Tensor, states: Sequence[SamplingState], special: list[int]
 ) -> tuple[list[int], list[Logprobs | None] | None]:
     vocab, device = raw.shape[1], raw.device
+    constrained = [i for i in special if states[i].grammar is not None]
+    if constrained:
+        matchers = [states[i].grammar for i in constrained]
+        _batch_mask().apply(raw, constrained, matchers)  # type: ignore[arg-type]
     processing = [i for i in special if states[i].params.processes_logits]
     logits = raw
     if processing:
@@ -193,6 +212,12 @@ def _sample_special(
         for state, token in zip(picked, tokens[rows].tolist(), strict=True):
             state.counts[token] += 1  # type: ignore[index]
     token_list = tokens.tolist()
+    for i in constrained:
+        if not states[i].grammar.accept(token_list[i]):  # type: ignore[union-attr]
+            # Only possible if the mask was not applied to this row; the request goes on unconstrained
+            # rather than fail the batch, and the log says so.
+            logger.error("sampled token %d is outside its grammar; the grammar is dropped", token_list[i])
+            states[i].grammar = None
     wanting = [i for i in special if states[i].params.logprobs is not None]
     if not wanting:
         return token_list, None
@@ -209,6 +234,19 @@ def _sample_special(
         n = states[i].params.logprobs or 0
         result[i] = (chosen[j], list(zip(top_ids[j][:n], top_values[j][:n], strict=True)))
     return token_list, result
+
+
+_MASK: mask_mod.BatchMask | None = None
+
+
+def _batch_mask() -> mask_mod.BatchMask:
+    """The process's bitmask buffer, made on the first constrained step (xgrammar loads only then)."""
+    global _MASK  # noqa: PLW0603 - one reusable buffer per engine process
+    if _MASK is None:
+        from fleetlm_runtime.structured import mask as mask_mod  # noqa: PLC0415
+
+        _MASK = mask_mod.BatchMask()
+    return _MASK
 
 
 def _sample_rows(logits: torch.Tensor, states: list[SamplingState]) -> torch.Tensor:

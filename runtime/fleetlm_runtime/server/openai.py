@@ -11,6 +11,9 @@ Streams follow OpenAI's framing: `data: {chunk}\\n\\n` per delta, an optional us
 (a failed write, or aiohttp cancelling the handler) aborts its engine request at once, which frees its KV.
 `n` choices are n engine sequences (`_submit`), merged into one answer or one SSE stream by index;
 logprobs come in OpenAI's chat or completions shape (`server/logprobs.py`), with the echoed prompt's too.
+`response_format` becomes a grammar constraint carried by `SamplingParams` (`structured/formats.py`; the
+engine compiles and enforces it), and `tools`/`tool_choice` are rendered, enforced and parsed back into
+`tool_calls`, whole or as stream deltas, by `server/tools.py`.
 This module must never block the event loop on model work: long prompts are tokenized in a thread.
 """
 
@@ -36,6 +39,8 @@ from fleetlm_runtime.engine import request as request_mod
 from fleetlm_runtime.server import auth, response_cache, schemas
 from fleetlm_runtime.server import logprobs as logprobs_mod
 from fleetlm_runtime.server import state as state_mod
+from fleetlm_runtime.server import tools as tools_mod
+from fleetlm_runtime.structured import formats
 
 log = logging.getLogger(__name__)
 
@@ -66,6 +71,7 @@ class _Prepared:
     params: request_mod.SamplingParams
     qos_class: str
     tenant: str = contract.TENANT_OTHER  # auth.Client.tenant: fair sharing and the usage ledger
+    tool_plan: tools_mod.ToolPlan | None = None  # chat requests with tools: rendering, grammar, parsing
 
     @property
     def num_prompt_tokens(self) -> int:
@@ -74,6 +80,20 @@ class _Prepared:
     @property
     def n(self) -> int:
         return self.body.num_choices
+
+    @property
+    def structured_kind(self) -> str | None:
+        """What constrains its decoding, for the metrics (contract.STRUCTURED_KINDS), or None."""
+        constraint = self.params.constraint
+        if constraint is None:
+            return None
+        if self.tool_plan is not None and self.tool_plan.constraint is not None:
+            return "tool_call"
+        return constraint.kind
+
+    @property
+    def parses_tools(self) -> bool:
+        return self.tool_plan is not None and self.tool_plan.mode != "none"
 
     @property
     def echo(self) -> bool:
@@ -123,12 +143,13 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
         else:
             body = schemas.validate(schemas.CompletionRequest, data)
         body.refuse_unsupported()
+        tool_plan = _tool_plan(body)
         _check_model(body.model, state)
         client = auth.resolve_client(request, body_class=body.qos_class, qos=state.config.qos, api_keys=state.api_keys)
         qos_class = client.qos_class
         engine = state.require_engine()
-        prompt_ids = await _tokenize(engine, body)
-        params = _sampling_params(body)
+        prompt_ids = await _tokenize(engine, body, tool_plan)
+        params = _sampling_params(body, tool_plan)
         _check_context(kind, len(prompt_ids), params.max_tokens, state_mod.max_model_len(engine))
     except schemas.APIError as error:
         state.metrics.record_rejection(error.reason, qos_class)
@@ -141,8 +162,11 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
         params=params,
         qos_class=qos_class,
         tenant=client.tenant,
+        tool_plan=tool_plan,
     )
-    key = response_cache.key_for(state, prompt_ids=prompt_ids, params=params, salt=client.key_id, n=p.n, echo=p.echo)
+    key = response_cache.key_for(
+        state, prompt_ids=prompt_ids, params=params, salt=client.key_id, n=p.n, echo=p.echo, extra=_cache_extra(body)
+    )
     state.request_started(p.req_id)
     try:
         if key is None:
@@ -203,6 +227,8 @@ async def _compute(
     except schemas.APIError as error:
         state.metrics.record_rejection(error.reason, p.qos_class)
         raise
+    if p.structured_kind is not None:
+        state.metrics.record_structured(p.structured_kind)
     state.mark_waiting(p.req_id, p.qos_class)
     try:
         if p.body.stream:
@@ -300,19 +326,57 @@ def _check_model(model: str | None, state: state_mod.ServerState) -> None:
         )
 
 
+def _tool_plan(body: schemas.CompletionRequest | schemas.ChatCompletionRequest) -> tools_mod.ToolPlan | None:
+    if not isinstance(body, schemas.ChatCompletionRequest):
+        return None
+    try:
+        tool_plan = tools_mod.plan(body.tools, body.tool_choice, parallel_tool_calls=body.parallel_tool_calls)
+    except request_mod.InvalidParameterError as error:
+        raise schemas.invalid(error.param, error.message) from None
+    structured = body.response_format is not None and body.response_format.get("type") not in (None, "text")
+    if tool_plan is not None and tool_plan.constraint is not None and structured:
+        raise schemas.invalid(
+            "response_format", "response_format cannot be combined with tool_choice 'required' or a named tool"
+        )
+    return tool_plan
+
+
+def _cache_extra(body: schemas.CompletionRequest | schemas.ChatCompletionRequest) -> dict[str, Any]:
+    """Request fields that shape the answer beyond the prompt and SamplingParams: how it is parsed."""
+    if not isinstance(body, schemas.ChatCompletionRequest) or not body.tools:
+        return {}
+    return {"tools": body.tools, "tool_choice": body.tool_choice, "parallel_tool_calls": body.parallel_tool_calls}
+
+
 async def _tokenize(
-    engine: async_engine.AsyncEngine, body: schemas.CompletionRequest | schemas.ChatCompletionRequest
+    engine: async_engine.AsyncEngine,
+    body: schemas.CompletionRequest | schemas.ChatCompletionRequest,
+    tool_plan: tools_mod.ToolPlan | None = None,
 ) -> list[int]:
     if isinstance(body, schemas.ChatCompletionRequest):
-        messages: list[dict[str, Any]] = [
-            {"role": m.role, "content": m.text(), **({"name": m.name} if m.name else {})} for m in body.messages
-        ]
+        try:
+            messages = [tools_mod.template_message(i, m) for i, m in enumerate(body.messages)]
+        except request_mod.InvalidParameterError as error:
+            raise schemas.invalid(error.param, error.message) from None
         size = sum(len(m["content"]) for m in messages)
         add_generation_prompt = body.add_generation_prompt
-        try:
-            ids = await _maybe_in_thread(
-                size, lambda: engine.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+        render_tools = tool_plan.render_tools if tool_plan is not None else None
+        uses_tools = render_tools is not None or any(m["role"] == "tool" or "tool_calls" in m for m in messages)
+        tokenizer = engine.tokenizer
+        if render_tools is not None and not tools_mod.template_supports_tools(tokenizer.chat_template):
+            raise schemas.invalid("tools", "this model's chat template does not support tools")
+
+        def encode() -> list[int]:
+            if not uses_tools:
+                return engine.encode_chat(messages, add_generation_prompt=add_generation_prompt)
+            # The checkpoint's own template renders the tools, the assistant's calls and the tool results.
+            text = tokenizer.apply_chat_template(
+                messages, tools=render_tools, add_generation_prompt=add_generation_prompt, tokenize=False
             )
+            return engine.encode(str(text), add_special_tokens=False)
+
+        try:
+            ids = await _maybe_in_thread(size, encode)
         except Exception as error:  # jinja raises for conversations a template refuses (e.g. roles)
             raise schemas.invalid("messages", f"the chat template rejected these messages: {error}") from None
         return list(ids)
@@ -333,11 +397,20 @@ async def _maybe_in_thread(size: int, fn: Any) -> Any:
     return fn()
 
 
-def _sampling_params(body: schemas.CompletionRequest | schemas.ChatCompletionRequest) -> request_mod.SamplingParams:
+def _sampling_params(
+    body: schemas.CompletionRequest | schemas.ChatCompletionRequest, tool_plan: tools_mod.ToolPlan | None = None
+) -> request_mod.SamplingParams:
     prompt_logprobs: int | None = None
+    constraint = None
     if isinstance(body, schemas.ChatCompletionRequest):
         max_tokens = body.effective_max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
+        try:
+            constraint = formats.from_response_format(body.response_format)
+        except request_mod.InvalidParameterError as error:
+            raise schemas.invalid(error.param, error.message) from None
+        if tool_plan is not None and tool_plan.constraint is not None:
+            constraint = tool_plan.constraint  # `required` or a named function: decoded under its grammar
     else:
         max_tokens = body.max_tokens if body.max_tokens is not None else DEFAULT_COMPLETION_MAX_TOKENS
         logprobs = body.logprobs
@@ -360,6 +433,7 @@ def _sampling_params(body: schemas.CompletionRequest | schemas.ChatCompletionReq
             frequency_penalty=body.frequency_penalty or 0.0,
             repetition_penalty=1.0 if body.repetition_penalty is None else body.repetition_penalty,
             logit_bias=body.logit_bias_pairs(),
+            constraint=constraint,
         )
     except request_mod.InvalidParameterError as error:
         raise schemas.invalid(error.param, error.message) from None
@@ -414,6 +488,11 @@ def _finish_reason(out: outputs.RequestOutput) -> str | None:
     return None if out.finish_reason is None else str(out.finish_reason)
 
 
+def _tool_finish(finish_reason: str | None) -> str | None:
+    """OpenAI ends an answer that calls tools with `tool_calls` (a cut one keeps `length`)."""
+    return "tool_calls" if finish_reason == "stop" else finish_reason
+
+
 def _cache_headers(recorder: response_cache.Recorder | None) -> dict[str, str]:
     return {} if recorder is None else {contract.HEADER_RESPONSE_CACHE: contract.RESPONSE_CACHE_MISS}
 
@@ -435,7 +514,12 @@ def _token_str(state: state_mod.ServerState) -> logprobs_mod.TokenString:
 
 def _choice(p: _Prepared, index: int, text: str, finish_reason: str | None, logprobs: Any = None) -> dict[str, Any]:
     if p.kind == "chat":
-        message = {"role": "assistant", "content": text}
+        message: dict[str, Any] = {"role": "assistant", "content": text}
+        if p.tool_plan is not None and p.parses_tools:
+            content, calls = tools_mod.parse(text, p.tool_plan)
+            if calls:
+                message = {"role": "assistant", "content": content, "tool_calls": calls}
+                finish_reason = _tool_finish(finish_reason)
         return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
@@ -556,6 +640,8 @@ async def _complete(
         last = c.last
         if last is None or last.finish_reason is request_mod.FinishReason.ERROR:
             detail = last.error if last is not None and last.error else "the engine ended the request without output"
+            if detail.startswith(_ENGINE_REFUSED_FORMAT):  # the engine's compile refused the schema: the client's
+                raise schemas.invalid("response_format", detail[len(_ENGINE_REFUSED_FORMAT) :])
             raise schemas.APIError(500, f"generation failed: {detail}", type="internal_server_error")
     echo = _echo_text(state, p) if p.echo else ""
     token_str = _token_str(state) if p.params.logprobs is not None else _no_token_str
@@ -568,6 +654,9 @@ async def _complete(
     num_output = sum(c.last.num_output_tokens for c in choices if c.last is not None)
     body = _completion_body(state, p, body_choices, num_output)
     return web.json_response(body, headers=_cache_headers(recorder))
+
+
+_ENGINE_REFUSED_FORMAT = "response_format: "  # str() of the engine's InvalidParameterError for a refused grammar
 
 
 def _no_token_str(token_id: int) -> str:
@@ -611,6 +700,18 @@ class _ChunkWriter:
         middle = f'"delta":{{"content":{body}}},' if self._chat else f'"text":{body},'
         return self._render(index, middle, finish_reason, logprobs)
 
+    def tool_delta(
+        self, delta: tools_mod.Delta, finish_reason: str | None, index: int = 0, logprobs: Any = None
+    ) -> bytes:
+        """A chat chunk with content and/or tool-call deltas (what `tools.StreamParser` made of a piece)."""
+        body: dict[str, Any] = {}
+        if delta.content:
+            body["content"] = delta.content
+        if delta.tool_calls:
+            body["tool_calls"] = delta.tool_calls
+        middle = f'"delta":{json.dumps(body, ensure_ascii=False, separators=(",", ":"))},'
+        return self._render(index, middle, finish_reason, logprobs)
+
     def usage(self, num_prompt: int, num_output: int) -> bytes:
         chunk = {
             "id": self._p.req_id,
@@ -644,6 +745,7 @@ async def _stream(
     # What the stream interval keeps back per choice (nothing when it is 1): a _ChoiceState per choice,
     # emptied at each chunk.
     held = [_ChoiceState() for _ in streams]
+    parsers = [tools_mod.StreamParser(p.tool_plan) for _ in streams] if p.parses_tools and p.tool_plan else None
     started = [False] * n
     finished = [False] * n
     num_output = [0] * n
@@ -680,9 +782,15 @@ async def _stream(
             lp = None
             if want_logprobs:
                 lp = _choice_logprobs(p, h, token_str, builders[index], with_prompt=first and p.echo)
+            if parsers is not None:
+                delta = parsers[index].feed(text, final=reason is not None)
+                if reason is not None and parsers[index].num_calls:
+                    reason = _tool_finish(reason)
+                if delta.content or delta.tool_calls or reason is not None or (lp is not None and h.token_ids):
+                    await resp.write(writer.tool_delta(delta, reason, index, lp))
             # Empty deltas (text held back at a possible stop string) are not sent, so every chunk a
             # client times is a real one, except the closing chunk that carries the finish reason.
-            if text or reason is not None or (lp is not None and h.token_ids):
+            elif text or reason is not None or (lp is not None and h.token_ids):
                 await resp.write(writer.delta(text, reason, index, lp))
             held[index] = _ChoiceState()
         if not failed:
@@ -712,8 +820,19 @@ async def _replay(
     writer = _ChunkWriter(p, state.model_name)
     pieces = cached.pieces or ("",)
     chunks = [writer.role()]
-    chunks += [writer.delta(piece, None) for piece in pieces[:-1]]
-    chunks.append(writer.delta(pieces[-1], cached.finish_reason))
+    if p.parses_tools and p.tool_plan is not None:  # the same parse as when it was computed
+        parser = tools_mod.StreamParser(p.tool_plan)
+        for i, piece in enumerate(pieces):
+            final = i == len(pieces) - 1
+            delta = parser.feed(piece, final=final)
+            reason = (
+                (_tool_finish(cached.finish_reason) if parser.num_calls else cached.finish_reason) if final else None
+            )
+            if delta.content or delta.tool_calls or final:
+                chunks.append(writer.tool_delta(delta, reason))
+    else:
+        chunks += [writer.delta(piece, None) for piece in pieces[:-1]]
+        chunks.append(writer.delta(pieces[-1], cached.finish_reason))
     if p.body.include_usage:
         chunks.append(writer.usage(p.num_prompt_tokens, cached.num_output_tokens))
     chunks.append(_DONE)

@@ -3,7 +3,9 @@
 `key_for()` returns None for a request whose output is not fixed by its inputs (sampled without a seed)
 or when the cache is off; otherwise the key covers the model section of the config (source, revision,
 dtype, context length) and the served name, the rendered prompt's token ids, every field of the engine's
-`SamplingParams` (so a parameter added there joins the key by itself) and the client's key digest, so
+`SamplingParams` (so a parameter added there joins the key by itself: logit_bias, the structured-output
+constraint), the request's fields that shape the answer beyond them (`n`, `echo`, tools and tool_choice,
+which decide how the text is parsed) and the client's key digest, so
 tenants never share answers (a hit would tell one what another asked). A `Recorder` collects what the
 engine streamed for one request, and yields a `CachedResponse` only for a natural end (stop or length):
 an abort, an error or a cut stream is never stored. No aiohttp here; openai.py replays hits.
@@ -37,6 +39,7 @@ def key_for(
     salt: str,
     n: int = 1,
     echo: bool = False,
+    extra: dict[str, Any] | None = None,
 ) -> str | None:
     if state.response_cache is None:
         return None
@@ -49,6 +52,8 @@ def key_for(
     for name in _FLOAT_FIELDS:
         sampling[name] = float(sampling[name])
     sampling["n"], sampling["echo"] = n, echo  # the request's own fields that shape the answer
+    if extra:  # e.g. tools and tool_choice, which decide how the same text is parsed into the answer
+        sampling["extra"] = extra
     model = {"served": state.model_name, **state.config.model.model_dump(mode="json")}
     return responses.make_key(model=model, prompt_token_ids=prompt_ids, sampling=sampling, salt=salt)
 

@@ -3,7 +3,7 @@
 A body is parsed in two steps so every failure becomes a 400 that names its parameter: `parse_json()`
 refuses malformed JSON (and NaN/Infinity, which JSON does not have), then `validate()` checks types and
 ranges with OpenAI's semantics. Unknown fields are ignored, as OpenAI and vLLM do, so newer clients keep
-working. Options we do not implement (best_of, suffix, tools, structured outputs) are refused by name
+working. Options we do not implement (best_of, suffix) are refused by name
 rather than silently ignored. Nothing here touches the engine or aiohttp beyond building responses.
 """
 
@@ -193,6 +193,10 @@ class ChatMessage(_Request):
     role: Literal["system", "developer", "user", "assistant", "tool"]
     content: Annotated[str, pydantic.Field(max_length=MAX_PROMPT_CHARS)] | list[TextPart] | None = None
     name: Annotated[str, pydantic.Field(max_length=256)] | None = None
+    # Tool calling: an assistant turn's calls (OpenAI's shape, checked in server/tools.py) and the id of the
+    # call a `tool` message answers.
+    tool_calls: Annotated[list[dict[str, Any]], pydantic.Field(max_length=128)] | None = None
+    tool_call_id: Annotated[str, pydantic.Field(max_length=256)] | None = None
 
     def text(self) -> str:
         if self.content is None:
@@ -207,8 +211,9 @@ class ChatCompletionRequest(_Sampling):
     max_completion_tokens: Annotated[int, pydantic.Field(ge=1, le=1_000_000)] | None = None
     logprobs: bool | None = None
     top_logprobs: Annotated[int, pydantic.Field(ge=0, le=20)] | None = None
-    tools: list[Any] | None = None
+    tools: list[Any] | None = None  # checked by server/tools.py, which names the bad field
     tool_choice: Any = None
+    parallel_tool_calls: bool | None = None
     response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM extension
 
@@ -216,12 +221,6 @@ class ChatCompletionRequest(_Sampling):
         super().refuse_unsupported()
         if self.top_logprobs and not self.logprobs:
             raise invalid("top_logprobs", "top_logprobs needs logprobs set to true")
-        if self.tools:
-            raise invalid("tools", "tool calling is not supported")
-        if self.tool_choice not in (None, "none", "auto"):
-            raise invalid("tool_choice", "tool calling is not supported")
-        if self.response_format is not None and self.response_format.get("type") not in ("text", None):
-            raise invalid("response_format", "only response_format {'type': 'text'} is supported")
         both = self.max_tokens is not None and self.max_completion_tokens is not None
         if both and self.max_tokens != self.max_completion_tokens:
             raise invalid("max_completion_tokens", "max_tokens and max_completion_tokens disagree")

@@ -67,13 +67,13 @@ def _assert_error(body: dict[str, Any], *, param: str | None) -> None:
         ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
         ("/v1/chat/completions", {"model": "tiny", "messages": "hello"}, "messages"),
         ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{}]},
-         "tools"),
+         "tools[0]"),
         ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                                   "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
         ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
                                   "top_logprobs": 2}, "top_logprobs"),
         ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                  "response_format": {"type": "json_object"}}, "response_format"),
+                                  "response_format": {"type": "yaml"}}, "response_format.type"),
     ],
 )
 async def test_invalid_parameters_name_the_parameter(

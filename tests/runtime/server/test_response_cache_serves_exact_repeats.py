@@ -24,6 +24,7 @@ from fleetlm_runtime.__main__ import build_parser, config_from_args
 from fleetlm_runtime.engine import request as request_mod
 from fleetlm_runtime.server import response_cache
 from fleetlm_runtime.server import state as state_mod
+from fleetlm_runtime.structured import spec as structured_spec
 
 TOKEN = "test-admin-token-0123456789"  # the conftest's ADMIN_TOKEN
 CACHE_ON = {"responseCache": {"enabled": True, "maxEntries": 64, "ttlS": 300}}
@@ -176,7 +177,7 @@ def test_every_sampling_field_and_model_detail_is_in_the_key() -> None:
         "max_tokens": 9, "temperature": 0.0, "top_p": 0.9, "top_k": 3, "seed": 5, "stop": ("x",),
         "stop_token_ids": (2,), "ignore_eos": True, "include_stop_str_in_output": True, "detokenize": False,
         "presence_penalty": 0.5, "frequency_penalty": 0.5, "repetition_penalty": 1.5, "logit_bias": ((3, 1.0),),
-        "logprobs": 2, "prompt_logprobs": 2,
+        "logprobs": 2, "prompt_logprobs": 2, "constraint": structured_spec.Constraint(kind="json_object"),
     }  # fmt: skip
     uncached = {"logprobs", "prompt_logprobs"}  # a stored answer keeps no logprobs: such requests bypass it
     assert set(other_values) == {f.name for f in dataclasses.fields(request_mod.SamplingParams)}
