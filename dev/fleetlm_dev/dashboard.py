@@ -26,8 +26,9 @@ def _name(metric: Any) -> str:
     return str(metric._name)
 
 
-def _panel(panel_id: int, title: str, targets: list[tuple[str, str]], *, unit: str, x: int, y: int,
-           description: str) -> dict[str, Any]:
+def _panel(
+    panel_id: int, title: str, targets: list[tuple[str, str]], *, unit: str, x: int, y: int, description: str
+) -> dict[str, Any]:
     return {
         "id": panel_id,
         "type": "timeseries",
@@ -37,14 +38,23 @@ def _panel(panel_id: int, title: str, targets: list[tuple[str, str]], *, unit: s
         "gridPos": {"h": 8, "w": 12, "x": x, "y": y},
         "fieldConfig": {"defaults": {"unit": unit}, "overrides": []},
         "options": {"legend": {"displayMode": "table", "placement": "bottom"}},
-        "targets": [{"expr": expr, "legendFormat": legend, "refId": chr(ord("A") + i)}
-                    for i, (expr, legend) in enumerate(targets)],
+        "targets": [
+            {"expr": expr, "legendFormat": legend, "refId": chr(ord("A") + i)}
+            for i, (expr, legend) in enumerate(targets)
+        ],
     }
 
 
-def _quantile(metric: str, q: float) -> str:
-    return (f"histogram_quantile({q}, sum by (le, {contract.LABEL_QOS_CLASS}) "
-            f"(rate({metric}_bucket{{{SELECTOR}}}[$__rate_interval])))")
+# The latency panels read the percentile from a dashboard variable: the targets beside them hold at the
+# LLMService's spec.slo.percentile, which is no label of any metric.
+PERCENTILE = "$percentile"
+
+
+def _quantile(metric: str, q: str) -> str:
+    return (
+        f"histogram_quantile({q}, sum by (le, {contract.LABEL_QOS_CLASS}) "
+        f"(rate({metric}_bucket{{{SELECTOR}}}[$__rate_interval])))"
+    )
 
 
 def build() -> dict[str, Any]:
@@ -54,70 +64,160 @@ def build() -> dict[str, Any]:
     decisions = _name(operator_metrics.DECISIONS)
     op_selector = 'namespace=~"$namespace", llmservice=~"$service"'
     rows = [
-        ("TTFT p95 per class vs SLO", [
-            (_quantile(contract.TIME_TO_FIRST_TOKEN_SECONDS, 0.95), "p95 {{qos_class}}"),
-            (f'max({target}{{{op_selector}, slo="ttft"}})', "target"),
-        ], "s", "Time to first token at the 95th percentile per QoS class, with the LLMService's target."),
-        ("TPOT p95 per class vs SLO", [
-            (_quantile(contract.REQUEST_TIME_PER_OUTPUT_TOKEN_SECONDS, 0.95), "p95 {{qos_class}}"),
-            (f'max({target}{{{op_selector}, slo="tpot"}})', "target"),
-        ], "s", "Time per output token at the 95th percentile per QoS class, with the target."),
-        ("Replicas", [
-            (f'sum by (state) ({replicas}{{{op_selector}}})', "{{state}}"),
-        ], "short", "Runtime replicas the operator wants and those ready."),
-        ("Batch limits", [
-            (f'max by (limit) ({limits}{{{op_selector}}})', "{{limit}}"),
-        ], "short", "max_batch_size and max_batch_tokens the tuner currently applies (no pod restarts)."),
-        ("Queue depth per class", [
-            (f"sum by ({contract.LABEL_QOS_CLASS}) ({contract.NUM_REQUESTS_WAITING}{{{SELECTOR}}})",
-             "waiting {{qos_class}}"),
-            (f"sum by ({contract.LABEL_QOS_CLASS}) ({contract.NUM_REQUESTS_RUNNING}{{{SELECTOR}}})",
-             "running {{qos_class}}"),
-        ], "short", "Requests waiting and running, per QoS class, over all pods."),
-        ("KV cache usage", [
-            (f"avg({contract.KV_CACHE_USAGE_PERC}{{{SELECTOR}}})", "mean"),
-            (f"max({contract.KV_CACHE_USAGE_PERC}{{{SELECTOR}}})", "max pod"),
-        ], "percentunit", "Fraction of the KV cache in use."),
-        ("GPU utilization", [
-            (f"avg({contract.GPU_UTILIZATION_RATIO}{{{SELECTOR}}})", "mean"),
-        ], "percentunit", "NVML utilization of the runtime pods' GPUs (absent on CPU-only pods)."),
-        ("Tuning decisions", [
-            (f"sum by (action) (increase({decisions}_total[$__rate_interval]))", "{{action}}"),
-        ], "short", "What the SLO tuner did: scale, resize batches, shed or restore classes."),
-        ("Rejections by reason", [
-            (f"sum by ({contract.LABEL_REASON}) (rate({contract.REQUESTS_REJECTED}_total{{{SELECTOR}}}"
-             "[$__rate_interval]))", "{{reason}}"),
-        ], "reqps", "Requests refused, by cause: 429 queue_full, shed_slo_guard (the runtime sheds a class to "
-           "protect others), shed_tuner (the operator sheds at max replicas); 400 invalid or too_long; 503 "
-           "draining or loading."),
-        ("Throughput", [
-            (f"sum(rate({contract.GENERATION_TOKENS}_total{{{SELECTOR}}}[$__rate_interval]))", "output tokens/s"),
-            (f"sum(rate({contract.PROMPT_TOKENS}_total{{{SELECTOR}}}[$__rate_interval]))", "prompt tokens/s"),
-        ], "short", "Tokens per second over all pods."),
-        ("Usage per tenant and class", [
-            (f"sum by ({contract.LABEL_TENANT}, {contract.LABEL_QOS_CLASS}) "
-             f"(rate({contract.USAGE_GENERATION_TOKENS}_total{{{SELECTOR}}}[$__rate_interval]))",
-             "generated {{tenant}}/{{qos_class}}"),
-            (f"sum by ({contract.LABEL_TENANT}, {contract.LABEL_QOS_CLASS}) "
-             f"(rate({contract.USAGE_PROMPT_TOKENS}_total{{{SELECTOR}, {contract.LABEL_SOURCE}=\"computed\"}}"
-             "[$__rate_interval]))", "prompt computed {{tenant}}/{{qos_class}}"),
-            (f"sum by ({contract.LABEL_TENANT}, {contract.LABEL_QOS_CLASS}) "
-             f"(rate({contract.USAGE_PROMPT_TOKENS}_total{{{SELECTOR}, {contract.LABEL_SOURCE}=\"prefix_cache\"}}"
-             "[$__rate_interval]))", "prompt from prefix cache {{tenant}}/{{qos_class}}"),
-            (f"sum by ({contract.LABEL_TENANT}, {contract.LABEL_QOS_CLASS}) "
-             f"(rate({contract.USAGE_RESPONSE_CACHE_TOKENS}_total{{{SELECTOR}}}[$__rate_interval]))",
-             "from response cache {{tenant}}/{{qos_class}}"),
-            (f"sum by ({contract.LABEL_TENANT}, {contract.LABEL_QOS_CLASS}) "
-             f"(rate({contract.USAGE_ENGINE_SECONDS}_total{{{SELECTOR}}}[$__rate_interval]))",
-             "engine-s/s {{tenant}}/{{qos_class}}"),
-        ], "short", "The usage ledger (also GET /admin/usage): tokens per second per tenant (API key digest; "
-           "'other' without a known key) and class, by source, and engine-seconds per second attributed by "
-           "each step's token share (1.0 = one engine busy all the time for that tenant)."),
+        (
+            f"TTFT p{PERCENTILE} per class vs SLO",
+            [
+                (
+                    _quantile(contract.TIME_TO_FIRST_TOKEN_SECONDS, f"{PERCENTILE} / 100"),
+                    f"p{PERCENTILE} {{{{qos_class}}}}",
+                ),
+                (f'max({target}{{{op_selector}, slo="ttft"}})', "target"),
+            ],
+            "s",
+            "Time to first token at the dashboard's percentile per QoS class, with the LLMService's target "
+            "(set the percentile to its spec.slo.percentile).",
+        ),
+        (
+            f"TPOT p{PERCENTILE} per class vs SLO",
+            [
+                (
+                    _quantile(contract.REQUEST_TIME_PER_OUTPUT_TOKEN_SECONDS, f"{PERCENTILE} / 100"),
+                    f"p{PERCENTILE} {{{{qos_class}}}}",
+                ),
+                (f'max({target}{{{op_selector}, slo="tpot"}})', "target"),
+            ],
+            "s",
+            "Time per output token at the dashboard's percentile per QoS class, with the target (set the "
+            "percentile to the LLMService's spec.slo.percentile).",
+        ),
+        (
+            "Replicas",
+            [
+                (f"sum by (state) ({replicas}{{{op_selector}}})", "{{state}}"),
+            ],
+            "short",
+            "Runtime replicas the operator wants and those ready.",
+        ),
+        (
+            "Batch limits",
+            [
+                (f"max by (limit) ({limits}{{{op_selector}}})", "{{limit}}"),
+            ],
+            "short",
+            "max_batch_size and max_batch_tokens the tuner currently applies (no pod restarts).",
+        ),
+        (
+            "Queue depth per class",
+            [
+                (
+                    f"sum by ({contract.LABEL_QOS_CLASS}) ({contract.NUM_REQUESTS_WAITING}{{{SELECTOR}}})",
+                    "waiting {{qos_class}}",
+                ),
+                (
+                    f"sum by ({contract.LABEL_QOS_CLASS}) ({contract.NUM_REQUESTS_RUNNING}{{{SELECTOR}}})",
+                    "running {{qos_class}}",
+                ),
+            ],
+            "short",
+            "Requests waiting and running, per QoS class, over all pods.",
+        ),
+        (
+            "KV cache usage",
+            [
+                (f"avg({contract.KV_CACHE_USAGE_PERC}{{{SELECTOR}}})", "mean"),
+                (f"max({contract.KV_CACHE_USAGE_PERC}{{{SELECTOR}}})", "max pod"),
+            ],
+            "percentunit",
+            "Fraction of the KV cache in use.",
+        ),
+        (
+            "GPU utilization",
+            [
+                (f"avg({contract.GPU_UTILIZATION_RATIO}{{{SELECTOR}}})", "mean"),
+            ],
+            "percentunit",
+            "NVML utilization of the runtime pods' GPUs (absent on CPU-only pods).",
+        ),
+        (
+            "Tuning decisions",
+            [
+                (f"sum by (action) (increase({decisions}_total[$__rate_interval]))", "{{action}}"),
+            ],
+            "short",
+            "What the SLO tuner did: scale, resize batches, shed or restore classes.",
+        ),
+        (
+            "Rejections by reason",
+            [
+                (
+                    f"sum by ({contract.LABEL_REASON}) (rate({contract.REQUESTS_REJECTED}_total{{{SELECTOR}}}"
+                    "[$__rate_interval]))",
+                    "{{reason}}",
+                ),
+            ],
+            "reqps",
+            "Requests refused, by cause: 429 queue_full, shed_slo_guard (the runtime sheds a class to "
+            "protect others), shed_tuner (the operator sheds at max replicas); 400 invalid or too_long; 503 "
+            "draining or loading.",
+        ),
+        (
+            "Throughput",
+            [
+                (f"sum(rate({contract.GENERATION_TOKENS}_total{{{SELECTOR}}}[$__rate_interval]))", "output tokens/s"),
+                (f"sum(rate({contract.PROMPT_TOKENS}_total{{{SELECTOR}}}[$__rate_interval]))", "prompt tokens/s"),
+            ],
+            "short",
+            "Tokens per second over all pods.",
+        ),
+        (
+            "Usage per tenant and class",
+            [
+                (
+                    f"sum by ({contract.LABEL_TENANT}, {contract.LABEL_QOS_CLASS}) "
+                    f"(rate({contract.USAGE_GENERATION_TOKENS}_total{{{SELECTOR}}}[$__rate_interval]))",
+                    "generated {{tenant}}/{{qos_class}}",
+                ),
+                (
+                    f"sum by ({contract.LABEL_TENANT}, {contract.LABEL_QOS_CLASS}) "
+                    f'(rate({contract.USAGE_PROMPT_TOKENS}_total{{{SELECTOR}, {contract.LABEL_SOURCE}="computed"}}'
+                    "[$__rate_interval]))",
+                    "prompt computed {{tenant}}/{{qos_class}}",
+                ),
+                (
+                    f"sum by ({contract.LABEL_TENANT}, {contract.LABEL_QOS_CLASS}) "
+                    f'(rate({contract.USAGE_PROMPT_TOKENS}_total{{{SELECTOR}, {contract.LABEL_SOURCE}="prefix_cache"}}'
+                    "[$__rate_interval]))",
+                    "prompt from prefix cache {{tenant}}/{{qos_class}}",
+                ),
+                (
+                    f"sum by ({contract.LABEL_TENANT}, {contract.LABEL_QOS_CLASS}) "
+                    f"(rate({contract.USAGE_RESPONSE_CACHE_TOKENS}_total{{{SELECTOR}}}[$__rate_interval]))",
+                    "from response cache {{tenant}}/{{qos_class}}",
+                ),
+                (
+                    f"sum by ({contract.LABEL_TENANT}, {contract.LABEL_QOS_CLASS}) "
+                    f"(rate({contract.USAGE_ENGINE_SECONDS}_total{{{SELECTOR}}}[$__rate_interval]))",
+                    "engine-s/s {{tenant}}/{{qos_class}}",
+                ),
+            ],
+            "short",
+            "The usage ledger (also GET /admin/usage): tokens per second per tenant (API key digest; "
+            "'other' without a known key) and class, by source, and engine-seconds per second attributed by "
+            "each step's token share (1.0 = one engine busy all the time for that tenant).",
+        ),
     ]
-    panels = [_panel(i + 1, title, targets, unit=unit, x=(i % 2) * 12, y=(i // 2) * 8, description=desc)
-              for i, (title, targets, unit, desc) in enumerate(rows)]
-    variable = {"type": "query", "datasource": {"type": "prometheus", "uid": "${datasource}"},
-                "refresh": 2, "includeAll": True, "multi": True, "current": {"text": "All", "value": "$__all"}}
+    panels = [
+        _panel(i + 1, title, targets, unit=unit, x=(i % 2) * 12, y=(i // 2) * 8, description=desc)
+        for i, (title, targets, unit, desc) in enumerate(rows)
+    ]
+    variable = {
+        "type": "query",
+        "datasource": {"type": "prometheus", "uid": "${datasource}"},
+        "refresh": 2,
+        "includeAll": True,
+        "multi": True,
+        "current": {"text": "All", "value": "$__all"},
+    }
     return {
         "title": "FleetLM: LLM services against their SLOs",
         "uid": "fleetlm-slo",
@@ -127,13 +227,33 @@ def build() -> dict[str, Any]:
         "editable": True,
         "time": {"from": "now-1h", "to": "now"},
         "refresh": "30s",
-        "templating": {"list": [
-            {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Data source"},
-            {**variable, "name": "namespace", "label": "Namespace",
-             "query": f"label_values({replicas}, namespace)"},
-            {**variable, "name": "service", "label": "LLMService",
-             "query": f'label_values({replicas}{{namespace=~"$namespace"}}, llmservice)'},
-        ]},
+        "templating": {
+            "list": [
+                {"name": "datasource", "type": "datasource", "query": "prometheus", "label": "Data source"},
+                {
+                    **variable,
+                    "name": "namespace",
+                    "label": "Namespace",
+                    "query": f"label_values({replicas}, namespace)",
+                },
+                {
+                    **variable,
+                    "name": "service",
+                    "label": "LLMService",
+                    "query": f'label_values({replicas}{{namespace=~"$namespace"}}, llmservice)',
+                },
+                {
+                    "name": "percentile",
+                    "type": "custom",
+                    "label": "SLO percentile",
+                    "query": "50,90,95,99,99.9",
+                    "current": {"text": "95", "value": "95"},
+                    "includeAll": False,
+                    "multi": False,
+                    "description": "The LLMService's spec.slo.percentile, at which the latency panels read.",
+                },
+            ]
+        },
         "panels": panels,
     }
 

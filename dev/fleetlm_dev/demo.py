@@ -204,10 +204,6 @@ def _report(
         )
 
 
-def _shed(record: closed_loop.Record) -> bool:
-    return record.status == 429 and record.qos_class == "sheddable"
-
-
 def _fmt(value: float | None) -> str:
     return f"{value:5.2f}s" if value is not None else "   -  "
 

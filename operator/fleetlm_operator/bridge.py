@@ -1,21 +1,23 @@
 """Between the LLMService API and the tuning policy: spec -> PolicySpec, window and decision -> status.
 
-Pure: pydantic models and policy values in, plain values out; `now` is a parameter. The policy never
-sees the CRD models, and the handlers never compute status fields themselves.
+Pure: pydantic models and policy values in, the API's status models out (`models.status_json` turns
+them into what is written); `now` is a parameter. The policy never sees the CRD models, and the
+handlers never compute status fields themselves.
 """
 
 from __future__ import annotations
 
 import datetime
+from collections.abc import Mapping, Sequence
 from typing import Any
+
+import pydantic
 
 from fleetlm_operator.api import models, names
 from fleetlm_operator.policy import decide as decide_mod
 from fleetlm_operator.policy import spec as policy_spec
 from fleetlm_operator.policy import window as window_mod
 from fleetlm_operator.status import conditions
-
-MAX_DECISIONS_IN_STATUS = 5
 
 
 def _seconds(value: str | None) -> float | None:
@@ -63,34 +65,32 @@ def policy_spec_of(spec: models.LLMServiceSpec) -> policy_spec.PolicySpec:
     )
 
 
-def window_length_s(spec: models.LLMServiceSpec) -> float:
-    """How long the collector keeps a baseline scrape: the SLO window, at least one interval."""
-    interval = models.parse_duration_s(spec.autoscaling.interval)
-    window = models.parse_duration_s(spec.slo.window) if spec.slo is not None else interval
-    return max(window, interval)
+def _stamp(now: datetime.datetime) -> datetime.datetime:
+    """`now` in UTC, to the second (as the API server writes its own timestamps)."""
+    return now.astimezone(datetime.UTC).replace(microsecond=0)
 
 
-def _timestamp(now: datetime.datetime) -> str:
-    return now.astimezone(datetime.UTC).strftime("%Y-%m-%dT%H:%M:%SZ")
+def _rounded(value: float | None, digits: int = 6) -> float | None:
+    return None if value is None else round(value, digits)
 
 
-def observed_status(window: window_mod.ObservedWindow, *, now: datetime.datetime) -> dict[str, Any]:
+def observed_status(
+    window: window_mod.ObservedWindow, *, percentile: float, now: datetime.datetime
+) -> models.ObservedMetrics:
     """status.observed: what the window saw; unknown figures stay absent (never written as zero)."""
-    queue = window.num_waiting
-    fields = {
-        "ttftP95Seconds": window.ttft_quantile_s,
-        "tpotP95Seconds": window.tpot_quantile_s,
-        "requestRate": window.finished_per_s,
-        "queueDepth": queue,
-        "gpuUtilization": window.gpu_utilization,
-        "sloAttainment": window.slo_attainment,
-        "windowSeconds": round(window.window_s, 3) if window.window_s > 0 else None,
-        "collectedAt": _timestamp(now),
-        "numPodsSampled": window.num_pods_sampled,
-        "numPodsExpected": window.num_pods_expected,
-    }
-    return {key: (round(value, 6) if isinstance(value, float) else value) for key, value in fields.items()
-            if value is not None}
+    return models.ObservedMetrics(
+        percentile=percentile,
+        ttft_seconds=_rounded(window.ttft_quantile_s),
+        tpot_seconds=_rounded(window.tpot_quantile_s),
+        request_rate=_rounded(window.finished_per_s),
+        queue_depth=_rounded(window.num_waiting),
+        gpu_utilization=_rounded(window.gpu_utilization),
+        slo_attainment=_rounded(window.slo_attainment),
+        window_seconds=round(window.window_s, 3) if window.window_s > 0 else None,
+        collected_at=_stamp(now),
+        num_pods_sampled=window.num_pods_sampled,
+        num_pods_expected=window.num_pods_expected,
+    )
 
 
 def _epoch_s(value: Any) -> float | None:
@@ -139,18 +139,17 @@ def pod_startups(
     return tuple(sorted(loading)), tuple(pod for _, pod in started)
 
 
-def startup_status(decision: decide_mod.Decision) -> dict[str, Any]:
+def startup_status(decision: decide_mod.Decision) -> models.StartupStatus:
     """status.startup: the learnt start-up time and the pods loading now; unknown figures stay absent."""
     learnt = decision.state.startup
     loading = decision.loading
-    fields = {
-        "observedSeconds": round(learnt.mean_s, 3) if learnt.mean_s is not None else None,
-        "lastSeconds": round(learnt.last_s, 3) if learnt.last_s is not None else None,
-        "podsObserved": learnt.count,
-        "loadingReplicas": loading.on_the_way if loading is not None else None,
-        "stuckReplicas": loading.stuck if loading is not None else None,
-    }
-    return {key: value for key, value in fields.items() if value is not None}
+    return models.StartupStatus(
+        observed_seconds=_rounded(learnt.mean_s, 3),
+        last_seconds=_rounded(learnt.last_s, 3),
+        pods_observed=learnt.count,
+        loading_replicas=loading.on_the_way if loading is not None else None,
+        stuck_replicas=loading.stuck if loading is not None else None,
+    )
 
 
 def decision_conditions(decision: decide_mod.Decision) -> list[conditions.Condition]:
@@ -161,20 +160,34 @@ def decision_conditions(decision: decide_mod.Decision) -> list[conditions.Condit
         "every ready pod reported a full window" if decision.metrics_available else decision.metrics_reason,
     )
     if decision.slo_met is None:
-        slo = conditions.Condition(names.ConditionType.SLO_MET, "Unknown", "NotEnoughTraffic",
-                                   "too few requests in the window to judge the SLO")
+        slo = conditions.Condition(
+            names.ConditionType.SLO_MET,
+            "Unknown",
+            "NotEnoughTraffic",
+            "too few requests in the window to judge the SLO",
+        )
     elif decision.slo_met:
-        slo = conditions.Condition(names.ConditionType.SLO_MET, "True", "WithinTarget",
-                                   "latency at the SLO percentile is within target")
+        slo = conditions.Condition(
+            names.ConditionType.SLO_MET, "True", "WithinTarget", "latency at the SLO percentile is within target"
+        )
     else:
-        slo = conditions.Condition(names.ConditionType.SLO_MET, "False", "TargetMissed",
-                                   "; ".join(r for r in decision.reasons if "SLO" in r or "attain" in r)[:1000]
-                                   or "latency at the SLO percentile is over target")
+        slo = conditions.Condition(
+            names.ConditionType.SLO_MET,
+            "False",
+            "TargetMissed",
+            "; ".join(r for r in decision.reasons if "SLO" in r or "attain" in r)[:1000]
+            or "latency at the SLO percentile is over target",
+        )
     return [available, slo]
 
 
-def decision_actions(decision: decide_mod.Decision, *, current_replicas: int, current_limits: tuple[int, int],
-                     current_shed: tuple[str, ...]) -> list[str]:
+def decision_actions(
+    decision: decide_mod.Decision,
+    *,
+    current_replicas: int,
+    current_limits: tuple[int, int],
+    current_shed: tuple[str, ...],
+) -> list[str]:
     """What changed, as short action names (also the label of the operator's decisions metric)."""
     actions = []
     if decision.replicas > current_replicas:
@@ -192,16 +205,30 @@ def decision_actions(decision: decide_mod.Decision, *, current_replicas: int, cu
     return actions
 
 
-def decision_record(decision: decide_mod.Decision, *, actions: list[str], now: datetime.datetime,
-                    advise: bool = False) -> dict[str, Any]:
+def decision_record(
+    decision: decide_mod.Decision, *, actions: Sequence[str], now: datetime.datetime, advise: bool = False
+) -> models.DecisionRecord:
     """One status.decisions entry; in advisory mode the action reads `advise:<actions>` (nothing was applied)."""
-    action = ",".join(actions) if actions else "hold"
-    return {
-        "time": _timestamp(now),
-        "action": f"advise:{action}" if advise else action,
-        "reason": "; ".join(decision.reasons)[:1024] or "no change needed",
-    }
+    if not actions:
+        raise ValueError("a decision that changes nothing is not recorded")
+    action = ",".join(actions)
+    return models.DecisionRecord(
+        time=_stamp(now),
+        action=f"{models.ADVISE_PREFIX}{action}" if advise else action,
+        reason="; ".join(decision.reasons)[:1024] or "no change needed",
+    )
 
 
-def bounded_history(history: list[dict[str, Any]], record: dict[str, Any]) -> list[dict[str, Any]]:
-    return [*history, record][-MAX_DECISIONS_IN_STATUS:]
+def bounded_history(stored: Sequence[Mapping[str, Any]], record: models.DecisionRecord) -> list[models.DecisionRecord]:
+    """status.decisions with `record` appended, the oldest dropped beyond `models.MAX_DECISIONS`.
+
+    `stored` is the list as read from the API server; an entry an older operator wrote that this API
+    version no longer accepts is dropped rather than written back (the API server would refuse the patch).
+    """
+    history = []
+    for entry in stored:
+        try:
+            history.append(models.DecisionRecord.model_validate(entry))
+        except pydantic.ValidationError:
+            continue
+    return [*history, record][-models.MAX_DECISIONS :]

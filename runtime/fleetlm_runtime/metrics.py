@@ -467,9 +467,6 @@ class RuntimeMetrics:
         """One lookup of a cache-eligible request: a hit (stored or shared) or a miss (computed)."""
         (self._response_hits if hit else self._response_misses).inc()
 
-    def record_preemptions(self, count: int) -> None:
-        self._preemptions.inc(count)
-
     def set_ready(self, ready: bool) -> None:
         self._ready.set(1 if ready else 0)
 

@@ -132,14 +132,25 @@ class Applier:
                 return None
             raise
 
-    def patch_llmservice_status(self, name: str, namespace: str, status: Mapping[str, Any]) -> None:
-        """Merge-patch the status subresource; a deleted LLMService is not an error."""
+    def patch_llmservice_status(self, name: str, namespace: str, status: Mapping[str, Any], *,
+                                resource_version: str | None = None) -> bool:
+        """Merge-patch the status subresource; a deleted LLMService is not an error.
+
+        With `resource_version` the patch applies only to that version of the object (optimistic
+        concurrency): False when the object has changed since, so the caller re-reads and decides again.
+        """
+        body: dict[str, Any] = {"status": dict(status)}
+        if resource_version is not None:
+            body["metadata"] = {"resourceVersion": resource_version}
         try:
             self._custom.patch_namespaced_custom_object_status(names.GROUP, names.VERSION, namespace, names.PLURAL,
-                                                               name, {"status": dict(status)})
+                                                               name, body)
         except exceptions.ApiException as error:
+            if error.status == 409 and resource_version is not None:
+                return False
             if error.status != 404:
                 raise
+        return True
 
     def apply_llmservice_conditions(self, name: str, namespace: str, conditions: list[dict[str, Any]], *,
                                     field_manager: str, force: bool = True) -> bool:

@@ -220,10 +220,10 @@ def printer_columns() -> list[dict[str, Any]]:
             "description": "Runtime pods that exist.",
         },
         {
-            "name": "TTFT-P95",
+            "name": "TTFT",
             "type": "number",
-            "jsonPath": ".status.observed.ttftP95Seconds",
-            "description": "Observed time to first token at the SLO percentile, in seconds.",
+            "jsonPath": ".status.observed.ttftSeconds",
+            "description": "Observed time to first token at spec.slo.percentile, in seconds.",
         },
         {
             "name": "TTFT-Target",

@@ -1218,7 +1218,15 @@ class LLMServiceSpec(_SpecModel):
 
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
 MAX_CONDITIONS = 16
-MAX_DECISIONS = 20  # bounded history of the tuner's decisions kept in status
+# The one bound of status.decisions: the CRD's maxItems and the history the tuner keeps. Ten records span a
+# scale-up and its settling at the default interval, and keep status small (a reason is up to 1 KiB).
+MAX_DECISIONS = 10
+# What a decision did, as status.decisions and the operator's decisions metric name it.
+DECISION_ACTIONS = ("scale_up", "scale_down", "batch_grow", "batch_shrink", "shed", "unshed")
+ADVISE_PREFIX = "advise:"  # advisory mode: decided and recorded, applied nowhere
+_ACTION = "(" + "|".join(DECISION_ACTIONS) + ")"
+# No backslashes: also a pattern in the CRD.
+DECISION_ACTION_PATTERN = f"^({ADVISE_PREFIX})?{_ACTION}(,{_ACTION})*$"
 
 
 class Condition(_StatusModel):
@@ -1227,7 +1235,7 @@ class Condition(_StatusModel):
     type: str = pydantic.Field(
         min_length=1,
         max_length=64,
-        description="Ready, Progressing, SLOMet, MetricsAvailable or CapacityUnavailable.",
+        description=f"One of {', '.join(names.CONDITION_TYPES)}.",
     )
     status: Literal["True", "False", "Unknown"] = pydantic.Field(description="True, False or Unknown.")
     reason: str = pydantic.Field(default="", max_length=1024, description="One-word CamelCase cause.")
@@ -1243,11 +1251,17 @@ class Condition(_StatusModel):
 class ObservedMetrics(_StatusModel):
     """What the last collection saw over the SLO window. A metric with no data is absent, never zero."""
 
-    ttft_p95_seconds: float | None = pydantic.Field(
-        default=None, ge=0, description="Time to first token at spec.slo.percentile (p95 by default), in seconds."
+    percentile: float | None = pydantic.Field(
+        default=None,
+        gt=0,
+        lt=100,
+        description="The percentile ttftSeconds and tpotSeconds are at: spec.slo.percentile when collected.",
     )
-    tpot_p95_seconds: float | None = pydantic.Field(
-        default=None, ge=0, description="Time per output token at spec.slo.percentile (p95 by default), in seconds."
+    ttft_seconds: float | None = pydantic.Field(
+        default=None, ge=0, description="Time to first token at `percentile`, in seconds."
+    )
+    tpot_seconds: float | None = pydantic.Field(
+        default=None, ge=0, description="Time per output token at `percentile`, in seconds."
     )
     request_rate: float | None = pydantic.Field(
         default=None, ge=0, description="Requests finished per second, all replicas together."
@@ -1313,11 +1327,17 @@ class StartupStatus(_StatusModel):
 
 
 class DecisionRecord(_StatusModel):
-    """One thing the operator did, and why."""
+    """One thing the tuner did (or, in advisory mode, would have done), and why."""
 
     time: datetime.datetime = pydantic.Field(description="When the decision was made.")
     action: str = pydantic.Field(
-        max_length=64, description="What was done, e.g. ScaleUp, ScaleDown, ShrinkBatch, GrowBatch, Shed."
+        max_length=128,
+        pattern=DECISION_ACTION_PATTERN,
+        description=(
+            f"What was done: {', '.join(DECISION_ACTIONS)}, comma-separated when several (a tick that changes "
+            f"nothing is not recorded); prefixed with `{ADVISE_PREFIX}` in advisory mode "
+            "(spec.autoscaling.mode: advise), where nothing was applied."
+        ),
     )
     reason: str = pydantic.Field(max_length=1024, description="Why, with the numbers that drove it.")
 
@@ -1365,7 +1385,7 @@ class LLMServiceStatus(_StatusModel):
     conditions: list[Condition] = pydantic.Field(
         default_factory=list,
         max_length=MAX_CONDITIONS,
-        description="Ready, Progressing, SLOMet, MetricsAvailable, CapacityUnavailable.",
+        description=f"The service's conditions, one per type: {', '.join(names.CONDITION_TYPES)}.",
         json_schema_extra={"x-kubernetes-list-type": "map", "x-kubernetes-list-map-keys": ["type"]},
     )
     observed: ObservedMetrics | None = pydantic.Field(
@@ -1381,8 +1401,14 @@ class LLMServiceStatus(_StatusModel):
     decisions: list[DecisionRecord] = pydantic.Field(
         default_factory=list,
         max_length=MAX_DECISIONS,
-        description=f"The last {MAX_DECISIONS} decisions of the tuning loop, oldest first.",
+        description=f"The last {MAX_DECISIONS} decisions of the tuning loop that changed something, oldest first.",
     )
+
+
+def status_json(part: _StatusModel) -> dict[str, Any]:
+    """A status section as the operator writes it: camelCase keys, JSON values, and no field without a
+    value (unknown figures stay absent; in a merge patch a left-out field keeps what is stored)."""
+    return part.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -1501,13 +1527,3 @@ def initial_tuning(spec: LLMServiceSpec) -> Tuning:
         shed_classes=[],
         class_weights={qos_class.name: qos_class.weight for qos_class in spec.qos.classes},
     )
-
-
-def record_decision(
-    history: list[DecisionRecord] | tuple[DecisionRecord, ...],
-    decision: DecisionRecord,
-    *,
-    limit: int = MAX_DECISIONS,
-) -> list[DecisionRecord]:
-    """The history with `decision` appended, oldest entries dropped beyond `limit`."""
-    return [*history, decision][-limit:]

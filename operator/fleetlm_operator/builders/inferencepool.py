@@ -24,7 +24,6 @@ from fleetlm_operator.builders import meta
 
 POOL_API_VERSION = "inference.networking.k8s.io/v1"
 POOL_KIND = "InferencePool"
-POOL_CRD = "inferencepools.inference.networking.k8s.io"
 OBJECTIVE_KIND = "InferenceObjective"
 # Newest first: the operator creates objectives of the first one the cluster serves.
 OBJECTIVE_API_VERSIONS = ("llm-d.ai/v1alpha2", "inference.networking.x-k8s.io/v1alpha2")

@@ -144,6 +144,15 @@ def _refresh(namespace: str, owner: str, *, memo: kopf.Memo) -> None:
         return
     if before is None or before.phase != after.phase:
         status = reconcile.reconcile(stored, ctx=ctx, logger=logger, cause="model-cache")
+        for _ in range(3):  # the tuner moved the limits since the read: reconcile the fresh object
+            if reconcile.write_tuning(stored, status.pop("tuning"), ctx=ctx):
+                break
+            stored = ctx.applier.read_llmservice(owner, namespace)
+            if stored is None:
+                return
+            status = reconcile.reconcile(stored, ctx=ctx, logger=logger, cause="model-cache")
+        else:
+            raise kopf.TemporaryError("status.tuning kept changing during the reconcile")
         # Conditions go by server-side apply as their writer, never in a merge patch of the whole list.
         reconcile.apply_conditions(stored, status.pop("conditions"), ctx=ctx, only_if_changed=False)
     else:  # progress only: the bytes, nothing else changes

@@ -111,8 +111,11 @@ def render_children(
     children = [
         configmap.build_config_map(svc, tuning=tuning),
         service.build_service(svc),
-        *([deployment.build_deployment(svc, default_image=default_image, model_bytes=model_bytes)]
-          if with_deployment else []),
+        *(
+            [deployment.build_deployment(svc, default_image=default_image, model_bytes=model_bytes)]
+            if with_deployment
+            else []
+        ),
         pdb.build_pod_disruption_budget(svc),
     ]
     if with_service_monitor:
@@ -142,7 +145,7 @@ def _remove_disabled_router(svc: models.LLMService, ctx: context.OperatorContext
 
 
 def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.Logger, cause: str) -> dict[str, Any]:
-    """Apply every child of `body`; returns the status to write."""
+    """Apply every child of `body`; returns the status to write (its "tuning" through `write_tuning`)."""
     started = time.monotonic()
     try:
         svc = models.load_stored(plain_body(body))
@@ -187,7 +190,7 @@ def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.
     if cause != "resume":
         kopf.info(body, reason="Reconciled", message=f"applied {', '.join(applied)}")
     status = rollout_status(svc, body=body, ctx=ctx, cache=cache)
-    status["tuning"] = tuning.model_dump(mode="json", by_alias=True, exclude_none=True)
+    status["tuning"] = models.status_json(tuning)  # written by `write_tuning`, never in a plain merge patch
     _export_service_gauges(svc, tuning=tuning, ready=int(status.get("readyReplicas") or 0))
     metrics.RECONCILES.labels(result="ok").inc()
     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
@@ -207,15 +210,33 @@ def _export_service_gauges(svc: models.LLMService, *, tuning: models.Tuning, rea
     metrics.SERVICE_BATCH_LIMIT.labels(**labels, limit="max_batch_tokens").set(tuning.max_batch_tokens or 0)
 
 
-def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: context.OperatorContext,
-                   cache: models.ModelCacheStatus | None = None) -> dict[str, Any]:
+def rollout_status(
+    svc: models.LLMService,
+    *,
+    body: Mapping[str, Any],
+    ctx: context.OperatorContext,
+    cache: models.ModelCacheStatus | None = None,
+) -> dict[str, Any]:
     """Status fields derived from the Deployment and its pods, merged into the stored conditions.
 
     `cache` is the model cache's state as just read; unset, the one stored in status is used.
     """
     found = ctx.applier.read_deployment(svc.name, svc.namespace)
     pods = ctx.applier.list_pods(svc.namespace, meta.selector_string(svc))
-    rollout = summary.summarize(deployment=found, pods=pods, min_ready=svc.spec.replicas.min)
+    return render_rollout_status(svc, body=body, deployment=found, pods=pods, cache=cache, now=_now())
+
+
+def render_rollout_status(
+    svc: models.LLMService,
+    *,
+    body: Mapping[str, Any],
+    deployment: Mapping[str, Any] | None,
+    pods: list[dict[str, Any]],
+    cache: models.ModelCacheStatus | None,
+    now: datetime.datetime,
+) -> dict[str, Any]:
+    """`rollout_status` without the reads: pure, so every status it writes can be checked against the CRD."""
+    rollout = summary.summarize(deployment=deployment, pods=pods, min_ready=svc.spec.replicas.min)
     stored = body.get("status", {}) or {}
     fresh = cache is not None  # only a cache state just read from its Job is written back
     if cache is None and svc.spec.model.cached:
@@ -227,45 +248,94 @@ def rollout_status(svc: models.LLMService, *, body: Mapping[str, Any], ctx: cont
         phase = model_cache_status.phase(phase, cache, ready_replicas=rollout.ready_replicas)
     # Only this writer's conditions (rollout and cache): the caller server-side applies them
     # (`apply_conditions`); a type it no longer computes (the cache turned off) is dropped by the apply.
-    owned = conditions.for_apply(stored.get("conditions", []) or [], found_conditions,
-                                 owned={c.type for c in found_conditions}, now=_now(),
-                                 observed_generation=body.get("metadata", {}).get("generation"))
+    owned = conditions.for_apply(
+        stored.get("conditions", []) or [],
+        found_conditions,
+        owned={c.type for c in found_conditions},
+        now=now,
+        observed_generation=body.get("metadata", {}).get("generation"),
+    )
     cache_fields: dict[str, Any] = {}
     if fresh and cache is not None and svc.spec.model.cached:
         cache_fields["modelCache"] = model_cache_handler.status_patch(cache)
     elif not svc.spec.model.cached and stored.get("modelCache"):
         cache_fields["modelCache"] = None  # the cache was turned off: drop what status said about it
-    return {
-        "phase": phase,
-        "replicas": rollout.replicas,
-        "readyReplicas": rollout.ready_replicas,
-        "selector": meta.selector_string(svc),
-        "endpoint": router.endpoint_url(svc) if svc.spec.router.enabled else service.endpoint_url(svc),
-        "observedGeneration": body.get("metadata", {}).get("generation"),
-        "conditions": owned,
-        **cache_fields,
-    }
+    fields = models.status_json(
+        models.LLMServiceStatus(
+            phase=phase,
+            replicas=rollout.replicas,
+            ready_replicas=rollout.ready_replicas,
+            selector=meta.selector_string(svc),
+            endpoint=router.endpoint_url(svc) if svc.spec.router.enabled else service.endpoint_url(svc),
+            observed_generation=body.get("metadata", {}).get("generation"),
+        )
+    )
+    fields.pop("conditions", None)  # the model's empty default; this writer's own go by server-side apply
+    fields.pop("decisions", None)
+    return {**fields, "conditions": owned, **cache_fields}
 
 
-def apply_conditions(body: Mapping[str, Any], rollout_conditions: list[dict[str, Any]], *,
-                     ctx: context.OperatorContext, only_if_changed: bool) -> None:
+def write_tuning(body: Mapping[str, Any], tuning: dict[str, Any], *, ctx: context.OperatorContext) -> bool:
+    """Write status.tuning as the reconcile of `body` computed it; False when `body` is stale.
+
+    The tuner changes status.tuning between reconciles (after pushing new limits to the pods), so a
+    reconcile that read the object before such a change would revert it, in status and in the ConfigMap
+    it rendered. The object is re-read after the children were applied: if its tuning moved since `body`,
+    nothing is written and the caller reconciles again from the fresh object. The write itself is pinned
+    to the version read, so a tuner tick between the read and the write is caught the same way.
+    """
+    metadata = body.get("metadata", {})
+    name, namespace = str(metadata.get("name")), str(metadata.get("namespace"))
+    seen = ((body.get("status") or {}).get("tuning")) or None
+    fresh = ctx.applier.read_llmservice(name, namespace)
+    if fresh is None:
+        return True  # deleted: nothing to write
+    current = ((fresh.get("status") or {}).get("tuning")) or None
+    if current != seen:
+        return False
+    if current == tuning:
+        return True
+    version = (fresh.get("metadata") or {}).get("resourceVersion")
+    return ctx.applier.patch_llmservice_status(name, namespace, {"tuning": tuning}, resource_version=version)
+
+
+def apply_conditions(
+    body: Mapping[str, Any],
+    rollout_conditions: list[dict[str, Any]],
+    *,
+    ctx: context.OperatorContext,
+    only_if_changed: bool,
+) -> None:
     """Server-side apply the rollout's conditions as their writer; until the tuner has written its own,
     say they are not known yet (unforced, so a value the tuner wrote meanwhile is never reverted)."""
     metadata = body.get("metadata", {})
     name, namespace = str(metadata.get("name")), str(metadata.get("namespace"))
     stored = (body.get("status", {}) or {}).get("conditions", []) or []
     if not only_if_changed or conditions.differ(stored, rollout_conditions):
-        ctx.applier.apply_llmservice_conditions(name, namespace, rollout_conditions,
-                                                field_manager=conditions.ROLLOUT_WRITER)
+        ctx.applier.apply_llmservice_conditions(
+            name, namespace, rollout_conditions, field_manager=conditions.ROLLOUT_WRITER
+        )
     if not any(c.get("type") in conditions.TUNER_TYPES for c in stored):
-        placeholders = conditions.for_apply(stored, [
-            conditions.Condition(names.ConditionType.SLO_MET, "Unknown", "NotYetObserved",
-                                 "no latency window has been observed yet"),
-            conditions.Condition(names.ConditionType.METRICS_AVAILABLE, "Unknown", "NotYetCollected",
-                                 "metrics have not been collected yet"),
-        ], owned=conditions.TUNER_TYPES, now=_now(), observed_generation=metadata.get("generation"))
-        ctx.applier.apply_llmservice_conditions(name, namespace, placeholders,
-                                                field_manager=conditions.PLACEHOLDER_WRITER, force=False)
+        placeholders = conditions.for_apply(
+            stored,
+            [
+                conditions.Condition(
+                    names.ConditionType.SLO_MET, "Unknown", "NotYetObserved", "no latency window has been observed yet"
+                ),
+                conditions.Condition(
+                    names.ConditionType.METRICS_AVAILABLE,
+                    "Unknown",
+                    "NotYetCollected",
+                    "metrics have not been collected yet",
+                ),
+            ],
+            owned=conditions.TUNER_TYPES,
+            now=_now(),
+            observed_generation=metadata.get("generation"),
+        )
+        ctx.applier.apply_llmservice_conditions(
+            name, namespace, placeholders, field_manager=conditions.PLACEHOLDER_WRITER, force=False
+        )
 
 
 @kopf.on.resume(names.GROUP, names.VERSION, names.PLURAL)
@@ -274,6 +344,9 @@ def apply_conditions(body: Mapping[str, Any], rollout_conditions: list[dict[str,
 def on_spec(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, reason: str, **_: Any) -> None:
     ctx = context.get(memo)
     status = reconcile(body, ctx=ctx, logger=logger, cause=str(reason))
+    if not write_tuning(body, status.pop("tuning"), ctx=ctx):
+        # kopf runs the handler again with the object as it is now; nothing else is written from this copy.
+        raise kopf.TemporaryError("status.tuning changed during the reconcile; reconciling the fresh object", delay=1)
     apply_conditions(body, status.pop("conditions"), ctx=ctx, only_if_changed=False)
     for key, value in status.items():
         patch.status[key] = value

@@ -18,6 +18,7 @@ import datetime
 import json
 import logging
 import time
+from collections.abc import Mapping
 from typing import Any
 
 import kopf
@@ -136,20 +137,51 @@ async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.Operator
                ctx=ctx, logger=logger)
 
     now = datetime.datetime.fromtimestamp(now_s, tz=datetime.UTC)
-    stored = body.get("status", {}) or {}
     patch.metadata.setdefault("annotations", {})[ANNOTATION_STATE] = decision.state.to_json()
-    patch.status["observed"] = bridge.observed_status(window, now=now)
-    patch.status["startup"] = bridge.startup_status(decision)
-    in_force = tuning_now.model_dump(mode="json", by_alias=True, exclude_none=True)
     # status.tuning is what the pods run with (reconcile renders it): advice never lands there.
-    patch.status["tuning"] = in_force if spec.advise else {
-        **in_force, "maxBatchSize": decision.max_batch_size, "maxBatchTokens": decision.max_batch_tokens,
-        "shedClasses": list(decision.shed_classes)}
-    if actions:
-        record = bridge.decision_record(decision, actions=actions, now=now, advise=spec.advise)
-        patch.status["decisions"] = bridge.bounded_history(list(stored.get("decisions", []) or []), record)
+    in_force = tuning_now if spec.advise else models.Tuning(
+        max_batch_size=decision.max_batch_size, max_batch_tokens=decision.max_batch_tokens,
+        shed_classes=list(decision.shed_classes), class_weights=tuning_now.class_weights)
+    sections = {
+        "observed": models.status_json(bridge.observed_status(window, percentile=spec.slo.percentile, now=now)),
+        "startup": models.status_json(bridge.startup_status(decision)),
+        "tuning": models.status_json(in_force),
+    }
+    record = bridge.decision_record(decision, actions=actions, now=now, advise=spec.advise) if actions else None
+    await asyncio.to_thread(_write_status, body, sections, record, ctx=ctx, logger=logger)
     await _apply_conditions(body, bridge.decision_conditions(decision), ctx=ctx, now_s=now_s)
     return decision
+
+
+STATUS_WRITE_ATTEMPTS = 5
+
+
+def _write_status(body: kopf.Body, sections: dict[str, Any], record: models.DecisionRecord | None, *,
+                  ctx: context.OperatorContext, logger: logging.Logger) -> None:
+    """Merge-patch the tick's status sections, appending `record` to status.decisions.
+
+    The history is read-modify-write, so the patch is pinned to the resourceVersion it was read from: an
+    object changed meanwhile (any writer; the tick itself wrote /scale) is re-read and the record appended
+    to the history as it is now, so no applied action's record is ever lost to a stale copy.
+    """
+    metadata = body.get("metadata", {})
+    name, namespace = str(metadata.get("name")), str(metadata.get("namespace"))
+    seen: Mapping[str, Any] | None = body
+    for _ in range(STATUS_WRITE_ATTEMPTS):
+        if seen is None:
+            return  # deleted meanwhile
+        # The version first: kopf may refresh the live body meanwhile, and a history newer than the version
+        # only fails the patch, while the reverse would write a stale history.
+        version = (seen.get("metadata") or {}).get("resourceVersion")
+        patch = dict(sections)
+        if record is not None:
+            stored = (seen.get("status") or {}).get("decisions") or []
+            patch["decisions"] = [models.status_json(r) for r in bridge.bounded_history(stored, record)]
+        if ctx.applier.patch_llmservice_status(name, namespace, patch, resource_version=version):
+            return
+        seen = ctx.applier.read_llmservice(name, namespace)
+    logger.warning("status of %s/%s changed under each of %d writes; this tick's status is not recorded",
+                   namespace, name, STATUS_WRITE_ATTEMPTS)
 
 
 async def _apply_conditions(body: kopf.Body, updates: list[conditions.Condition], *, ctx: context.OperatorContext,

@@ -223,10 +223,6 @@ class PolicySpec:
         tpot_s = qos_class.tpot_s if qos_class is not None and qos_class.tpot_s is not None else self.slo.tpot_s
         return ttft_s, tpot_s
 
-    def is_sheddable(self, class_name: str) -> bool:
-        qos_class = self.class_spec(class_name)
-        return qos_class is not None and qos_class.sheddable
-
     def shed_order(self) -> tuple[str, ...]:
         """Sheddable classes, the first to shed first (least urgent: highest priority number)."""
         sheddable = [c for c in self.classes if c.sheddable]

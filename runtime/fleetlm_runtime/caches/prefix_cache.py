@@ -27,7 +27,3 @@ def block_hashes(token_ids: Sequence[int], block_size: int, *, start: int = 0, p
         parent = hashlib.sha256(parent + block).digest()
         hashes.append(parent)
     return hashes
-
-
-def root_hash() -> bytes:
-    return _ROOT

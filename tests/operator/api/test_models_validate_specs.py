@@ -12,6 +12,7 @@ from typing import Any
 import pydantic
 import pytest
 
+from fleetlm_operator import bridge
 from fleetlm_operator.api import models
 
 
@@ -233,28 +234,41 @@ def test_status_round_trips_and_ignores_unknown_fields() -> None:
             "conditions": [
                 {"type": "Ready", "status": "True", "reason": "Available", "lastTransitionTime": "2026-01-02T03:04:05Z"}
             ],
-            "observed": {"ttftP95Seconds": 0.42, "sloAttainment": 0.97, "numPodsSampled": 2, "numPodsExpected": 2},
+            "observed": {
+                "percentile": 95,
+                "ttftSeconds": 0.42,
+                "sloAttainment": 0.97,
+                "numPodsSampled": 2,
+                "numPodsExpected": 2,
+            },
             "tuning": {"maxBatchSize": 48, "shedClasses": ["batch"], "classWeights": {"critical": 6}},
-            "decisions": [{"time": "2026-01-02T03:04:05Z", "action": "ScaleUp", "reason": "TTFT p95 0.9s > 0.5s"}],
+            "decisions": [{"time": "2026-01-02T03:04:05Z", "action": "scale_up", "reason": "TTFT p95 0.9s > 0.5s"}],
             "addedLater": True,
         }
     )
-    assert status.observed is not None and status.observed.tpot_p95_seconds is None  # missing stays missing
+    assert status.observed is not None and status.observed.tpot_seconds is None  # missing stays missing
     dumped = status.model_dump(mode="json", exclude_none=True)
     assert dumped["conditions"][0]["lastTransitionTime"] == "2026-01-02T03:04:05Z"
     assert models.LLMServiceStatus.model_validate(dumped) == status
 
 
-def test_decision_history_is_bounded() -> None:
-    history: list[models.DecisionRecord] = []
+def test_decision_history_is_bounded_by_the_crds_bound() -> None:
+    history: list[dict[str, Any]] = [{"time": "2026-01-01T00:00:00Z", "action": "ScaleUp", "reason": "old name"}]
     for index in range(models.MAX_DECISIONS + 5):
         record = models.DecisionRecord.model_validate(
-            {"time": f"2026-01-01T00:00:{index:02d}Z", "action": "Hold", "reason": str(index)}
+            {"time": f"2026-01-01T00:00:{index:02d}Z", "action": "scale_up,batch_shrink", "reason": str(index)}
         )
-        history = models.record_decision(history, record)
+        history = [models.status_json(r) for r in bridge.bounded_history(history, record)]
+        assert "old name" not in {r["reason"] for r in history}  # no longer valid here: dropped, not written back
     assert len(history) == models.MAX_DECISIONS
-    assert history[-1].reason == str(models.MAX_DECISIONS + 4)
-    assert history[0].reason == "5"
+    assert history[-1]["reason"] == str(models.MAX_DECISIONS + 4)
+    assert history[0]["reason"] == "5"
+
+
+@pytest.mark.parametrize("action", ["hold", "ScaleUp", "scale_up,", "advise:", "advise:hold", "scale_up;shed", ""])
+def test_a_decision_names_only_the_actions_the_operator_takes(action: str) -> None:
+    with pytest.raises(pydantic.ValidationError, match="action"):
+        models.DecisionRecord.model_validate({"time": "2026-01-01T00:00:00Z", "action": action, "reason": "r"})
 
 
 def test_initial_tuning_comes_from_the_spec() -> None:

@@ -84,7 +84,7 @@ def test_advise_records_every_decision_and_applies_none_until_act(
     # Then per-token latency over target with nothing waiting: act mode would shrink the batch limit live.
     runtime.load = fake_runtime.Load(requests_per_s=4, ttft_s=0.2, tpot_s=0.6, waiting=0, running=8, kv_usage=0.5)
     status = wait_for("two advised batch shrinks", lambda: advice("batch_shrink", 2), timeout_s=90)
-    advised = [d for d in status["decisions"] if d["action"] != "hold"]
+    advised = status["decisions"]  # every record: a tick that changes nothing is not recorded
     assert all(d["action"].startswith("advise:") for d in advised), advised
     assert all("advisory mode: decision recorded, not applied" in d["reason"] for d in advised), advised
     assert _advised("scale_up") - ups_before >= 2

@@ -6,6 +6,8 @@ from __future__ import annotations
 
 import asyncio
 
+import pytest
+
 from fleetlm_runtime.caches import responses
 
 
@@ -63,12 +65,20 @@ async def test_finish_is_idempotent_and_a_leader_in_finally_never_leaks_a_flight
     cache = _cache()
     leader = cache.claim("k")
     assert isinstance(leader, responses.Leader)
-    try:
-        raise RuntimeError("engine failed")
-    except RuntimeError:
-        pass
-    finally:
-        leader.finish(None)
+    follower = cache.claim("k")
+    assert isinstance(follower, responses.Follower)
+    waiting = asyncio.create_task(follower.wait())
+    await asyncio.sleep(0)
+
+    async def serve() -> None:  # the server's shape: the leader computes, and finishes in `finally`
+        try:
+            raise RuntimeError("engine failed")
+        finally:
+            leader.finish(None)
+
+    with pytest.raises(RuntimeError, match="engine failed"):
+        await serve()
+    assert await waiting is None  # released with nothing, to claim again
     leader.finish(VALUE)  # a second finish changes nothing
     assert cache.num_flights == 0 and cache.get("k") is None
 

@@ -143,7 +143,7 @@ async def test_many_concurrent_streams_all_complete(client: openai.AsyncOpenAI) 
 async def test_sync_client_in_a_thread(server: test_utils.TestServer) -> None:
     """The blocking client, as most scripts use it (in a thread: the server shares this event loop)."""
 
-    def call() -> tuple[str, int]:
+    def call() -> tuple[str | None, int | None, int]:
         with openai.OpenAI(base_url=f"http://127.0.0.1:{server.port}/v1", api_key="x", max_retries=0) as sync:
             chat = sync.chat.completions.create(
                 model="tiny", messages=[{"role": "user", "content": "Hi"}], max_tokens=5, extra_body=EXACT
@@ -153,10 +153,11 @@ async def test_sync_client_in_a_thread(server: test_utils.TestServer) -> None:
                 for chunk in sync.completions.create(model="tiny", prompt="Hi", max_tokens=5, stream=True)
                 if chunk.choices and chunk.choices[0].text
             )
-            return chat.choices[0].message.content or "", streamed
+            return chat.choices[0].message.content, chat.usage.completion_tokens if chat.usage else None, streamed
 
-    content, streamed = await asyncio.to_thread(call)
-    assert isinstance(content, str)
+    content, completion_tokens, streamed = await asyncio.to_thread(call)
+    assert isinstance(content, str) and content  # the text of the five tokens, not a missing message
+    assert completion_tokens == 5
     assert 1 <= streamed <= 5
 
 

@@ -1,0 +1,111 @@
+"""status.decisions and status.tuning against the real API server, written from stale copies of the object.
+
+The race CI once hit (test_advisory_mode_applies_nothing.py): the tuner pushed a shrunk batch limit and
+recorded it, while the spec handler, reconciling the `act` switch from a copy read before that tick's
+status write, wrote status.tuning (and the ConfigMap) back from its copy, and a tick appending to a stale
+history drops the records written since. Here each stale write is made deterministic: the copy is read,
+the other writer writes, then the stale one runs through the handlers' own functions.
+"""
+
+from __future__ import annotations
+
+import datetime
+import logging
+from typing import Any
+
+import kopf
+import pytest
+import yaml
+from kubernetes import config
+
+from fleetlm_dev import crd_schema
+from fleetlm_operator import bridge, settings
+from fleetlm_operator.act import apply
+from fleetlm_operator.api import models
+from fleetlm_operator.handlers import context, reconcile, tune
+from fleetlm_operator.policy import window
+
+pytestmark = pytest.mark.cluster
+
+LOGGER = logging.getLogger(__name__)
+NOW = datetime.datetime(2026, 3, 4, 5, 6, 7, tzinfo=datetime.UTC)
+
+
+def _context(kube: Any) -> context.OperatorContext:
+    api_client = config.new_client_from_config(config_file=str(kube.plane.kubeconfig))
+    return context.OperatorContext(
+        settings=settings.OperatorSettings(), api_client=api_client, applier=apply.Applier(api_client)
+    )
+
+
+def _record(action: str, second: int) -> models.DecisionRecord:
+    return models.DecisionRecord(time=NOW.replace(second=second), action=action, reason=f"tick {second}")
+
+
+def test_records_appended_from_stale_copies_are_all_kept(kube: Any, make_example: Any, llmservice_crd: object) -> None:
+    name = kube.new_name("hist")
+    kube.apply(make_example(name))
+    ctx = _context(kube)
+    stale = kube.get("llmservice", name)
+    sections = {"tuning": models.status_json(models.Tuning(max_batch_size=4, max_batch_tokens=512))}
+    tune._write_status(stale, sections, _record("batch_shrink", 1), ctx=ctx, logger=LOGGER)
+    # Read before the first write: appending to its history alone would drop batch_shrink.
+    tune._write_status(stale, sections, _record("scale_up", 2), ctx=ctx, logger=LOGGER)
+    status = kube.get("llmservice", name)["status"]
+    assert [d["action"] for d in status["decisions"]] == ["batch_shrink", "scale_up"], status["decisions"]
+
+
+def test_a_reconcile_from_a_stale_copy_never_reverts_the_tuning(
+    kube: Any, make_example: Any, llmservice_crd: object
+) -> None:
+    name = kube.new_name("tune")
+    body = make_example(name)
+    body["spec"]["batching"] = {**body["spec"].get("batching", {}), "autotune": True}
+    kube.apply(body)
+    ctx = _context(kube)
+    memo = kopf.Memo()
+    memo[context.MEMO_KEY] = ctx
+    first = kube.get("llmservice", name)
+    reconcile.on_spec(kopf.Body(first), patch=kopf.Patch(), memo=memo, logger=LOGGER, reason="resume")
+    reconciled = kube.get("llmservice", name)
+    initial = reconciled["status"]["tuning"]["maxBatchSize"]
+    shrunk = initial // 2
+    # The tuner's tick: it pushed a shrunk limit and records it, after the spec handler read its copy.
+    tune._write_status(
+        reconciled,
+        {"tuning": {**reconciled["status"]["tuning"], "maxBatchSize": shrunk}},
+        _record("batch_shrink", 1),
+        ctx=ctx,
+        logger=LOGGER,
+    )
+    with pytest.raises(kopf.TemporaryError, match="reconciling the fresh object"):
+        reconcile.on_spec(kopf.Body(reconciled), patch=kopf.Patch(), memo=memo, logger=LOGGER, reason="resume")
+    assert kube.get("llmservice", name)["status"]["tuning"]["maxBatchSize"] == shrunk
+    # kopf's retry sees the fresh object: the ConfigMap the stale run rendered is rendered again from it.
+    reconcile.on_spec(
+        kopf.Body(kube.get("llmservice", name)), patch=kopf.Patch(), memo=memo, logger=LOGGER, reason="resume"
+    )
+    status = kube.get("llmservice", name)["status"]
+    assert status["tuning"]["maxBatchSize"] == shrunk
+    (rendered,) = kube.get("configmap", f"{name}-config")["data"].values()
+    assert yaml.safe_load(rendered)["batching"]["maxBatchSize"] == shrunk
+    assert [d["action"] for d in status["decisions"]] == ["batch_shrink"]
+
+
+def test_rendered_statuses_come_back_from_the_api_server_unpruned(
+    kube: Any, make_example: Any, llmservice_crd: object
+) -> None:
+    name = kube.new_name("prune")
+    kube.apply(make_example(name))
+    ctx = _context(kube)
+    measured = window.unavailable("", now_s=NOW.timestamp(), quantile=0.95, num_pods_expected=1)
+    svc = models.load_stored(reconcile.plain_body(kube.get("llmservice", name)))
+    written = {
+        "observed": models.status_json(bridge.observed_status(measured, percentile=95.0, now=NOW)),
+        "tuning": models.status_json(models.initial_tuning(svc.spec)),
+        "decisions": [models.status_json(_record("advise:scale_up,batch_shrink", 3))],
+    }
+    assert crd_schema.errors(crd_schema.status_validator(), written) == []
+    assert ctx.applier.patch_llmservice_status(name, kube.namespace, written)
+    stored = kube.get("llmservice", name)["status"]
+    assert {key: stored[key] for key in written} == written  # nothing pruned, nothing refused
