@@ -17,6 +17,7 @@ Only for tests and the demo.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import itertools
@@ -131,6 +132,29 @@ class Service:
                 if "fleetlm_operator_leader 1.0" in resp.read().decode():
                     leading.append(identity)
         return leading
+
+    def patch(self, spec: dict[str, Any]) -> None:
+        """A merge patch of the LLMService's spec, as `kubectl patch --type=merge` does."""
+        self.plane.kubectl("patch", "llmservice", self.name, "-n", self.namespace, "--type=merge",
+                           "-p", json.dumps({"spec": spec}))  # fmt: skip
+
+    def live_config(self, url: str) -> dict[str, Any]:
+        """The config a runtime has in force (GET /admin/config with the service's admin token)."""
+        secret = self.get("secret", f"{self.name}-admin-token") or {}
+        token = base64.b64decode(secret.get("data", {}).get("token", "")).decode()
+        request = urllib.request.Request(url + "/admin/config", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return dict(json.loads(resp.read())["config"])
+
+    def wait_pushed(self, check: Callable[[dict[str, Any]], bool], *, timeout_s: float = 60) -> float:
+        """Wait until every ready pod's live config passes `check` (the operator pushes spec changes to the
+        runtimes once per tuning interval); the seconds it took."""
+        began = time.monotonic()
+        while not all(check(self.live_config(url)) for url in self.ready_urls()):
+            if time.monotonic() - began > timeout_s:
+                raise TimeoutError(f"the pods did not take the change within {timeout_s}s")
+            time.sleep(0.5)
+        return time.monotonic() - began
 
     def operator(self, identity: str) -> supervise.Supervised:
         return self.operators[self.identities.index(identity)]
