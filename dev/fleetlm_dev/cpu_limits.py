@@ -63,6 +63,12 @@ class CpuLimits:
     def enforced(self) -> bool:
         return self._parent is not None
 
+    def group(self, pod: str) -> pathlib.Path:
+        """The pod's cgroup directory (its `cpu.stat` counts the periods it was throttled)."""
+        if self._parent is None:
+            raise RuntimeError("CPU limits are not enforced on this machine")
+        return self._parent / pod
+
     def place(self, pod: str, pid: int, cores: float) -> bool:
         """Put process `pid` (its children follow) under a quota of `cores`; False where not enforced."""
         if self._parent is None:
