@@ -18,11 +18,7 @@ from typing import Any
 
 import pytest
 
-from fleetlm_dev import closed_loop, cluster, cpu_limits
-
-# Of this machine's cores, the share the runtime pods get together at the service's max replicas; the rest
-# is for the control plane, the operator, the kubelet stand-in and the load generator.
-PODS_SHARE = 0.6
+from fleetlm_dev import closed_loop, cluster
 
 
 @pytest.fixture(scope="session")
@@ -60,18 +56,10 @@ def make_service(
         service.close()
 
 
-def pod_cpu_limit(max_replicas: int) -> str:
-    """Each runtime pod's `limits.cpu`: its share of this machine when the most replicas run. The kubelet
-    stand-in enforces it (a CFS quota, as the kubelet does), so one replica's capacity is what its share
-    serves and a replica added adds its share: without it, on a 2-core machine, three replicas serve little
-    more than one, as each takes all the CPU it can get."""
-    return f"{int(1000 * min(1.0, PODS_SHARE * cpu_limits.machine_cores() / max_replicas))}m"
-
-
 def llmservice(name: str = "e2e", **spec: Any) -> dict[str, Any]:
     """The scenarios' service: builtin:tiny, small batches (so one replica saturates at a few streams),
-    each pod limited to its share of the machine's cores (`pod_cpu_limit`, so scaling out, not the
-    machine's cores, decides the latency), a 5 s tuning interval."""
+    each pod limited to its share of the machine's cores (`closed_loop.pod_cpu_limit`, so scaling
+    out, not the machine's cores, decides the latency), a 5 s tuning interval."""
     body: dict[str, Any] = {
         "apiVersion": "fleetlm.dev/v1alpha1",
         "kind": "LLMService",
@@ -92,7 +80,7 @@ def llmservice(name: str = "e2e", **spec: Any) -> dict[str, Any]:
     }
     for section, value in spec.items():
         body["spec"][section] = value
-    limit = pod_cpu_limit(int(body["spec"]["replicas"]["max"]))
+    limit = closed_loop.pod_cpu_limit(int(body["spec"]["replicas"]["max"]))
     body["spec"]["runtime"].setdefault("resources", {"limits": {"cpu": limit}})
     return body
 

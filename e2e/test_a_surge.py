@@ -41,13 +41,20 @@ def test_surge_scales_out_recovers_the_slo_and_scales_back(
     make_service: Callable[..., closed_loop.Service], service_body: Callable[..., dict[str, Any]]
 ) -> None:
     classes = [{"name": "default", "priority": 0}]
-    service = make_service(service_body(qos={"classes": classes, "defaultClass": "default"}))
+    # Measured with autoscaling off (the probe saturates the replica: the tuner would scale out before the
+    # steady phase) and batch limits fixed (grown mid-run, they would make the measured capacity wrong).
+    body = service_body(qos={"classes": classes, "defaultClass": "default"})
+    body["spec"]["batching"]["autotune"] = False
+    body["spec"]["autoscaling"]["enabled"] = False
+    service = make_service(body)
     service.start_pods()
     shape = closed_loop.Shape(output_tokens=64)
     capacity = closed_loop.measure_capacity(service.ready_urls()[0], concurrency=4, shape=shape, seconds=8)
     queue_limit = max(4, round(capacity * QUEUE_S))
-    service.patch({"qos": {"classes": [{**classes[0], "queueLimit": queue_limit}], "defaultClass": "default"}})
+    service.patch({"qos": {"classes": [{**classes[0], "queueLimit": queue_limit}], "defaultClass": "default"},
+                   "autoscaling": {"enabled": True}})  # fmt: skip
     pushed_s = service.wait_pushed(lambda cfg: cfg["qos"]["classes"][0].get("queueLimit") == queue_limit)
+    assert service.desired_replicas() == 1, "the service scaled before the steady phase"
     rates = (0.5 * capacity, 2.5 * capacity, capacity / 3)
     print(
         f"\na: one replica serves {capacity:.2f} req/s; queue limit {queue_limit} (pushed in {pushed_s:.1f}s); "
@@ -81,6 +88,8 @@ def test_surge_scales_out_recovers_the_slo_and_scales_back(
     status = service.status()
     actions = [d.get("action") for d in status.get("decisions") or []]
     refused = [r for r in load.records if r.status == 429]
+    per_interval = [(round(s.t_s - began), s.desired, s.ready) for s in samples[:: int(INTERVAL_S)]]
+    print(f"a timeline (s, replicas asked, ready): {per_interval}")
     figures = {
         "capacity_rps": round(capacity, 2),
         "queue_limit": queue_limit,

@@ -35,9 +35,22 @@ from typing import Any
 import aiohttp
 import yaml
 
-from fleetlm_dev import bench_serve, cluster, pod_runner, supervise
+from fleetlm_dev import bench_serve, cluster, cpu_limits, pod_runner, supervise
 
 PROMPT = "Write a long story about a fleet of language models keeping their promises to every client."
+
+
+# Of this machine's cores, the share the runtime pods get together at a service's max replicas; the rest
+# is for the control plane, the operator, the kubelet stand-in and the load generator.
+PODS_SHARE = 0.6
+
+
+def pod_cpu_limit(max_replicas: int, *, share: float = PODS_SHARE) -> str:
+    """A runtime pod's `limits.cpu`: its share of this machine when the most replicas run. The kubelet
+    stand-in enforces it (a CFS quota, as the kubelet does), so one replica's capacity is what its share
+    serves and a replica added adds its share. Without it, on a 2-core machine, three replicas serve little
+    more than one, as each takes all the CPU it can get, and no scale-out can keep a surge's promise."""
+    return f"{int(1000 * min(1.0, share * cpu_limits.machine_cores() / max_replicas))}m"
 
 
 def install_crd(plane: cluster.ControlPlane) -> None:
