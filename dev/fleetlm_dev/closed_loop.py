@@ -229,10 +229,14 @@ class Service:
         self._halt.set()
         if self._kubelet is not None:
             self._kubelet.join(timeout=10)
-        for operator in self.operators:
-            operator.stop(timeout_s=20)
+        # All at once: each process drains and exits on SIGTERM in its own time (seconds on a busy machine).
+        stops = [threading.Thread(target=operator.stop, kwargs={"timeout_s": 20}) for operator in self.operators]
         if self.runner is not None:
-            self.runner.stop_all()
+            stops.append(threading.Thread(target=self.runner.stop_all))
+        for stop in stops:
+            stop.start()
+        for stop in stops:
+            stop.join()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -303,12 +307,15 @@ class Load:
                 return name
         return self.mix[-1][0]
 
-    async def run(self, rate: Callable[[float], float], duration_s: float) -> None:
+    async def run(
+        self, rate: Callable[[float], float], duration_s: float, *, until: Callable[[float], bool] | None = None
+    ) -> None:
+        """Send for `duration_s` seconds, or until `until(elapsed)` says so, then wait for what is in flight."""
         began = self.began_s = time.monotonic()
         connector = aiohttp.TCPConnector(limit=0)
         timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_read=30)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            while (elapsed := time.monotonic() - began) < duration_s:
+            while (elapsed := time.monotonic() - began) < duration_s and not (until and until(elapsed)):
                 current = rate(elapsed)
                 if current <= 0:
                     await asyncio.sleep(0.2)

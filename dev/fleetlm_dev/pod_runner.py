@@ -37,6 +37,7 @@ import json
 import os
 import pathlib
 import random
+import signal
 import socket
 import subprocess
 import sys
@@ -131,6 +132,10 @@ class PodRunner:
         return [p.url for p in self.pods.values() if p.ready and p.process.poll() is None]
 
     def stop_all(self) -> None:
+        """SIGTERM every pod's process at once, then wait for each (SIGKILL after 30 s)."""
+        for pod in self.pods.values():
+            if pod.process.poll() is None:
+                pod.process.send_signal(signal.SIGTERM)
         for pod in self.pods.values():
             testing.stop_process(pod.process, timeout_s=30)
         self.pods.clear()
