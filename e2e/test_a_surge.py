@@ -23,6 +23,7 @@ the minimum after the scale-down stabilization; no request fails but the queue b
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -33,6 +34,7 @@ from fleetlm_dev import closed_loop
 pytestmark = [pytest.mark.e2e, pytest.mark.short]
 
 INTERVAL_S = 5.0
+SLO_WINDOW_S = 15.0  # spec.slo.window
 TARGET_S = 1.0  # spec.slo.ttft
 PERCENTILE = 90.0  # spec.slo.percentile
 STEADY_S = 7 * INTERVAL_S
@@ -58,6 +60,7 @@ def test_surge_scales_out_recovers_the_slo_and_scales_back(
     shape = closed_loop.Shape(output_tokens=64)
     capacity = closed_loop.measure_capacity(service.ready_urls()[0], concurrency=BATCH, shape=shape, seconds=8)
     queue_limit = max(BATCH, round(capacity * QUEUE_S))
+    time.sleep(SLO_WINDOW_S + INTERVAL_S)  # the tuner's window must not hold the probe's saturation
     service.patch({"qos": {"classes": [{**classes[0], "queueLimit": queue_limit}], "defaultClass": "default"},
                    "autoscaling": {"enabled": True}})  # fmt: skip
     pushed_s = service.wait_pushed(lambda cfg: cfg["qos"]["classes"][0].get("queueLimit") == queue_limit)
