@@ -31,7 +31,9 @@ import pytest
 
 from fleetlm_dev import closed_loop
 
-pytestmark = [pytest.mark.e2e, pytest.mark.short]
+# Not in CI's short set: on a 2-core machine shared with other test runs (load average 15 to 18) a new pod
+# took 70 to 100 s to start on its CPU share and the steady load was scaled (see the figures it prints).
+pytestmark = [pytest.mark.e2e]
 
 INTERVAL_S = 5.0
 SLO_WINDOW_S = 15.0  # spec.slo.window

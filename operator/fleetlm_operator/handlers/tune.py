@@ -135,7 +135,14 @@ async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.Operator
                                       current_shed=tuple(tuning_now.shed_classes))
     in_force = await _act(svc, body=body, decision=decision, actions=actions, current_replicas=desired,
                           tuning_now=tuning_now, ctx=ctx)
-    await _push_live(svc, tuning=in_force, endpoints=endpoints, memory=memory, ctx=ctx, logger=logger)
+    # Pushed before the replicas are written: whoever sees the new replica count sees the tick done.
+    await _push_live(svc, tuning=in_force, started_with=tuning_now, endpoints=endpoints, memory=memory, ctx=ctx,
+                     logger=logger)
+    if svc.spec.autoscaling.mode != "advise" and ("scale_up" in actions or "scale_down" in actions):
+        # Written where /scale reads it; the spec handler scales the Deployment (one writer of replicas).
+        await asyncio.to_thread(ctx.applier.patch_llmservice_replicas, svc.name, svc.namespace, decision.replicas)
+        kopf.info(body, reason="ScaledUp" if "scale_up" in actions else "ScaledDown",
+                  message=f"replicas -> {decision.replicas}: {'; '.join(decision.reasons)[:1000]}")
 
     now = datetime.datetime.fromtimestamp(now_s, tz=datetime.UTC)
     stored = body.get("status", {}) or {}
@@ -169,7 +176,8 @@ async def _apply_conditions(body: kopf.Body, updates: list[conditions.Condition]
 
 async def _act(svc: models.LLMService, *, body: kopf.Body, decision: decide_mod.Decision, actions: list[str],
                current_replicas: int, tuning_now: models.Tuning, ctx: context.OperatorContext) -> models.Tuning:
-    """Apply the decision (scale, rewrite the ConfigMap); the tuning the pods should now run with."""
+    """Record advice, or rewrite the ConfigMap for a tuning change; the tuning the pods should now run with.
+    (The replicas are written by the caller, after the push.)"""
     reason_text = "; ".join(decision.reasons)[:1000]
     mode = "advise" if svc.spec.autoscaling.mode == "advise" else "act"
     for action in actions:
@@ -181,11 +189,6 @@ async def _act(svc: models.LLMService, *, body: kopf.Body, decision: decide_mod.
                           f"{decision.max_batch_size} seqs / {decision.max_batch_tokens} tokens, shed "
                           f"{list(decision.shed_classes)}: {reason_text}")
         return tuning_now
-    if "scale_up" in actions or "scale_down" in actions:
-        # Written where /scale reads it; the spec handler scales the Deployment (one writer of replicas).
-        await asyncio.to_thread(ctx.applier.patch_llmservice_replicas, svc.name, svc.namespace, decision.replicas)
-        kopf.info(body, reason="ScaledUp" if "scale_up" in actions else "ScaledDown",
-                  message=f"replicas -> {decision.replicas}: {reason_text}")
     tuning_changed = any(a in actions for a in ("batch_grow", "batch_shrink", "shed", "unshed"))
     if not tuning_changed:
         return tuning_now
@@ -202,15 +205,21 @@ async def _act(svc: models.LLMService, *, body: kopf.Body, decision: decide_mod.
     return tuning
 
 
-async def _push_live(svc: models.LLMService, *, tuning: models.Tuning, endpoints: dict[str, str],
-                     memory: TunerMemory, ctx: context.OperatorContext, logger: logging.Logger) -> None:
+async def _push_live(svc: models.LLMService, *, tuning: models.Tuning, started_with: models.Tuning,
+                     endpoints: dict[str, str], memory: TunerMemory, ctx: context.OperatorContext,
+                     logger: logging.Logger) -> None:
     """Every tick: each ready pod that has not taken the live part of the config in force (the tuner's
     limits and shedding, the spec's classes, default class and SLO targets) gets it pushed, so a spec change
-    to those reaches running pods within one interval and without a restart. A pod that refused or did not
-    answer is tried again next tick; an operator that restarts pushes each pod once (the PUT is idempotent)."""
+    to those reaches running pods within one interval and without a restart. A pod seen for the first time
+    is taken to run the ConfigMap it started with (the spec and the tuning in force before this tick): it
+    gets a push only for what differs, so nothing is pushed while nothing changes (advice pushes nothing).
+    A pod that refused or did not answer is tried again next tick."""
     body = push.live_body(configmap.runtime_config(svc.spec, tuning=tuning))
     digest = push.digest(body)
     memory.pushed = {pod: d for pod, d in memory.pushed.items() if pod in endpoints}
+    if any(pod not in memory.pushed for pod in endpoints):
+        known = push.digest(push.live_body(configmap.runtime_config(svc.spec, tuning=started_with)))
+        memory.pushed.update({pod: known for pod in endpoints if pod not in memory.pushed})
     due = {pod: url for pod, url in endpoints.items() if memory.pushed.get(pod) != digest}
     if not due:
         return
