@@ -34,7 +34,6 @@ CLASSES = ("critical", "standard", "sheddable")
 KEYS = {"demo-critical-key": "critical", "demo-standard-key": "standard", "demo-sheddable-key": "sheddable"}
 MIX = (("critical", 0.3), ("standard", 0.4), ("sheddable", 0.3))
 SHAPE = closed_loop.Shape(output_tokens=64)
-MAX_REPLICAS = 3
 
 
 @dataclasses.dataclass(frozen=True)
@@ -54,10 +53,8 @@ def llmservice() -> dict[str, Any]:
         "metadata": {"name": NAME, "namespace": NAMESPACE},
         "spec": {
             "model": {"source": "builtin:tiny", "dtype": "float32"},
-            # Each pod gets its share of this machine's cores (enforced by the kubelet stand-in), so three
-            # replicas serve three times what one does, as on nodes with the cores.
-            "runtime": {"gpus": 0, "resources": {"limits": {"cpu": closed_loop.pod_cpu_limit(MAX_REPLICAS)}}},
-            "replicas": {"min": 1, "max": MAX_REPLICAS},
+            "runtime": {"gpus": 0},
+            "replicas": {"min": 1, "max": 3},
             "slo": {"ttft": f"{TTFT_TARGET_S:g}s", "percentile": PERCENTILE, "window": "15s"},
             "batching": {
                 "maxBatchSize": 4,
