@@ -3,9 +3,9 @@
 Every `spec.autoscaling.interval`: read the ready pods' metrics (direct scrape, or Prometheus), turn
 the last two readings into a window, ask the pure policy for a decision, then act on it: write the
 desired replicas where /scale reads them (the reconcile handler scales the Deployment), rewrite the
-ConfigMap and push batch limits, shed classes and the spec's QoS classes (with their SLO targets) to every
-ready pod without restarting it, and record
-status (observed metrics, tuning, the last decisions, SLOMet and MetricsAvailable), an Event and the
+ConfigMap and push batch limits, shed classes and the spec's QoS classes (with their SLO targets) to
+every ready pod without restarting it, and record status (observed metrics, tuning, the last decisions,
+SLOMet and MetricsAvailable), an Event and the
 operator's metrics. The tuner's state lives in an annotation, so it survives operator restarts.
 With `spec.autoscaling.mode: advise` it decides and records (status.decisions, Events, metrics) the
 same way but applies nothing.
