@@ -17,6 +17,7 @@ Only for tests and the demo.
 from __future__ import annotations
 
 import asyncio
+import base64
 import contextlib
 import dataclasses
 import itertools
@@ -34,9 +35,22 @@ from typing import Any
 import aiohttp
 import yaml
 
-from fleetlm_dev import bench_serve, cluster, pod_runner, supervise
+from fleetlm_dev import bench_serve, cluster, cpu_limits, pod_runner, supervise
 
 PROMPT = "Write a long story about a fleet of language models keeping their promises to every client."
+
+
+# Of this machine's cores, the share the runtime pods get together at a service's max replicas; the rest
+# is for the control plane, the operator, the kubelet stand-in and the load generator.
+PODS_SHARE = 0.6
+
+
+def pod_cpu_limit(max_replicas: int, *, share: float = PODS_SHARE) -> str:
+    """A runtime pod's `limits.cpu`: its share of this machine when the most replicas run. The kubelet
+    stand-in enforces it (a CFS quota, as the kubelet does), so one replica's capacity is what its share
+    serves and a replica added adds its share. Without it, on a 2-core machine, three replicas serve little
+    more than one, as each takes all the CPU it can get, and no scale-out can keep a surge's promise."""
+    return f"{int(1000 * min(1.0, share * cpu_limits.machine_cores() / max_replicas))}m"
 
 
 def install_crd(plane: cluster.ControlPlane) -> None:
@@ -44,7 +58,17 @@ def install_crd(plane: cluster.ControlPlane) -> None:
 
     plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
                   input=crdgen.dump_yaml(crdgen.render_crd()))  # fmt: skip
-    plane.kubectl("wait", "--for=condition=Established", "crd/llmservices.fleetlm.dev", "--timeout=60s")
+    # Right after the apply the CRD may have no conditions yet, and `kubectl wait` then fails at once
+    # ("accessor error") instead of waiting: ask again until it is Established.
+    deadline = time.monotonic() + 60
+    while True:
+        waited = plane.kubectl("wait", "--for=condition=Established", "crd/llmservices.fleetlm.dev",
+                               "--timeout=60s", check=False)  # fmt: skip
+        if waited.returncode == 0:
+            return
+        if time.monotonic() > deadline:
+            raise cluster.ClusterError(f"the LLMService CRD was not Established in 60s: {waited.stderr.strip()}")
+        time.sleep(0.5)
 
 
 # --------------------------------------------------------------------------------------------------
@@ -132,6 +156,29 @@ class Service:
                     leading.append(identity)
         return leading
 
+    def patch(self, spec: dict[str, Any]) -> None:
+        """A merge patch of the LLMService's spec, as `kubectl patch --type=merge` does."""
+        self.plane.kubectl("patch", "llmservice", self.name, "-n", self.namespace, "--type=merge",
+                           "-p", json.dumps({"spec": spec}))  # fmt: skip
+
+    def live_config(self, url: str) -> dict[str, Any]:
+        """The config a runtime has in force (GET /admin/config with the service's admin token)."""
+        secret = self.get("secret", f"{self.name}-admin-token") or {}
+        token = base64.b64decode(secret.get("data", {}).get("token", "")).decode()
+        request = urllib.request.Request(url + "/admin/config", headers={"Authorization": f"Bearer {token}"})
+        with urllib.request.urlopen(request, timeout=5) as resp:
+            return dict(json.loads(resp.read())["config"])
+
+    def wait_pushed(self, check: Callable[[dict[str, Any]], bool], *, timeout_s: float = 60) -> float:
+        """Wait until every ready pod's live config passes `check` (the operator pushes spec changes to the
+        runtimes once per tuning interval); the seconds it took."""
+        began = time.monotonic()
+        while not all(check(self.live_config(url)) for url in self.ready_urls()):
+            if time.monotonic() - began > timeout_s:
+                raise TimeoutError(f"the pods did not take the change within {timeout_s}s")
+            time.sleep(0.5)
+        return time.monotonic() - began
+
     def operator(self, identity: str) -> supervise.Supervised:
         return self.operators[self.identities.index(identity)]
 
@@ -182,10 +229,14 @@ class Service:
         self._halt.set()
         if self._kubelet is not None:
             self._kubelet.join(timeout=10)
-        for operator in self.operators:
-            operator.stop(timeout_s=20)
+        # All at once: each process drains and exits on SIGTERM in its own time (seconds on a busy machine).
+        stops = [threading.Thread(target=operator.stop, kwargs={"timeout_s": 20}) for operator in self.operators]
         if self.runner is not None:
-            self.runner.stop_all()
+            stops.append(threading.Thread(target=self.runner.stop_all))
+        for stop in stops:
+            stop.start()
+        for stop in stops:
+            stop.join()
 
 
 # --------------------------------------------------------------------------------------------------
@@ -256,12 +307,15 @@ class Load:
                 return name
         return self.mix[-1][0]
 
-    async def run(self, rate: Callable[[float], float], duration_s: float) -> None:
+    async def run(
+        self, rate: Callable[[float], float], duration_s: float, *, until: Callable[[float], bool] | None = None
+    ) -> None:
+        """Send for `duration_s` seconds, or until `until(elapsed)` says so, then wait for what is in flight."""
         began = self.began_s = time.monotonic()
         connector = aiohttp.TCPConnector(limit=0)
         timeout = aiohttp.ClientTimeout(total=self.timeout_s, sock_read=30)
         async with aiohttp.ClientSession(connector=connector, timeout=timeout) as session:
-            while (elapsed := time.monotonic() - began) < duration_s:
+            while (elapsed := time.monotonic() - began) < duration_s and not (until and until(elapsed)):
                 current = rate(elapsed)
                 if current <= 0:
                     await asyncio.sleep(0.2)

@@ -19,7 +19,11 @@ The local control plane has no nodes and no container runtime, so the pods of an
   write /var/run/secrets, it hands the token, the CA and the server to the process as FLEETLM_API_TOKEN_FILE,
   FLEETLM_API_CA_FILE and FLEETLM_API_SERVER (read by the model-cache fill program).
 * a container process that exits is started again on the same address after a backoff, as restartPolicy
-  Always does (CrashLoopBackOff, scaled down: 1 s doubling to 10 s), and the pod is not Ready meanwhile.
+  Always does (CrashLoopBackOff, scaled down: 1 s doubling to 10 s), and the pod is not Ready meanwhile;
+* a container's `resources.limits.cpu` is enforced as a CFS quota on a cgroup of the pod's own
+  (`cpu_limits`), so pods share this machine's cores as pods share a node's, and a replica added adds its
+  share; the readiness probe, like the kubelet's, takes a pod out after a 503 at once but only after
+  `PROBE_FAILURE_THRESHOLD` probes in a row that timed out (a throttled pod answers late, not never).
 
 Only for the demo and for trying the operator without a cluster; nothing here is used in production.
 """
@@ -33,17 +37,20 @@ import json
 import os
 import pathlib
 import random
+import signal
 import socket
 import subprocess
 import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from typing import Any
 
-from fleetlm_dev import cluster, paths, supervise, testing
+from fleetlm_dev import cluster, cpu_limits, paths, supervise, testing
 
 RUNTIME_PORT = 8000
+PROBE_FAILURE_THRESHOLD = 3  # the kubelet's default failureThreshold
 
 
 @dataclass
@@ -61,6 +68,9 @@ class RunningPod:
     restarts: int = 0
     restart_at: float | None = None  # when an exited container is started again
     backoff: supervise.Backoff = field(default_factory=supervise.Backoff)
+    cpu_limit: float | None = None  # cores, from resources.limits.cpu
+    cpu_enforced: bool = False
+    probe_timeouts: int = 0  # readiness probes in a row that got no answer in time
 
     @property
     def url(self) -> str:
@@ -74,6 +84,7 @@ class PodRunner:
     selector: str  # label selector of the pods to run, e.g. "app.kubernetes.io/instance=tiny-demo"
     directory: pathlib.Path
     pods: dict[str, RunningPod] = field(default_factory=dict)
+    cpu: cpu_limits.CpuLimits | None = None  # made with the first pod that has a CPU limit
 
     def sync(self) -> list[str]:
         """Start processes for new pods, mark started ones Ready, stop those whose pod is gone.
@@ -86,6 +97,8 @@ class PodRunner:
         for name in list(self.pods):
             if name not in live:
                 testing.stop_process(self.pods.pop(name).process, timeout_s=30)
+                if self.cpu is not None:
+                    self.cpu.release(name)
                 events.append(f"pod {name} deleted: its runtime got SIGTERM and drained")
         for name, pod in live.items():
             running = self.pods.get(name)
@@ -105,7 +118,7 @@ class PodRunner:
                 running = self._start(pod)
                 self.pods[name] = running
                 events.append(f"pod {name}: starting fleetlm-runtime on {running.url}")
-            elif not running.ready and running.process.poll() is None and _answers(running.url + "/ready"):
+            elif not running.ready and running.process.poll() is None and _answers(running.url + "/ready") is True:
                 self._mark_ready(name, running.ip)
                 running.ready = True
                 events.append(f"pod {name}: ready on {running.url}")
@@ -119,9 +132,22 @@ class PodRunner:
         return [p.url for p in self.pods.values() if p.ready and p.process.poll() is None]
 
     def stop_all(self) -> None:
+        """SIGTERM every pod's process at once, then wait for each (SIGKILL after 30 s)."""
+        for pod in self.pods.values():
+            if pod.process.poll() is None:
+                pod.process.send_signal(signal.SIGTERM)
         for pod in self.pods.values():
             testing.stop_process(pod.process, timeout_s=30)
         self.pods.clear()
+        if self.cpu is not None:
+            self.cpu.close()
+
+    def _limit_cpu(self, running: RunningPod) -> None:
+        if running.cpu_limit is None:
+            return
+        if self.cpu is None:
+            self.cpu = cpu_limits.CpuLimits()
+        running.cpu_enforced = self.cpu.place(running.name, running.process.pid, running.cpu_limit)
 
     # ----------------------------------------------------------------------------------------------
 
@@ -158,10 +184,13 @@ class PodRunner:
                 stderr=subprocess.STDOUT,
                 env={**_base_env(), **env},
             )
-        return RunningPod(
+        cpu = container.get("resources", {}).get("limits", {}).get("cpu")
+        running = RunningPod(
             name=name, ip=ip, process=process, log_path=log_path, command=[*command, "--host", ip],
-            env={**_base_env(), **env},
+            env={**_base_env(), **env}, cpu_limit=cpu_limits.parse_cpu(cpu) if cpu is not None else None,
         )  # fmt: skip
+        self._limit_cpu(running)
+        return running
 
     def _restart_exited(self, name: str, running: RunningPod) -> list[str]:
         """restartPolicy Always: an exited container is not Ready, and starts again after the backoff."""
@@ -181,6 +210,7 @@ class PodRunner:
         with running.log_path.open("ab") as log:
             log.write(f"--- pod_runner: restart {running.restarts + 1} ---\n".encode())
             running.process = subprocess.Popen(running.command, stdout=log, stderr=subprocess.STDOUT, env=running.env)
+        self._limit_cpu(running)
         running.restarts += 1
         running.started_at = now
         running.restart_at = None
@@ -188,10 +218,14 @@ class PodRunner:
         return [f"pod {name}: container restarted ({running.restarts} restarts) on {running.url}"]
 
     def _probe_readiness(self, name: str, running: RunningPod) -> list[str]:
-        """The readiness probe: a ready pod whose /ready stops answering 200 (draining, its engine dead, its
-        process exiting) is taken out of the endpoints at once, before its process is gone."""
-        if _answers(running.url + "/ready"):
+        """The readiness probe: a ready pod whose /ready answers anything but 200 (draining, its engine dead,
+        its process exiting) is taken out of the endpoints at once, before its process is gone; one that
+        does not answer in time, after PROBE_FAILURE_THRESHOLD probes in a row."""
+        answer = _answers(running.url + "/ready")
+        running.probe_timeouts = running.probe_timeouts + 1 if answer is None else 0
+        if answer is True or (answer is None and running.probe_timeouts < PROBE_FAILURE_THRESHOLD):
             return []
+        running.probe_timeouts = 0
         running.ready = False
         self._mark_not_ready(name)
         return [f"pod {name}: readiness probe failed, not ready"]
@@ -327,10 +361,17 @@ def _base_env() -> dict[str, str]:
     return {**os.environ, "OMP_NUM_THREADS": "1", "MKL_NUM_THREADS": "1", "PYTHONUNBUFFERED": "1"}
 
 
-def _answers(url: str) -> bool:
-    with contextlib.suppress(OSError), urllib.request.urlopen(url, timeout=1.0) as resp:
-        return bool(resp.status == 200)
-    return False
+def _answers(url: str) -> bool | None:
+    """True: 200. False: another status, or the connection refused. None: no answer within the timeout."""
+    try:
+        with urllib.request.urlopen(url, timeout=1.0) as resp:
+            return bool(resp.status == 200)
+    except TimeoutError:
+        return None
+    except urllib.error.URLError as error:
+        return None if isinstance(error.reason, TimeoutError) else False
+    except OSError:
+        return False
 
 
 def free_loopback_address() -> str:

@@ -485,6 +485,8 @@ class RuntimeMetrics:
     def set_config(self, cfg: config_mod.RuntimeConfig, *, max_kv_tokens: int | None) -> None:
         """Publish the limits in force; call after every applied change (startup and PUT /admin/config)."""
         classes = sorted(cfg.qos.classes, key=lambda c: (c.priority, c.name))
+        for qos_class in classes:  # a class added live has its series at zero before its first request
+            self._add_class(qos_class.name)
         kv = max_kv_tokens if max_kv_tokens is not None else cfg.batching.max_kv_tokens
         info = self._engine_info
         budget = cfg.kv_cache.memory_bytes

@@ -7,7 +7,8 @@ the load it sees):
   allows it) may only move *down*: never to a lower priority value, never from sheddable to protected,
   never to a larger weight at the same priority. The ceiling is its API key's class (the default class
   for requests without a known key). So nobody raises their own class by adding a header.
-- `admit(...)`: admit, or refuse with 429 and why. In order: the operator's `qos.shedClasses`; the global
+- `admit(...)`: admit, or refuse with 429 and why. In order: a class no longer in the table (removed
+  live while the request was being read); the operator's `qos.shedClasses`; the global
   queue bound (`batching.maxQueueLen`); the class's `queueLimit`; then, for sheddable classes only, SLO
   pressure: the whole queue at `shedding.queueFraction` of its bound, or a protected class (not sheddable,
   with a TTFT target) whose oldest waiting request has waited, or whose recent TTFT p90 has reached,
@@ -82,7 +83,11 @@ def admit(
 ) -> Verdict:
     """Admit a new request of `qos_class` given the load, or say why not (every refusal is a 429)."""
     classes = qos.by_name()
-    cls = classes[qos_class]
+    cls = classes.get(qos_class)
+    if cls is None:
+        # Its class was removed (PUT /admin/config) after the request was given it and before admission;
+        # a retry is given a class from the table in force.
+        return Verdict(False, contract.CODE_CLASS_SHED, f"class {qos_class!r} is no longer one of the classes")
     total_waiting = sum(item.num_waiting for item in load.values())
     mine = load.get(qos_class, ClassLoad())
     fifo = qos.policy == contract.QOS_POLICY_FIFO

@@ -1,15 +1,21 @@
-"""Push live tuning (batch limits, shed classes) to every ready runtime pod's admin endpoint.
+"""Push what a running runtime takes live to every ready runtime pod's admin endpoint.
 
-The runtime takes these without a restart (PUT /admin/config with the bearer token from the
-LLMService's admin Secret). Pods that start later read the same values from the ConfigMap, which the
-tuner rewrites in the same tick. Each pod's answer is reported; nothing here decides what to push.
+That is the batch limits, and the QoS section: the class table (priorities, weights, queue limits,
+sheddable, the effective TTFT/TPOT targets), the default class, whether clients may name a class, and the
+classes shed now. The runtime takes these without a restart (PUT /admin/config with the bearer token from
+the LLMService's admin Secret) and swaps its class table at once. Pods that start later read the same
+values from the ConfigMap, which holds the same rendered config. `live_body` cuts the push out of that
+rendered config, so the two never disagree; `digest` names a body, so the tuner pushes each pod a body
+once. Each pod's answer is reported; nothing here decides what to push.
 """
 
 from __future__ import annotations
 
 import asyncio
 import dataclasses
-from collections.abc import Mapping, Sequence
+import hashlib
+import json
+from collections.abc import Mapping
 from typing import Any
 
 import aiohttp
@@ -23,15 +29,30 @@ class PushResult:
     failed: Mapping[str, str]  # pod -> why
 
 
-def tuning_body(*, max_batch_size: int, max_batch_tokens: int, shed_classes: Sequence[str]) -> dict[str, Any]:
+# The rendered config's fields a running runtime takes live (its admin API's `liveFields`, less the
+# response cache, which is a spec change the operator rolls pods for).
+LIVE_BATCHING = ("maxBatchSize", "maxBatchTokens")
+LIVE_QOS = ("classes", "defaultClass", "allowClassHeader", "shedClasses")
+
+
+def live_body(runtime_config: Mapping[str, Any]) -> dict[str, Any]:
+    """The PUT /admin/config body for a rendered runtime config (builders.configmap.runtime_config)."""
+    batching, qos = runtime_config["batching"], runtime_config["qos"]
     return {
-        "batching": {"maxBatchSize": max_batch_size, "maxBatchTokens": max_batch_tokens},
-        "qos": {"shedClasses": list(shed_classes)},
+        "batching": {name: batching[name] for name in LIVE_BATCHING},
+        "qos": {name: qos.get(name, []) if name == "shedClasses" else qos[name] for name in LIVE_QOS},
     }
 
 
-async def push_tuning(endpoints: Mapping[str, str], *, token: str, body: Mapping[str, Any],
-                      timeout_s: float = 5.0) -> PushResult:
+def digest(body: Mapping[str, Any]) -> str:
+    """A short name for a body: equal bodies, equal digests, whatever the key order."""
+    canonical = json.dumps(body, sort_keys=True, separators=(",", ":"))
+    return hashlib.sha256(canonical.encode()).hexdigest()[:16]
+
+
+async def push_tuning(
+    endpoints: Mapping[str, str], *, token: str, body: Mapping[str, Any], timeout_s: float = 5.0
+) -> PushResult:
     """PUT `body` to each pod's /admin/config; `endpoints` maps pod name -> base URL."""
     headers = {"Authorization": f"Bearer {token}"}
     async with aiohttp.ClientSession(timeout=aiohttp.ClientTimeout(total=timeout_s)) as session:
@@ -47,5 +68,7 @@ async def push_tuning(endpoints: Mapping[str, str], *, token: str, body: Mapping
                 return pod, f"{type(error).__name__}: {error}"
 
         results = await asyncio.gather(*(one(pod, url) for pod, url in endpoints.items()))
-    return PushResult(ok=tuple(pod for pod, error in results if error is None),
-                      failed={pod: error for pod, error in results if error is not None})
+    return PushResult(
+        ok=tuple(pod for pod, error in results if error is None),
+        failed={pod: error for pod, error in results if error is not None},
+    )

@@ -4,8 +4,8 @@ This module decides the pod: image and command, GPU and CPU/memory resources, pl
 /health and /ready, the preStop pause that lets endpoints update before the runtime drains on
 SIGTERM, the config/admin-token/API-key mounts, a non-root read-only container, and the
 `fleetlm.dev/config-hash` annotation. The hash covers only the spec parts a running pod cannot take
-live (model, runtime, caching, the API-key Secret), so a tuning change (batch limits, weights,
-shedding, SLO targets) never restarts pods. It never talks to a cluster and never adds owner
+live (model, runtime, caching, the API-key Secret), so a tuning change (batch limits, QoS classes and
+their weights, shedding, SLO targets) never restarts pods. It never talks to a cluster and never adds owner
 references.
 """
 
@@ -37,8 +37,11 @@ def startup_failure_threshold(model_bytes: int | None) -> int:
 def config_hash(spec: models.LLMServiceSpec, *, image: str) -> str:
     """Hash of every input a running pod cannot take live, so that changing one rolls the pods.
 
-    Left out on purpose: spec.batching (the runtime takes batch limits live through its admin API),
-    spec.replicas, spec.autoscaling, and all of status.tuning: none of them may restart a pod.
+    Left out on purpose, because the operator pushes them to the running runtimes (act/push.py) and none
+    of them may restart a pod: spec.batching (batch limits), spec.qos but its API-keys Secret reference
+    (the class table with priorities, weights, queue limits and sheddable flags, the default class, class
+    headers), spec.slo (its targets reach the runtime inside the class table; percentile and window are
+    the operator's own), spec.replicas, spec.autoscaling, and all of status.tuning.
     """
     restart_inputs = {
         "image": image,
@@ -46,8 +49,10 @@ def config_hash(spec: models.LLMServiceSpec, *, image: str) -> str:
         "runtime": spec.runtime.model_dump(mode="json"),
         "kvCache": spec.kv_cache.model_dump(mode="json"),
         "caching": spec.caching.model_dump(mode="json"),
-        "qos": spec.qos.model_dump(mode="json"),
-        "slo": spec.slo.model_dump(mode="json") if spec.slo is not None else None,
+        # The keys file's path in the config is read once at start (the file itself reloads live).
+        "apiKeysSecretRef": (
+            spec.qos.api_keys_secret_ref.model_dump(mode="json") if spec.qos.api_keys_secret_ref else None
+        ),
         "configSchemaVersion": contract.CONFIG_SCHEMA_VERSION,
     }
     canonical = json.dumps(restart_inputs, sort_keys=True, separators=(",", ":"))

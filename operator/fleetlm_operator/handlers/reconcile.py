@@ -65,8 +65,8 @@ def current_tuning(svc: models.LLMService) -> models.Tuning:
     """The limits the pods should run with now.
 
     With `autotune` the tuner owns the limits: the ones in status are kept, clamped into the spec's
-    (possibly changed) ranges. Without it the spec's values apply as written. Shedding and weights the
-    tuner set survive only for classes that still exist.
+    (possibly changed) ranges. Without it the spec's values apply as written. Shedding the tuner set
+    survives only for classes that still exist; class weights are the spec's.
     """
     initial = models.initial_tuning(svc.spec)
     stored = svc.status.tuning if svc.status is not None and svc.status.tuning is not None else None
@@ -82,10 +82,8 @@ def current_tuning(svc: models.LLMService) -> models.Tuning:
         max_batch_size=size,
         max_batch_tokens=tokens,
         shed_classes=[name for name in stored.shed_classes if name in class_names],
-        class_weights={
-            **(initial.class_weights or {}),
-            **{k: v for k, v in (stored.class_weights or {}).items() if k in class_names},
-        },
+        # The spec's weights as edited: no policy moves weights, and a stored copy would undo a reweight.
+        class_weights=dict(initial.class_weights or {}),
     )
 
 

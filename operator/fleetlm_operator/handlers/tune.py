@@ -3,8 +3,9 @@
 Every `spec.autoscaling.interval`: read the ready pods' metrics (direct scrape, or Prometheus), turn
 the last two readings into a window, ask the pure policy for a decision, then act on it: write the
 desired replicas where /scale reads them (the reconcile handler scales the Deployment), rewrite the
-ConfigMap and push batch limits and shed classes to every ready pod without restarting it, and record
-status (observed metrics, tuning, the last decisions, SLOMet and MetricsAvailable), an Event and the
+ConfigMap and push batch limits, shed classes and the spec's QoS classes (with their SLO targets) to
+every ready pod without restarting it, and record status (observed metrics, tuning, the last decisions,
+SLOMet and MetricsAvailable), an Event and the
 operator's metrics. The tuner's state lives in an annotation, so it survives operator restarts.
 With `spec.autoscaling.mode: advise` it decides and records (status.decisions, Events, metrics) the
 same way but applies nothing.
@@ -46,6 +47,7 @@ class TunerMemory:
 
     last_tick_s: float = 0.0
     previous: dict[str, window_mod.PodSample] = dataclasses.field(default_factory=dict)
+    pushed: dict[str, str] = dataclasses.field(default_factory=dict)  # pod -> digest of the live config it took
 
 
 def _ready_endpoints(pods: list[dict[str, Any]]) -> dict[str, str]:
@@ -132,9 +134,16 @@ async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.Operator
     current_limits = (tuning_now.max_batch_size or 0, tuning_now.max_batch_tokens or 0)
     actions = bridge.decision_actions(decision, current_replicas=desired, current_limits=current_limits,
                                       current_shed=tuple(tuning_now.shed_classes))
-    await _act(svc, body=body, decision=decision, actions=actions, current_replicas=desired, endpoints=endpoints,
-               tuning_now=tuning_now,
-               ctx=ctx, logger=logger)
+    in_force = await _act(svc, body=body, decision=decision, actions=actions, current_replicas=desired,
+                          tuning_now=tuning_now, ctx=ctx)
+    # Pushed before the replicas are written: whoever sees the new replica count sees the tick done.
+    await _push_live(svc, tuning=in_force, started_with=tuning_now, endpoints=endpoints, memory=memory, ctx=ctx,
+                     logger=logger)
+    if svc.spec.autoscaling.mode != "advise" and ("scale_up" in actions or "scale_down" in actions):
+        # Written where /scale reads it; the spec handler scales the Deployment (one writer of replicas).
+        await asyncio.to_thread(ctx.applier.patch_llmservice_replicas, svc.name, svc.namespace, decision.replicas)
+        kopf.info(body, reason="ScaledUp" if "scale_up" in actions else "ScaledDown",
+                  message=f"replicas -> {decision.replicas}: {'; '.join(decision.reasons)[:1000]}")
 
     now = datetime.datetime.fromtimestamp(now_s, tz=datetime.UTC)
     patch.metadata.setdefault("annotations", {})[ANNOTATION_STATE] = decision.state.to_json()
@@ -198,8 +207,9 @@ async def _apply_conditions(body: kopf.Body, updates: list[conditions.Condition]
 
 
 async def _act(svc: models.LLMService, *, body: kopf.Body, decision: decide_mod.Decision, actions: list[str],
-               current_replicas: int, endpoints: dict[str, str], tuning_now: models.Tuning,
-               ctx: context.OperatorContext, logger: logging.Logger) -> None:
+               current_replicas: int, tuning_now: models.Tuning, ctx: context.OperatorContext) -> models.Tuning:
+    """Record advice, or rewrite the ConfigMap for a tuning change; the tuning the pods should now run with.
+    (The replicas are written by the caller, after the push.)"""
     reason_text = "; ".join(decision.reasons)[:1000]
     mode = "advise" if svc.spec.autoscaling.mode == "advise" else "act"
     for action in actions:
@@ -210,33 +220,49 @@ async def _act(svc: models.LLMService, *, body: kopf.Body, decision: decide_mod.
                   message=f"would {','.join(actions)}: replicas {current_replicas} -> {decision.replicas}, batch "
                           f"{decision.max_batch_size} seqs / {decision.max_batch_tokens} tokens, shed "
                           f"{list(decision.shed_classes)}: {reason_text}")
-        return
-    if "scale_up" in actions or "scale_down" in actions:
-        # Written where /scale reads it; the spec handler scales the Deployment (one writer of replicas).
-        await asyncio.to_thread(ctx.applier.patch_llmservice_replicas, svc.name, svc.namespace, decision.replicas)
-        kopf.info(body, reason="ScaledUp" if "scale_up" in actions else "ScaledDown",
-                  message=f"replicas -> {decision.replicas}: {reason_text}")
+        return tuning_now
     tuning_changed = any(a in actions for a in ("batch_grow", "batch_shrink", "shed", "unshed"))
     if not tuning_changed:
-        return
+        return tuning_now
     tuning = models.Tuning(max_batch_size=decision.max_batch_size, max_batch_tokens=decision.max_batch_tokens,
                            shed_classes=list(decision.shed_classes),
                            class_weights=tuning_now.class_weights)
-    # New pods read the ConfigMap; running pods get the same values pushed live (no restart).
+    # New pods read the ConfigMap; running pods get the same values pushed live (no restart, _push_live).
     config = configmap.build_config_map(svc, tuning=tuning)
     kopf.adopt(config, owner=body)
     await asyncio.to_thread(ctx.applier.apply, config)
-    token_secret = await asyncio.to_thread(ctx.applier.read_secret, meta.admin_secret_name(svc), svc.namespace)
-    token = secret.read_admin_token(token_secret) if token_secret else None
-    if token and endpoints:
-        result = await push.push_tuning(endpoints, token=token, body=push.tuning_body(
-            max_batch_size=decision.max_batch_size, max_batch_tokens=decision.max_batch_tokens,
-            shed_classes=decision.shed_classes))
-        for pod, error in result.failed.items():
-            logger.warning("could not push tuning to %s: %s", pod, error)
     kopf.info(body, reason="Tuned", message=f"{','.join(actions)}: batch {decision.max_batch_size} seqs / "
                                             f"{decision.max_batch_tokens} tokens, shed {list(decision.shed_classes)}: "
                                             f"{reason_text}")
+    return tuning
+
+
+async def _push_live(svc: models.LLMService, *, tuning: models.Tuning, started_with: models.Tuning,
+                     endpoints: dict[str, str], memory: TunerMemory, ctx: context.OperatorContext,
+                     logger: logging.Logger) -> None:
+    """Every tick: each ready pod that has not taken the live part of the config in force (the tuner's
+    limits and shedding, the spec's classes, default class and SLO targets) gets it pushed, so a spec change
+    to those reaches running pods within one interval and without a restart. A pod seen for the first time
+    is taken to run the ConfigMap it started with (the spec and the tuning in force before this tick): it
+    gets a push only for what differs, so nothing is pushed while nothing changes (advice pushes nothing).
+    A pod that refused or did not answer is tried again next tick."""
+    body = push.live_body(configmap.runtime_config(svc.spec, tuning=tuning))
+    digest = push.digest(body)
+    memory.pushed = {pod: d for pod, d in memory.pushed.items() if pod in endpoints}
+    if any(pod not in memory.pushed for pod in endpoints):
+        known = push.digest(push.live_body(configmap.runtime_config(svc.spec, tuning=started_with)))
+        memory.pushed.update({pod: known for pod in endpoints if pod not in memory.pushed})
+    due = {pod: url for pod, url in endpoints.items() if memory.pushed.get(pod) != digest}
+    if not due:
+        return
+    token_secret = await asyncio.to_thread(ctx.applier.read_secret, meta.admin_secret_name(svc), svc.namespace)
+    token = secret.read_admin_token(token_secret) if token_secret else None
+    if not token:
+        return
+    result = await push.push_tuning(due, token=token, body=body)
+    memory.pushed.update(dict.fromkeys(result.ok, digest))
+    for pod, error in result.failed.items():
+        logger.warning("could not push the live config to %s: %s", pod, error)
 
 
 @kopf.timer(names.GROUP, names.VERSION, names.PLURAL, interval=TICK_S, initial_delay=TICK_S)

@@ -6,16 +6,30 @@ A PUT takes the same camelCase shape as the config file, restricted to what can 
 restart, all optional but at least one:
 
     {"batching": {"maxBatchSize": 16, "maxBatchTokens": 1024},
-     "qos": {"shedClasses": ["batch"]},
+     "qos": {"classes": [{"name": "critical", "priority": 0, "weight": 2, "ttftTargetS": 0.5},
+                         {"name": "batch", "priority": 9, "sheddable": true}],
+             "defaultClass": "critical", "allowClassHeader": false, "shedClasses": ["batch"]},
      "caching": {"responseCache": {"enabled": true, "maxEntries": 1024, "maxBytes": 67108864, "ttlS": 300}}}
 
-The operator's tuner pushes the first two sections. The update is checked field by field (types, and
-every error names its field), merged into the config in force and validated as a whole (so the batch
-pair stays consistent and shed classes must be sheddable classes), then applied at once: the engine takes
-the limits from its next step (in-flight requests are never dropped), admission takes the shed classes
-from the next request, and `fleetlm_config_info` is republished so the operator can confirm the push by
-scraping /metrics. Batch limits and shed classes change no output and keep the response cache; a change
-of the response-cache settings rebuilds it empty.
+The operator pushes the first two sections (its tuning, and the spec's classes with their effective SLO
+targets). The update is checked field by field (types, and every error names its field), merged into the
+config in force and validated as a whole (so the batch pair stays consistent, the default class is one of
+the classes and shed classes must be sheddable classes), then applied at once: the engine takes the limits
+from its next step (in-flight requests are never dropped), admission takes the class table and the shed
+classes from the next request, and `fleetlm_config_info` is republished so the operator can confirm the
+push by scraping /metrics.
+
+A new class table replaces the old one in one assignment (the event loop runs one handler at a time, so no
+request sees half of it). A request already admitted keeps the priority and weight it was admitted with
+and is served to its end, in the engine's queue as before, even when its class was removed or reweighted;
+one that had been given its class but not yet admitted when its class was removed is refused with 429
+(Retry-After), and its retry gets a class from the new table. A table that drops a class the API keys in
+force still map to is refused (400 naming `qos.classes`): update the keys Secret first, so no key is left
+without a class. When the classes change without `shedClasses`, shed classes the new table no longer has
+as sheddable stop being shed.
+
+Batch limits, classes and shed classes change no output and keep the response cache; a change of the
+response-cache settings rebuilds it empty.
 """
 
 from __future__ import annotations
@@ -32,6 +46,7 @@ from fleetlm_runtime.server import state as state_mod
 
 MAX_ADMIN_BODY_BYTES = 64 * 1024
 MAX_LIMIT = 100_000_000
+MAX_CLASSES = 64
 
 
 def _int_in(low: int, high: int) -> Callable[[Any], str | None]:
@@ -52,6 +67,19 @@ def _positive_number(value: Any) -> str | None:
     return None if ok else "must be a number > 0"
 
 
+def _class_name(value: Any) -> str | None:
+    return None if isinstance(value, str) and 0 < len(value) <= 64 else "must be a class name"
+
+
+def _class_table(value: Any) -> str | None:
+    # Each entry is validated by the config's own QoSClass model once merged (errors name the field).
+    if not isinstance(value, list) or not 0 < len(value) <= MAX_CLASSES:
+        return f"must be a list of 1 to {MAX_CLASSES} class objects"
+    if not all(isinstance(item, dict) for item in value):
+        return 'must be a list of class objects such as {"name": "critical", "priority": 0}'
+    return None
+
+
 def _class_names(value: Any) -> str | None:
     if not isinstance(value, list) or len(value) > 64:
         return "must be a list of class names"
@@ -66,7 +94,12 @@ LIVE_FIELDS: dict[tuple[str, ...], dict[str, tuple[str, Callable[[Any], str | No
         "maxBatchSize": ("max_batch_size", _int_in(1, MAX_LIMIT)),
         "maxBatchTokens": ("max_batch_tokens", _int_in(1, MAX_LIMIT)),
     },
-    ("qos",): {"shedClasses": ("shed_classes", _class_names)},
+    ("qos",): {
+        "classes": ("classes", _class_table),
+        "defaultClass": ("default_class", _class_name),
+        "allowClassHeader": ("allow_class_header", _bool),
+        "shedClasses": ("shed_classes", _class_names),
+    },
     ("caching", "responseCache"): {
         "enabled": ("enabled", _bool),
         "maxEntries": ("max_entries", _int_in(1, MAX_LIMIT)),
@@ -119,7 +152,7 @@ async def put_config(request: web.Request) -> web.Response:
     updates = _updates(body)
     if not updates:
         raise schemas.invalid(None, f"nothing to change; live fields: {', '.join(live_field_paths())}")
-    if ("qos", "shedClasses") in updates:
+    if ("qos", "shedClasses") in updates and ("qos", "classes") not in updates:
         problem = config_mod.shed_classes_problem(updates[("qos", "shedClasses")], state.config.qos.classes)
         if problem:
             raise schemas.invalid("qos.shedClasses", problem)
@@ -129,12 +162,26 @@ async def put_config(request: web.Request) -> web.Response:
         for part in path[:-1]:
             section = section[part]
         section[path[-1]] = value
+    if ("qos", "classes") in updates and ("qos", "shedClasses") not in updates:
+        sheddable = {c.get("name") for c in updates[("qos", "classes")] if c.get("sheddable") is True}
+        merged["qos"]["shedClasses"] = [name for name in merged["qos"]["shedClasses"] if name in sheddable]
     try:
         new_config = config_mod.parse_config(merged)
     except config_mod.ConfigError as error:
         raise schemas.invalid(error.field, str(error)) from None
+    orphaned = _classes_of_keys(state) - {c.name for c in new_config.qos.classes}
+    if orphaned:
+        raise schemas.invalid(
+            "qos.classes",
+            f"API keys in force map to {', '.join(sorted(orphaned))}, which the new classes drop: "
+            "update the API keys file first",
+        )
     state.apply_config(new_config)
     return web.json_response(_view(state))
+
+
+def _classes_of_keys(state: state_mod.ServerState) -> set[str]:
+    return set(state.api_keys.values())
 
 
 def _updates(body: dict[str, Any]) -> dict[tuple[str, ...], Any]:

@@ -155,13 +155,16 @@ class ServerState:
         now = self.clock()
         window_s = self.config.qos.shedding.window_s
         load = {}
-        for cls in self.config.qos.classes:
-            ids = self.waiting.get(cls.name)
+        # Requests of a class removed live still wait in the engine: they count towards the queue bound.
+        names = [cls.name for cls in self.config.qos.classes]
+        names += [name for name, ids in self.waiting.items() if ids and name not in names]
+        for name in names:
+            ids = self.waiting.get(name)
             oldest = now - next(iter(ids.values())) if ids else 0.0
-            load[cls.name] = qos_mod.ClassLoad(
+            load[name] = qos_mod.ClassLoad(
                 num_waiting=len(ids) if ids else 0,
                 oldest_wait_s=max(0.0, oldest),
-                recent_ttft_s=self.recent_ttft.quantile(cls.name, now_s=now, window_s=window_s),
+                recent_ttft_s=self.recent_ttft.quantile(name, now_s=now, window_s=window_s),
             )
         return load
 
@@ -222,8 +225,9 @@ class ServerState:
         self.metrics.set_ready(False)
 
     def apply_config(self, new_config: config_mod.RuntimeConfig) -> config_mod.RuntimeConfig:
-        """Put a validated config in force live: batch limits reach the engine before its next step, shed
-        classes and the other admission settings apply to the next request, and the response cache is
+        """Put a validated config in force live: batch limits reach the engine before its next step, the class
+        table, shed classes and the other admission settings apply to the next request (admitted requests keep
+        the priority and weight they were admitted with), and the response cache is
         emptied when anything that decides outputs changed (the model section, or the cache's own settings).
         Batch limits and shed classes change no output, so they keep the cache. Returns the config in force."""
         old = self.config
@@ -241,9 +245,11 @@ class ServerState:
         kv = kv_capacity_tokens(self.engine) if self.engine is not None else new_config.batching.max_kv_tokens
         self.metrics.set_config(new_config, max_kv_tokens=kv)
         log.info(
-            "config applied: max_batch_size=%d max_batch_tokens=%d shed_classes=%s",
+            "config applied: max_batch_size=%d max_batch_tokens=%d classes=%s default=%s shed_classes=%s",
             new_config.batching.max_batch_size,
             new_config.batching.max_batch_tokens,
+            ",".join(f"{c.name}(p{c.priority},w{c.weight:g})" for c in new_config.qos.classes),
+            new_config.qos.default_class,
             ",".join(new_config.qos.shed_classes) or "-",
         )
         return new_config

@@ -1,7 +1,10 @@
 """A tuning change rewrites the ConfigMap but leaves the pod template, and its config hash, unchanged.
 
-A change that needs new pods (image, model, resources, caching, QoS classes) changes the hash, so the
-Deployment rolls.
+So does a change of what the operator pushes to running runtimes: batch bounds, QoS classes (added, removed,
+reweighted, reprioritised), the default class, class headers and SLO targets. A change that needs new pods
+(image, model, resources, caching, the API-keys Secret reference) changes the hash, so the Deployment rolls.
+The push body is cut from the same rendered config as the ConfigMap, and holds only fields the runtime's
+admin API takes live.
 """
 
 from __future__ import annotations
@@ -11,8 +14,11 @@ from typing import Any
 
 import pytest
 
+from fleetlm_operator.act import push
 from fleetlm_operator.api import models, names
 from fleetlm_operator.builders import configmap, deployment
+from fleetlm_runtime import config
+from fleetlm_runtime.server import admin
 
 IMAGE = "ghcr.io/fleetlm/runtime:1"
 
@@ -80,6 +86,15 @@ def test_tuning_changes_the_config_map_but_not_the_pod_template() -> None:
         ("replicas.desired", 3),
         ("autoscaling.interval", "30s"),
         ("autoscaling.scaleDownStabilization", "10m"),
+        ("qos.classes", [{"name": "critical", "priority": 0}]),  # a class removed
+        ("qos.classes", [*BASE_SPEC["qos"]["classes"], {"name": "standard", "priority": 5}]),  # one added
+        ("qos.classes", [{"name": "critical", "priority": 0, "weight": 7}, BASE_SPEC["qos"]["classes"][1]]),
+        (
+            "qos.classes",
+            [{"name": "critical", "priority": 0, "slo": {"ttft": "200ms"}}, BASE_SPEC["qos"]["classes"][1]],
+        ),
+        ("qos.allowHeaderClass", True),
+        ("slo", {"ttft": "2s", "tpot": "80ms", "percentile": 99, "window": "1m"}),
     ],
 )
 def test_spec_changes_the_runtime_takes_live_leave_the_pod_template_alone(path: str, value: Any) -> None:
@@ -97,7 +112,6 @@ def test_spec_changes_the_runtime_takes_live_leave_the_pod_template_alone(path: 
         ("caching.prefixCache", {"enabled": False}),
         ("runtime.gpus", 2),
         ("runtime.env", [{"name": "LOG_LEVEL", "value": "debug"}]),
-        ("qos.classes", [{"name": "critical", "priority": 0}]),
     ],
 )
 def test_changes_that_need_new_pods_change_the_hash(path: str, value: Any) -> None:
@@ -113,3 +127,31 @@ def test_hash_is_stable_across_calls_and_key_order() -> None:
     reordered = dict(reversed(list(copy.deepcopy(BASE_SPEC).items())))
     assert config_hash(reordered) == config_hash(BASE_SPEC)
     assert len(config_hash(BASE_SPEC)) == 16
+
+
+def test_an_api_keys_secret_reference_change_rolls_the_pods() -> None:
+    with_keys = changed("qos.apiKeysSecretRef", {"name": "keys", "key": "keys.yaml"})
+    other_key = changed("qos.apiKeysSecretRef", {"name": "keys", "key": "other.yaml"})
+    assert len({config_hash(BASE_SPEC), config_hash(with_keys), config_hash(other_key)}) == 3
+
+
+def test_the_push_is_the_live_part_of_the_config_map_and_only_fields_the_runtime_takes_live() -> None:
+    spec = changed("qos.classes", [{"name": "critical", "priority": 0, "weight": 3, "slo": {"ttft": "200ms"}},
+                                   {"name": "batch", "priority": 9, "sheddable": True}])  # fmt: skip
+    tuned = models.Tuning(max_batch_size=48, max_batch_tokens=6144, shed_classes=["batch"])
+    rendered = configmap.runtime_config(service(spec).spec, tuning=tuned)
+    body = push.live_body(rendered)
+    assert body["batching"] == {"maxBatchSize": 48, "maxBatchTokens": 6144}
+    assert body["qos"]["classes"] == rendered["qos"]["classes"]
+    critical = body["qos"]["classes"][0]
+    assert critical["weight"] == 3 and critical["ttftTargetS"] == 0.2 and critical["tpotTargetS"] == 0.05
+    assert body["qos"]["defaultClass"] == "critical" and body["qos"]["shedClasses"] == ["batch"]
+    pushed = {f"{section}.{name}" for section, fields in body.items() for name in fields}
+    assert pushed <= set(admin.live_field_paths()), pushed - set(admin.live_field_paths())
+    # The runtime accepts it whole: the config in force with the pushed fields merged validates.
+    merged = configmap.runtime_config(service(BASE_SPEC).spec)
+    merged["batching"].update(body["batching"])
+    merged["qos"].update(body["qos"])
+    assert config.parse_config(merged).qos.by_name()["critical"].weight == 3
+    assert push.digest(body) == push.digest(dict(reversed(list(body.items()))))
+    assert push.digest(body) != push.digest(push.live_body(configmap.runtime_config(service(BASE_SPEC).spec)))

@@ -137,7 +137,7 @@ async def test_the_operator_push_sheds_a_class_live(
 ) -> None:
     server = await make_server(small_config(qos=QOS))
     url = f"http://127.0.0.1:{server.port}/v1/completions"
-    # Exactly what the operator's tuner pushes (fleetlm_operator.act.push.tuning_body).
+    # Exactly what the operator's tuner pushes (a part of fleetlm_operator.act.push.live_body).
     push = {"batching": {"maxBatchSize": 6, "maxBatchTokens": 200}, "qos": {"shedClasses": ["sheddable"]}}
     status, view = await _admin(server, "PUT", push)
     assert status == 200, view

@@ -1,0 +1,111 @@
+"""A container's `resources.limits.cpu`, enforced as the kubelet does: a CFS quota on a cgroup per pod.
+
+The kubelet stand-in (`pod_runner`) runs every pod as a process on this one machine. Without a limit, each
+runtime takes as much CPU as it can get, so on a 2-core machine three replicas serve little more than one
+and scaling out cannot add capacity. With the limit each pod gets its share (say 0.5 cores: a quota of
+50 ms per 100 ms period), what one replica serves is bounded by its share, and a new replica adds its share,
+as on a cluster whose nodes have the cores.
+
+Works with cgroup v1 (the `cpu` controller) and v2 (`cpu.max`) where this process may create cgroups (root
+in a container, as CI runs). Where it may not, `CpuLimits.enforced` is False and pods run unlimited; callers
+say so. Only for the kubelet stand-in; nothing here is used in production.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import logging
+import os
+import pathlib
+import uuid
+
+log = logging.getLogger(__name__)
+
+CGROUP_ROOT = pathlib.Path("/sys/fs/cgroup")
+PERIOD_US = 100_000  # the kubelet's CFS period
+
+
+def parse_cpu(quantity: str | int | float) -> float:
+    """A Kubernetes CPU quantity ("500m", "1", "0.5", 2) in cores; ValueError naming it when malformed."""
+    text = str(quantity).strip()
+    try:
+        cores = float(text[:-1]) / 1000 if text.endswith("m") else float(text)
+    except ValueError:
+        raise ValueError(f"resources.limits.cpu: {quantity!r} is not a CPU quantity such as 500m or 1") from None
+    if not cores > 0:
+        raise ValueError(f"resources.limits.cpu: {quantity!r} must be more than 0")
+    return cores
+
+
+class CpuLimits:
+    """One parent cgroup for a runner's pods, one child per pod with its quota."""
+
+    def __init__(self) -> None:
+        self._parent: pathlib.Path | None = None
+        self._v2 = False
+        name = f"fleetlm-pods-{uuid.uuid4().hex[:8]}"
+        v1 = CGROUP_ROOT / "cpu"
+        try:
+            if (v1 / "cpu.cfs_quota_us").is_file():
+                (v1 / name).mkdir()
+                self._parent = v1 / name
+            elif "cpu" in (CGROUP_ROOT / "cgroup.controllers").read_text().split():
+                with contextlib.suppress(OSError):  # already on, or not ours to turn on (then mkdir tells)
+                    (CGROUP_ROOT / "cgroup.subtree_control").write_text("+cpu")
+                (CGROUP_ROOT / name).mkdir()
+                (CGROUP_ROOT / name / "cgroup.subtree_control").write_text("+cpu")
+                self._parent, self._v2 = CGROUP_ROOT / name, True
+        except OSError as error:
+            log.warning("CPU limits are not enforced (cannot create a cgroup: %s)", error)
+            self._parent = None
+
+    @property
+    def enforced(self) -> bool:
+        return self._parent is not None
+
+    def group(self, pod: str) -> pathlib.Path:
+        """The pod's cgroup directory (its `cpu.stat` counts the periods it was throttled)."""
+        if self._parent is None:
+            raise RuntimeError("CPU limits are not enforced on this machine")
+        return self._parent / pod
+
+    def place(self, pod: str, pid: int, cores: float) -> bool:
+        """Put process `pid` (its children follow) under a quota of `cores`; False where not enforced."""
+        if self._parent is None:
+            return False
+        group = self._parent / pod
+        quota = max(1000, int(cores * PERIOD_US))
+        try:
+            group.mkdir(exist_ok=True)
+            if self._v2:
+                (group / "cpu.max").write_text(f"{quota} {PERIOD_US}")
+            else:
+                (group / "cpu.cfs_period_us").write_text(str(PERIOD_US))
+                (group / "cpu.cfs_quota_us").write_text(str(quota))
+            (group / "cgroup.procs").write_text(str(pid))
+        except OSError as error:
+            log.warning("pod %s runs without its CPU limit: %s", pod, error)
+            return False
+        return True
+
+    def release(self, pod: str) -> None:
+        """Remove a pod's cgroup once its processes are gone (a left-over process keeps it; harmless)."""
+        if self._parent is not None:
+            with contextlib.suppress(OSError):
+                (self._parent / pod).rmdir()
+
+    def close(self) -> None:
+        if self._parent is None:
+            return
+        for group in self._parent.iterdir():
+            if group.is_dir():
+                with contextlib.suppress(OSError):
+                    group.rmdir()
+        with contextlib.suppress(OSError):
+            self._parent.rmdir()
+        self._parent = None
+
+
+def machine_cores() -> int:
+    """The cores this process may run on (the affinity mask, not the host's count)."""
+    return len(os.sched_getaffinity(0))

@@ -1,0 +1,54 @@
+"""The kubelet stand-in holds a pod to its `limits.cpu` as the kubelet does (a CFS quota on a cgroup of the
+pod's own): a busy process, and the child it starts, get no more than their share together."""
+
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+import time
+
+import pytest
+
+from fleetlm_dev import cpu_limits
+
+BUSY = "import time\nend = time.time() + {s}\nwhile time.time() < end: pass\n"
+
+
+@pytest.mark.parametrize(("quantity", "cores"), [("500m", 0.5), ("1", 1.0), ("0.25", 0.25), (2, 2.0), ("1500m", 1.5)])
+def test_cpu_quantities(quantity: str | int, cores: float) -> None:
+    assert cpu_limits.parse_cpu(quantity) == cores
+
+
+@pytest.mark.parametrize("quantity", ["", "half", "0", "-1", "m"])
+def test_bad_cpu_quantities_name_the_field(quantity: str) -> None:
+    with pytest.raises(ValueError, match=r"resources\.limits\.cpu"):
+        cpu_limits.parse_cpu(quantity)
+
+
+def test_a_pod_and_its_child_share_one_quota() -> None:
+    limits = cpu_limits.CpuLimits()
+    if not limits.enforced:
+        pytest.skip("this machine does not let this process create cgroups (not root, or no cpu controller)")
+    seconds = 2.0
+    # The parent starts a child, then both spin: together they may use 0.2 cores, not 2 x 1.
+    script = (
+        "import subprocess, sys\n"
+        f"child = subprocess.Popen([sys.executable, '-c', {BUSY.format(s=seconds)!r}])\n"
+        + BUSY.format(s=seconds)
+        + "child.wait()\n"
+    )
+    try:
+        process = subprocess.Popen([sys.executable, "-c", script])
+        assert limits.place("pod-a", process.pid, 0.2)
+        began = time.monotonic()
+        _, _, rusage = os.wait4(process.pid, 0)  # its CPU time, with the child's it waited for
+        process.returncode = 0
+        wall = time.monotonic() - began
+        usage = rusage.ru_utime + rusage.ru_stime
+        assert usage / wall < 0.3, f"{usage:.2f} CPU-seconds in {wall:.2f}s: over the 0.2-core quota"
+        # And the kernel held it there (on a busy machine the share alone could be low without a quota).
+        stat = dict(line.split() for line in (limits.group("pod-a") / "cpu.stat").read_text().splitlines())
+        assert int(stat["nr_throttled"]) > 0, stat
+    finally:
+        limits.close()
