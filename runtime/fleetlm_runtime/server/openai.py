@@ -24,6 +24,7 @@ import dataclasses
 import json
 import logging
 import time
+import typing
 import uuid
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
@@ -132,7 +133,6 @@ async def list_models(request: web.Request) -> web.Response:
 
 async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
     state = request.app[state_mod.state_key]
-    qos_class = state.config.qos.default_class
     try:
         # The body is judged before the phase: a malformed request is the client's 400 whether or not the
         # model has loaded (a 503 would tell it to retry the same mistake).
@@ -143,6 +143,52 @@ async def _serve(request: web.Request, kind: Kind) -> web.StreamResponse:
         else:
             body = schemas.validate(schemas.CompletionRequest, data)
         body.refuse_unsupported()
+    except schemas.APIError as error:
+        state.metrics.record_rejection(error.reason, state.config.qos.default_class)
+        raise
+    if isinstance(body, schemas.CompletionRequest) and len(prompts := body.prompts()) > 1:
+        return await _serve_batch(request, body, prompts)
+    return await _serve_one(request, kind, body)
+
+
+async def _serve_batch(
+    request: web.Request, body: schemas.CompletionRequest, prompts: list[str | list[int]]
+) -> web.StreamResponse:
+    """OpenAI's batch form of completions (a list of prompts, as evaluation harnesses send): each prompt is
+    its own request to the engine, all at once, each admitted, cached and booked like a single one; the
+    answer holds prompt i's choice j at index i * n + j and the summed usage. The first refusal or error
+    cancels the others (their sequences and KV are released) and is the answer."""
+    if body.stream:
+        state = request.app[state_mod.state_key]
+        state.metrics.record_rejection(contract.REJECT_INVALID, state.config.qos.default_class)
+        raise schemas.invalid("stream", "streaming is supported with one prompt per request; send a list of "
+                                        "prompts without stream, or one streamed request per prompt")  # fmt: skip
+    try:
+        async with asyncio.TaskGroup() as group:
+            tasks = [
+                group.create_task(_serve_one(request, "completion", body.model_copy(update={"prompt": prompt})))
+                for prompt in prompts
+            ]
+    except ExceptionGroup as errors:
+        first = errors.exceptions[0]
+        raise first.with_traceback(None) from None
+    answers = [json.loads(typing.cast(web.Response, task.result()).text or "{}") for task in tasks]
+    n = body.n or 1
+    choices = [
+        {**choice, "index": i * n + int(choice.get("index", 0))}
+        for i, answer in enumerate(answers)
+        for choice in answer["choices"]
+    ]
+    usage = {key: sum(int(answer["usage"][key]) for answer in answers) for key in answers[0]["usage"]}
+    return web.json_response({**answers[0], "id": _request_id("completion"), "choices": choices, "usage": usage})
+
+
+async def _serve_one(
+    request: web.Request, kind: Kind, body: schemas.CompletionRequest | schemas.ChatCompletionRequest
+) -> web.StreamResponse:
+    state = request.app[state_mod.state_key]
+    qos_class = state.config.qos.default_class
+    try:
         tool_plan = _tool_plan(body)
         _check_model(body.model, state)
         client = auth.resolve_client(request, body_class=body.qos_class, qos=state.config.qos, api_keys=state.api_keys)

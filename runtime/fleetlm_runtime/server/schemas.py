@@ -19,6 +19,7 @@ from fleetlm_runtime import contract
 
 _M = TypeVar("_M", bound=pydantic.BaseModel)
 
+MAX_PROMPTS = 64  # prompts in one completions request (OpenAI's batch form; each is a request to the engine)
 MAX_PROMPT_CHARS = 4_000_000  # far above any context; a guard so a hostile body cannot make tokenizing slow
 MAX_MESSAGES = 4096
 MAX_N = 16  # choices per request: each is a sequence in the engine (sharing the prompt's cached blocks)
@@ -154,8 +155,10 @@ class CompletionRequest(_Sampling):
     prompt: (
         Annotated[str, pydantic.Field(max_length=MAX_PROMPT_CHARS)]
         | TokenIds
-        | Annotated[list[Annotated[str, pydantic.Field(max_length=MAX_PROMPT_CHARS)]], pydantic.Field(max_length=1)]
-        | Annotated[list[TokenIds], pydantic.Field(max_length=1)]
+        | Annotated[
+            list[Annotated[str, pydantic.Field(max_length=MAX_PROMPT_CHARS)]], pydantic.Field(max_length=MAX_PROMPTS)
+        ]
+        | Annotated[list[TokenIds], pydantic.Field(max_length=MAX_PROMPTS)]
     )
     echo: bool = False
     logprobs: Annotated[int, pydantic.Field(ge=0, le=20)] | None = None
@@ -169,8 +172,15 @@ class CompletionRequest(_Sampling):
         if self.suffix:
             raise invalid("suffix", "suffix is not supported")
 
+    def prompts(self) -> list[str | list[int]]:
+        """Every prompt of the request: one, or the batch form's several (a list of strings or of id lists)."""
+        prompt = self.prompt
+        if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
+            return [self.single_prompt()]
+        return [p if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[union-attr]
+
     def single_prompt(self) -> str | list[int]:
-        """The one prompt (a list of one is unwrapped); several prompts per request are refused."""
+        """The one prompt (a list of one is unwrapped); a batch of several is split before this is asked."""
         prompt = self.prompt
         if isinstance(prompt, str):
             return prompt

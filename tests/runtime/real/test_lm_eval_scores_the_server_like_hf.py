@@ -2,8 +2,8 @@
 
 A multiple-choice task whose data the test writes locally (no hub) is run twice by `lm-eval`: once with its
 `hf` model on the checkpoint directly, once with its `local-completions` model against a real
-`fleetlm-runtime` process serving the same checkpoint (prompts sent as token ids, four requests at a time,
-scored by echo + prompt logprobs). Accuracy is equal and every choice's
+`fleetlm-runtime` process serving the same checkpoint (prompts sent as token ids in OpenAI's batch form, four
+per request, two requests at a time, scored by echo + prompt logprobs). Accuracy is equal and every choice's
 log-likelihood agrees, so anyone's harness gives the numbers the model would give.
 
 lm-eval runs in an overlay venv (see fleetlm_dev.lm_eval_env for why it cannot share the project's).
@@ -135,9 +135,9 @@ def test_lm_eval_scores_the_server_as_it_scores_the_hf_model(
     )  # fmt: skip
     try:
         wait_for("the runtime to be ready", lambda: _ready(url), timeout_s=180)
-        served = _lm_eval(python, task_dir, tmp_path / "served", "--model", "local-completions",
+        served = _lm_eval(python, task_dir, tmp_path / "served", "--model", "local-completions", "--batch_size", "4",
                           "--model_args", f"model=smollm2,base_url={url}/v1/completions,tokenizer={model_dir},"
-                                          "tokenizer_backend=huggingface,num_concurrent=4,max_retries=1")  # fmt: skip
+                                          "tokenizer_backend=huggingface,num_concurrent=2,max_retries=1")  # fmt: skip
     finally:
         stop_process(server)
         log.close()
