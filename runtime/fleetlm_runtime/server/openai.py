@@ -447,14 +447,13 @@ def _sampling_params(
     body: schemas.CompletionRequest | schemas.ChatCompletionRequest, tool_plan: tools_mod.ToolPlan | None = None
 ) -> request_mod.SamplingParams:
     prompt_logprobs: int | None = None
-    constraint = None
+    try:
+        constraint = formats.from_response_format(body.response_format)
+    except request_mod.InvalidParameterError as error:
+        raise schemas.invalid(error.param, error.message) from None
     if isinstance(body, schemas.ChatCompletionRequest):
         max_tokens = body.effective_max_tokens
         logprobs = (body.top_logprobs or 0) if body.logprobs else None
-        try:
-            constraint = formats.from_response_format(body.response_format)
-        except request_mod.InvalidParameterError as error:
-            raise schemas.invalid(error.param, error.message) from None
         if tool_plan is not None and tool_plan.constraint is not None:
             constraint = tool_plan.constraint  # `required` or a named function: decoded under its grammar
     else:

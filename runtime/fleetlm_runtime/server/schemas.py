@@ -114,6 +114,9 @@ class _Sampling(_Request):
     logit_bias: Annotated[dict[str, float], pydantic.Field(max_length=MAX_LOGIT_BIAS)] | None = None
     user: Annotated[str, pydantic.Field(max_length=256)] | None = None
     qos_class: Annotated[str, pydantic.Field(max_length=64)] | None = None  # see contract.FIELD_QOS_CLASS
+    # Structured outputs (structured/formats.py checks it and names the bad field); completions take it as
+    # vLLM's do, so a client on either API gets JSON that matches its schema.
+    response_format: dict[str, Any] | None = None
 
     def refuse_unsupported(self) -> None:
         """OpenAI options we do not implement: refused by name, never silently ignored."""
@@ -224,7 +227,6 @@ class ChatCompletionRequest(_Sampling):
     tools: list[Any] | None = None  # checked by server/tools.py, which names the bad field
     tool_choice: Any = None
     parallel_tool_calls: bool | None = None
-    response_format: dict[str, Any] | None = None
     add_generation_prompt: bool = True  # vLLM extension
 
     def refuse_unsupported(self) -> None:

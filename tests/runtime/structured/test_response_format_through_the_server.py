@@ -168,3 +168,35 @@ async def test_the_response_cache_keys_on_the_schema(
         assert values[f"{contract.STRUCTURED_REQUESTS}_total[json_schema]"] == 2  # the hit was not decoded
     finally:
         await client.close()
+
+
+async def test_completions_take_response_format_too(
+    make_app_server: Callable[..., Any], server_config: Callable[..., Any]
+) -> None:
+    """As vLLM's completions do: a client on the legacy API gets JSON that matches its schema, never a
+    silently ignored field; a bad one is the same 400 naming the field."""
+    server = await make_app_server(server_config())
+    client = _client(server)
+    schema = {
+        "type": "object",
+        "properties": {"name": {"type": "string", "maxLength": 12}, "tags": {"type": "array", "maxItems": 3,
+                                                                            "items": {"enum": ["a", "b"]}}},
+        "required": ["name", "tags"],
+    }  # fmt: skip
+    try:
+        for prompt in ("Describe a thing in JSON:", ["One thing:", "Another thing:"]):
+            answer = await client.completions.create(
+                model="tiny", prompt=prompt, max_tokens=120, temperature=0.8, seed=3,
+                extra_body={"response_format": _format(schema, 0)},
+            )  # fmt: skip
+            assert len(answer.choices) == (1 if isinstance(prompt, str) else 2)
+            for choice in answer.choices:
+                assert choice.finish_reason == "stop", choice
+                jsonschema.validate(json.loads(choice.text), schema)
+        with pytest.raises(openai.BadRequestError) as caught:
+            await client.completions.create(
+                model="tiny", prompt="x", max_tokens=4, extra_body={"response_format": {"type": "yaml"}}
+            )
+        assert isinstance(caught.value.body, dict) and caught.value.body["param"] == "response_format.type"
+    finally:
+        await client.close()
