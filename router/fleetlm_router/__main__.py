@@ -70,6 +70,7 @@ def build_parser() -> argparse.ArgumentParser:
         dest="scrape_interval_s",
         help="seconds between scrapes of each replica's /metrics (0: off, own in-flight only)",
     )
+    p.add_argument("--queue-saturated", type=int, default=None, help="queued requests that saturate a replica")
     p.add_argument("--scrape-timeout", type=float, default=None, dest="scrape_timeout_s")
     p.add_argument(
         "--scrape-stale",
@@ -101,6 +102,7 @@ def main(argv: Sequence[str] | None = None) -> int:
         "scrape_interval_s",
         "scrape_timeout_s",
         "scrape_stale_s",
+        "queue_saturated",
     )
     values: dict[str, Any] = {f: getattr(args, f) for f in fields if getattr(args, f) is not None}
     try:

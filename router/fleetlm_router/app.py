@@ -121,6 +121,7 @@ class RouterState:
         return picker.replica_loads(
             self.in_flight, self.scraper.scraped, replicas=self.endpoints.replicas, now_s=time.monotonic(),
             max_age_s=self.settings.scrape_stale_s, kv_saturated=self.settings.kv_saturated,
+            queue_saturated=self.settings.queue_saturated,
         )  # fmt: skip
 
     def begin(self, replica: str) -> None:

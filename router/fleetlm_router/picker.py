@@ -25,9 +25,11 @@ and the request's prefix key; it returns a replica and the reason, as data.
   of the runtime Service); a replica's /metrics (`vllm:num_requests_waiting`/`running`,
   `vllm:kv_cache_usage_perc`, as an Inference Gateway endpoint picker reads them) sees everything but is a
   scrape old. So load = own in flight now + the others' requests at the last scrape (what the replica
-  reported minus what this router had open there then). A replica that queues requests or whose KV cache
-  is nearly full is *saturated*: a seen prefix spills past it as if it were at its bound (llm-d's queue
-  and KV scorers outrank its prefix scorer the same way), and least-loaded picks prefer the others.
+  reported minus what this router had open there then). A replica whose queue reaches `queue_saturated`
+  or whose KV cache is nearly full is *saturated*: a seen prefix spills past it as if it were at its
+  bound, and least-loaded picks prefer the others. The threshold is a queue, not any queue: a short one
+  is what batching looks like under load, and the bound already weighs it (queued requests are in the
+  load); spilling a prefix for it would trade a cache hit for a few milliseconds of queueing.
   Scrapes older than `max_age_s` are ignored: a stale number is worse than none.
 - `RoundRobin`: the blind baseline a Kubernetes Service gives, kept for benchmarks.
 """
@@ -150,8 +152,10 @@ def replica_loads(
     now_s: float,
     max_age_s: float,
     kv_saturated: float,
+    queue_saturated: int = 1,
 ) -> Loads:
-    """Own in flight plus the others' requests from a fresh scrape; saturated = queueing or KV nearly full."""
+    """Own in flight plus the others' requests from a fresh scrape; saturated = `queue_saturated` or more
+    requests queued, or KV nearly full."""
     load: dict[str, int] = {}
     saturated: set[str] = set()
     for name in replicas:
@@ -162,7 +166,7 @@ def replica_loads(
             continue
         others = max(0, math.ceil(report.waiting + report.running) - report.own_at_scrape)
         load[name] = mine + others
-        if report.waiting >= 1 or (report.kv_usage is not None and report.kv_usage >= kv_saturated):
+        if report.waiting >= queue_saturated or (report.kv_usage is not None and report.kv_usage >= kv_saturated):
             saturated.add(name)
     return Loads(load, frozenset(saturated))
 

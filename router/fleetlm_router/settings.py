@@ -51,6 +51,9 @@ class RouterSettings(pydantic.BaseModel):
     scrape_stale_s: float = pydantic.Field(
         default=3.0, gt=0, le=600, description="A replica's scraped load older than this is ignored."
     )
+    queue_saturated: int = pydantic.Field(
+        default=8, ge=1, le=100_000, description="Queued requests at which a replica counts as saturated."
+    )
     kv_saturated: float = pydantic.Field(
         default=0.95, gt=0, le=1.0, description="KV-cache usage (0-1) at which a replica counts as saturated."
     )

@@ -14,8 +14,12 @@ def _report(waiting: float = 0, running: float = 0, kv: float | None = 0.0, *, a
     return picker.Scraped(waiting, running, kv, at, own)
 
 
-def _loads(own: dict[str, int], scraped: dict[str, picker.Scraped], *, now: float = 100.5) -> picker.Loads:
-    return picker.replica_loads(own, scraped, replicas=REPLICAS, now_s=now, max_age_s=3.0, kv_saturated=0.95)
+def _loads(
+    own: dict[str, int], scraped: dict[str, picker.Scraped], *, now: float = 100.5, queue: int = 1
+) -> picker.Loads:
+    return picker.replica_loads(
+        own, scraped, replicas=REPLICAS, now_s=now, max_age_s=3.0, kv_saturated=0.95, queue_saturated=queue
+    )
 
 
 def test_parse_load_reads_the_runtimes_own_exposition() -> None:
@@ -55,6 +59,11 @@ def test_stale_or_future_reports_are_ignored() -> None:
     loads = _loads({"a": 1}, scraped)
     assert loads.load == {"a": 1, "b": 0, "c": 0}
     assert loads.saturated == frozenset()
+
+
+def test_a_short_queue_under_the_threshold_does_not_saturate() -> None:
+    scraped = {"a": _report(waiting=7, running=16), "b": _report(waiting=8, running=16)}
+    assert _loads({}, scraped, queue=8).saturated == frozenset({"b"})
 
 
 def test_a_full_kv_cache_saturates() -> None:
