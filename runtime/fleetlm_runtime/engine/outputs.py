@@ -86,7 +86,8 @@ class SchedulerOutput:
 
 @dataclass(slots=True)
 class RunnerOutput:
-    """Tokens sampled in one step, for the requests whose `do_sample` was set, in batch order."""
+    """Tokens sampled in one step, for the requests whose `do_sample` was set. Rows are in the runner's order
+    (decode rows grouped by length), not the batch's: readers match them by `req_ids`, never by position."""
 
     req_ids: list[str]  # [num_sampled]
     sampled_token_ids: list[int]  # [num_sampled]
