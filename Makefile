@@ -1,5 +1,5 @@
 # Two entry points, each doing all set-up on a fresh machine (see README.md):
-#   make demo   the local demo        make test   the whole test suite (and the short e2e scenarios)
+#   make demo   the local demo        make test   the whole test suite, then the short e2e scenarios
 #   make e2e    every end-to-end scenario (e2e/: the closed loop under surges and faults)
 # Everything built or downloaded lives under $(FLEETLM_CACHE), never in the repository.
 
@@ -42,10 +42,12 @@ PYTEST_RUN = rc=0; $(PY) -m pytest $(1) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; \
 	if [ $$rc -ne 0 ]; then exit $$rc; fi
 
-# The whole suite. The end-to-end scenarios run apart (`make e2e`, or `make e2e-short` for b and c): on
-# a 2-core machine their load sizing is not yet steady enough to gate CI (see e2e/).
+# The whole suite, then the short end-to-end scenarios (e2e/ b: overload with classes, c: runtime faults;
+# about 4 to 5 minutes on a busy 2-core machine) as a second run of their own, with their own control plane.
+# Scenario a (the surge) is not in it yet: see e2e/test_a_surge.py. `make e2e` runs them all.
 test: venv k8s system-deps lint
 	@$(call PYTEST_RUN,$(PYTEST_ARGS))
+	@$(call PYTEST_RUN,e2e -m "e2e and short" $(E2E_ARGS))
 
 e2e-short: venv k8s
 	@$(call PYTEST_RUN,e2e -m "e2e and short" -s $(E2E_ARGS))

@@ -17,6 +17,7 @@ import contextlib
 import logging
 import os
 import pathlib
+import time
 import uuid
 
 log = logging.getLogger(__name__)
@@ -94,15 +95,23 @@ class CpuLimits:
             with contextlib.suppress(OSError):
                 (self._parent / pod).rmdir()
 
-    def close(self) -> None:
+    def close(self, *, timeout_s: float = 10.0) -> None:
+        """Remove every pod's cgroup and the parent; an engine child that dies with its server may still be
+        exiting (and in its cgroup) for a moment after the server was reaped, so this retries a while."""
         if self._parent is None:
             return
-        for group in self._parent.iterdir():
-            if group.is_dir():
+        deadline = time.monotonic() + timeout_s
+        while True:
+            for group in [g for g in self._parent.iterdir() if g.is_dir()]:
                 with contextlib.suppress(OSError):
                     group.rmdir()
-        with contextlib.suppress(OSError):
-            self._parent.rmdir()
+            with contextlib.suppress(OSError):
+                self._parent.rmdir()
+            if not self._parent.exists() or time.monotonic() > deadline:
+                break
+            time.sleep(0.2)
+        if self._parent.exists():
+            log.warning("left cgroup %s behind (processes still in it)", self._parent)
         self._parent = None
 
 
