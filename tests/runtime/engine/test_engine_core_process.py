@@ -173,3 +173,5 @@ def test_the_core_process_dies_with_its_server_at_once(tmp_path: object) -> None
         if server.poll() is None:
             server.kill()
             server.wait()
+        if server.stdout is not None:
+            server.stdout.close()  # an unclosed pipe is a ResourceWarning, an error in this suite
