@@ -36,6 +36,7 @@ system-deps:
 
 lint: venv
 	$(VENV)/bin/ruff check .
+	$(VENV)/bin/ruff format --check .
 
 # pytest's exit code 5 (no tests collected) is a failure here, not a pass.
 PYTEST_RUN = rc=0; $(PY) -m pytest $(1) || rc=$$?; \

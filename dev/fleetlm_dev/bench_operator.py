@@ -54,8 +54,12 @@ def _count_ready(plane: cluster.ControlPlane, namespace: str, names: set[str]) -
                 children.setdefault(owner, set()).add(kind)
     complete = sum(1 for name in names if children.get(name, set()) == set(CHILD_KINDS))
     services = json.loads(plane.kubectl("get", "llmservices", "-n", namespace, "-o", "json").stdout)["items"]
-    with_status = sum(1 for svc in services if svc["metadata"]["name"] in names
-                      and (svc.get("status") or {}).get("observedGeneration") == svc["metadata"]["generation"])
+    with_status = sum(
+        1
+        for svc in services
+        if svc["metadata"]["name"] in names
+        and (svc.get("status") or {}).get("observedGeneration") == svc["metadata"]["generation"]
+    )
     return complete, with_status
 
 
@@ -66,12 +70,18 @@ def run(*, plane: cluster.ControlPlane, count: int, timeout_s: float) -> dict[st
     plane.kubectl("wait", "--for=condition=Established", "crd/llmservices.fleetlm.dev", "--timeout=60s")
     log_path = plane.directory / "logs" / "bench-operator.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
-    env = {**os.environ, "KUBECONFIG": str(plane.kubeconfig), "FLEETLM_OPERATOR_NAMESPACE": namespace,
-           "FLEETLM_METRICS_PORT": "0", "FLEETLM_HEALTH_PORT": "0"}
+    env = {
+        **os.environ,
+        "KUBECONFIG": str(plane.kubeconfig),
+        "FLEETLM_OPERATOR_NAMESPACE": namespace,
+        "FLEETLM_METRICS_PORT": "0",
+        "FLEETLM_HEALTH_PORT": "0",
+    }
     script = pathlib.Path(sys.executable).parent / "fleetlm-operator"
     with log_path.open("wb") as log:
-        proc = subprocess.Popen([str(script), "-n", namespace, "--log-format", "json"], env=env, stdout=log,
-                                stderr=subprocess.STDOUT)
+        proc = subprocess.Popen(
+            [str(script), "-n", namespace, "--log-format", "json"], env=env, stdout=log, stderr=subprocess.STDOUT
+        )
     try:
         deadline = time.monotonic() + 60
         while plane.kubectl("get", "lease", "fleetlm-operator", "-n", namespace, check=False).returncode != 0:

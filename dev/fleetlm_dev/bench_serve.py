@@ -590,8 +590,12 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--burstiness", type=float, default=1.0, help="gamma shape: 1 Poisson, <1 bursty")
     p.add_argument("--max-concurrency", type=int, default=None, help="client-side cap on requests in flight")
     p.add_argument("--dataset", choices=("random", "shared-prefix"), default="random")
-    p.add_argument("--prompt-format", choices=("token-ids", "text"), default=None,
-                   help="token-id prompts give exact lengths (completions only); default token-ids for completions")
+    p.add_argument(
+        "--prompt-format",
+        choices=("token-ids", "text"),
+        default=None,
+        help="token-id prompts give exact lengths (completions only); default token-ids for completions",
+    )
     p.add_argument("--input-len", type=int, default=128)
     p.add_argument("--output-len", type=int, default=64)
     dists = ("fixed", "uniform", "normal", "lognormal", "exponential")
@@ -601,15 +605,23 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--prefix-len", type=int, default=256, help="shared-prefix: tokens in each shared prefix")
     p.add_argument("--num-prefixes", type=int, default=4, help="shared-prefix: distinct prefixes")
     p.add_argument("--token-id-range", default="10:250", help="token-id prompts draw ids from [low:high)")
-    p.add_argument("--repeat-fraction", type=float, default=0.0,
-                   help="share of requests that exactly repeat an earlier one (response-cache benchmark)")
+    p.add_argument(
+        "--repeat-fraction",
+        type=float,
+        default=0.0,
+        help="share of requests that exactly repeat an earlier one (response-cache benchmark)",
+    )
     p.add_argument("--class-mix", default=None, help="QoS traffic mix, e.g. interactive=0.7,batch=0.3")
     p.add_argument("--class-keys", default=None, help="API key per class, e.g. interactive=KEY1,batch=KEY2")
     p.add_argument("--class-header", action="store_true", help=f"send each request's class in {QOS_HEADER}")
     p.add_argument("--api-key", default=None, help="bearer key for requests without a class")
     p.add_argument("--goodput", default=None, help="SLOs in ms, e.g. 'ttft:500 tpot:50 e2el:5000'")
-    p.add_argument("--class-goodput", action="append", default=[],
-                   help="per-class SLOs, e.g. 'interactive=ttft:200 tpot:30' (repeatable)")
+    p.add_argument(
+        "--class-goodput",
+        action="append",
+        default=[],
+        help="per-class SLOs, e.g. 'interactive=ttft:200 tpot:30' (repeatable)",
+    )
     p.add_argument("--temperature", type=float, default=0.0)
     p.add_argument("--no-ignore-eos", action="store_true", help="let requests stop at EOS (lengths vary)")
     p.add_argument("--seed", type=int, default=0)
@@ -711,8 +723,10 @@ def main(argv: list[str] | None = None) -> int:
                 for name, sub in rep.get(group, {}).items():
                     print(format_table(sub, title=f"{label} {group[4:]}={name}"))
             if speedup := rep.get("cache_speedup"):
-                print(f"{label}: cache hit vs miss, median TTFT {speedup['ttft_ms']:.1f}x, "
-                      f"median E2EL {speedup['e2el_ms']:.1f}x lower")
+                print(
+                    f"{label}: cache hit vs miss, median TTFT {speedup['ttft_ms']:.1f}x, "
+                    f"median E2EL {speedup['e2el_ms']:.1f}x lower"
+                )
         if "ratio_output_throughput_a_over_b" in result:
             print(f"output throughput A/B: {result['ratio_output_throughput_a_over_b']:.3f}")
     if args.output_json:

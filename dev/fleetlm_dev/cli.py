@@ -27,8 +27,16 @@ def _cmd_cluster_up(args: argparse.Namespace) -> int:
     directory = pathlib.Path(args.dir).expanduser().resolve()
     plane = cluster.up(directory, timeout_s=args.timeout)
     if args.json:
-        print(json.dumps({"kubeconfig": str(plane.kubeconfig), "server": plane.server,
-                          "version": plane.k8s_version, "dir": str(directory)}))
+        print(
+            json.dumps(
+                {
+                    "kubeconfig": str(plane.kubeconfig),
+                    "server": plane.server,
+                    "version": plane.k8s_version,
+                    "dir": str(directory),
+                }
+            )
+        )
         return 0
     print(f"control plane {plane.k8s_version} is up at {plane.server}", file=sys.stderr)
     print(f"  use it:   export KUBECONFIG={plane.kubeconfig}", file=sys.stderr)
@@ -109,41 +117,49 @@ def build_parser() -> argparse.ArgumentParser:
     bench_verbs = bench.add_subparsers(dest="bench_verb", required=True)
     engine = bench_verbs.add_parser("engine", help="engine tokens/s vs sequential generate()", add_help=False)
     engine.set_defaults(func=_delegate("fleetlm_dev.bench_engine"), delegated=True)
-    serve = bench_verbs.add_parser("serve", help="load generator against a running server (vLLM's metrics)",
-                                   add_help=False)
+    serve = bench_verbs.add_parser(
+        "serve", help="load generator against a running server (vLLM's metrics)", add_help=False
+    )
     serve.set_defaults(func=_delegate("fleetlm_dev.bench_serve"), delegated=True)
-    overhead = bench_verbs.add_parser("server-overhead", help="server tok/s vs the engine's own, 32 streams",
-                                      add_help=False)
+    overhead = bench_verbs.add_parser(
+        "server-overhead", help="server tok/s vs the engine's own, 32 streams", add_help=False
+    )
     overhead.set_defaults(func=_delegate("fleetlm_dev.bench_server_overhead"), delegated=True)
-    prefix = bench_verbs.add_parser("prefix-cache", help="TTFT with vs without the prefix cache (shared prompt)",
-                                    add_help=False)
+    prefix = bench_verbs.add_parser(
+        "prefix-cache", help="TTFT with vs without the prefix cache (shared prompt)", add_help=False
+    )
     prefix.set_defaults(func=_delegate("fleetlm_dev.bench_prefix_cache"), delegated=True)
-    structured = bench_verbs.add_parser("structured", help="decode tok/s, 32 streams: half JSON-constrained vs none",
-                                        add_help=False)
+    structured = bench_verbs.add_parser(
+        "structured", help="decode tok/s, 32 streams: half JSON-constrained vs none", add_help=False
+    )
     structured.set_defaults(func=_delegate("fleetlm_dev.bench_structured"), delegated=True)
-    router_bench = bench_verbs.add_parser("router", help="router prefix affinity vs round-robin, 3 replicas",
-                                          add_help=False)
+    router_bench = bench_verbs.add_parser(
+        "router", help="router prefix affinity vs round-robin, 3 replicas", add_help=False
+    )
     router_bench.set_defaults(func=_delegate("fleetlm_dev.bench_router"), delegated=True)
-    operator_bench = bench_verbs.add_parser("operator", help="N LLMService objects at once: time and memory",
-                                            add_help=False)
+    operator_bench = bench_verbs.add_parser(
+        "operator", help="N LLMService objects at once: time and memory", add_help=False
+    )
     operator_bench.set_defaults(func=_delegate("fleetlm_dev.bench_operator"), delegated=True)
-    load_bench = bench_verbs.add_parser("load", help="model load time and peak RSS: our loader vs from_pretrained",
-                                        add_help=False)
+    load_bench = bench_verbs.add_parser(
+        "load", help="model load time and peak RSS: our loader vs from_pretrained", add_help=False
+    )
     load_bench.set_defaults(func=_delegate("fleetlm_dev.bench_load"), delegated=True)
     overload_bench = bench_verbs.add_parser(
         "overload", help="a real runtime process under 3x its KV pool: completions, /ready, RSS", add_help=False
     )
     overload_bench.set_defaults(func=_delegate("fleetlm_dev.bench_overload"), delegated=True)
 
-    simulate = verbs.add_parser("simulate", help="replay the tuning policy against simulated replicas",
-                                add_help=False)
+    simulate = verbs.add_parser("simulate", help="replay the tuning policy against simulated replicas", add_help=False)
     simulate.set_defaults(func=_delegate("fleetlm_dev.simulate"), delegated=True)
 
-    checkpoint = verbs.add_parser("checkpoint", help="convert the real test checkpoint (SmolLM2-135M) into the cache",
-                                  add_help=False)
+    checkpoint = verbs.add_parser(
+        "checkpoint", help="convert the real test checkpoint (SmolLM2-135M) into the cache", add_help=False
+    )
     checkpoint.set_defaults(func=_delegate("fleetlm_dev.checkpoints"), delegated=True)
-    gpu_check = verbs.add_parser("gpu-check", help="readiness: greedy equality, tok/s vs generate(), memory, NVML",
-                                 add_help=False)
+    gpu_check = verbs.add_parser(
+        "gpu-check", help="readiness: greedy equality, tok/s vs generate(), memory, NVML", add_help=False
+    )
     gpu_check.set_defaults(func=_delegate("fleetlm_dev.gpu_check"), delegated=True)
     return parser
 

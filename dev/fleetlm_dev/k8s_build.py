@@ -170,15 +170,17 @@ def _count_deps(packages: Iterable[str], *, cwd: pathlib.Path, log: pathlib.Path
     return len(out.splitlines())
 
 
-def _go_build_with_progress(cmd: Sequence[str], *, label: str, total: int, cwd: pathlib.Path,
-                            log: pathlib.Path) -> None:
+def _go_build_with_progress(
+    cmd: Sequence[str], *, label: str, total: int, cwd: pathlib.Path, log: pathlib.Path
+) -> None:
     """Run a `go build -v`/`go install -v` (one package path per line on stderr) with a progress bar."""
     progress = _Progress(label, total)
     lines: list[str] = []
     with log.open("a") as handle:
         handle.write(f"\n$ {' '.join(cmd)}\n")
-        proc = subprocess.Popen(cmd, cwd=cwd, env=_go_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT,
-                                text=True)
+        proc = subprocess.Popen(
+            cmd, cwd=cwd, env=_go_env(), stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
+        )
         assert proc.stdout is not None
         for line in proc.stdout:
             handle.write(line)
@@ -218,8 +220,9 @@ def _build_kube(k8s_version: str, *, work: pathlib.Path, out: pathlib.Path, log:
     shutil.rmtree(wrapper, ignore_errors=True)
     wrapper.mkdir(parents=True)
     _run(["go", "mod", "init", "example.invalid/fleetlm-k8s-testbins"], cwd=wrapper, log=log)
-    info = json.loads(_run(["go", "mod", "download", "-json", f"k8s.io/kubernetes@{k8s_version}"],
-                           cwd=wrapper, log=log))
+    info = json.loads(
+        _run(["go", "mod", "download", "-json", f"k8s.io/kubernetes@{k8s_version}"], cwd=wrapper, log=log)
+    )
     if info.get("Error"):
         raise BuildError(f"the module proxy does not serve k8s.io/kubernetes@{k8s_version}: {info['Error']}")
     upstream_gomod = pathlib.Path(info["GoMod"]).read_text()
@@ -229,14 +232,32 @@ def _build_kube(k8s_version: str, *, work: pathlib.Path, out: pathlib.Path, log:
     for module in modules:
         _run(["go", "mod", "edit", f"-replace={module}={module}@{staging}"], cwd=wrapper, log=log)
     targets = [f"k8s.io/kubernetes/cmd/{name}" for name in KUBE_COMMANDS]
-    print(f"[build] resolving k8s.io/kubernetes@{k8s_version} ({len(modules)} staging modules at {staging})",
-          file=sys.stderr, flush=True)
+    print(
+        f"[build] resolving k8s.io/kubernetes@{k8s_version} ({len(modules)} staging modules at {staging})",
+        file=sys.stderr,
+        flush=True,
+    )
     _run(["go", "get", "-tool", *(f"{t}@{k8s_version}" for t in targets)], cwd=wrapper, log=log)
     total = _count_deps(targets, cwd=wrapper, log=log)
     _go_build_with_progress(
-        ["go", "build", "-v", "-p", str(os.cpu_count() or 2), "-trimpath", "-ldflags",
-         _version_ldflags(k8s_version), "-o", f"{out}/", *targets],
-        label=f"kubernetes {k8s_version}", total=total, cwd=wrapper, log=log)
+        [
+            "go",
+            "build",
+            "-v",
+            "-p",
+            str(os.cpu_count() or 2),
+            "-trimpath",
+            "-ldflags",
+            _version_ldflags(k8s_version),
+            "-o",
+            f"{out}/",
+            *targets,
+        ],
+        label=f"kubernetes {k8s_version}",
+        total=total,
+        cwd=wrapper,
+        log=log,
+    )
 
 
 def _build_etcd(*, work: pathlib.Path, out: pathlib.Path, log: pathlib.Path) -> None:
@@ -250,7 +271,11 @@ def _build_etcd(*, work: pathlib.Path, out: pathlib.Path, log: pathlib.Path) -> 
     total = _count_deps([target], cwd=wrapper, log=log)
     _go_build_with_progress(
         ["go", "build", "-v", "-trimpath", "-ldflags", "-s -w", "-o", str(out / "etcd"), target],
-        label=f"etcd {ETCD_VERSION}", total=total, cwd=wrapper, log=log)
+        label=f"etcd {ETCD_VERSION}",
+        total=total,
+        cwd=wrapper,
+        log=log,
+    )
 
 
 def _build_helm(k8s_version: str, *, work: pathlib.Path, out: pathlib.Path, log: pathlib.Path) -> None:
@@ -258,9 +283,11 @@ def _build_helm(k8s_version: str, *, work: pathlib.Path, out: pathlib.Path, log:
     major, minor = k8s_version.lstrip("v").split(".")[:2]
     # As helm's Makefile does: without k8sVersionMajor/Minor, `helm template` assumes Kubernetes 1.20
     # and refuses charts whose kubeVersion asks for more.
-    ldflags = (f"-s -w -X {module}/internal/version.version={HELM_VERSION} "
-               f"-X {module}/internal/version.gitTreeState=clean "
-               f"-X {module}/pkg/chartutil.k8sVersionMajor={major} -X {module}/pkg/chartutil.k8sVersionMinor={minor}")
+    ldflags = (
+        f"-s -w -X {module}/internal/version.version={HELM_VERSION} "
+        f"-X {module}/internal/version.gitTreeState=clean "
+        f"-X {module}/pkg/chartutil.k8sVersionMajor={major} -X {module}/pkg/chartutil.k8sVersionMinor={minor}"
+    )
     wrapper = work / "helm-wrapper"
     shutil.rmtree(wrapper, ignore_errors=True)
     wrapper.mkdir(parents=True)
@@ -270,7 +297,11 @@ def _build_helm(k8s_version: str, *, work: pathlib.Path, out: pathlib.Path, log:
     total = _count_deps([target], cwd=wrapper, log=log)
     _go_build_with_progress(
         ["go", "build", "-v", "-trimpath", "-ldflags", ldflags, "-o", str(out / "helm"), target],
-        label=f"helm {HELM_VERSION}", total=total, cwd=wrapper, log=log)
+        label=f"helm {HELM_VERSION}",
+        total=total,
+        cwd=wrapper,
+        log=log,
+    )
 
 
 _VERSION_ARGS = {
@@ -283,8 +314,13 @@ _VERSION_ARGS = {
 
 
 def _record(path: pathlib.Path) -> BinaryRecord:
-    proc = subprocess.run([str(path), *_VERSION_ARGS[path.name]], capture_output=True, text=True, check=False,
-                          env={**os.environ, "HELM_CONFIG_HOME": str(path.parent / ".helm")})
+    proc = subprocess.run(
+        [str(path), *_VERSION_ARGS[path.name]],
+        capture_output=True,
+        text=True,
+        check=False,
+        env={**os.environ, "HELM_CONFIG_HOME": str(path.parent / ".helm")},
+    )
     if proc.returncode != 0:
         raise BuildError(f"{path.name} does not run: {proc.stderr.strip()[-500:]}")
     version = (proc.stdout.strip().splitlines() or [""])[0]
@@ -333,8 +369,11 @@ def _build_locked(k8s_version: str, root: pathlib.Path) -> Toolset:
     log = root / "build.log"
     log.write_text(f"build started {datetime.datetime.now(tz=datetime.UTC).isoformat()}\n")
     started = time.monotonic()
-    print(f"[build] building the control plane into {root} (log: {log}); the first build takes a while",
-          file=sys.stderr, flush=True)
+    print(
+        f"[build] building the control plane into {root} (log: {log}); the first build takes a while",
+        file=sys.stderr,
+        flush=True,
+    )
     _build_kube(k8s_version, work=work, out=partial_bin, log=log)
     _build_etcd(work=work, out=partial_bin, log=log)
     _build_helm(k8s_version, work=work, out=partial_bin, log=log)
@@ -376,8 +415,11 @@ def ensure_built() -> Toolset:
     except BuildError as error:
         if "proxy" not in str(error) and "unknown revision" not in str(error) and "not found" not in str(error):
             raise
-        print(f"[build] {K8S_VERSION} cannot be resolved, trying {K8S_FALLBACK_VERSION}:\n{error}",
-              file=sys.stderr, flush=True)
+        print(
+            f"[build] {K8S_VERSION} cannot be resolved, trying {K8S_FALLBACK_VERSION}:\n{error}",
+            file=sys.stderr,
+            flush=True,
+        )
         return build(K8S_FALLBACK_VERSION)
 
 

@@ -62,8 +62,9 @@ class Pki:
 
 
 def _write_key(path: pathlib.Path, key: ec.EllipticCurvePrivateKey) -> None:
-    path.write_bytes(key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                                       serialization.NoEncryption()))
+    path.write_bytes(
+        key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+    )
     path.chmod(0o600)
 
 
@@ -74,9 +75,16 @@ def _name(common_name: str, organization: str | None = None) -> x509.Name:
     return x509.Name(attributes)
 
 
-def _sign(*, subject: x509.Name, public_key: ec.EllipticCurvePublicKey, ca_name: x509.Name,
-          ca_key: ec.EllipticCurvePrivateKey, is_ca: bool, usage: list[x509.ObjectIdentifier],
-          sans: list[x509.GeneralName]) -> x509.Certificate:
+def _sign(
+    *,
+    subject: x509.Name,
+    public_key: ec.EllipticCurvePublicKey,
+    ca_name: x509.Name,
+    ca_key: ec.EllipticCurvePrivateKey,
+    is_ca: bool,
+    usage: list[x509.ObjectIdentifier],
+    sans: list[x509.GeneralName],
+) -> x509.Certificate:
     now = datetime.datetime.now(tz=datetime.UTC)
     builder = (
         x509.CertificateBuilder()
@@ -94,9 +102,19 @@ def _sign(*, subject: x509.Name, public_key: ec.EllipticCurvePublicKey, ca_name:
         builder = builder.add_extension(x509.SubjectAlternativeName(sans), critical=False)
     if is_ca:
         builder = builder.add_extension(
-            x509.KeyUsage(digital_signature=True, key_cert_sign=True, crl_sign=True, content_commitment=False,
-                          key_encipherment=False, data_encipherment=False, key_agreement=False,
-                          encipher_only=False, decipher_only=False), critical=True)
+            x509.KeyUsage(
+                digital_signature=True,
+                key_cert_sign=True,
+                crl_sign=True,
+                content_commitment=False,
+                key_encipherment=False,
+                data_encipherment=False,
+                key_agreement=False,
+                encipher_only=False,
+                decipher_only=False,
+            ),
+            critical=True,
+        )
     return builder.sign(ca_key, hashes.SHA256())
 
 
@@ -105,16 +123,24 @@ def create(directory: pathlib.Path) -> Pki:
     pki = Pki(directory)
     ca_key = ec.generate_private_key(ec.SECP256R1())
     ca_name = _name("fleetlm-test-ca")
-    ca = _sign(subject=ca_name, public_key=ca_key.public_key(), ca_name=ca_name, ca_key=ca_key, is_ca=True,
-               usage=[], sans=[])
+    ca = _sign(
+        subject=ca_name, public_key=ca_key.public_key(), ca_name=ca_name, ca_key=ca_key, is_ca=True, usage=[], sans=[]
+    )
     _write_key(pki.ca_key, ca_key)
     pki.ca_cert.write_bytes(ca.public_bytes(serialization.Encoding.PEM))
 
     serving_key = ec.generate_private_key(ec.SECP256R1())
     sans: list[x509.GeneralName] = [x509.DNSName(name) for name in SERVING_DNS]
     sans += [x509.IPAddress(ipaddress.ip_address(ip)) for ip in SERVING_IPS]
-    serving = _sign(subject=_name("localhost"), public_key=serving_key.public_key(), ca_name=ca_name,
-                    ca_key=ca_key, is_ca=False, usage=[ExtendedKeyUsageOID.SERVER_AUTH], sans=sans)
+    serving = _sign(
+        subject=_name("localhost"),
+        public_key=serving_key.public_key(),
+        ca_name=ca_name,
+        ca_key=ca_key,
+        is_ca=False,
+        usage=[ExtendedKeyUsageOID.SERVER_AUTH],
+        sans=sans,
+    )
     _write_key(pki.serving_key, serving_key)
     pki.serving_cert.write_bytes(serving.public_bytes(serialization.Encoding.PEM))
 
@@ -122,14 +148,21 @@ def create(directory: pathlib.Path) -> Pki:
 
     sa_key = ec.generate_private_key(ec.SECP256R1())
     _write_key(pki.sa_key, sa_key)
-    pki.sa_pub.write_bytes(sa_key.public_key().public_bytes(serialization.Encoding.PEM,
-                                                            serialization.PublicFormat.SubjectPublicKeyInfo))
+    pki.sa_pub.write_bytes(
+        sa_key.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    )
     return pki
 
 
-def issue_client_cert(pki: Pki, *, user: str, groups: tuple[str, ...] = (), stem: str | None = None,
-                      ca_key: ec.EllipticCurvePrivateKey | None = None,
-                      ca_name: x509.Name | None = None) -> tuple[pathlib.Path, pathlib.Path]:
+def issue_client_cert(
+    pki: Pki,
+    *,
+    user: str,
+    groups: tuple[str, ...] = (),
+    stem: str | None = None,
+    ca_key: ec.EllipticCurvePrivateKey | None = None,
+    ca_name: x509.Name | None = None,
+) -> tuple[pathlib.Path, pathlib.Path]:
     """A client certificate for `user` in `groups` (x509 O= fields), signed by the test CA."""
     if ca_key is None:
         loaded = serialization.load_pem_private_key(pki.ca_key.read_bytes(), password=None)
@@ -141,8 +174,15 @@ def issue_client_cert(pki: Pki, *, user: str, groups: tuple[str, ...] = (), stem
     key = ec.generate_private_key(ec.SECP256R1())
     attributes = [x509.NameAttribute(NameOID.ORGANIZATION_NAME, group) for group in groups]
     attributes.append(x509.NameAttribute(NameOID.COMMON_NAME, user))
-    cert = _sign(subject=x509.Name(attributes), public_key=key.public_key(), ca_name=ca_name, ca_key=ca_key,
-                 is_ca=False, usage=[ExtendedKeyUsageOID.CLIENT_AUTH], sans=[])
+    cert = _sign(
+        subject=x509.Name(attributes),
+        public_key=key.public_key(),
+        ca_name=ca_name,
+        ca_key=ca_key,
+        is_ca=False,
+        usage=[ExtendedKeyUsageOID.CLIENT_AUTH],
+        sans=[],
+    )
     cert_path, key_path = pki.directory / f"{stem}.crt", pki.directory / f"{stem}.key"
     _write_key(key_path, key)
     cert_path.write_bytes(cert.public_bytes(serialization.Encoding.PEM))

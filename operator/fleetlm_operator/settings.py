@@ -45,8 +45,10 @@ class OperatorSettings:
     def from_env(cls, env: Mapping[str, str] | None = None) -> OperatorSettings:
         env = os.environ if env is None else env
         defaults = cls()
-        identity = env.get("FLEETLM_OPERATOR_IDENTITY") or f"{env.get('POD_NAME') or socket.gethostname()}-" \
-                                                          f"{uuid.uuid4().hex[:6]}"
+        identity = (
+            env.get("FLEETLM_OPERATOR_IDENTITY")
+            or f"{env.get('POD_NAME') or socket.gethostname()}-{uuid.uuid4().hex[:6]}"
+        )
         return cls(
             runtime_image=env.get("FLEETLM_RUNTIME_IMAGE", defaults.runtime_image),
             router_image=env.get("FLEETLM_ROUTER_IMAGE", defaults.router_image),
@@ -54,9 +56,9 @@ class OperatorSettings:
             leader_election=_bool(env.get("FLEETLM_LEADER_ELECTION", "true"), name="FLEETLM_LEADER_ELECTION"),
             lease_name=env.get("FLEETLM_LEASE_NAME", defaults.lease_name),
             identity=identity,
-            lease_duration_s=_int(env.get("FLEETLM_LEASE_DURATION_S", str(defaults.lease_duration_s)),
-                                  name="FLEETLM_LEASE_DURATION_S"),
-            metrics_port=_int(env.get("FLEETLM_METRICS_PORT", str(defaults.metrics_port)),
-                              name="FLEETLM_METRICS_PORT"),
+            lease_duration_s=_int(
+                env.get("FLEETLM_LEASE_DURATION_S", str(defaults.lease_duration_s)), name="FLEETLM_LEASE_DURATION_S"
+            ),
+            metrics_port=_int(env.get("FLEETLM_METRICS_PORT", str(defaults.metrics_port)), name="FLEETLM_METRICS_PORT"),
             health_port=_int(env.get("FLEETLM_HEALTH_PORT", str(defaults.health_port)), name="FLEETLM_HEALTH_PORT"),
         )

@@ -20,10 +20,17 @@ def cache(tmp_path: pathlib.Path, monkeypatch: pytest.MonkeyPatch) -> pathlib.Pa
     for name in ("kube-apiserver", "etcd"):
         path = bin_dir / name
         path.write_bytes(name.encode() * 100)
-        records.append({"name": name, "size_bytes": path.stat().st_size, "sha256": k8s_build._sha256(path),
-                        "version": f"{name} v1.99.0"})
+        records.append(
+            {
+                "name": name,
+                "size_bytes": path.stat().st_size,
+                "sha256": k8s_build._sha256(path),
+                "version": f"{name} v1.99.0",
+            }
+        )
     (bin_dir / k8s_build.MANIFEST_NAME).write_text(
-        json.dumps({"recipe_version": k8s_build.RECIPE_VERSION, "binaries": records}))
+        json.dumps({"recipe_version": k8s_build.RECIPE_VERSION, "binaries": records})
+    )
     return bin_dir
 
 

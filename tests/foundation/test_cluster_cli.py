@@ -16,8 +16,9 @@ pytestmark = pytest.mark.cluster
 
 
 def _fleetlm_dev(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "fleetlm_dev.cli", *args], capture_output=True, text=True,
-                          check=False, timeout=300)
+    return subprocess.run(
+        [sys.executable, "-m", "fleetlm_dev.cli", *args], capture_output=True, text=True, check=False, timeout=300
+    )
 
 
 def _alive(pid: int) -> bool:

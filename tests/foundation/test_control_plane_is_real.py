@@ -74,8 +74,9 @@ def test_cel_rule_refuses_an_object_that_violates_it(control_plane: cluster.Cont
 
 
 def test_deployment_gets_a_replicaset_and_pods(control_plane: cluster.ControlPlane, namespace: str) -> None:
-    control_plane.kubectl("create", "deployment", "web", "-n", namespace, "--image=registry.invalid/web:1",
-                          "--replicas=2")
+    control_plane.kubectl(
+        "create", "deployment", "web", "-n", namespace, "--image=registry.invalid/web:1", "--replicas=2"
+    )
 
     def replicaset_owned_by_deployment() -> dict | None:
         for rs in _json(control_plane, "get", "replicasets", "-n", namespace)["items"]:
@@ -86,37 +87,46 @@ def test_deployment_gets_a_replicaset_and_pods(control_plane: cluster.ControlPla
     rs = wait_for("the deployment controller to create a ReplicaSet", replicaset_owned_by_deployment)
 
     def pods_owned_by_replicaset() -> list[dict] | None:
-        pods = [pod for pod in _json(control_plane, "get", "pods", "-n", namespace)["items"]
-                if any(ref["uid"] == rs["metadata"]["uid"] for ref in pod["metadata"].get("ownerReferences", []))]
+        pods = [
+            pod
+            for pod in _json(control_plane, "get", "pods", "-n", namespace)["items"]
+            if any(ref["uid"] == rs["metadata"]["uid"] for ref in pod["metadata"].get("ownerReferences", []))
+        ]
         return pods if len(pods) == 2 else None
 
     pods = wait_for("the replicaset controller to create 2 Pods", pods_owned_by_replicaset)
     assert {pod["spec"]["containers"][0]["image"] for pod in pods} == {"registry.invalid/web:1"}
 
 
-def test_deleting_an_owner_garbage_collects_its_dependents(control_plane: cluster.ControlPlane,
-                                                           namespace: str) -> None:
+def test_deleting_an_owner_garbage_collects_its_dependents(control_plane: cluster.ControlPlane, namespace: str) -> None:
     control_plane.kubectl("create", "configmap", "owner", "-n", namespace, "--from-literal=k=v")
     owner_uid = _json(control_plane, "get", "configmap", "owner", "-n", namespace)["metadata"]["uid"]
-    dependent = json.dumps({
-        "apiVersion": "v1", "kind": "ConfigMap",
-        "metadata": {"name": "dependent", "namespace": namespace, "ownerReferences": [
-            {"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner_uid}]},
-        "data": {"k": "v"},
-    })
+    dependent = json.dumps(
+        {
+            "apiVersion": "v1",
+            "kind": "ConfigMap",
+            "metadata": {
+                "name": "dependent",
+                "namespace": namespace,
+                "ownerReferences": [{"apiVersion": "v1", "kind": "ConfigMap", "name": "owner", "uid": owner_uid}],
+            },
+            "data": {"k": "v"},
+        }
+    )
     control_plane.kubectl("apply", "-f", "-", input=dependent)
     control_plane.kubectl("delete", "configmap", "owner", "-n", namespace)
 
-    wait_for("the garbage collector to delete the dependent",
-             lambda: control_plane.kubectl("get", "configmap", "dependent", "-n", namespace,
-                                           check=False).returncode != 0)
-    assert "NotFound" in control_plane.kubectl("get", "configmap", "dependent", "-n", namespace,
-                                               check=False).stderr
+    wait_for(
+        "the garbage collector to delete the dependent",
+        lambda: control_plane.kubectl("get", "configmap", "dependent", "-n", namespace, check=False).returncode != 0,
+    )
+    assert "NotFound" in control_plane.kubectl("get", "configmap", "dependent", "-n", namespace, check=False).stderr
 
 
 def test_helm_installs_and_uninstalls_a_chart(control_plane: cluster.ControlPlane, namespace: str) -> None:
-    control_plane.helm("install", "demo", str(CHART_DIR), "-n", namespace, "--set", "greeting=hi", "--wait",
-                       "--timeout", "60s")
+    control_plane.helm(
+        "install", "demo", str(CHART_DIR), "-n", namespace, "--set", "greeting=hi", "--wait", "--timeout", "60s"
+    )
 
     configmap = _json(control_plane, "get", "configmap", "demo-tiny", "-n", namespace)
     assert configmap["data"]["greeting"] == "hi"

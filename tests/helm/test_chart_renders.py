@@ -19,8 +19,12 @@ CHART = REPO_ROOT / "helm" / "fleetlm"
 
 def _helm(*args: str, tmp: pathlib.Path) -> subprocess.CompletedProcess[str]:
     helm = k8s_build.ensure_built().path("helm")
-    env = {**os.environ, "HELM_CONFIG_HOME": str(tmp / "c"), "HELM_CACHE_HOME": str(tmp / "k"),
-           "HELM_DATA_HOME": str(tmp / "d")}
+    env = {
+        **os.environ,
+        "HELM_CONFIG_HOME": str(tmp / "c"),
+        "HELM_CACHE_HOME": str(tmp / "k"),
+        "HELM_DATA_HOME": str(tmp / "d"),
+    }
     return subprocess.run([str(helm), *args], capture_output=True, text=True, check=False, env=env, timeout=120)
 
 
@@ -45,9 +49,19 @@ def test_lint_is_clean(tmp_path: pathlib.Path) -> None:
 
 def test_default_values_render_operator_rbac_crd_and_dashboard(tmp_path: pathlib.Path) -> None:
     docs = _render(tmp_path)
-    assert _kinds(docs) == ["ClusterRole", "ClusterRole", "ClusterRoleBinding", "ClusterRoleBinding", "ConfigMap",
-                            "CustomResourceDefinition", "Deployment", "Role", "RoleBinding", "Service",
-                            "ServiceAccount"]
+    assert _kinds(docs) == [
+        "ClusterRole",
+        "ClusterRole",
+        "ClusterRoleBinding",
+        "ClusterRoleBinding",
+        "ConfigMap",
+        "CustomResourceDefinition",
+        "Deployment",
+        "Role",
+        "RoleBinding",
+        "Service",
+        "ServiceAccount",
+    ]
     deployment = next(d for d in docs if d["kind"] == "Deployment")
     container = deployment["spec"]["template"]["spec"]["containers"][0]
     assert container["image"] == "fleetlm/operator:0.1.0"
@@ -83,8 +97,15 @@ def test_watch_namespaces_grant_roles_only_there(tmp_path: pathlib.Path) -> None
 def test_optional_parts_switch_on_and_off(tmp_path: pathlib.Path) -> None:
     on = _kinds(_render(tmp_path, "metrics.serviceMonitor.enabled=true"))
     assert "ServiceMonitor" in on
-    off = _kinds(_render(tmp_path, "dashboards.enabled=false", "rbac.create=false", "serviceAccount.create=false",
-                         "serviceAccount.name=existing"))
+    off = _kinds(
+        _render(
+            tmp_path,
+            "dashboards.enabled=false",
+            "rbac.create=false",
+            "serviceAccount.create=false",
+            "serviceAccount.name=existing",
+        )
+    )
     assert off == ["CustomResourceDefinition", "Deployment", "Service"]
 
 
@@ -94,19 +115,30 @@ def test_dashboard_is_the_generated_one_and_parses(tmp_path: pathlib.Path) -> No
     board = json.loads(config_map["data"]["fleetlm-slo.json"])
     assert board == dashboard.build()
     titles = [panel["title"] for panel in board["panels"]]
-    for wanted in ("TTFT p95 per class vs SLO", "TPOT p95 per class vs SLO", "Replicas", "Batch limits",
-                   "Queue depth per class", "KV cache usage", "GPU utilization", "Tuning decisions"):
+    for wanted in (
+        "TTFT p95 per class vs SLO",
+        "TPOT p95 per class vs SLO",
+        "Replicas",
+        "Batch limits",
+        "Queue depth per class",
+        "KV cache usage",
+        "GPU utilization",
+        "Tuning decisions",
+    ):
         assert wanted in titles
 
 
-@pytest.mark.parametrize(("value", "message"), [
-    ("operator.replicas=0", "/operator/replicas"),
-    ("operator.logFormat=xml", "/operator/logFormat"),
-    ("operator.watchNamespaces={Bad_Name}", "/operator/watchNamespaces/0"),
-    ("operator.metricsPort=80", "/operator/metricsPort"),
-    ("operator.replica=2", "additional properties 'replica' not allowed"),
-    ("metrics.serviceMonitor.interval=often", "/metrics/serviceMonitor/interval"),
-])
+@pytest.mark.parametrize(
+    ("value", "message"),
+    [
+        ("operator.replicas=0", "/operator/replicas"),
+        ("operator.logFormat=xml", "/operator/logFormat"),
+        ("operator.watchNamespaces={Bad_Name}", "/operator/watchNamespaces/0"),
+        ("operator.metricsPort=80", "/operator/metricsPort"),
+        ("operator.replica=2", "additional properties 'replica' not allowed"),
+        ("metrics.serviceMonitor.interval=often", "/metrics/serviceMonitor/interval"),
+    ],
+)
 def test_bad_values_are_refused_naming_the_field(tmp_path: pathlib.Path, value: str, message: str) -> None:
     proc = _helm("template", "r", str(CHART), "--set", value, tmp=tmp_path)
     assert proc.returncode != 0

@@ -25,19 +25,24 @@ def test_operator_extra_has_no_torch(tmp_path: pathlib.Path) -> None:
     venv = tmp_path / "venv"
     assert _run(sys.executable, "-m", "venv", str(venv)).returncode == 0
     python = str(venv / "bin" / "python")
-    installed = _run(python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet",
-                     f"{REPO_ROOT}[operator]")
+    installed = _run(python, "-m", "pip", "install", "--disable-pip-version-check", "--quiet", f"{REPO_ROOT}[operator]")
     assert installed.returncode == 0, installed.stderr[-3000:]
 
-    probe = _run(python, "-c", (
-        "import importlib, pkgutil, sys\n"
-        "import fleetlm_operator\n"
-        "for module in pkgutil.walk_packages(fleetlm_operator.__path__, 'fleetlm_operator.'):\n"
-        "    if module.name.split('.')[1] in ('sim',):\n"
-        "        continue  # the simulator is dev tooling (numpy, matplotlib), not part of the image\n"
-        "    importlib.import_module(module.name)\n"
-        "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch was imported'\n"
-        "print('ok')\n"), cwd=tmp_path)
+    probe = _run(
+        python,
+        "-c",
+        (
+            "import importlib, pkgutil, sys\n"
+            "import fleetlm_operator\n"
+            "for module in pkgutil.walk_packages(fleetlm_operator.__path__, 'fleetlm_operator.'):\n"
+            "    if module.name.split('.')[1] in ('sim',):\n"
+            "        continue  # the simulator is dev tooling (numpy, matplotlib), not part of the image\n"
+            "    importlib.import_module(module.name)\n"
+            "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch was imported'\n"
+            "print('ok')\n"
+        ),
+        cwd=tmp_path,
+    )
     assert probe.returncode == 0 and probe.stdout.strip() == "ok", probe.stderr[-3000:]
     assert _run(python, "-c", "import torch").returncode != 0  # not installed at all
     help_text = _run(str(venv / "bin" / "fleetlm-operator"), "--help")

@@ -70,9 +70,13 @@ class Applier:
         """Server-side apply `manifest`; returns the object as stored."""
         resource = self._resource(manifest["apiVersion"], manifest["kind"])
         metadata = manifest["metadata"]
-        applied = resource.server_side_apply(body=dict(manifest), name=metadata["name"],
-                                             namespace=metadata.get("namespace"), field_manager=FIELD_MANAGER,
-                                             force_conflicts=True)
+        applied = resource.server_side_apply(
+            body=dict(manifest),
+            name=metadata["name"],
+            namespace=metadata.get("namespace"),
+            field_manager=FIELD_MANAGER,
+            force_conflicts=True,
+        )
         return dict(applied.to_dict())
 
     def delete_if_present(self, api_version: str, kind: str, name: str, namespace: str) -> bool:
@@ -93,8 +97,9 @@ class Applier:
         except dynamic_exceptions.NotFoundError:
             pass
         try:
-            created = resource.create(body=dict(manifest), namespace=metadata.get("namespace"),
-                                      field_manager=FIELD_MANAGER)
+            created = resource.create(
+                body=dict(manifest), namespace=metadata.get("namespace"), field_manager=FIELD_MANAGER
+            )
             return dict(created.to_dict()), True
         except dynamic_exceptions.ConflictError:
             # Lost a race with another writer: theirs stands.
@@ -125,15 +130,17 @@ class Applier:
 
     def read_llmservice(self, name: str, namespace: str) -> dict[str, Any] | None:
         try:
-            return dict(self._custom.get_namespaced_custom_object(names.GROUP, names.VERSION, namespace,
-                                                                  names.PLURAL, name))
+            return dict(
+                self._custom.get_namespaced_custom_object(names.GROUP, names.VERSION, namespace, names.PLURAL, name)
+            )
         except exceptions.ApiException as error:
             if error.status == 404:
                 return None
             raise
 
-    def patch_llmservice_status(self, name: str, namespace: str, status: Mapping[str, Any], *,
-                                resource_version: str | None = None) -> bool:
+    def patch_llmservice_status(
+        self, name: str, namespace: str, status: Mapping[str, Any], *, resource_version: str | None = None
+    ) -> bool:
         """Merge-patch the status subresource; a deleted LLMService is not an error.
 
         With `resource_version` the patch applies only to that version of the object (optimistic
@@ -143,8 +150,9 @@ class Applier:
         if resource_version is not None:
             body["metadata"] = {"resourceVersion": resource_version}
         try:
-            self._custom.patch_namespaced_custom_object_status(names.GROUP, names.VERSION, namespace, names.PLURAL,
-                                                               name, body)
+            self._custom.patch_namespaced_custom_object_status(
+                names.GROUP, names.VERSION, namespace, names.PLURAL, name, body
+            )
         except exceptions.ApiException as error:
             if error.status == 409 and resource_version is not None:
                 return False
@@ -152,8 +160,9 @@ class Applier:
                 raise
         return True
 
-    def apply_llmservice_conditions(self, name: str, namespace: str, conditions: list[dict[str, Any]], *,
-                                    field_manager: str, force: bool = True) -> bool:
+    def apply_llmservice_conditions(
+        self, name: str, namespace: str, conditions: list[dict[str, Any]], *, field_manager: str, force: bool = True
+    ) -> bool:
         """Server-side apply `conditions` (one writer's full set) on the status subresource as `field_manager`.
 
         status.conditions is a list-map keyed by `type`, so the API server merges entry by entry: entries
@@ -163,11 +172,21 @@ class Applier:
         LLMService is not an error.
         """
         resource = self._resource(f"{names.GROUP}/{names.VERSION}", names.KIND)
-        body = {"apiVersion": f"{names.GROUP}/{names.VERSION}", "kind": names.KIND,
-                "metadata": {"name": name, "namespace": namespace}, "status": {"conditions": conditions}}
+        body = {
+            "apiVersion": f"{names.GROUP}/{names.VERSION}",
+            "kind": names.KIND,
+            "metadata": {"name": name, "namespace": namespace},
+            "status": {"conditions": conditions},
+        }
         try:
-            self._dynamic.server_side_apply(resource.status, body=body, name=name, namespace=namespace,
-                                            field_manager=field_manager, force_conflicts=force)
+            self._dynamic.server_side_apply(
+                resource.status,
+                body=body,
+                name=name,
+                namespace=namespace,
+                field_manager=field_manager,
+                force_conflicts=force,
+            )
         except dynamic_exceptions.NotFoundError:
             return False
         except dynamic_exceptions.ConflictError:
@@ -178,5 +197,6 @@ class Applier:
 
     def patch_llmservice_replicas(self, name: str, namespace: str, replicas: int) -> None:
         """Write the desired replica count where /scale reads it (spec.replicas.desired)."""
-        self._custom.patch_namespaced_custom_object(names.GROUP, names.VERSION, namespace, names.PLURAL, name,
-                                                    {"spec": {"replicas": {"desired": replicas}}})
+        self._custom.patch_namespaced_custom_object(
+            names.GROUP, names.VERSION, namespace, names.PLURAL, name, {"spec": {"replicas": {"desired": replicas}}}
+        )

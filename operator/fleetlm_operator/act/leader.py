@@ -84,8 +84,14 @@ class LeaseElector:
                 raise
             body = client.V1Lease(
                 metadata=client.V1ObjectMeta(name=cfg.name, namespace=cfg.namespace),
-                spec=client.V1LeaseSpec(holder_identity=cfg.identity, lease_duration_seconds=cfg.lease_duration_s,
-                                        acquire_time=now, renew_time=now, lease_transitions=0))
+                spec=client.V1LeaseSpec(
+                    holder_identity=cfg.identity,
+                    lease_duration_seconds=cfg.lease_duration_s,
+                    acquire_time=now,
+                    renew_time=now,
+                    lease_transitions=0,
+                ),
+            )
             try:
                 self._api.create_namespaced_lease(cfg.namespace, body, _request_timeout=cfg.request_timeout_s)
             except exceptions.ApiException as create_error:
@@ -122,12 +128,20 @@ class LeaseElector:
             try:
                 if await asyncio.to_thread(self._try_acquire_or_renew):
                     self.is_leader = True
-                    logger.info("acquired leadership of lease %s/%s as %s", self.config.namespace,
-                                self.config.name, self.config.identity)
+                    logger.info(
+                        "acquired leadership of lease %s/%s as %s",
+                        self.config.namespace,
+                        self.config.name,
+                        self.config.identity,
+                    )
                     return
             except Exception as error:  # the API server down or refusing: keep trying, never crash the start
-                logger.warning("leader election: lease %s/%s unavailable: %s", self.config.namespace,
-                               self.config.name, _describe(error))
+                logger.warning(
+                    "leader election: lease %s/%s unavailable: %s",
+                    self.config.namespace,
+                    self.config.name,
+                    _describe(error),
+                )
             if not announced:
                 logger.info("another operator replica leads; standing by")
                 announced = True
@@ -149,15 +163,21 @@ class LeaseElector:
             started = loop.time()
             try:
                 # An attempt may not outlive the deadline, even if its requests hang past their timeouts.
-                renewed = await asyncio.wait_for(asyncio.to_thread(self._try_acquire_or_renew),
-                                                 timeout=max(0.1, last_renewed + cfg.deadline_s - started))
+                renewed = await asyncio.wait_for(
+                    asyncio.to_thread(self._try_acquire_or_renew),
+                    timeout=max(0.1, last_renewed + cfg.deadline_s - started),
+                )
                 error_text = "" if renewed else f"the Lease is held by {self.observed_holder!r}"
             except Exception as error:  # not only ApiException: refused connections, timeouts, TLS, bugs
                 renewed, error_text = False, _describe(error)
             if renewed:
                 if failures:
-                    logger.info("leader election: lease %s/%s renewed again after %d failed attempts",
-                                cfg.namespace, cfg.name, failures)
+                    logger.info(
+                        "leader election: lease %s/%s renewed again after %d failed attempts",
+                        cfg.namespace,
+                        cfg.name,
+                        failures,
+                    )
                 failures = 0
                 last_renewed = started
                 continue
@@ -166,13 +186,25 @@ class LeaseElector:
             taken = self.observed_holder not in (None, cfg.identity)
             if taken or since >= cfg.deadline_s:
                 self.is_leader = False
-                logger.error("lost leadership of lease %s/%s after %.1fs without renewal (%s); stepping down",
-                             cfg.namespace, cfg.name, since, error_text)
+                logger.error(
+                    "lost leadership of lease %s/%s after %.1fs without renewal (%s); stepping down",
+                    cfg.namespace,
+                    cfg.name,
+                    since,
+                    error_text,
+                )
                 on_lost()
                 return
-            logger.warning("leader election: renewal of lease %s/%s failed (%d in a row, %.1fs since the last "
-                           "renewal, stepping down at %.1fs): %s", cfg.namespace, cfg.name, failures, since,
-                           cfg.deadline_s, error_text)
+            logger.warning(
+                "leader election: renewal of lease %s/%s failed (%d in a row, %.1fs since the last "
+                "renewal, stepping down at %.1fs): %s",
+                cfg.namespace,
+                cfg.name,
+                failures,
+                since,
+                cfg.deadline_s,
+                error_text,
+            )
 
     def release(self) -> None:
         """Give the lease up on a clean shutdown so a standby takes over at once, not after expiry."""

@@ -67,23 +67,28 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
     settings.persistence.finalizer = f"{names.GROUP}/kopf-finalizer"
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
-        prefix=names.GROUP, key="last-handled-configuration")
+        prefix=names.GROUP, key="last-handled-configuration"
+    )
     settings.posting.level = logging.INFO
     settings.execution.max_workers = 16
     settings.execution.default_backoff = 10  # kopf waits 60 s after an unexpected error by default
     settings.watching.server_timeout = 300
     settings.networking.request_timeout = 60
     api_client = await asyncio.to_thread(_api_client)
-    ctx = context.OperatorContext(settings=operator_settings, api_client=api_client,
-                                  applier=await asyncio.to_thread(apply.Applier, api_client))
+    ctx = context.OperatorContext(
+        settings=operator_settings, api_client=api_client, applier=await asyncio.to_thread(apply.Applier, api_client)
+    )
     if operator_settings.metrics_port:
         metrics.serve(operator_settings.metrics_port)
     if operator_settings.leader_election:
-        lease = leader.LeaseConfig(name=operator_settings.lease_name, namespace=operator_settings.namespace,
-                                   identity=operator_settings.identity,
-                                   lease_duration_s=operator_settings.lease_duration_s,
-                                   renew_period_s=operator_settings.lease_duration_s / 5,
-                                   retry_period_s=min(1.0, operator_settings.lease_duration_s / 10))
+        lease = leader.LeaseConfig(
+            name=operator_settings.lease_name,
+            namespace=operator_settings.namespace,
+            identity=operator_settings.identity,
+            lease_duration_s=operator_settings.lease_duration_s,
+            renew_period_s=operator_settings.lease_duration_s / 5,
+            retry_period_s=min(1.0, operator_settings.lease_duration_s / 10),
+        )
         elector = leader.LeaseElector(lease, api=client.CoordinationV1Api(api_client))
         await elector.acquire()
         ctx.elector = elector
@@ -92,8 +97,9 @@ async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logg
         task.add_done_callback(_hold_ended)
     metrics.IS_LEADER.set(1)
     memo[context.MEMO_KEY] = ctx
-    logger.info("fleetlm-operator started as %s (runtime image %s)", operator_settings.identity,
-                operator_settings.runtime_image)
+    logger.info(
+        "fleetlm-operator started as %s (runtime image %s)", operator_settings.identity, operator_settings.runtime_image
+    )
 
 
 @kopf.on.probe(id="leader")

@@ -80,18 +80,27 @@ def _load_state(body: kopf.Body, logger: logging.Logger) -> state_mod.TunerState
         return state_mod.TunerState()
 
 
-async def _collect(svc: models.LLMService, endpoints: dict[str, str], *,
-                   now_s: float) -> tuple[dict[str, window_mod.PodSample], dict[str, str]]:
+async def _collect(
+    svc: models.LLMService, endpoints: dict[str, str], *, now_s: float
+) -> tuple[dict[str, window_mod.PodSample], dict[str, str]]:
     if svc.spec.autoscaling.metrics_source == "prometheus":
-        result = await prometheus.query_pods(str(svc.spec.autoscaling.prometheus_url), namespace=svc.namespace,
-                                             pods=sorted(endpoints), at_s=now_s)
+        result = await prometheus.query_pods(
+            str(svc.spec.autoscaling.prometheus_url), namespace=svc.namespace, pods=sorted(endpoints), at_s=now_s
+        )
         return result.samples, result.errors
     scraped = await scrape.scrape_pods(endpoints)
     return scraped.samples, scraped.errors
 
 
-async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.OperatorContext, memory: TunerMemory,
-                    logger: logging.Logger, now_s: float) -> decide_mod.Decision | None:
+async def tune_once(
+    body: kopf.Body,
+    *,
+    patch: kopf.Patch,
+    ctx: context.OperatorContext,
+    memory: TunerMemory,
+    logger: logging.Logger,
+    now_s: float,
+) -> decide_mod.Decision | None:
     svc = models.load_stored(reconcile.plain_body(body))
     spec = bridge.policy_spec_of(svc.spec)
     deployment = await asyncio.to_thread(ctx.applier.read_deployment, svc.name, svc.namespace)
@@ -108,49 +117,77 @@ async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.Operator
         stored_conditions = (body.get("status", {}) or {}).get("conditions", []) or []
         current = conditions.find(stored_conditions, names.ConditionType.METRICS_AVAILABLE)
         if current is None or current.get("reason") != "NoReadyPods":
-            updates = [conditions.Condition(names.ConditionType.METRICS_AVAILABLE, "False", "NoReadyPods",
-                                            "no runtime pod is ready, so there are no metrics to collect")]
+            updates = [
+                conditions.Condition(
+                    names.ConditionType.METRICS_AVAILABLE,
+                    "False",
+                    "NoReadyPods",
+                    "no runtime pod is ready, so there are no metrics to collect",
+                )
+            ]
             if conditions.find(stored_conditions, names.ConditionType.SLO_MET) is None:
-                updates.append(conditions.Condition(names.ConditionType.SLO_MET, "Unknown", "NotYetObserved",
-                                                    "no latency window has been observed yet"))
+                updates.append(
+                    conditions.Condition(
+                        names.ConditionType.SLO_MET,
+                        "Unknown",
+                        "NotYetObserved",
+                        "no latency window has been observed yet",
+                    )
+                )
             await _apply_conditions(body, updates, ctx=ctx, now_s=now_s)
         return None
     current, errors = await _collect(svc, endpoints, now_s=now_s)
-    window = window_mod.from_scrapes(memory.previous, current, expected_pods=endpoints, spec=spec, now_s=now_s,
-                                     max_age_s=2 * spec.interval_s)
+    window = window_mod.from_scrapes(
+        memory.previous, current, expected_pods=endpoints, spec=spec, now_s=now_s, max_age_s=2 * spec.interval_s
+    )
     if errors:  # a pod that did not answer is missing data (never an idle pod): say why next to the rest
-        window = dataclasses.replace(window, complete=False,
-                                     reason="; ".join([window.reason, *errors.values()]).strip("; "))
+        window = dataclasses.replace(
+            window, complete=False, reason="; ".join([window.reason, *errors.values()]).strip("; ")
+        )
     memory.previous = {**{p: s for p, s in memory.previous.items() if p in endpoints}, **current}
 
     desired = int(deployment.get("spec", {}).get("replicas", svc.spec.replicas.effective) or 0)
     ready = int((deployment.get("status") or {}).get("readyReplicas", 0) or 0)
     state = _load_state(body, logger)
     loading_ages, started = bridge.pod_startups(pods, now_s=now_s)
-    policy_input = policy_spec.PolicyInput(spec=spec, current_replicas=desired, ready_replicas=ready,
-                                           loading_ages_s=loading_ages, started=started)
+    policy_input = policy_spec.PolicyInput(
+        spec=spec, current_replicas=desired, ready_replicas=ready, loading_ages_s=loading_ages, started=started
+    )
     decision = decide_mod.decide(policy_input, window, state, now=now_s)
     tuning_now = reconcile.current_tuning(svc)
     current_limits = (tuning_now.max_batch_size or 0, tuning_now.max_batch_tokens or 0)
-    actions = bridge.decision_actions(decision, current_replicas=desired, current_limits=current_limits,
-                                      current_shed=tuple(tuning_now.shed_classes))
-    in_force = await _act(svc, body=body, decision=decision, actions=actions, current_replicas=desired,
-                          tuning_now=tuning_now, ctx=ctx)
+    actions = bridge.decision_actions(
+        decision, current_replicas=desired, current_limits=current_limits, current_shed=tuple(tuning_now.shed_classes)
+    )
+    in_force = await _act(
+        svc, body=body, decision=decision, actions=actions, current_replicas=desired, tuning_now=tuning_now, ctx=ctx
+    )
     # Pushed before the replicas are written: whoever sees the new replica count sees the tick done.
-    await _push_live(svc, tuning=in_force, started_with=tuning_now, endpoints=endpoints, memory=memory, ctx=ctx,
-                     logger=logger)
+    await _push_live(
+        svc, tuning=in_force, started_with=tuning_now, endpoints=endpoints, memory=memory, ctx=ctx, logger=logger
+    )
     if svc.spec.autoscaling.mode != "advise" and ("scale_up" in actions or "scale_down" in actions):
         # Written where /scale reads it; the spec handler scales the Deployment (one writer of replicas).
         await asyncio.to_thread(ctx.applier.patch_llmservice_replicas, svc.name, svc.namespace, decision.replicas)
-        kopf.info(body, reason="ScaledUp" if "scale_up" in actions else "ScaledDown",
-                  message=f"replicas -> {decision.replicas}: {'; '.join(decision.reasons)[:1000]}")
+        kopf.info(
+            body,
+            reason="ScaledUp" if "scale_up" in actions else "ScaledDown",
+            message=f"replicas -> {decision.replicas}: {'; '.join(decision.reasons)[:1000]}",
+        )
 
     now = datetime.datetime.fromtimestamp(now_s, tz=datetime.UTC)
     patch.metadata.setdefault("annotations", {})[ANNOTATION_STATE] = decision.state.to_json()
     # status.tuning is what the pods run with (reconcile renders it): advice never lands there.
-    in_force = tuning_now if spec.advise else models.Tuning(
-        max_batch_size=decision.max_batch_size, max_batch_tokens=decision.max_batch_tokens,
-        shed_classes=list(decision.shed_classes), class_weights=tuning_now.class_weights)
+    in_force = (
+        tuning_now
+        if spec.advise
+        else models.Tuning(
+            max_batch_size=decision.max_batch_size,
+            max_batch_tokens=decision.max_batch_tokens,
+            shed_classes=list(decision.shed_classes),
+            class_weights=tuning_now.class_weights,
+        )
+    )
     sections = {
         "observed": models.status_json(bridge.observed_status(window, percentile=spec.slo.percentile, now=now)),
         "startup": models.status_json(bridge.startup_status(decision)),
@@ -165,8 +202,14 @@ async def tune_once(body: kopf.Body, *, patch: kopf.Patch, ctx: context.Operator
 STATUS_WRITE_ATTEMPTS = 5
 
 
-def _write_status(body: kopf.Body, sections: dict[str, Any], record: models.DecisionRecord | None, *,
-                  ctx: context.OperatorContext, logger: logging.Logger) -> None:
+def _write_status(
+    body: kopf.Body,
+    sections: dict[str, Any],
+    record: models.DecisionRecord | None,
+    *,
+    ctx: context.OperatorContext,
+    logger: logging.Logger,
+) -> None:
     """Merge-patch the tick's status sections, appending `record` to status.decisions.
 
     The history is read-modify-write, so the patch is pinned to the resourceVersion it was read from: an
@@ -189,25 +232,46 @@ def _write_status(body: kopf.Body, sections: dict[str, Any], record: models.Deci
         if ctx.applier.patch_llmservice_status(name, namespace, patch, resource_version=version):
             return
         seen = ctx.applier.read_llmservice(name, namespace)
-    logger.warning("status of %s/%s changed under each of %d writes; this tick's status is not recorded",
-                   namespace, name, STATUS_WRITE_ATTEMPTS)
+    logger.warning(
+        "status of %s/%s changed under each of %d writes; this tick's status is not recorded",
+        namespace,
+        name,
+        STATUS_WRITE_ATTEMPTS,
+    )
 
 
-async def _apply_conditions(body: kopf.Body, updates: list[conditions.Condition], *, ctx: context.OperatorContext,
-                            now_s: float) -> None:
+async def _apply_conditions(
+    body: kopf.Body, updates: list[conditions.Condition], *, ctx: context.OperatorContext, now_s: float
+) -> None:
     """Server-side apply the tuner's conditions (all of its types) as their one writer; never a merge patch
     of the whole list, which could revert a condition the rollout refresh wrote a moment before."""
     metadata = body.get("metadata", {})
-    owned = conditions.for_apply((body.get("status", {}) or {}).get("conditions", []) or [], updates,
-                                 owned=conditions.TUNER_TYPES,
-                                 now=datetime.datetime.fromtimestamp(now_s, tz=datetime.UTC),
-                                 observed_generation=metadata.get("generation"))
-    await asyncio.to_thread(ctx.applier.apply_llmservice_conditions, str(metadata.get("name")),
-                            str(metadata.get("namespace")), owned, field_manager=conditions.TUNER_WRITER)
+    owned = conditions.for_apply(
+        (body.get("status", {}) or {}).get("conditions", []) or [],
+        updates,
+        owned=conditions.TUNER_TYPES,
+        now=datetime.datetime.fromtimestamp(now_s, tz=datetime.UTC),
+        observed_generation=metadata.get("generation"),
+    )
+    await asyncio.to_thread(
+        ctx.applier.apply_llmservice_conditions,
+        str(metadata.get("name")),
+        str(metadata.get("namespace")),
+        owned,
+        field_manager=conditions.TUNER_WRITER,
+    )
 
 
-async def _act(svc: models.LLMService, *, body: kopf.Body, decision: decide_mod.Decision, actions: list[str],
-               current_replicas: int, tuning_now: models.Tuning, ctx: context.OperatorContext) -> models.Tuning:
+async def _act(
+    svc: models.LLMService,
+    *,
+    body: kopf.Body,
+    decision: decide_mod.Decision,
+    actions: list[str],
+    current_replicas: int,
+    tuning_now: models.Tuning,
+    ctx: context.OperatorContext,
+) -> models.Tuning:
     """Record advice, or rewrite the ConfigMap for a tuning change; the tuning the pods should now run with.
     (The replicas are written by the caller, after the push.)"""
     reason_text = "; ".join(decision.reasons)[:1000]
@@ -216,30 +280,47 @@ async def _act(svc: models.LLMService, *, body: kopf.Body, decision: decide_mod.
         metrics.DECISIONS.labels(action=action, mode=mode).inc()
     if actions and mode == "advise":
         # Recorded (Event, metric, status.decisions), applied nowhere: no /scale write, no ConfigMap, no push.
-        kopf.info(body, reason="Advised",
-                  message=f"would {','.join(actions)}: replicas {current_replicas} -> {decision.replicas}, batch "
-                          f"{decision.max_batch_size} seqs / {decision.max_batch_tokens} tokens, shed "
-                          f"{list(decision.shed_classes)}: {reason_text}")
+        kopf.info(
+            body,
+            reason="Advised",
+            message=f"would {','.join(actions)}: replicas {current_replicas} -> {decision.replicas}, batch "
+            f"{decision.max_batch_size} seqs / {decision.max_batch_tokens} tokens, shed "
+            f"{list(decision.shed_classes)}: {reason_text}",
+        )
         return tuning_now
     tuning_changed = any(a in actions for a in ("batch_grow", "batch_shrink", "shed", "unshed"))
     if not tuning_changed:
         return tuning_now
-    tuning = models.Tuning(max_batch_size=decision.max_batch_size, max_batch_tokens=decision.max_batch_tokens,
-                           shed_classes=list(decision.shed_classes),
-                           class_weights=tuning_now.class_weights)
+    tuning = models.Tuning(
+        max_batch_size=decision.max_batch_size,
+        max_batch_tokens=decision.max_batch_tokens,
+        shed_classes=list(decision.shed_classes),
+        class_weights=tuning_now.class_weights,
+    )
     # New pods read the ConfigMap; running pods get the same values pushed live (no restart, _push_live).
     config = configmap.build_config_map(svc, tuning=tuning)
     kopf.adopt(config, owner=body)
     await asyncio.to_thread(ctx.applier.apply, config)
-    kopf.info(body, reason="Tuned", message=f"{','.join(actions)}: batch {decision.max_batch_size} seqs / "
-                                            f"{decision.max_batch_tokens} tokens, shed {list(decision.shed_classes)}: "
-                                            f"{reason_text}")
+    kopf.info(
+        body,
+        reason="Tuned",
+        message=f"{','.join(actions)}: batch {decision.max_batch_size} seqs / "
+        f"{decision.max_batch_tokens} tokens, shed {list(decision.shed_classes)}: "
+        f"{reason_text}",
+    )
     return tuning
 
 
-async def _push_live(svc: models.LLMService, *, tuning: models.Tuning, started_with: models.Tuning,
-                     endpoints: dict[str, str], memory: TunerMemory, ctx: context.OperatorContext,
-                     logger: logging.Logger) -> None:
+async def _push_live(
+    svc: models.LLMService,
+    *,
+    tuning: models.Tuning,
+    started_with: models.Tuning,
+    endpoints: dict[str, str],
+    memory: TunerMemory,
+    ctx: context.OperatorContext,
+    logger: logging.Logger,
+) -> None:
     """Every tick: each ready pod that has not taken the live part of the config in force (the tuner's
     limits and shedding, the spec's classes, default class and SLO targets) gets it pushed, so a spec change
     to those reaches running pods within one interval and without a restart. A pod seen for the first time
@@ -283,6 +364,13 @@ async def tune(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logg
     memory.last_tick_s = now_s
     decision = await tune_once(body, patch=patch, ctx=ctx, memory=memory, logger=logger, now_s=now_s)
     if decision is not None:
-        logger.info("tuned %s/%s: replicas %d, batch %d/%d, shed %s; %s", svc.namespace, svc.name,
-                    decision.replicas, decision.max_batch_size, decision.max_batch_tokens,
-                    list(decision.shed_classes), json.dumps(list(decision.reasons))[:500])
+        logger.info(
+            "tuned %s/%s: replicas %d, batch %d/%d, shed %s; %s",
+            svc.namespace,
+            svc.name,
+            decision.replicas,
+            decision.max_batch_size,
+            decision.max_batch_tokens,
+            list(decision.shed_classes),
+            json.dumps(list(decision.reasons))[:500],
+        )

@@ -113,8 +113,9 @@ CPU_TINY = Calibration(
 PROFILES = {profile.name: profile for profile in (GPU_LIKE, CPU_TINY)}
 
 
-def from_engine_benchmark(report: dict[str, Any], *, model: str, kv_capacity_tokens: int = 50_000,
-                          startup_s: float = 8.0) -> Calibration:
+def from_engine_benchmark(
+    report: dict[str, Any], *, model: str, kv_capacity_tokens: int = 50_000, startup_s: float = 8.0
+) -> Calibration:
     """A calibration measured by `fleetlm-dev bench engine --json`: its full-decode step time per batch size.
 
     At a fixed concurrency the engine's full decode step *is* the time per output token at that batch
@@ -126,8 +127,11 @@ def from_engine_benchmark(report: dict[str, Any], *, model: str, kv_capacity_tok
     if entry is None:
         known = [m.get("model") for m in report.get("models", [])]
         raise ValueError(f"the benchmark report has no model {model!r} (it has {known})")
-    decode = [(int(run["concurrency"]), float(run["full_decode_step_p50_ms"]) / 1e3)
-              for run in entry.get("concurrency", []) if run.get("full_decode_step_p50_ms")]
+    decode = [
+        (int(run["concurrency"]), float(run["full_decode_step_p50_ms"]) / 1e3)
+        for run in entry.get("concurrency", [])
+        if run.get("full_decode_step_p50_ms")
+    ]
     if len(decode) < 2:
         raise ValueError(f"need full-decode step times at two or more concurrencies for {model!r}")
     sizes = np.array([size for size, _ in decode], dtype=float)
@@ -135,6 +139,9 @@ def from_engine_benchmark(report: dict[str, Any], *, model: str, kv_capacity_tok
     slope = max(float(np.polyfit(sizes, steps, 1)[0]), 1e-7)
     step = StepTime.from_benchmark(decode, prefill_tokens_per_s=1.0 / slope)
     return Calibration(
-        name=f"measured:{model}", step=step, kv_capacity_tokens=kv_capacity_tokens, startup_s=startup_s,
+        name=f"measured:{model}",
+        step=step,
+        kv_capacity_tokens=kv_capacity_tokens,
+        startup_s=startup_s,
         description=f"measured by the engine benchmark on {report.get('cpu', 'this machine')} ({model})",
     )

@@ -41,18 +41,26 @@ def _unschedulable(pods: Sequence[Mapping[str, Any]]) -> list[str]:
     return messages
 
 
-def summarize(*, deployment: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]],
-              min_ready: int) -> RolloutSummary:
+def summarize(
+    *, deployment: Mapping[str, Any] | None, pods: Sequence[Mapping[str, Any]], min_ready: int
+) -> RolloutSummary:
     """Status of the runtime pods. `min_ready` is how many ready pods make the service Ready (>= 1)."""
     if deployment is None:
         return RolloutSummary(
-            phase="Pending", replicas=0, ready_replicas=0, updated_replicas=0, desired_replicas=0,
+            phase="Pending",
+            replicas=0,
+            ready_replicas=0,
+            updated_replicas=0,
+            desired_replicas=0,
             conditions=(
-                conditions.Condition(names.ConditionType.READY, "False", "DeploymentMissing",
-                                     "the runtime Deployment does not exist yet"),
-                conditions.Condition(names.ConditionType.PROGRESSING, "True", "Creating",
-                                     "creating the runtime Deployment"),
-            ))
+                conditions.Condition(
+                    names.ConditionType.READY, "False", "DeploymentMissing", "the runtime Deployment does not exist yet"
+                ),
+                conditions.Condition(
+                    names.ConditionType.PROGRESSING, "True", "Creating", "creating the runtime Deployment"
+                ),
+            ),
+        )
     spec, status = deployment.get("spec", {}), deployment.get("status", {}) or {}
     desired = int(spec.get("replicas", 1) or 0)
     replicas = int(status.get("replicas", 0) or 0)
@@ -66,31 +74,60 @@ def summarize(*, deployment: Mapping[str, Any] | None, pods: Sequence[Mapping[st
     if desired == 0:
         found.append(conditions.Condition(names.ConditionType.READY, "False", "ScaledToZero", "no replicas requested"))
     elif ready >= need:
-        found.append(conditions.Condition(names.ConditionType.READY, "True", "ReplicasReady",
-                                          f"{ready}/{desired} runtime pods ready"))
+        found.append(
+            conditions.Condition(
+                names.ConditionType.READY, "True", "ReplicasReady", f"{ready}/{desired} runtime pods ready"
+            )
+        )
     else:
-        found.append(conditions.Condition(names.ConditionType.READY, "False", "ReplicasNotReady",
-                                          f"{ready}/{desired} runtime pods ready"))
+        found.append(
+            conditions.Condition(
+                names.ConditionType.READY, "False", "ReplicasNotReady", f"{ready}/{desired} runtime pods ready"
+            )
+        )
 
     progress = _deployment_condition(deployment, "Progressing")
     if progress and progress.get("status") == "False":
-        found.append(conditions.Condition(names.ConditionType.PROGRESSING, "False",
-                                          str(progress.get("reason", "ProgressDeadlineExceeded")),
-                                          str(progress.get("message", ""))))
+        found.append(
+            conditions.Condition(
+                names.ConditionType.PROGRESSING,
+                "False",
+                str(progress.get("reason", "ProgressDeadlineExceeded")),
+                str(progress.get("message", "")),
+            )
+        )
     elif rolled_out:
-        found.append(conditions.Condition(names.ConditionType.PROGRESSING, "False", "RolloutComplete",
-                                          f"{desired} replicas up to date"))
+        found.append(
+            conditions.Condition(
+                names.ConditionType.PROGRESSING, "False", "RolloutComplete", f"{desired} replicas up to date"
+            )
+        )
     else:
-        found.append(conditions.Condition(names.ConditionType.PROGRESSING, "True", "RollingOut",
-                                          f"{updated}/{desired} replicas updated, {ready} ready"))
+        found.append(
+            conditions.Condition(
+                names.ConditionType.PROGRESSING,
+                "True",
+                "RollingOut",
+                f"{updated}/{desired} replicas updated, {ready} ready",
+            )
+        )
 
     unschedulable = _unschedulable(pods)
     if unschedulable:
-        found.append(conditions.Condition(names.ConditionType.CAPACITY_UNAVAILABLE, "True", "Unschedulable",
-                                          f"{len(unschedulable)} pod(s) cannot be scheduled: {unschedulable[0]}"))
+        found.append(
+            conditions.Condition(
+                names.ConditionType.CAPACITY_UNAVAILABLE,
+                "True",
+                "Unschedulable",
+                f"{len(unschedulable)} pod(s) cannot be scheduled: {unschedulable[0]}",
+            )
+        )
     else:
-        found.append(conditions.Condition(names.ConditionType.CAPACITY_UNAVAILABLE, "False", "Scheduled",
-                                          "every runtime pod is placed"))
+        found.append(
+            conditions.Condition(
+                names.ConditionType.CAPACITY_UNAVAILABLE, "False", "Scheduled", "every runtime pod is placed"
+            )
+        )
 
     if progress and progress.get("status") == "False":
         phase = "Failed"  # the Deployment gave up: progress deadline exceeded
@@ -102,5 +139,11 @@ def summarize(*, deployment: Mapping[str, Any] | None, pods: Sequence[Mapping[st
         phase = "Degraded"  # serving, but below the requested replicas for lack of capacity
     else:
         phase = "Progressing"
-    return RolloutSummary(phase=phase, replicas=replicas, ready_replicas=ready, updated_replicas=updated,
-                          desired_replicas=desired, conditions=tuple(found))
+    return RolloutSummary(
+        phase=phase,
+        replicas=replicas,
+        ready_replicas=ready,
+        updated_replicas=updated,
+        desired_replicas=desired,
+        conditions=tuple(found),
+    )

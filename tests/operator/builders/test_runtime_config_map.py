@@ -102,7 +102,6 @@ def test_rendering_is_deterministic() -> None:
     assert configmap.build_config_map(service(MULTICLASS)) == configmap.build_config_map(service(MULTICLASS))
 
 
-
 def test_shed_classes_reach_pods_that_start_later() -> None:
     example = pathlib.Path(__file__).resolve().parents[3] / "examples" / "llmservice-multiclass.yaml"
     svc = models.LLMService.model_validate(yaml.safe_load(example.read_text()))

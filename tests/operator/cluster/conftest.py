@@ -44,8 +44,12 @@ def running_operator(namespace: str, **env: str) -> Iterator[KopfRunner]:
     settings = kopf.OperatorSettings()
     settings.watching.server_timeout = 10
     settings.execution.default_backoff = 1
-    with KopfRunner(["run", "--standalone", "-n", namespace, "-m", "fleetlm_operator.handlers.main"],
-                    timeout=60, settings=settings, env=operator_env(namespace, **env)) as runner:
+    with KopfRunner(
+        ["run", "--standalone", "-n", namespace, "-m", "fleetlm_operator.handlers.main"],
+        timeout=60,
+        settings=settings,
+        env=operator_env(namespace, **env),
+    ) as runner:
         yield runner
     assert runner.exception is None, runner.output
     assert runner.exit_code == 0, runner.output

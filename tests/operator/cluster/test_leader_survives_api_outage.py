@@ -32,6 +32,7 @@ from fleetlm_dev.testing import wait_for
 
 pytestmark = [pytest.mark.cluster, pytest.mark.slow]
 
+
 @pytest.fixture(scope="module")
 def control_plane(tmp_path_factory: pytest.TempPathFactory) -> Iterator[cluster.ControlPlane]:
     """A control plane of this module's own: the test stops and restarts its API server, which the tests
@@ -103,8 +104,9 @@ class LeaderSampler(threading.Thread):
 
 
 @pytest.fixture
-def replicas(control_plane: cluster.ControlPlane, namespace: str, llmservice_crd: pathlib.Path,
-             tmp_path: pathlib.Path) -> Iterator[list[Replica]]:
+def replicas(
+    control_plane: cluster.ControlPlane, namespace: str, llmservice_crd: pathlib.Path, tmp_path: pathlib.Path
+) -> Iterator[list[Replica]]:
     started = [Replica(identity, namespace, control_plane, tmp_path) for identity in ("op-a", "op-b")]
     try:
         yield started
@@ -154,10 +156,16 @@ def _reconciled_by_leader(kube: Any, make_example: Any, replicas: list[Replica],
     kube.apply(make_example(name))
     kube.wait_get("deployment", name, timeout_s=90)
     leader = next(r for r in replicas if r.identity == holder)
-    wait_for(f"{holder} to reconcile {name}", lambda: f"reconciled {kube.namespace}/{name}" in leader.process.log(),
-             timeout_s=60)
-    wait_for(f"the status of {name}", lambda: (kube.get("llmservice", name) or {}).get("status", {}).get("phase"),
-             timeout_s=60)
+    wait_for(
+        f"{holder} to reconcile {name}",
+        lambda: f"reconciled {kube.namespace}/{name}" in leader.process.log(),
+        timeout_s=60,
+    )
+    wait_for(
+        f"the status of {name}",
+        lambda: (kube.get("llmservice", name) or {}).get("status", {}).get("phase"),
+        timeout_s=60,
+    )
     for other in replicas:
         if other.identity != holder:
             assert f"reconciled {kube.namespace}/{name}" not in other.process.log()
@@ -178,8 +186,9 @@ def test_renewal_survives_outages_and_leadership_stays_single(
         leader = next(r for r in replicas if r.identity == holder)
         short_s = _freeze(control_plane, DEADLINE_S / 2)
         before = datetime.datetime.now(tz=datetime.UTC)
-        renewed_by = wait_for("a renewal after the short outage", lambda: _renewed_after(kube, before),
-                              timeout_s=LEASE_S + 10)
+        renewed_by = wait_for(
+            "a renewal after the short outage", lambda: _renewed_after(kube, before), timeout_s=LEASE_S + 10
+        )
         print(f"short outage {short_s:.1f}s: {renewed_by} renewed; restarts {[r.process.restarts for r in replicas]}")
         assert renewed_by == holder and leader.process.restarts == 0, leader.process.log()[-3000:]
         # Whether the freeze caught a renewal in flight depends on its phase against the 5 s renew period
@@ -198,12 +207,18 @@ def test_renewal_survives_outages_and_leadership_stays_single(
         assert "renewal of lease" in leader.process.log()  # each failed attempt was logged
         assert leader.process.restarts > restarts_before  # it exited; its supervisor brought it back
         back = time.monotonic()
-        new_holder = wait_for("a leader after the long outage", lambda: _renewed_after(kube, before),
-                              timeout_s=LEASE_S + 60)
-        wait_for("the new leader's gauge", lambda: next(r for r in replicas if r.identity == new_holder).leads(),
-                 timeout_s=60)
-        print(f"long outage {long_s:.1f}s: {new_holder} leads {time.monotonic() - back:.1f}s after the API "
-              f"returned; restarts {[r.process.restarts for r in replicas]}")
+        new_holder = wait_for(
+            "a leader after the long outage", lambda: _renewed_after(kube, before), timeout_s=LEASE_S + 60
+        )
+        wait_for(
+            "the new leader's gauge",
+            lambda: next(r for r in replicas if r.identity == new_holder).leads(),
+            timeout_s=60,
+        )
+        print(
+            f"long outage {long_s:.1f}s: {new_holder} leads {time.monotonic() - back:.1f}s after the API "
+            f"returned; restarts {[r.process.restarts for r in replicas]}"
+        )
         _reconciled_by_leader(kube, make_example, replicas, new_holder)
         # The Lease keeps moving: renewals did not freeze.
         moment = datetime.datetime.now(tz=datetime.UTC)

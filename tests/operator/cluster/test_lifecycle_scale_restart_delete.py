@@ -14,8 +14,11 @@ CHILD_KINDS = ("deployments", "services", "configmaps", "secrets", "poddisruptio
 
 
 def _owned(kube: Any, kind: str, uid: str) -> list[dict]:
-    return [item for item in kube.items(kind)
-            if any(ref["uid"] == uid for ref in item["metadata"].get("ownerReferences", []))]
+    return [
+        item
+        for item in kube.items(kind)
+        if any(ref["uid"] == uid for ref in item["metadata"].get("ownerReferences", []))
+    ]
 
 
 def test_restarted_operator_duplicates_and_loses_nothing(kube: Any, make_example: Any, operator_factory: Any) -> None:
@@ -33,8 +36,9 @@ def test_restarted_operator_duplicates_and_loses_nothing(kube: Any, make_example
     kube.apply(make_example(late))
     with operator_factory():
         kube.wait_get("deployment", late)
-        wait_for("the late object's status", lambda: (kube.get("llmservice", late) or {}).get("status", {})
-                 .get("endpoint"))
+        wait_for(
+            "the late object's status", lambda: (kube.get("llmservice", late) or {}).get("status", {}).get("endpoint")
+        )
         after = {kind: _owned(kube, kind, uid) for kind in CHILD_KINDS}
 
     for kind in CHILD_KINDS:
@@ -56,8 +60,9 @@ def test_kubectl_scale_is_honoured_within_min_and_max(kube: Any, make_example: A
 
     kube.plane.kubectl("scale", "llms", name, "-n", kube.namespace, "--replicas=3")
     wait_for("the Deployment to follow /scale", lambda: kube.get("deployment", name)["spec"]["replicas"] == 3)
-    scale = kube.plane.kubectl("get", "--raw",
-                               f"/apis/fleetlm.dev/v1alpha1/namespaces/{kube.namespace}/llmservices/{name}/scale")
+    scale = kube.plane.kubectl(
+        "get", "--raw", f"/apis/fleetlm.dev/v1alpha1/namespaces/{kube.namespace}/llmservices/{name}/scale"
+    )
     assert '"replicas":3' in scale.stdout.replace(" ", "")
 
     refused = kube.plane.kubectl("scale", "llms", name, "-n", kube.namespace, "--replicas=9", check=False)
@@ -76,6 +81,8 @@ def test_deleting_the_llmservice_garbage_collects_every_child(kube: Any, make_ex
     kube.plane.kubectl("delete", "llmservice", name, "-n", kube.namespace, "--wait=true", "--timeout=60s")
 
     # The garbage collector discovers new resource types every 30 s, so allow for one discovery cycle.
-    wait_for("every child to be garbage-collected",
-             lambda: not any(_owned(kube, kind, uid) for kind in (*CHILD_KINDS, "replicasets", "pods")),
-             timeout_s=120)
+    wait_for(
+        "every child to be garbage-collected",
+        lambda: not any(_owned(kube, kind, uid) for kind in (*CHILD_KINDS, "replicasets", "pods")),
+        timeout_s=120,
+    )

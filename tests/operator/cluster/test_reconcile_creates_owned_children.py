@@ -26,7 +26,8 @@ def test_children_appear_with_the_right_fields_and_owner(kube: Any, make_example
     for child in (deployment, service, config, token, budget):
         refs = child["metadata"]["ownerReferences"]
         assert [(r["kind"], r["name"], r["uid"], r.get("controller")) for r in refs] == [
-            ("LLMService", name, uid, True)], child["kind"]
+            ("LLMService", name, uid, True)
+        ], child["kind"]
 
     pod = deployment["spec"]["template"]["spec"]
     container = pod["containers"][0]
@@ -62,8 +63,7 @@ def test_gpu_request_becomes_an_nvidia_limit(kube: Any, make_example: Any, opera
     assert pod["priorityClassName"] == "inference"
 
 
-def test_status_reports_phase_selector_endpoint_and_conditions(kube: Any, make_example: Any,
-                                                               operator: object) -> None:
+def test_status_reports_phase_selector_endpoint_and_conditions(kube: Any, make_example: Any, operator: object) -> None:
     name = kube.new_name()
     kube.apply(make_example(name))
 
@@ -86,14 +86,22 @@ def test_status_reports_phase_selector_endpoint_and_conditions(kube: Any, make_e
 
     assert wait_for("CapacityUnavailable=True", capacity_unavailable)["reason"] == "Unschedulable"
     # The Deployment's own status catches up a moment later (its pod exists but cannot run).
-    status = wait_for("status.replicas=1", lambda: (s := kube.get("llmservice", name)["status"])
-                      .get("replicas") == 1 and s)
+    status = wait_for(
+        "status.replicas=1", lambda: (s := kube.get("llmservice", name)["status"]).get("replicas") == 1 and s
+    )
     assert status["phase"] == "Pending"
     assert status["readyReplicas"] == 0
 
-    events = kube.plane.kubectl("get", "events", "-n", kube.namespace, "--field-selector",
-                                f"involvedObject.name={name},involvedObject.kind=LLMService", "-o",
-                                "jsonpath={.items[*].reason}").stdout.split()
+    events = kube.plane.kubectl(
+        "get",
+        "events",
+        "-n",
+        kube.namespace,
+        "--field-selector",
+        f"involvedObject.name={name},involvedObject.kind=LLMService",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ).stdout.split()
     assert "Reconciled" in events
 
 

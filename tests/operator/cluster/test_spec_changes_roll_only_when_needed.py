@@ -28,13 +28,16 @@ def test_image_change_rolls_the_pod_template(kube: Any, make_example: Any, opera
 
     after = wait_for("a new pod template", rolled)
     assert after["metadata"]["generation"] > before["metadata"]["generation"]
-    assert after["spec"]["template"]["metadata"]["annotations"][HASH] != \
-        before["spec"]["template"]["metadata"]["annotations"][HASH]
+    assert (
+        after["spec"]["template"]["metadata"]["annotations"][HASH]
+        != before["spec"]["template"]["metadata"]["annotations"][HASH]
+    )
     wait_for("a second ReplicaSet for the rollout", lambda: len(kube.items("replicasets")) == 2)
 
 
-def test_batch_limit_change_updates_config_without_touching_pods(kube: Any, make_example: Any,
-                                                                 operator: object) -> None:
+def test_batch_limit_change_updates_config_without_touching_pods(
+    kube: Any, make_example: Any, operator: object
+) -> None:
     name = kube.new_name()
     body = make_example(name)
     body["spec"]["batching"]["autotune"] = False  # the spec's limits apply as written
@@ -49,8 +52,7 @@ def test_batch_limit_change_updates_config_without_touching_pods(kube: Any, make
         return yaml.safe_load(config["data"]["runtime.yaml"])["batching"]["maxBatchSize"] == 16
 
     wait_for("the ConfigMap to carry the new limit", config_has_new_limit)
-    wait_for("status.tuning to follow",
-             lambda: kube.get("llmservice", name)["status"]["tuning"]["maxBatchSize"] == 16)
+    wait_for("status.tuning to follow", lambda: kube.get("llmservice", name)["status"]["tuning"]["maxBatchSize"] == 16)
     after = kube.get("deployment", name)
     assert after["spec"]["template"] == before["spec"]["template"]
     assert after["metadata"]["generation"] == before["metadata"]["generation"]

@@ -29,11 +29,17 @@ def runtimes() -> Iterator[list[fake_runtime.FakeRuntime]]:
 
 
 def _mark_ready(kube: Any, pod: str, ip: str) -> None:
-    status = {"status": {"phase": "Running", "podIP": ip, "podIPs": [{"ip": ip}],
-                         "conditions": [{"type": "Ready", "status": "True"},
-                                        {"type": "ContainersReady", "status": "True"}]}}
-    kube.plane.kubectl("patch", "pod", pod, "-n", kube.namespace, "--subresource=status", "--type=strategic",
-                       "-p", json.dumps(status))
+    status = {
+        "status": {
+            "phase": "Running",
+            "podIP": ip,
+            "podIPs": [{"ip": ip}],
+            "conditions": [{"type": "Ready", "status": "True"}, {"type": "ContainersReady", "status": "True"}],
+        }
+    }
+    kube.plane.kubectl(
+        "patch", "pod", pod, "-n", kube.namespace, "--subresource=status", "--type=strategic", "-p", json.dumps(status)
+    )
 
 
 def _service(make_example: Any, name: str) -> dict:
@@ -49,21 +55,24 @@ def _start_pod_runtime(kube: Any, name: str, runtimes: list[fake_runtime.FakeRun
     token = wait_for("the admin token", lambda: kube.get("secret", f"{name}-admin-token"))
     import base64
 
-    runtime = fake_runtime.FakeRuntime(host=pod_runner.free_loopback_address(), port=8000,
-                                       admin_token=base64.b64decode(token["data"]["token"]).decode()).start()
+    runtime = fake_runtime.FakeRuntime(
+        host=pod_runner.free_loopback_address(),
+        port=8000,
+        admin_token=base64.b64decode(token["data"]["token"]).decode(),
+    ).start()
     runtimes.append(runtime)
     _mark_ready(kube, pod["metadata"]["name"], runtime.host)
     return runtime
 
 
-def test_slo_miss_with_a_queue_scales_up_and_is_explained(kube: Any, make_example: Any, operator: object,
-                                                          runtimes: list) -> None:
+def test_slo_miss_with_a_queue_scales_up_and_is_explained(
+    kube: Any, make_example: Any, operator: object, runtimes: list
+) -> None:
     name = kube.new_name("tuned")
     kube.apply(_service(make_example, name))
     kube.wait_get("deployment", name)
     runtime = _start_pod_runtime(kube, name, runtimes)
-    runtime.load = fake_runtime.Load(requests_per_s=20, ttft_s=4.0, tpot_s=0.05, waiting=40, running=8,
-                                     kv_usage=0.9)
+    runtime.load = fake_runtime.Load(requests_per_s=20, ttft_s=4.0, tpot_s=0.05, waiting=40, running=8, kv_usage=0.9)
 
     def scaled() -> dict | None:
         body = kube.get("llmservice", name)
@@ -73,25 +82,43 @@ def test_slo_miss_with_a_queue_scales_up_and_is_explained(kube: Any, make_exampl
     wait_for("the Deployment to follow", lambda: kube.get("deployment", name)["spec"]["replicas"] > 1)
     # The first tick has no baseline (rates unknown) yet scales up on the backlog alone; the next one
     # has a full window and can judge the SLO.
-    status = wait_for("a full window in status", lambda: (s := kube.get("llmservice", name)["status"]).get(
-        "observed", {}).get("ttftSeconds") and s, timeout_s=60)
+    status = wait_for(
+        "a full window in status",
+        lambda: (s := kube.get("llmservice", name)["status"]).get("observed", {}).get("ttftSeconds") and s,
+        timeout_s=60,
+    )
     assert any("scale_up" in d["action"] for d in status["decisions"])
     assert len(status["decisions"]) <= 5
     assert status["observed"]["ttftSeconds"] > 1.0
     assert status["observed"]["numPodsSampled"] == 1
-    status = wait_for("SLOMet=False", lambda: (s := kube.get("llmservice", name)["status"]) and any(
-        c["type"] == "SLOMet" and c["status"] == "False" for c in s["conditions"]) and s)
+    status = wait_for(
+        "SLOMet=False",
+        lambda: (
+            (s := kube.get("llmservice", name)["status"])
+            and any(c["type"] == "SLOMet" and c["status"] == "False" for c in s["conditions"])
+            and s
+        ),
+    )
     conditions = {c["type"]: c for c in status["conditions"]}
     assert conditions["SLOMet"]["status"] == "False"
     assert conditions["MetricsAvailable"]["status"] == "True"
     assert body["metadata"]["annotations"]["fleetlm.dev/tuner-state"]
-    events = kube.plane.kubectl("get", "events", "-n", kube.namespace, "--field-selector",
-                                f"involvedObject.name={name}", "-o", "jsonpath={.items[*].reason}").stdout.split()
+    events = kube.plane.kubectl(
+        "get",
+        "events",
+        "-n",
+        kube.namespace,
+        "--field-selector",
+        f"involvedObject.name={name}",
+        "-o",
+        "jsonpath={.items[*].reason}",
+    ).stdout.split()
     assert "ScaledUp" in events
 
 
-def test_tpot_miss_with_a_short_queue_shrinks_batches_live(kube: Any, make_example: Any, operator: object,
-                                                           runtimes: list) -> None:
+def test_tpot_miss_with_a_short_queue_shrinks_batches_live(
+    kube: Any, make_example: Any, operator: object, runtimes: list
+) -> None:
     name = kube.new_name("tuned")
     kube.apply(_service(make_example, name))
     kube.wait_get("deployment", name)

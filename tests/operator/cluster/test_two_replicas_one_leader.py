@@ -41,8 +41,9 @@ class OperatorProcess:
         }
         script = pathlib.Path(sys.executable).parent / "fleetlm-operator"
         with self.log_path.open("wb") as log:
-            self.proc = subprocess.Popen([str(script), "-n", namespace, "--log-format", "json"], env=env,
-                                         stdout=log, stderr=subprocess.STDOUT)
+            self.proc = subprocess.Popen(
+                [str(script), "-n", namespace, "--log-format", "json"], env=env, stdout=log, stderr=subprocess.STDOUT
+            )
 
     def log(self) -> str:
         return self.log_path.read_text(errors="replace")
@@ -59,8 +60,9 @@ class OperatorProcess:
 
 
 @pytest.fixture
-def operators(control_plane: cluster.ControlPlane, namespace: str, llmservice_crd: pathlib.Path,
-              tmp_path: pathlib.Path) -> Iterator[list[OperatorProcess]]:
+def operators(
+    control_plane: cluster.ControlPlane, namespace: str, llmservice_crd: pathlib.Path, tmp_path: pathlib.Path
+) -> Iterator[list[OperatorProcess]]:
     started = [OperatorProcess(identity, namespace, control_plane, tmp_path) for identity in ("op-a", "op-b")]
     try:
         yield started
@@ -74,8 +76,9 @@ def _holder(kube: Any) -> str | None:
     return (lease or {}).get("spec", {}).get("holderIdentity")
 
 
-def test_only_the_leader_acts_and_the_standby_takes_over(kube: Any, make_example: Any,
-                                                         operators: list[OperatorProcess]) -> None:
+def test_only_the_leader_acts_and_the_standby_takes_over(
+    kube: Any, make_example: Any, operators: list[OperatorProcess]
+) -> None:
     holder = wait_for("a leader", lambda: _holder(kube))
     leader = next(p for p in operators if p.identity == holder)
     standby = next(p for p in operators if p.identity != holder)
@@ -87,8 +90,9 @@ def test_only_the_leader_acts_and_the_standby_takes_over(kube: Any, make_example
     assert f"reconciled {kube.namespace}/{first}" not in standby.log()
     assert "standing by" in standby.log()
 
-    _, text = wait_for("the leader's metrics", lambda: (r := leader.http(leader.metrics_port, "/metrics"))
-                            [0] == 200 and r)
+    _, text = wait_for(
+        "the leader's metrics", lambda: (r := leader.http(leader.metrics_port, "/metrics"))[0] == 200 and r
+    )
     assert 'fleetlm_operator_reconciles_total{result="ok"}' in text
     assert "fleetlm_operator_leader 1.0" in text
     assert "fleetlm_operator_leader 0.0" in standby.http(standby.metrics_port, "/metrics")[1]

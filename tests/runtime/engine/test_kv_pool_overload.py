@@ -18,9 +18,7 @@ def test_three_times_the_pool_completes_exactly_and_the_pool_never_moves(
     generate_greedy: Callable[..., list[int]],
 ) -> None:
     rng = random.Random(21)
-    requests = [
-        ([rng.randrange(1, 800) for _ in range(rng.randint(8, 64))], rng.randint(8, 40)) for _ in range(200)
-    ]
+    requests = [([rng.randrange(1, 800) for _ in range(rng.randint(8, 64))], rng.randint(8, 40)) for _ in range(200)]
     batch = 32
     # What the running batch would hold at its worst: 32 average requests (prompt + max_tokens).
     needed = batch * sum(len(p) + m for p, m in requests) // len(requests)

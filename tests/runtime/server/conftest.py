@@ -69,9 +69,7 @@ async def make_server(aiohttp_server: Any) -> AsyncIterator[MakeServer]:
         engine_factory: state_mod.EngineFactory | None = None,
         wait_ready: bool = True,
     ) -> test_utils.TestServer:
-        app = app_mod.create_app(
-            cfg or _small_config(), engine_factory, admin_token=admin_token, api_keys=api_keys
-        )
+        app = app_mod.create_app(cfg or _small_config(), engine_factory, admin_token=admin_token, api_keys=api_keys)
         server: test_utils.TestServer = await aiohttp_server(app)
         if wait_ready:
             await asyncio.wait_for(app[app_mod.engine_task_key], timeout=60)

@@ -23,9 +23,12 @@ async def _admin(
     server: test_utils.TestServer, method: str, body: Any = None, *, token: str | None = TOKEN
 ) -> tuple[int, dict[str, Any]]:
     headers = {"Authorization": f"Bearer {token}"} if token is not None else {}
-    async with aiohttp.ClientSession() as session, session.request(
-        method, f"http://127.0.0.1:{server.port}{contract.PATH_ADMIN_CONFIG}", json=body, headers=headers
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.request(
+            method, f"http://127.0.0.1:{server.port}{contract.PATH_ADMIN_CONFIG}", json=body, headers=headers
+        ) as resp,
+    ):
         return resp.status, await resp.json()
 
 

@@ -23,9 +23,10 @@ from fleetlm_runtime.server import state as state_mod
 
 async def _post(server: test_utils.TestServer, path: str, body: Any, **kwargs: Any) -> tuple[int, dict[str, Any], Any]:
     data = body if isinstance(body, bytes) else json.dumps(body).encode()
-    async with aiohttp.ClientSession() as session, session.post(
-        f"http://127.0.0.1:{server.port}{path}", data=data, **kwargs
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://127.0.0.1:{server.port}{path}", data=data, **kwargs) as resp,
+    ):
         return resp.status, dict(resp.headers), await resp.json(content_type=None)
 
 
@@ -62,19 +63,34 @@ def _assert_error(body: dict[str, Any], *, param: str | None) -> None:
         ("/v1/completions", {"model": "tiny", "prompt": ["a", ""]}, "prompt"),
         ("/v1/completions", {"model": "tiny", "prompt": [1, 2, 10**9]}, "prompt"),
         ("/v1/completions", {"model": "tiny"}, "prompt"),
-        ("/v1/completions", {"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}},
-         "stream_options"),
+        (
+            "/v1/completions",
+            {"model": "tiny", "prompt": "x", "stream_options": {"include_usage": True}},
+            "stream_options",
+        ),
         ("/v1/chat/completions", {"model": "tiny", "messages": []}, "messages"),
         ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "wizard", "content": "x"}]}, "messages"),
         ("/v1/chat/completions", {"model": "tiny", "messages": "hello"}, "messages"),
-        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{}]},
-         "tools[0]"),
-        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                  "logprobs": True, "top_logprobs": 21}, "top_logprobs"),
-        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                  "top_logprobs": 2}, "top_logprobs"),
-        ("/v1/chat/completions", {"model": "tiny", "messages": [{"role": "user", "content": "x"}],
-                                  "response_format": {"type": "yaml"}}, "response_format.type"),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "tools": [{}]},
+            "tools[0]",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "logprobs": True, "top_logprobs": 21},
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "top_logprobs": 2},
+            "top_logprobs",
+        ),
+        (
+            "/v1/chat/completions",
+            {"model": "tiny", "messages": [{"role": "user", "content": "x"}], "response_format": {"type": "yaml"}},
+            "response_format.type",
+        ),
     ],
 )
 async def test_invalid_parameters_name_the_parameter(
@@ -112,7 +128,7 @@ async def test_prompt_over_the_context_is_400(server: test_utils.TestServer, cli
     with pytest.raises(openai.BadRequestError) as caught:
         await client.completions.create(model="tiny", prompt=[7] * 10, max_tokens=max_len)
     assert caught.value.body["param"] == "max_tokens"  # type: ignore[index]
-    text = (await _metrics(server))
+    text = await _metrics(server)
     assert _value(text, contract.REQUESTS_REJECTED, reason=contract.REJECT_TOO_LONG) == 2
 
 
@@ -135,14 +151,16 @@ async def test_body_over_the_limit_is_413(
     status, _, reply = await _post(server, "/v1/completions", {"model": "tiny", "prompt": "x" * 5000})
     assert status == 413
     _assert_error(reply, param=None)
+
     # Chunked (no Content-Length): the limit holds while reading, too.
     async def chunks() -> Any:
         for _ in range(10):
             yield b" " * 1024
 
-    async with aiohttp.ClientSession() as session, session.post(
-        f"http://127.0.0.1:{server.port}/v1/completions", data=chunks()
-    ) as resp:
+    async with (
+        aiohttp.ClientSession() as session,
+        session.post(f"http://127.0.0.1:{server.port}/v1/completions", data=chunks()) as resp,
+    ):
         assert resp.status == 413
     assert _value(await _metrics(server), contract.REQUESTS_REJECTED, reason=contract.REJECT_TOO_LARGE) == 2
 

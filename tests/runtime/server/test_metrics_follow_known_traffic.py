@@ -121,4 +121,3 @@ async def test_running_and_kv_gauges_rise_under_load(server: test_utils.TestServ
             assert _sum(f, contract.BATCH_SIZE) == 1
             break
     await stream.close()
-
