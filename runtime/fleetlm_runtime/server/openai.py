@@ -533,8 +533,11 @@ def _finish_reason(out: outputs.RequestOutput) -> str | None:
     return None if out.finish_reason is None else str(out.finish_reason)
 
 
-def _tool_finish(finish_reason: str | None) -> str | None:
-    """OpenAI ends an answer that calls tools with `tool_calls` (a cut one keeps `length`)."""
+def _tool_finish(finish_reason: str | None, plan: tools_mod.ToolPlan | None) -> str | None:
+    """OpenAI ends an answer that calls tools with `tool_calls` (a cut one keeps `length`), except when the
+    request named the function: then the call is the answer asked for, and it ends with `stop`."""
+    if plan is not None and plan.mode == "named":
+        return finish_reason
     return "tool_calls" if finish_reason == "stop" else finish_reason
 
 
@@ -564,7 +567,7 @@ def _choice(p: _Prepared, index: int, text: str, finish_reason: str | None, logp
             content, calls = tools_mod.parse(text, p.tool_plan)
             if calls:
                 message = {"role": "assistant", "content": content, "tool_calls": calls}
-                finish_reason = _tool_finish(finish_reason)
+                finish_reason = _tool_finish(finish_reason, p.tool_plan)
         return {"index": index, "message": message, "logprobs": logprobs, "finish_reason": finish_reason}
     return {"index": index, "text": text, "logprobs": logprobs, "finish_reason": finish_reason}
 
@@ -830,7 +833,7 @@ async def _stream(
             if parsers is not None:
                 delta = parsers[index].feed(text, final=reason is not None)
                 if reason is not None and parsers[index].num_calls:
-                    reason = _tool_finish(reason)
+                    reason = _tool_finish(reason, p.tool_plan)
                 if delta.content or delta.tool_calls or reason is not None or (lp is not None and h.token_ids):
                     await resp.write(writer.tool_delta(delta, reason, index, lp))
             # Empty deltas (text held back at a possible stop string) are not sent, so every chunk a
@@ -871,7 +874,9 @@ async def _replay(
             final = i == len(pieces) - 1
             delta = parser.feed(piece, final=final)
             reason = (
-                (_tool_finish(cached.finish_reason) if parser.num_calls else cached.finish_reason) if final else None
+                (_tool_finish(cached.finish_reason, p.tool_plan) if parser.num_calls else cached.finish_reason)
+                if final
+                else None
             )
             if delta.content or delta.tool_calls or final:
                 chunks.append(writer.tool_delta(delta, reason))

@@ -109,10 +109,12 @@ async def test_named_and_required_calls_validate_whole_and_streamed(client: Any)
             model="tiny", messages=USER, tools=TOOLS, tool_choice=named, max_tokens=300, temperature=1.0, seed=seed
         )
         choice = answer.choices[0]
-        assert choice.finish_reason == "tool_calls" and choice.message.content is None
+        # A named function is the answer asked for: OpenAI (and vLLM) end it with `stop`, not `tool_calls`.
+        assert choice.finish_reason == "stop" and choice.message.content is None
         _check_calls(choice.message.tool_calls, {"get_weather"})
         assert len(choice.message.tool_calls) == 1
         final = await _streamed(client, messages=USER, tools=TOOLS, tool_choice=named)
+        assert final.choices[0].finish_reason == "stop"
         _check_calls(final.choices[0].message.tool_calls, {"get_weather"})
     for parallel in (False, None):
         extra: dict[str, Any] = {} if parallel is None else {"parallel_tool_calls": parallel}
