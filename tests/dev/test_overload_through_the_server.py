@@ -16,7 +16,10 @@ def test_overload_completes_every_request_with_ready_and_memory_flat() -> None:
     assert result["load_over_pool"] >= 3.0 - 1e-9
     assert result["completed"] == 200 and result["errors"] == 0, result["first_errors"]
     assert result["greedy_checked"] == 50 and result["greedy_mismatches"] == []
-    assert result["ready_polls"] >= 10 and result["ready_not_ready"] == 0, result["ready_first_failures"]
+    # Polled every 100 ms for the whole load (a quiet machine serves the 200 requests in about a second).
+    polls_due = result["seconds"] / bench_overload.READY_INTERVAL_S
+    assert result["ready_polls"] >= max(3, 0.5 * polls_due), (result["ready_polls"], result["seconds"])
+    assert result["ready_not_ready"] == 0, result["ready_first_failures"]
     for name, memory in result["memory"].items():
         assert memory["growth_pct"] < bench_overload.MAX_GROWTH_PCT, (name, memory)
     assert result["server_exit_code"] == 0  # drained and exited cleanly after the load
