@@ -32,15 +32,20 @@ def test_a_pod_and_its_child_share_one_quota() -> None:
         pytest.skip("this machine does not let this process create cgroups (not root, or no cpu controller)")
     seconds = 2.0
     # The parent starts a child, then both spin: together they may use 0.2 cores, not 2 x 1.
+    # It waits for a line on stdin before it starts the child: placed first, the child is born in the cgroup.
     script = (
         "import subprocess, sys\n"
+        "sys.stdin.readline()\n"
         f"child = subprocess.Popen([sys.executable, '-c', {BUSY.format(s=seconds)!r}])\n"
         + BUSY.format(s=seconds)
         + "child.wait()\n"
     )
     try:
-        process = subprocess.Popen([sys.executable, "-c", script])
+        process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE)
         assert limits.place("pod-a", process.pid, 0.2)
+        assert process.stdin is not None
+        process.stdin.write(b"go\n")
+        process.stdin.close()
         began = time.monotonic()
         _, _, rusage = os.wait4(process.pid, 0)  # its CPU time, with the child's it waited for
         process.returncode = 0

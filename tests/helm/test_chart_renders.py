@@ -116,8 +116,8 @@ def test_dashboard_is_the_generated_one_and_parses(tmp_path: pathlib.Path) -> No
     assert board == dashboard.build()
     titles = [panel["title"] for panel in board["panels"]]
     for wanted in (
-        "TTFT p95 per class vs SLO",
-        "TPOT p95 per class vs SLO",
+        "TTFT p$percentile per class vs SLO",  # the LLMService's spec.slo.percentile, a dashboard variable
+        "TPOT p$percentile per class vs SLO",
         "Replicas",
         "Batch limits",
         "Queue depth per class",
