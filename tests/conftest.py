@@ -33,17 +33,3 @@ def namespace(control_plane: cluster.ControlPlane) -> Iterator[str]:
         yield name
     finally:
         control_plane.kubectl("delete", "namespace", name, "--wait=false", check=False)
-
-
-# The cluster and e2e tiers run the operator, fake runtimes and clients in threads of this process; an
-# event loop or socket one of them leaves for the garbage collector surfaces as an "unraisable" warning in
-# whichever test runs next. Those tiers report it without failing the innocent test until the leaks are
-# closed at their source; the unit tier keeps every warning an error (pyproject's filterwarnings).
-_TIERS_WITH_THREAD_LEAKS = ("cluster", "e2e")
-
-
-def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
-    leak_tolerant = pytest.mark.filterwarnings("default::pytest.PytestUnraisableExceptionWarning")
-    for item in items:
-        if any(item.get_closest_marker(tier) for tier in _TIERS_WITH_THREAD_LEAKS):
-            item.add_marker(leak_tolerant)
