@@ -111,7 +111,7 @@ class Server:
 
         config_path = directory / "runtime.yaml"
         config_path.write_text(yaml.safe_dump(config_mod.dump_config(config_mod.parse_config(config_data))))
-        self.port = _free_port()
+        self.port = testing.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log_path = directory / "runtime.log"
         self._log = self.log_path.open("wb")
@@ -141,14 +141,6 @@ class Server:
         code = testing.stop_process(self.proc, timeout_s=20)
         self._log.close()
         return code
-
-
-def _free_port() -> int:
-    import socket  # noqa: PLC0415
-
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 async def _drive(

@@ -28,7 +28,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -42,18 +41,13 @@ import yaml
 
 import fleetlm_router
 from fleetlm_dev import bench_serve
+from fleetlm_dev.testing import free_port
 
 # Where this process imports fleetlm_router from, so the children it starts do too (an editable install made
 # before the router existed has neither its path nor its `fleetlm-router` script).
 _ROUTER_ROOT = str(pathlib.Path(fleetlm_router.__file__).resolve().parents[1])
 PREFIX_QUERIES = "fleetlm_prefix_cache_queries_total"
 PREFIX_HITS = "fleetlm_prefix_cache_hits_total"
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _command(name: str, module: str) -> list[str]:

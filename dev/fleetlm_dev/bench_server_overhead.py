@@ -29,7 +29,6 @@ import json
 import os
 import pathlib
 import signal
-import socket
 import statistics
 import subprocess
 import sys
@@ -41,18 +40,12 @@ from typing import Any
 
 import yaml
 
-from fleetlm_dev import bench_serve
+from fleetlm_dev import bench_serve, testing
 from fleetlm_runtime import config as config_mod
 from fleetlm_runtime.engine import async_engine
 from fleetlm_runtime.engine import config as engine_config
 from fleetlm_runtime.engine import core as core_mod
 from fleetlm_runtime.engine import request as request_mod
-
-
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def _workload(num: int, seed: int) -> list[bench_serve.RequestSpec]:
@@ -111,7 +104,7 @@ class _Server:
         self, model: str, *, threads: int, max_batch_size: int, max_batch_tokens: int, stream_interval: int
     ) -> None:
         self.dir = pathlib.Path(tempfile.mkdtemp(prefix="fleetlm-overhead-"))
-        self.port = _free_port()
+        self.port = testing.free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         cfg = config_mod.parse_config(
             {

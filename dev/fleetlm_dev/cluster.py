@@ -19,7 +19,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import ssl
 import subprocess
 import time
@@ -28,6 +27,7 @@ import urllib.request
 from collections.abc import Callable, Iterator, Sequence
 
 from fleetlm_dev import k8s_build, paths, pki
+from fleetlm_dev.testing import free_port
 
 STATE_NAME = "state.json"
 START_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-scheduler")
@@ -35,12 +35,6 @@ START_ORDER = ("etcd", "kube-apiserver", "kube-controller-manager", "kube-schedu
 
 class ClusterError(RuntimeError):
     """The control plane could not be started or stopped; the message says which part and why."""
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 @dataclasses.dataclass(slots=True)

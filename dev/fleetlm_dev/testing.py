@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import pathlib
 import signal
+import socket
 import subprocess
 import time
 from collections.abc import AsyncIterator, Callable
@@ -15,6 +16,13 @@ if TYPE_CHECKING:
     from fleetlm_runtime.engine.request import SamplingParams
 
 T = TypeVar("T")
+
+
+def free_port() -> int:
+    """A TCP port on 127.0.0.1 that nothing listens on now (servers that tests start bind it)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind(("127.0.0.1", 0))
+        return int(sock.getsockname()[1])
 
 
 class WaitTimeout(AssertionError):

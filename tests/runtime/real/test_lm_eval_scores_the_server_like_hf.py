@@ -14,7 +14,6 @@ from __future__ import annotations
 import json
 import os
 import pathlib
-import socket
 import subprocess
 import sys
 import urllib.request
@@ -24,7 +23,7 @@ import pytest
 import yaml
 
 from fleetlm_dev import checkpoints, lm_eval_env
-from fleetlm_dev.testing import stop_process, wait_for
+from fleetlm_dev.testing import free_port, stop_process, wait_for
 
 pytestmark = pytest.mark.slow
 
@@ -95,12 +94,6 @@ def _lm_eval(python: pathlib.Path, task_dir: pathlib.Path, out: pathlib.Path, *a
     }
 
 
-def _free_port() -> int:
-    with socket.socket() as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
-
-
 def _ready(url: str) -> bool | None:
     try:
         with urllib.request.urlopen(url + "/ready", timeout=1.0) as resp:
@@ -125,7 +118,7 @@ def test_lm_eval_scores_the_server_as_it_scores_the_hf_model(
         "server": {"engineProcess": True},
     }
     (tmp_path / "runtime.yaml").write_text(yaml.safe_dump(config))
-    port = _free_port()
+    port = free_port()
     url = f"http://127.0.0.1:{port}"
     log = (tmp_path / "runtime.log").open("wb")
     server = subprocess.Popen(

@@ -15,7 +15,6 @@ import os
 import pathlib
 import shutil
 import signal
-import socket
 import subprocess
 import sys
 import time
@@ -29,6 +28,7 @@ import pytest
 import yaml
 from aiohttp import test_utils
 
+from fleetlm_dev.testing import free_port
 from fleetlm_runtime import config
 from fleetlm_runtime.server import app as app_mod
 from fleetlm_runtime.server import state as state_mod
@@ -125,12 +125,6 @@ def wait_until() -> Callable[..., Awaitable[None]]:
 
 # ------------------------------------------------------------------------------------------------
 # The real command in a process
-
-
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind(("127.0.0.1", 0))
-        return int(sock.getsockname()[1])
 
 
 def runtime_command() -> list[str]:
