@@ -45,7 +45,7 @@ from fleetlm_runtime.caches import block_pool, kv_budget
 from fleetlm_runtime.engine import forward as forward_mod
 from fleetlm_runtime.engine import outputs, sampling
 from fleetlm_runtime.engine import request as request_mod
-from fleetlm_runtime.models import loader
+from fleetlm_runtime.models import errors, loader
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +59,7 @@ _NULL = block_pool.NULL_BLOCK
 _DECODE_GROUP = 8
 
 
-class UnsupportedModelError(loader.ModelLoadError):
+class UnsupportedModelError(errors.ModelLoadError):
     pass
 
 
@@ -624,7 +624,8 @@ class ModelRunner:
     def _check_module_path(self) -> int:
         """Every layer's attention must come through `attend`; a model that bypasses the interface
         would silently compute without the engine's KV. Returns the number of layers."""
-        self._layers_seen = seen = []
+        seen: list[int] = []
+        self._layers_seen = seen
         try:
             self._reference_hidden = self._probe()
         finally:

@@ -417,7 +417,11 @@ async def _tokenize(
                 return engine.encode_chat(messages, add_generation_prompt=add_generation_prompt)
             # The checkpoint's own template renders the tools, the assistant's calls and the tool results.
             text = tokenizer.apply_chat_template(
-                messages, tools=render_tools, add_generation_prompt=add_generation_prompt, tokenize=False
+                messages,
+                # transformers types `tools` as an invariant list[dict | Callable], which a list of dicts is not
+                tools=render_tools,  # type: ignore[arg-type]
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
             )
             return engine.encode(str(text), add_special_tokens=False)
 
