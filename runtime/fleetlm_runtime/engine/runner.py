@@ -202,7 +202,9 @@ class ModelRunner:
     # ----------------------------------------------------------------------------------------------
     # The step
 
-    def _execute(self, sched: outputs.SchedulerOutput) -> outputs.RunnerOutput:
+    # Long on purpose: the step's one pass over the batch fills seven parallel lists that become one packed
+    # tensor; split into helpers they would all be passed around, on the per-step hot path.
+    def _execute(self, sched: outputs.SchedulerOutput) -> outputs.RunnerOutput:  # noqa: PLR0912, PLR0915
         req_ids = sched.req_ids
         num_reqs = len(req_ids)
         counts = sched.num_scheduled_tokens

@@ -229,10 +229,15 @@ def parse(text: str, tool_plan: ToolPlan) -> tuple[str | None, list[dict[str, An
         return text, []
     if not tool_plan.parses:
         return text, []
-    calls, rest = _hermes(text, tool_plan.names)
+    return _parse_free(text, tool_plan.names)
+
+
+def _parse_free(text: str, names: frozenset[str]) -> tuple[str | None, list[dict[str, Any]]]:
+    """A model free to call or not (`auto`): Hermes-style <tool_call> tags first, then Llama's bare JSON."""
+    calls, rest = _hermes(text, names)
     if calls:
         return (rest if rest.strip() else None), calls
-    calls = _llama_json(text, tool_plan.names)
+    calls = _llama_json(text, names)
     if calls:
         return None, calls
     return text, []
