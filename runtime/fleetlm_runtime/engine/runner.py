@@ -34,6 +34,7 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass, field
 from typing import Any
@@ -463,6 +464,10 @@ class ModelRunner:
             self._num_sampled += 1
         if state.special:
             self._num_special += 1
+
+    def prepare_grammars(self) -> threading.Thread:
+        """Make the grammar cache now and build its tokenizer tables in the background (see EngineConfig)."""
+        return self._grammar_cache().prepare()
 
     def _grammar_cache(self) -> Any:
         if self._grammars is None:
