@@ -37,7 +37,7 @@ import random
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -47,6 +47,9 @@ from fleetlm_runtime.engine import forward as forward_mod
 from fleetlm_runtime.engine import outputs, sampling
 from fleetlm_runtime.engine import request as request_mod
 from fleetlm_runtime.models import errors, loader
+
+if TYPE_CHECKING:  # the grammar library (xgrammar) loads on the first constrained request only
+    from fleetlm_runtime.structured import grammar as grammar_mod
 
 logger = logging.getLogger(__name__)
 
@@ -127,7 +130,7 @@ class ModelRunner:
         self._num_sampled = 0  # live requests that are not greedy
         self._num_special = 0  # live requests that want logprobs or process logits (the sampler's slow path)
         self._parked: dict[str, sampling.SamplingState] = {}  # preempted requests' sampling streams
-        self._grammars: Any = None  # structured.grammar.GrammarCache, made on the first constrained request
+        self._grammars: grammar_mod.GrammarCache | None = None  # made on the first constrained request
         # The pool, per layer: keys and values in one tensor [2, kv_heads, num_blocks, block_size, head_dim]
         # (one write and one gather per layer serve both), and two flat views of it.
         self._kv: list[torch.Tensor] = []
@@ -469,7 +472,7 @@ class ModelRunner:
         """Make the grammar cache now and build its tokenizer tables in the background (see EngineConfig)."""
         return self._grammar_cache().prepare()
 
-    def _grammar_cache(self) -> Any:
+    def _grammar_cache(self) -> grammar_mod.GrammarCache:
         if self._grammars is None:
             from fleetlm_runtime.structured import grammar  # noqa: PLC0415 - xgrammar loads on first use
 

@@ -350,6 +350,11 @@ class StreamParser:
             return delta
         if not plan.parses:
             return Delta(content=text)
+        return self._feed_free(text, final=final)
+
+    def _feed_free(self, text: str, *, final: bool) -> Delta:
+        """A model free to call or not (`auto`): text passes on until a call's form shows; Hermes tags are
+        parsed as each one closes, the Llama 3 JSON form is held and parsed whole."""
         self._buffer += text
         if not self._started and self._buffer.strip():
             head = self._buffer.lstrip()
@@ -361,7 +366,7 @@ class StreamParser:
         if self._hold_all:
             if not final:
                 return Delta()
-            content, calls = parse(self._buffer, plan)
+            content, calls = parse(self._buffer, self._plan)
             self._buffer = ""
             return self._calls_delta(content or "", calls)
         return self._hermes(final=final)
