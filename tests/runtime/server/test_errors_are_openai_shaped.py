@@ -60,7 +60,7 @@ def _assert_error(body: dict[str, Any], *, param: str | None) -> None:
         ("/v1/completions", {"model": "tiny", "prompt": "x", "presence_penalty": 2.5}, "presence_penalty"),
         ("/v1/completions", {"model": "tiny", "prompt": ""}, "prompt"),
         ("/v1/completions", {"model": "tiny", "prompt": ["a"] * 65}, "prompt"),  # the batch form holds 64 at most
-        ("/v1/completions", {"model": "tiny", "prompt": ["a", ""]}, "prompt"),
+        ("/v1/completions", {"model": "tiny", "prompt": ["a", ""]}, "prompt[1]"),  # the batch form names which
         ("/v1/completions", {"model": "tiny", "prompt": [1, 2, 10**9]}, "prompt"),
         ("/v1/completions", {"model": "tiny"}, "prompt"),
         (
