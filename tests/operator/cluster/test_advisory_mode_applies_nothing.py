@@ -95,16 +95,7 @@ def test_advise_records_every_decision_and_applies_none_until_act(
     assert runtime.pushes == []
     # status.tuning says what the pods run with, which advice did not change.
     assert status["tuning"]["maxBatchSize"] == body["spec"]["batching"]["maxBatchSize"]
-    events = kube.plane.kubectl(
-        "get",
-        "events",
-        "-n",
-        kube.namespace,
-        "--field-selector",
-        f"involvedObject.name={name}",
-        "-o",
-        "jsonpath={.items[*].reason}",
-    ).stdout.split()
+    events = kube.event_reasons(name)
     assert "Advised" in events
     assert "ScaledUp" not in events and "Tuned" not in events
 

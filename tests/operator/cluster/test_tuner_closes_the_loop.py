@@ -106,16 +106,7 @@ def test_slo_miss_with_a_queue_scales_up_and_is_explained(
     # the body that first showed the new replica count may predate it; a full window later it is there.
     assert body["spec"]["replicas"]["desired"] > 1
     assert kube.get("llmservice", name)["metadata"]["annotations"]["fleetlm.dev/tuner-state"]
-    events = kube.plane.kubectl(
-        "get",
-        "events",
-        "-n",
-        kube.namespace,
-        "--field-selector",
-        f"involvedObject.name={name}",
-        "-o",
-        "jsonpath={.items[*].reason}",
-    ).stdout.split()
+    events = kube.event_reasons(name)
     assert "ScaledUp" in events
 
 

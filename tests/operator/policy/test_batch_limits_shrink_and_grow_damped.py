@@ -4,16 +4,13 @@ a queue, within the spec's bounds, one change per cooldown, no regrowth soon aft
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from fleetlm_operator.policy import batching, window
+from fleetlm_dev.policy_inputs import MakeSpec, MakeWindow
+from fleetlm_operator.policy import batching
 from fleetlm_operator.policy import spec as spec_mod
-
-MakeSpec = Callable[..., spec_mod.PolicySpec]
-MakeWindow = Callable[..., window.ObservedWindow]
 
 NOW = 10_000.0
 BUSY = {"running_per_pod": 60.0, "tpot_mean_s": 0.02, "tpot_quantile_s": 0.03}  # near-full 64 batches, fast tokens

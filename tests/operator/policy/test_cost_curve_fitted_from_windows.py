@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable
 
 import pytest
 
+from fleetlm_dev.policy_inputs import MakeSpec, MakeWindow
 from fleetlm_operator.policy import costcurve, decide, replicas, state, window
 from fleetlm_operator.policy import spec as spec_mod
-
-MakeSpec = Callable[..., spec_mod.PolicySpec]
-MakeWindow = Callable[..., window.ObservedWindow]
 
 # TPOT = 0.7 ms + 0.0875 ms x batch: h = 8 (what the CPU engine benchmark of the tiny model gives).
 TPOT0_S = 0.0007

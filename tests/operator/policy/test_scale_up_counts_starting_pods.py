@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import pytest
 
+from fleetlm_dev.policy_inputs import MakeSpec, MakeWindow
 from fleetlm_operator.policy import decide, replicas, state, window
 from fleetlm_operator.policy import spec as spec_mod
-
-MakeSpec = Callable[..., spec_mod.PolicySpec]
-MakeWindow = Callable[..., window.ObservedWindow]
 
 
 def overloaded(make_window: MakeWindow) -> window.ObservedWindow:

@@ -17,8 +17,8 @@ import collections
 import heapq
 from collections.abc import Callable
 
+from fleetlm_dev.sim import calibration
 from fleetlm_operator.policy import window
-from fleetlm_operator.sim import calibration
 
 # The runtime's buckets (fleetlm_runtime.contract, vLLM's); the sim may not import the runtime, so they
 # are repeated here and a test holds them equal.

@@ -20,10 +20,10 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from fleetlm_operator.policy import decide, hpa, window
+from fleetlm_dev.sim import calibration, hpa, oracle, replica, workload
+from fleetlm_operator.policy import decide, window
 from fleetlm_operator.policy import spec as spec_mod
 from fleetlm_operator.policy import state as state_mod
-from fleetlm_operator.sim import calibration, oracle, replica, workload
 
 
 class Policy:

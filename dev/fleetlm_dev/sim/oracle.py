@@ -16,8 +16,8 @@ import math
 
 import numpy as np
 
+from fleetlm_dev.sim import calibration, replica, workload
 from fleetlm_operator.policy import spec as spec_mod
-from fleetlm_operator.sim import calibration, replica, workload
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
