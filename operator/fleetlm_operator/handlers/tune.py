@@ -26,7 +26,7 @@ import kopf
 
 from fleetlm_operator import bridge, metrics
 from fleetlm_operator.act import push
-from fleetlm_operator.api import models, names
+from fleetlm_operator.api import fields, models, names, status_models
 from fleetlm_operator.builders import configmap, meta, model_cache, secret
 from fleetlm_operator.collect import prometheus, scrape
 from fleetlm_operator.handlers import context, reconcile
@@ -181,7 +181,7 @@ async def tune_once(
     in_force = (
         tuning_now
         if spec.advise
-        else models.Tuning(
+        else status_models.Tuning(
             max_batch_size=decision.max_batch_size,
             max_batch_tokens=decision.max_batch_tokens,
             shed_classes=list(decision.shed_classes),
@@ -189,9 +189,9 @@ async def tune_once(
         )
     )
     sections = {
-        "observed": models.status_json(bridge.observed_status(window, percentile=spec.slo.percentile, now=now)),
-        "startup": models.status_json(bridge.startup_status(decision)),
-        "tuning": models.status_json(in_force),
+        "observed": status_models.status_json(bridge.observed_status(window, percentile=spec.slo.percentile, now=now)),
+        "startup": status_models.status_json(bridge.startup_status(decision)),
+        "tuning": status_models.status_json(in_force),
     }
     record = bridge.decision_record(decision, actions=actions, now=now, advise=spec.advise) if actions else None
     await asyncio.to_thread(_write_status, body, sections, record, ctx=ctx, logger=logger)
@@ -205,7 +205,7 @@ STATUS_WRITE_ATTEMPTS = 5
 def _write_status(
     body: kopf.Body,
     sections: dict[str, Any],
-    record: models.DecisionRecord | None,
+    record: status_models.DecisionRecord | None,
     *,
     ctx: context.OperatorContext,
     logger: logging.Logger,
@@ -228,7 +228,7 @@ def _write_status(
         patch = dict(sections)
         if record is not None:
             stored = (seen.get("status") or {}).get("decisions") or []
-            patch["decisions"] = [models.status_json(r) for r in bridge.bounded_history(stored, record)]
+            patch["decisions"] = [status_models.status_json(r) for r in bridge.bounded_history(stored, record)]
         if ctx.applier.patch_llmservice_status(name, namespace, patch, resource_version=version):
             return
         seen = ctx.applier.read_llmservice(name, namespace)
@@ -269,9 +269,9 @@ async def _act(
     decision: decide_mod.Decision,
     actions: list[str],
     current_replicas: int,
-    tuning_now: models.Tuning,
+    tuning_now: status_models.Tuning,
     ctx: context.OperatorContext,
-) -> models.Tuning:
+) -> status_models.Tuning:
     """Record advice, or rewrite the ConfigMap for a tuning change; the tuning the pods should now run with.
     (The replicas are written by the caller, after the push.)"""
     reason_text = "; ".join(decision.reasons)[:1000]
@@ -291,7 +291,7 @@ async def _act(
     tuning_changed = any(a in actions for a in ("batch_grow", "batch_shrink", "shed", "unshed"))
     if not tuning_changed:
         return tuning_now
-    tuning = models.Tuning(
+    tuning = status_models.Tuning(
         max_batch_size=decision.max_batch_size,
         max_batch_tokens=decision.max_batch_tokens,
         shed_classes=list(decision.shed_classes),
@@ -314,8 +314,8 @@ async def _act(
 async def _push_live(
     svc: models.LLMService,
     *,
-    tuning: models.Tuning,
-    started_with: models.Tuning,
+    tuning: status_models.Tuning,
+    started_with: status_models.Tuning,
     endpoints: dict[str, str],
     memory: TunerMemory,
     ctx: context.OperatorContext,
@@ -357,7 +357,7 @@ async def tune(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logg
         svc = models.load_stored(reconcile.plain_body(body))
     except ValueError:
         return  # the spec handler reports an invalid object
-    interval_s = models.parse_duration_s(svc.spec.autoscaling.interval)
+    interval_s = fields.parse_duration_s(svc.spec.autoscaling.interval)
     now_s = time.time()
     if now_s - memory.last_tick_s < interval_s - 0.5:
         return

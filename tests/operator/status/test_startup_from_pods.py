@@ -7,7 +7,7 @@ import datetime
 from typing import Any
 
 from fleetlm_operator import bridge
-from fleetlm_operator.api import models
+from fleetlm_operator.api import status_models
 from fleetlm_operator.policy import decide, state, window
 from fleetlm_operator.policy import spec as spec_mod
 
@@ -60,7 +60,7 @@ def test_status_startup_shows_the_learnt_time_and_the_loading_pods() -> None:
         state.TunerState(),
         now=NOW_S,
     )
-    assert models.status_json(bridge.startup_status(decision)) == {
+    assert status_models.status_json(bridge.startup_status(decision)) == {
         "observedSeconds": 60.0,
         "lastSeconds": 60.0,
         "podsObserved": 1,
@@ -74,7 +74,7 @@ def test_status_startup_shows_the_learnt_time_and_the_loading_pods() -> None:
         state.TunerState(),
         now=NOW_S,
     )
-    assert models.status_json(bridge.startup_status(empty)) == {
+    assert status_models.status_json(bridge.startup_status(empty)) == {
         "podsObserved": 0,
         "loadingReplicas": 0,
         "stuckReplicas": 0,
