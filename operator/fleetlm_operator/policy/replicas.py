@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from fleetlm_operator.policy import slo
 from fleetlm_operator.policy import spec as spec_mod
 from fleetlm_operator.policy import startup as startup_mod
 from fleetlm_operator.policy import state as state_mod
@@ -185,7 +186,7 @@ def decide_replicas(
     window: window_mod.ObservedWindow,
     *,
     demand: Demand | None,
-    assessment: window_mod.SLOAssessment,
+    assessment: slo.SLOAssessment,
     max_batch_size: int,
     recommendations: tuple[state_mod.Recommendation, ...],
     history_start_s: float | None,
