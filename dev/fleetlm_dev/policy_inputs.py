@@ -29,7 +29,7 @@ def build_spec(**overrides: Any) -> spec_mod.PolicySpec:
     tuning = overrides.pop("tuning", spec_mod.Tuning())
     batching = overrides.pop(
         "batching",
-        spec_mod.BatchingSpec(
+        spec_mod.BatchingBounds(
             max_batch_size=64,
             max_batch_tokens=4096,
             min_max_batch_size=8,
@@ -39,7 +39,7 @@ def build_spec(**overrides: Any) -> spec_mod.PolicySpec:
         ),
     )
     values: dict[str, Any] = {
-        "slo": spec_mod.SLOSpec(ttft_s=0.5, tpot_s=0.05, percentile=95.0),
+        "slo": spec_mod.SLOTargets(ttft_s=0.5, tpot_s=0.05, percentile=95.0),
         "min_replicas": 1,
         "max_replicas": 16,
         "batching": batching,

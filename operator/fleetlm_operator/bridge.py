@@ -38,7 +38,7 @@ def policy_spec_of(spec: spec_models.LLMServiceSpec) -> policy_spec.PolicySpec:
         for qos_class in spec.qos.classes
     )
     return policy_spec.PolicySpec(
-        slo=policy_spec.SLOSpec(
+        slo=policy_spec.SLOTargets(
             ttft_s=_seconds(slo.ttft) if slo is not None else None,
             tpot_s=_seconds(slo.tpot) if slo is not None else None,
             percentile=slo.percentile if slo is not None else 95.0,
@@ -47,7 +47,7 @@ def policy_spec_of(spec: spec_models.LLMServiceSpec) -> policy_spec.PolicySpec:
         # the router to hold requests), so with min 0 the tuner's floor is one replica.
         min_replicas=max(spec.replicas.min, 1),
         max_replicas=spec.replicas.max,
-        batching=policy_spec.BatchingSpec(
+        batching=policy_spec.BatchingBounds(
             max_batch_size=batching.max_batch_size,
             max_batch_tokens=batching.max_batch_tokens,
             min_max_batch_size=batching.max_batch_size_range.min,

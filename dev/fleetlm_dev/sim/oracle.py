@@ -32,7 +32,7 @@ def _attains(
     rate_per_s: float,
     calib: calibration.Calibration,
     class_names: tuple[str, ...],
-    slo: spec_mod.SLOSpec,
+    slo: spec_mod.SLOTargets,
     targets: tuple[tuple[float | None, float | None], ...],
     max_batch_size: int,
     max_batch_tokens: int,

@@ -115,7 +115,7 @@ def _check_model_source(value: str) -> str:
     return value
 
 
-ModelSource = Annotated[
+ModelSourceString = Annotated[
     str,
     pydantic.StringConstraints(min_length=1, max_length=512),
     pydantic.AfterValidator(_check_model_source),

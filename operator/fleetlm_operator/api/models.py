@@ -43,7 +43,7 @@ from fleetlm_operator.api.spec_models import (
     TOLERATION_EXISTS_NO_VALUE,
     LLMServiceSpec,
 )
-from fleetlm_operator.api.status_models import LLMServiceStatus, Tuning
+from fleetlm_operator.api.status_models import LLMServiceStatus, TuningStatus
 
 # --------------------------------------------------------------------------------------------------
 # The resource.
@@ -153,9 +153,9 @@ def load_stored(body: Mapping[str, Any]) -> LLMService:
     return LLMService.model_validate(dict(body), context={STORED: True})
 
 
-def initial_tuning(spec: LLMServiceSpec) -> Tuning:
+def initial_tuning(spec: LLMServiceSpec) -> TuningStatus:
     """The tuning a fresh service starts from: the spec's initial limits and weights, nothing shed."""
-    return Tuning(
+    return TuningStatus(
         max_batch_size=spec.batching.max_batch_size,
         max_batch_tokens=spec.batching.max_batch_tokens,
         shed_classes=[],

@@ -19,7 +19,7 @@ from fleetlm_operator.api.fields import (
     ClassName,
     Duration,
     IntervalDuration,
-    ModelSource,
+    ModelSourceString,
     ObjectName,
     PositiveDuration,
     Quantity,
@@ -159,7 +159,7 @@ class ModelSpec(_SpecModel):
 
     model_config = pydantic.ConfigDict(json_schema_extra=cel_extra(MODEL_CACHE_NEEDS_SOURCE))
 
-    source: ModelSource = pydantic.Field(
+    source: ModelSourceString = pydantic.Field(
         description=(
             "Where the weights come from. A Hugging Face id such as `Qwen/Qwen2.5-0.5B-Instruct` (or "
             "`hf://Qwen/Qwen2.5-0.5B-Instruct`; the pod needs network access), `pvc://<claim>/<path>` for "

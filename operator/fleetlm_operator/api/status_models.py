@@ -99,7 +99,7 @@ class ObservedMetrics(_StatusModel):
     )
 
 
-class Tuning(_StatusModel):
+class TuningStatus(_StatusModel):
     """Limits the operator currently applies to the runtime pods (without restarting them)."""
 
     max_batch_size: int | None = pydantic.Field(
@@ -203,7 +203,7 @@ class LLMServiceStatus(_StatusModel):
     observed: ObservedMetrics | None = pydantic.Field(
         default=None, description="Metrics over the SLO window from the last collection."
     )
-    tuning: Tuning | None = pydantic.Field(default=None, description="Limits currently applied to the pods.")
+    tuning: TuningStatus | None = pydantic.Field(default=None, description="Limits currently applied to the pods.")
     startup: StartupStatus | None = pydantic.Field(
         default=None, description="The pods' observed start-up time and those loading now, from the tuner."
     )

@@ -31,7 +31,7 @@ def _targets(ttft: str | None, tpot: str | None) -> dict[str, float]:
     return targets
 
 
-def _classes(spec: spec_models.LLMServiceSpec, tuning: status_models.Tuning) -> list[dict[str, Any]]:
+def _classes(spec: spec_models.LLMServiceSpec, tuning: status_models.TuningStatus) -> list[dict[str, Any]]:
     service_slo = spec.slo
     service_ttft = service_slo.ttft if service_slo is not None else None
     service_tpot = service_slo.tpot if service_slo is not None else None
@@ -67,7 +67,9 @@ def _classes(spec: spec_models.LLMServiceSpec, tuning: status_models.Tuning) -> 
     return rendered
 
 
-def runtime_config(spec: spec_models.LLMServiceSpec, *, tuning: status_models.Tuning | None = None) -> dict[str, Any]:
+def runtime_config(
+    spec: spec_models.LLMServiceSpec, *, tuning: status_models.TuningStatus | None = None
+) -> dict[str, Any]:
     """The runtime config as a camelCase mapping, validated by the runtime's RuntimeConfig.
 
     `tuning` (current limits and weights from status) wins over the spec's initial values.
@@ -137,7 +139,7 @@ def render_runtime_yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
 
 
-def build_config_map(svc: models.LLMService, *, tuning: status_models.Tuning | None = None) -> dict[str, Any]:
+def build_config_map(svc: models.LLMService, *, tuning: status_models.TuningStatus | None = None) -> dict[str, Any]:
     """The ConfigMap mounted at /etc/fleetlm/config. Changing its content alone never restarts pods."""
     return {
         "apiVersion": "v1",

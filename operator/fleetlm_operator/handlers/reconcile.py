@@ -61,7 +61,7 @@ def plain_body(body: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def current_tuning(svc: models.LLMService) -> status_models.Tuning:
+def current_tuning(svc: models.LLMService) -> status_models.TuningStatus:
     """The limits the pods should run with now.
 
     With `autotune` the tuner owns the limits: the ones in status are kept, clamped into the spec's
@@ -78,7 +78,7 @@ def current_tuning(svc: models.LLMService) -> status_models.Tuning:
         size = min(max(stored.max_batch_size or size or 1, size_range.min), size_range.max)
         tokens = min(max(stored.max_batch_tokens or tokens or 1, tokens_range.min), tokens_range.max)
     class_names = {qos_class.name for qos_class in svc.spec.qos.classes}
-    return status_models.Tuning(
+    return status_models.TuningStatus(
         max_batch_size=size,
         max_batch_tokens=tokens,
         shed_classes=[name for name in stored.shed_classes if name in class_names],
@@ -90,7 +90,7 @@ def current_tuning(svc: models.LLMService) -> status_models.Tuning:
 def render_children(
     svc: models.LLMService,
     *,
-    tuning: status_models.Tuning,
+    tuning: status_models.TuningStatus,
     default_image: str,
     with_service_monitor: bool,
     with_deployment: bool = True,
@@ -196,7 +196,7 @@ def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.
     return status
 
 
-def _export_service_gauges(svc: models.LLMService, *, tuning: status_models.Tuning, ready: int) -> None:
+def _export_service_gauges(svc: models.LLMService, *, tuning: status_models.TuningStatus, ready: int) -> None:
     labels = {"namespace": svc.namespace, "llmservice": svc.name}
     metrics.SERVICE_REPLICAS.labels(**labels, state="desired").set(svc.spec.replicas.effective)
     metrics.SERVICE_REPLICAS.labels(**labels, state="ready").set(ready)

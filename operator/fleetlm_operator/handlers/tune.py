@@ -181,7 +181,7 @@ async def tune_once(
     in_force = (
         tuning_now
         if spec.advise
-        else status_models.Tuning(
+        else status_models.TuningStatus(
             max_batch_size=decision.max_batch_size,
             max_batch_tokens=decision.max_batch_tokens,
             shed_classes=list(decision.shed_classes),
@@ -269,9 +269,9 @@ async def _act(
     decision: decide_mod.Decision,
     actions: list[str],
     current_replicas: int,
-    tuning_now: status_models.Tuning,
+    tuning_now: status_models.TuningStatus,
     ctx: context.OperatorContext,
-) -> status_models.Tuning:
+) -> status_models.TuningStatus:
     """Record advice, or rewrite the ConfigMap for a tuning change; the tuning the pods should now run with.
     (The replicas are written by the caller, after the push.)"""
     reason_text = "; ".join(decision.reasons)[:1000]
@@ -291,7 +291,7 @@ async def _act(
     tuning_changed = any(a in actions for a in ("batch_grow", "batch_shrink", "shed", "unshed"))
     if not tuning_changed:
         return tuning_now
-    tuning = status_models.Tuning(
+    tuning = status_models.TuningStatus(
         max_batch_size=decision.max_batch_size,
         max_batch_tokens=decision.max_batch_tokens,
         shed_classes=list(decision.shed_classes),
@@ -314,8 +314,8 @@ async def _act(
 async def _push_live(
     svc: models.LLMService,
     *,
-    tuning: status_models.Tuning,
-    started_with: status_models.Tuning,
+    tuning: status_models.TuningStatus,
+    started_with: status_models.TuningStatus,
     endpoints: dict[str, str],
     memory: TunerMemory,
     ctx: context.OperatorContext,

@@ -47,7 +47,7 @@ def test_records_appended_from_stale_copies_are_all_kept(kube: Any, make_example
     kube.apply(make_example(name))
     ctx = _context(kube)
     stale = kube.get("llmservice", name)
-    sections = {"tuning": status_models.status_json(status_models.Tuning(max_batch_size=4, max_batch_tokens=512))}
+    sections = {"tuning": status_models.status_json(status_models.TuningStatus(max_batch_size=4, max_batch_tokens=512))}
     tune._write_status(stale, sections, _record("batch_shrink", 1), ctx=ctx, logger=LOGGER)
     # Read before the first write: appending to its history alone would drop batch_shrink.
     tune._write_status(stale, sections, _record("scale_up", 2), ctx=ctx, logger=LOGGER)

@@ -79,7 +79,7 @@ def test_batch_rule(make_spec: MakeSpec, make_window: MakeWindow, case: Case) ->
 
 
 def test_autotune_off_keeps_the_spec_values(make_spec: MakeSpec, make_window: MakeWindow) -> None:
-    spec = make_spec(batching=spec_mod.BatchingSpec(max_batch_size=64, max_batch_tokens=4096, autotune=False))
+    spec = make_spec(batching=spec_mod.BatchingBounds(max_batch_size=64, max_batch_tokens=4096, autotune=False))
     decision = batching.decide_batch_limits(
         spec, make_window(**BUSY), current=batching.BatchLimits(96, 4096), changed_s=None, direction=0, now=NOW
     )
@@ -87,7 +87,7 @@ def test_autotune_off_keeps_the_spec_values(make_spec: MakeSpec, make_window: Ma
 
 
 def test_limits_outside_new_bounds_are_clamped_at_once(make_spec: MakeSpec, make_window: MakeWindow) -> None:
-    spec = make_spec(batching=spec_mod.BatchingSpec(max_batch_size=32, max_batch_tokens=2048, max_max_batch_size=64))
+    spec = make_spec(batching=spec_mod.BatchingBounds(max_batch_size=32, max_batch_tokens=2048, max_max_batch_size=64))
     decision = batching.decide_batch_limits(
         spec, make_window(), current=batching.BatchLimits(200, 2048), changed_s=NOW - 1.0, direction=1, now=NOW
     )

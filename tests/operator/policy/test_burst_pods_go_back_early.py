@@ -11,7 +11,7 @@ from fleetlm_operator.policy import spec as spec_mod
 
 QUIET_RUNNING = 100.0  # four 64-sequence pods running ~40% full
 BURST_RUNNING = 400.0  # what the burst would run with the room: the pods are full and a queue builds
-FIXED_BATCH = spec_mod.BatchingSpec(max_batch_size=64, max_batch_tokens=4096, autotune=False)
+FIXED_BATCH = spec_mod.BatchingBounds(max_batch_size=64, max_batch_tokens=4096, autotune=False)
 
 
 def replay(

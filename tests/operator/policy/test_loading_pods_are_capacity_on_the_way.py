@@ -11,7 +11,7 @@ from fleetlm_operator.policy import decide, replicas, startup, state, window
 from fleetlm_operator.policy import spec as spec_mod
 
 TUNING = spec_mod.Tuning(max_scale_up_factor=10.0)
-BATCHING = spec_mod.BatchingSpec(max_batch_size=64, max_batch_tokens=4096, autotune=False)
+BATCHING = spec_mod.BatchingBounds(max_batch_size=64, max_batch_tokens=4096, autotune=False)
 
 
 def overloaded(make_window: MakeWindow) -> window.ObservedWindow:

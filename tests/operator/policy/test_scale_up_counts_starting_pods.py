@@ -51,7 +51,7 @@ def test_pods_starting_count_toward_the_demand(
     spec = make_spec(
         tuning=spec_mod.Tuning(max_scale_up_factor=10.0),
         max_replicas=64,
-        batching=spec_mod.BatchingSpec(max_batch_size=64, max_batch_tokens=4096, autotune=False),
+        batching=spec_mod.BatchingBounds(max_batch_size=64, max_batch_tokens=4096, autotune=False),
     )
     observed = overloaded(make_window)
     demand = replicas.estimate_demand(observed, tuning=spec.tuning)

@@ -10,7 +10,7 @@ from fleetlm_operator.policy import histogram, window
 from fleetlm_operator.policy import spec as spec_mod
 
 BOUNDS = (0.1, 0.25, 0.5, 1.0)
-SPEC = spec_mod.PolicySpec(slo=spec_mod.SLOSpec(ttft_s=0.5, tpot_s=0.05, percentile=95.0), max_replicas=4)
+SPEC = spec_mod.PolicySpec(slo=spec_mod.SLOTargets(ttft_s=0.5, tpot_s=0.05, percentile=95.0), max_replicas=4)
 
 
 def hist(cumulative: tuple[float, ...], count: float, total: float = 0.0) -> histogram.Histogram:

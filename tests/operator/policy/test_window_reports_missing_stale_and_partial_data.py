@@ -10,7 +10,7 @@ import pytest
 from fleetlm_operator.policy import histogram, window
 from fleetlm_operator.policy import spec as spec_mod
 
-SPEC = spec_mod.PolicySpec(slo=spec_mod.SLOSpec(ttft_s=0.5, tpot_s=0.05), max_replicas=8)
+SPEC = spec_mod.PolicySpec(slo=spec_mod.SLOTargets(ttft_s=0.5, tpot_s=0.05), max_replicas=8)
 BOUNDS = (0.1, 0.5, 1.0)
 
 

@@ -77,7 +77,7 @@ def test_the_tuners_sections_validate() -> None:
                 "observed": status_models.status_json(bridge.observed_status(observed, percentile=spec.slo.percentile,
                                                                       now=NOW)),
                 "startup": status_models.status_json(bridge.startup_status(decision)),
-                "tuning": status_models.status_json(status_models.Tuning(
+                "tuning": status_models.status_json(status_models.TuningStatus(
                     max_batch_size=decision.max_batch_size, max_batch_tokens=decision.max_batch_tokens,
                     shed_classes=list(decision.shed_classes), class_weights={"critical": 6, "batch": 1})),
             })  # fmt: skip

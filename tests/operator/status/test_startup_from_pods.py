@@ -51,7 +51,7 @@ def test_a_pod_without_timestamps_is_skipped_not_guessed() -> None:
 
 
 def test_status_startup_shows_the_learnt_time_and_the_loading_pods() -> None:
-    spec = spec_mod.PolicySpec(slo=spec_mod.SLOSpec(ttft_s=0.5), max_replicas=8)
+    spec = spec_mod.PolicySpec(slo=spec_mod.SLOTargets(ttft_s=0.5), max_replicas=8)
     pods = [_pod("a", created_s=NOW_S - 200, ready_s=NOW_S - 140), _pod("b", created_s=NOW_S - 30)]
     ages, started = bridge.pod_startups(pods, now_s=NOW_S)
     decision = decide.decide(
