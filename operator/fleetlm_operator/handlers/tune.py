@@ -37,7 +37,6 @@ from fleetlm_operator.policy import window as window_mod
 from fleetlm_operator.status import conditions
 
 TICK_S = 5.0  # how often the timer wakes; the tuner acts every spec.autoscaling.interval
-ANNOTATION_STATE = f"{names.GROUP}/tuner-state"
 MEMO_KEY = "fleetlm_tuner"
 
 
@@ -70,7 +69,7 @@ def _ready_endpoints(pods: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def _load_state(body: kopf.Body, logger: logging.Logger) -> state_mod.TunerState:
-    raw = body.get("metadata", {}).get("annotations", {}).get(ANNOTATION_STATE)
+    raw = body.get("metadata", {}).get("annotations", {}).get(names.ANNOTATION_TUNER_STATE)
     if not raw:
         return state_mod.TunerState()
     try:
@@ -337,7 +336,7 @@ async def _execute(
         await asyncio.to_thread(ctx.applier.patch_llmservice_replicas, svc.name, svc.namespace, tick.scale_to)
         if tick.scale_event is not None:
             kopf.info(body, reason=tick.scale_event[0], message=tick.scale_event[1])
-    patch.metadata.setdefault("annotations", {})[ANNOTATION_STATE] = tick.state_json
+    patch.metadata.setdefault("annotations", {})[names.ANNOTATION_TUNER_STATE] = tick.state_json
     await asyncio.to_thread(_write_status, body, tick.status_sections, tick.record, ctx=ctx, logger=logger)
     await _apply_conditions(body, tick.conditions, ctx=ctx, now_s=now_s)
 
