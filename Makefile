@@ -34,9 +34,11 @@ system-deps:
 	  echo "installing Debian's prometheus package" >&2; \
 	  apt-get update -qq && DEBIAN_FRONTEND=noninteractive apt-get install -y -qq --no-install-recommends prometheus; }
 
+# mypy checks the packages named in pyproject.toml's [tool.mypy], with --strict.
 lint: venv
 	$(VENV)/bin/ruff check .
 	$(VENV)/bin/ruff format --check .
+	$(VENV)/bin/mypy
 
 # pytest's exit code 5 (no tests collected) is a failure here, not a pass.
 PYTEST_RUN = rc=0; $(PY) -m pytest $(1) || rc=$$?; \

@@ -249,7 +249,6 @@ async def send_request(
     result = RequestResult(qos_class=spec.qos_class, repeat=spec.repeat, prompt_tokens=spec.prompt_len)
     start = time.perf_counter()
     result.start_s = start
-    last = start
     try:
         async with session.post(
             cfg.url.rstrip("/") + path, json=_payload(cfg, model, spec), headers=_headers(cfg, spec)
@@ -273,27 +272,31 @@ async def send_request(
                 if "error" in chunk:
                     result.error = str(chunk["error"])[:300]
                     return result
-                now = time.perf_counter()
-                if chunk.get("choices"):
-                    if not result.chunk_times_s:
-                        result.ttft_s = now - start
-                    else:
-                        result.itl_s.append(now - last)
-                    last = now
-                    result.chunk_times_s.append(now)
-                if usage := chunk.get("usage"):
-                    result.output_tokens = int(usage.get("completion_tokens") or 0)
-                    result.prompt_tokens = int(usage.get("prompt_tokens") or result.prompt_tokens)
+                _record_chunk(result, chunk, start)
         if not result.chunk_times_s:
             result.error = "the stream carried no tokens"
             return result
         if not result.output_tokens:  # a server without usage chunks: one token per content chunk
             result.output_tokens = len(result.chunk_times_s)
-        result.latency_s = last - start
+        result.latency_s = result.chunk_times_s[-1] - start
         result.success = True
     except (TimeoutError, aiohttp.ClientError, json.JSONDecodeError, ValueError) as error:
         result.error = f"{type(error).__name__}: {error}"[:300]
     return result
+
+
+def _record_chunk(result: RequestResult, chunk: dict[str, Any], start: float) -> None:
+    """One SSE chunk's timing (TTFT for the first with choices, then inter-token latencies) and usage."""
+    now = time.perf_counter()
+    if chunk.get("choices"):
+        if not result.chunk_times_s:
+            result.ttft_s = now - start
+        else:
+            result.itl_s.append(now - result.chunk_times_s[-1])
+        result.chunk_times_s.append(now)
+    if usage := chunk.get("usage"):
+        result.output_tokens = int(usage.get("completion_tokens") or 0)
+        result.prompt_tokens = int(usage.get("prompt_tokens") or result.prompt_tokens)
 
 
 # ------------------------------------------------------------------------------------------------
@@ -695,6 +698,22 @@ async def run(cfg: BenchConfig, ds: DatasetConfig, *, compare_url: str | None = 
     return outcomes
 
 
+def _print_tables(result: dict[str, Any], labels: list[str]) -> None:
+    """The human-readable form of `result`: a table per target and per class, origin and cache outcome."""
+    for rep, label in zip(result["targets"], labels, strict=True):
+        print(format_table(rep, title=label))
+        for group in ("per_class", "per_origin", "per_cache"):
+            for name, sub in rep.get(group, {}).items():
+                print(format_table(sub, title=f"{label} {group[4:]}={name}"))
+        if speedup := rep.get("cache_speedup"):
+            print(
+                f"{label}: cache hit vs miss, median TTFT {speedup['ttft_ms']:.1f}x, "
+                f"median E2EL {speedup['e2el_ms']:.1f}x lower"
+            )
+    if "ratio_output_throughput_a_over_b" in result:
+        print(f"output throughput A/B: {result['ratio_output_throughput_a_over_b']:.3f}")
+
+
 def main(argv: list[str] | None = None) -> int:
     args = build_parser().parse_args(argv)
     try:
@@ -717,18 +736,7 @@ def main(argv: list[str] | None = None) -> int:
     if args.json:
         print(json.dumps(result, indent=2))
     else:
-        for rep, (_, label) in zip(reports, outcomes, strict=True):
-            print(format_table(rep, title=label))
-            for group in ("per_class", "per_origin", "per_cache"):
-                for name, sub in rep.get(group, {}).items():
-                    print(format_table(sub, title=f"{label} {group[4:]}={name}"))
-            if speedup := rep.get("cache_speedup"):
-                print(
-                    f"{label}: cache hit vs miss, median TTFT {speedup['ttft_ms']:.1f}x, "
-                    f"median E2EL {speedup['e2el_ms']:.1f}x lower"
-                )
-        if "ratio_output_throughput_a_over_b" in result:
-            print(f"output throughput A/B: {result['ratio_output_throughput_a_over_b']:.3f}")
+        _print_tables(result, [label for _, label in outcomes])
     if args.output_json:
         with open(args.output_json, "w", encoding="utf-8") as fh:
             json.dump(result, fh, indent=2)

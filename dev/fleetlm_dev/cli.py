@@ -81,6 +81,20 @@ def _cmd_demo(args: argparse.Namespace) -> int:
     return demo.main(dir=pathlib.Path(args.dir).expanduser().resolve(), keep=args.keep)
 
 
+# `fleetlm-dev bench <verb>`: each benchmark module parses its own arguments (see `main`).
+_BENCHES = (
+    ("engine", "fleetlm_dev.bench_engine", "engine tokens/s vs sequential generate()"),
+    ("serve", "fleetlm_dev.bench_serve", "load generator against a running server (vLLM's metrics)"),
+    ("server-overhead", "fleetlm_dev.bench_server_overhead", "server tok/s vs the engine's own, 32 streams"),
+    ("prefix-cache", "fleetlm_dev.bench_prefix_cache", "TTFT with vs without the prefix cache (shared prompt)"),
+    ("structured", "fleetlm_dev.bench_structured", "decode tok/s, 32 streams: half JSON-constrained vs none"),
+    ("router", "fleetlm_dev.bench_router", "router prefix affinity vs round-robin, 3 replicas"),
+    ("operator", "fleetlm_dev.bench_operator", "N LLMService objects at once: time and memory"),
+    ("load", "fleetlm_dev.bench_load", "model load time and peak RSS: our loader vs from_pretrained"),
+    ("overload", "fleetlm_dev.bench_overload", "a real runtime process under 3x its KV pool: completions, /ready, RSS"),
+)
+
+
 def build_parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="fleetlm-dev", description=__doc__.splitlines()[0])
     parser.add_argument("--log-level", default="INFO", help="logging level (DEBUG, INFO, WARNING)")
@@ -115,40 +129,8 @@ def build_parser() -> argparse.ArgumentParser:
 
     bench = verbs.add_parser("bench", help="benchmarks that print figures against a baseline")
     bench_verbs = bench.add_subparsers(dest="bench_verb", required=True)
-    engine = bench_verbs.add_parser("engine", help="engine tokens/s vs sequential generate()", add_help=False)
-    engine.set_defaults(func=_delegate("fleetlm_dev.bench_engine"), delegated=True)
-    serve = bench_verbs.add_parser(
-        "serve", help="load generator against a running server (vLLM's metrics)", add_help=False
-    )
-    serve.set_defaults(func=_delegate("fleetlm_dev.bench_serve"), delegated=True)
-    overhead = bench_verbs.add_parser(
-        "server-overhead", help="server tok/s vs the engine's own, 32 streams", add_help=False
-    )
-    overhead.set_defaults(func=_delegate("fleetlm_dev.bench_server_overhead"), delegated=True)
-    prefix = bench_verbs.add_parser(
-        "prefix-cache", help="TTFT with vs without the prefix cache (shared prompt)", add_help=False
-    )
-    prefix.set_defaults(func=_delegate("fleetlm_dev.bench_prefix_cache"), delegated=True)
-    structured = bench_verbs.add_parser(
-        "structured", help="decode tok/s, 32 streams: half JSON-constrained vs none", add_help=False
-    )
-    structured.set_defaults(func=_delegate("fleetlm_dev.bench_structured"), delegated=True)
-    router_bench = bench_verbs.add_parser(
-        "router", help="router prefix affinity vs round-robin, 3 replicas", add_help=False
-    )
-    router_bench.set_defaults(func=_delegate("fleetlm_dev.bench_router"), delegated=True)
-    operator_bench = bench_verbs.add_parser(
-        "operator", help="N LLMService objects at once: time and memory", add_help=False
-    )
-    operator_bench.set_defaults(func=_delegate("fleetlm_dev.bench_operator"), delegated=True)
-    load_bench = bench_verbs.add_parser(
-        "load", help="model load time and peak RSS: our loader vs from_pretrained", add_help=False
-    )
-    load_bench.set_defaults(func=_delegate("fleetlm_dev.bench_load"), delegated=True)
-    overload_bench = bench_verbs.add_parser(
-        "overload", help="a real runtime process under 3x its KV pool: completions, /ready, RSS", add_help=False
-    )
-    overload_bench.set_defaults(func=_delegate("fleetlm_dev.bench_overload"), delegated=True)
+    for verb, module, help_ in _BENCHES:
+        bench_verbs.add_parser(verb, help=help_, add_help=False).set_defaults(func=_delegate(module), delegated=True)
 
     simulate = verbs.add_parser("simulate", help="replay the tuning policy against simulated replicas", add_help=False)
     simulate.set_defaults(func=_delegate("fleetlm_dev.simulate"), delegated=True)

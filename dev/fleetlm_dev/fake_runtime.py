@@ -46,7 +46,7 @@ class FakeRuntime:
         self.pushes: list[dict[str, Any]] = []
         self.limits = {"maxBatchSize": 8, "maxBatchTokens": 512}
         self.metrics = runtime_metrics.RuntimeMetrics(model_name=model, max_model_len=2048)
-        self._loop = asyncio.new_event_loop()
+        self._loop: asyncio.AbstractEventLoop | None = None  # the thread's own, closed when it ends
         self._ready = threading.Event()
         self._stop: asyncio.Event | None = None
         self._thread = threading.Thread(target=self._run, name=f"fake-runtime-{host}", daemon=True)
@@ -63,13 +63,20 @@ class FakeRuntime:
         return self
 
     def stop(self) -> None:
-        if self._stop is not None:
+        if self._loop is not None and self._stop is not None:
             self._loop.call_soon_threadsafe(self._stop.set)
         self._thread.join(timeout=10)
 
     def _run(self) -> None:
-        asyncio.set_event_loop(self._loop)
-        self._loop.run_until_complete(self._serve())
+        # Made and closed here: a loop left to the garbage collector (with its self-pipe sockets) surfaces as
+        # an unraisable ResourceWarning in whichever test happens to run next.
+        loop = self._loop = asyncio.new_event_loop()
+        asyncio.set_event_loop(loop)
+        try:
+            loop.run_until_complete(self._serve())
+        finally:
+            asyncio.set_event_loop(None)
+            loop.close()
 
     async def _serve(self) -> None:
         self._stop = asyncio.Event()

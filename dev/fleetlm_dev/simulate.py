@@ -108,13 +108,8 @@ def _table(outcomes: Sequence[run.Outcome]) -> str:
     return "\n".join(lines)
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = _parser()
-    args = parser.parse_args(argv)
-    try:
-        queue_limit = _queue_limit(args.queue_limit)
-    except ValueError as error:
-        parser.error(f"--queue-limit: {error}")
+def _calibration(parser: argparse.ArgumentParser, args: argparse.Namespace) -> calibration.Calibration:
+    """The named profile, or one fitted to an engine benchmark's report; then the start-up override."""
     calib = calibration.PROFILES[args.profile]
     if args.calibrate_from is not None:
         try:
@@ -124,6 +119,138 @@ def main(argv: list[str] | None = None) -> int:
             parser.error(f"--calibrate-from: {error}")
     if args.startup_s is not None:
         calib = calib.with_startup(args.startup_s)
+    return calib
+
+
+def _judge(by_trace: dict[str, list[run.Outcome]]) -> tuple[list[dict[str, Any]], bool]:
+    """Each trace's tight bars applied to every policy's outcome; whether FleetLM's policy passed them all."""
+    verdicts: list[dict[str, Any]] = []
+    all_pass = True
+    for trace_name, outcomes in by_trace.items():
+        for bar in bars.bars_for(trace_name, tight=True):
+            row: dict[str, Any] = {"bar": bar.key, "description": bar.description}
+            for outcome in outcomes:
+                verdict = bar.judge(outcome)
+                row[outcome.policy] = {"value": verdict.value, "pass": verdict.passed}
+                if outcome.policy == "fleetlm" and not verdict.passed:
+                    all_pass = False
+            verdicts.append(row)
+    return verdicts, all_pass
+
+
+def _document(
+    calib: calibration.Calibration,
+    *,
+    queue_limit: int | None,
+    seed: int,
+    capacities: dict[str, oracle.Capacity],
+    by_trace: dict[str, list[run.Outcome]],
+    verdicts: list[dict[str, Any]],
+    plots: list[str],
+    cpu_s: float,
+) -> dict[str, Any]:
+    """The `--json` output."""
+    return {
+        "calibration": {
+            "profile": calib.name,
+            "description": calib.description,
+            "stepTime": {
+                "baseS": calib.step.base_s,
+                "perSeqS": calib.step.per_seq_s,
+                "perTokenS": calib.step.per_token_s,
+            },
+            "kvCapacityTokens": calib.kv_capacity_tokens,
+            "startupS": calib.startup_s,
+        },
+        "queueLimit": queue_limit,
+        "seed": seed,
+        "oracle": {
+            n: {"ratePerReplica": round(c.rate_per_s, 3), "maxBatchSize": c.max_batch_size}
+            for n, c in capacities.items()
+        },
+        "outcomes": [_outcome_json(o) for outcomes in by_trace.values() for o in outcomes],
+        "bars": verdicts,
+        "plots": plots,
+        "cpuS": round(cpu_s, 1),
+    }
+
+
+def _print_setup(
+    calib: calibration.Calibration,
+    spec: Any,
+    *,
+    queue_limit: int | None,
+    seed: int,
+    capacities: dict[str, oracle.Capacity],
+) -> None:
+    """What the run assumed: the calibration, the SLO and the oracle's capacity per trace."""
+    print(f"calibration: {calib.name} - {calib.description}")
+    step = calib.step
+    print(
+        f"  step_s = {step.base_s:g} + {step.per_seq_s:g} x seqs + {step.per_token_s:g} x tokens; "
+        f"KV {calib.kv_capacity_tokens} tokens; start-up {calib.startup_s:g}s; queue limit {queue_limit}; "
+        f"seed {seed}"
+    )
+    slo = spec.slo
+    print(
+        f"SLO: TTFT {slo.ttft_s}s, TPOT {slo.tpot_s}s at p{slo.percentile:g}, attainment target "
+        f"{slo.target_attainment:.0%}; interval {spec.interval_s:g}s, scale-down stabilization "
+        f"{spec.scale_down_stabilization_s:g}s"
+    )
+    for name, capacity in capacities.items():
+        print(
+            f"oracle ({name}): one replica carries {capacity.rate_per_s:.2f} req/s within the SLO "
+            f"(max_batch_size {capacity.max_batch_size})"
+        )
+
+
+def _print_outcomes(by_trace: dict[str, list[run.Outcome]]) -> None:
+    """The outcome table, then each outcome's engine fit and, with several classes, attainment by class."""
+    print()
+    print(_table([o for outcomes in by_trace.values() for o in outcomes]))
+    for outcomes in by_trace.values():
+        for o in outcomes:
+            engine = _engine_fit(o)
+            if engine:
+                print(f"  {o.trace} {o.policy} {engine}")
+    for outcomes in by_trace.values():
+        for o in outcomes:
+            if len(o.attainment_by_class) > 1:
+                per_class = ", ".join(
+                    f"{name} {value:.2%} (shed {o.num_shed.get(name, 0)})"
+                    for name, value in o.attainment_by_class.items()
+                )
+                print(f"  {o.trace} {o.policy} by class: {per_class}")
+
+
+def _print_verdicts(verdicts: list[dict[str, Any]], policy_names: list[str]) -> None:
+    """The bars as a table: a row per bar, a column per policy (value and PASS/FAIL)."""
+    if not verdicts:
+        return
+    print()
+    width = max(len(v["description"]) for v in verdicts)
+    cell_width = max([22, *(len(v[name]["value"]) + 5 for v in verdicts for name in policy_names if name in v)])
+    print(f"{'bar':<{width}}  " + "  ".join(f"{p:<{cell_width}}" for p in policy_names))
+    for row in verdicts:
+        cells = []
+        for name in policy_names:
+            cell = row.get(name)
+            cells.append(
+                f"{cell['value'] + ' ' + ('PASS' if cell['pass'] else 'FAIL'):<{cell_width}}"
+                if cell
+                else f"{'-':<{cell_width}}"
+            )
+        print(f"{row['description']:<{width}}  " + "  ".join(cells))
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = _parser()
+    args = parser.parse_args(argv)
+    try:
+        queue_limit = _queue_limit(args.queue_limit)
+    except ValueError as error:
+        parser.error(f"--queue-limit: {error}")
+    calib = _calibration(parser, args)
     options = run.FleetOptions(queue_limit=queue_limit)
     trace_names = list(workload.TRACES) if args.trace == "all" else [args.trace]
     policy_names = list(POLICY_ORDER) if args.policy == "all" else [args.policy]
@@ -138,17 +265,7 @@ def main(argv: list[str] | None = None) -> int:
         ]
     cpu_s = time.process_time() - started
 
-    verdicts: list[dict[str, Any]] = []
-    all_pass = True
-    for trace_name, outcomes in by_trace.items():
-        for bar in bars.bars_for(trace_name, tight=True):
-            row: dict[str, Any] = {"bar": bar.key, "description": bar.description}
-            for outcome in outcomes:
-                verdict = bar.judge(outcome)
-                row[outcome.policy] = {"value": verdict.value, "pass": verdict.passed}
-                if outcome.policy == "fleetlm" and not verdict.passed:
-                    all_pass = False
-            verdicts.append(row)
+    verdicts, all_pass = _judge(by_trace)
 
     plots: list[str] = []
     if args.plot is not None:
@@ -165,81 +282,19 @@ def main(argv: list[str] | None = None) -> int:
         for name in trace_names
     }
     if args.json:
-        document = {
-            "calibration": {
-                "profile": calib.name,
-                "description": calib.description,
-                "stepTime": {
-                    "baseS": calib.step.base_s,
-                    "perSeqS": calib.step.per_seq_s,
-                    "perTokenS": calib.step.per_token_s,
-                },
-                "kvCapacityTokens": calib.kv_capacity_tokens,
-                "startupS": calib.startup_s,
-            },
-            "queueLimit": queue_limit,
-            "seed": args.seed,
-            "oracle": {
-                n: {"ratePerReplica": round(c.rate_per_s, 3), "maxBatchSize": c.max_batch_size}
-                for n, c in capacities.items()
-            },
-            "outcomes": [_outcome_json(o) for outcomes in by_trace.values() for o in outcomes],
-            "bars": verdicts,
-            "plots": plots,
-            "cpuS": round(cpu_s, 1),
-        }
+        document = _document(
+            calib, queue_limit=queue_limit, seed=args.seed, capacities=capacities, by_trace=by_trace,
+            verdicts=verdicts, plots=plots, cpu_s=cpu_s,
+        )  # fmt: skip
         print(json.dumps(document, indent=2))
         return 0 if all_pass else 1
 
-    spec = run.default_spec(workload.TRACES[trace_names[0]])
-    print(f"calibration: {calib.name} - {calib.description}")
-    step = calib.step
-    print(
-        f"  step_s = {step.base_s:g} + {step.per_seq_s:g} x seqs + {step.per_token_s:g} x tokens; "
-        f"KV {calib.kv_capacity_tokens} tokens; start-up {calib.startup_s:g}s; queue limit {queue_limit}; "
-        f"seed {args.seed}"
-    )
-    slo = spec.slo
-    print(
-        f"SLO: TTFT {slo.ttft_s}s, TPOT {slo.tpot_s}s at p{slo.percentile:g}, attainment target "
-        f"{slo.target_attainment:.0%}; interval {spec.interval_s:g}s, scale-down stabilization "
-        f"{spec.scale_down_stabilization_s:g}s"
-    )
-    for name, capacity in capacities.items():
-        print(
-            f"oracle ({name}): one replica carries {capacity.rate_per_s:.2f} req/s within the SLO "
-            f"(max_batch_size {capacity.max_batch_size})"
-        )
-    print()
-    print(_table([o for outcomes in by_trace.values() for o in outcomes]))
-    for outcomes in by_trace.values():
-        for o in outcomes:
-            engine = _engine_fit(o)
-            if engine:
-                print(f"  {o.trace} {o.policy} {engine}")
-    for outcomes in by_trace.values():
-        for o in outcomes:
-            if len(o.attainment_by_class) > 1:
-                per_class = ", ".join(
-                    f"{name} {value:.2%} (shed {o.num_shed.get(name, 0)})"
-                    for name, value in o.attainment_by_class.items()
-                )
-                print(f"  {o.trace} {o.policy} by class: {per_class}")
-    if verdicts:
-        print()
-        width = max(len(v["description"]) for v in verdicts)
-        cell_width = max([22, *(len(v[name]["value"]) + 5 for v in verdicts for name in policy_names if name in v)])
-        print(f"{'bar':<{width}}  " + "  ".join(f"{p:<{cell_width}}" for p in policy_names))
-        for row in verdicts:
-            cells = []
-            for name in policy_names:
-                cell = row.get(name)
-                cells.append(
-                    f"{cell['value'] + ' ' + ('PASS' if cell['pass'] else 'FAIL'):<{cell_width}}"
-                    if cell
-                    else f"{'-':<{cell_width}}"
-                )
-            print(f"{row['description']:<{width}}  " + "  ".join(cells))
+    _print_setup(
+        calib, run.default_spec(workload.TRACES[trace_names[0]]), queue_limit=queue_limit, seed=args.seed,
+        capacities=capacities,
+    )  # fmt: skip
+    _print_outcomes(by_trace)
+    _print_verdicts(verdicts, policy_names)
     for path in plots:
         print(f"plot: {path}")
     print(f"({cpu_s:.1f}s CPU)")

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import dataclasses
 import hashlib
 import json
 import logging
@@ -297,8 +298,17 @@ def _admit(state: RouterState, qos_class: str) -> qos.Verdict:
     )
 
 
-async def handle_openai(request: web.Request) -> web.StreamResponse:
-    state = request.app[state_key]
+@dataclasses.dataclass(frozen=True)
+class _Accepted:
+    """A request past the edge's checks: its body (sent on unchanged), the parsed form and its QoS class."""
+
+    body: bytes
+    parsed: dict[str, Any]
+    qos_class: str
+
+
+async def _accept(request: web.Request, state: RouterState) -> _Accepted | web.Response:
+    """Read, parse and classify the request, and apply the class rules; a refusal is the error to send."""
     settings = state.settings
     try:
         # A body that trickles in (slowloris) is bounded in time as well as in size.
@@ -315,11 +325,7 @@ async def handle_openai(request: web.Request) -> web.StreamResponse:
         parsed = schemas.parse_json(body)
         if not isinstance(parsed, dict):
             raise schemas.invalid(None, f"the request body must be a JSON object, got {type(parsed).__name__}")
-    except schemas.APIError as error:
-        state.metrics.rejected.labels("", metrics_mod.REJECT_INVALID).inc()
-        return error.response()
-    body_class = parsed.get(contract.FIELD_QOS_CLASS)
-    try:
+        body_class = parsed.get(contract.FIELD_QOS_CLASS)
         client = auth.resolve_client(
             request, body_class=body_class if isinstance(body_class, str) else None, qos=state.qos,
             api_keys=state.api_keys,
@@ -327,119 +333,168 @@ async def handle_openai(request: web.Request) -> web.StreamResponse:
     except schemas.APIError as error:
         state.metrics.rejected.labels("", metrics_mod.REJECT_INVALID).inc()
         return error.response()
-    qos_class = client.qos_class
     state.note_activity()
-    verdict = _admit(state, qos_class)
+    verdict = _admit(state, client.qos_class)
     if not verdict.admit:
         # The class rules at the edge: a shed class (or one over its share of the hold queue) never reaches
         # a replica. The same 429 the runtime would give, so clients need one retry policy.
-        state.metrics.rejected.labels(qos_class, metrics_mod.REJECT_OVERLOADED).inc()
+        state.metrics.rejected.labels(client.qos_class, metrics_mod.REJECT_OVERLOADED).inc()
         return _error(429, verdict.message, code=verdict.code or "queue_full", retry_after_s=settings.retry_after_s)
+    return _Accepted(body, parsed, client.qos_class)
 
-    key = picker.prefix_key(parsed, num_tokens=settings.prefix_tokens)
+
+class _Hold:
+    """A request waiting for a ready replica: its place in the hold queue (counted per class while it
+    waits), the time it waited, and for a stream the response already sent to the client, which the
+    eventual replica's answer (or the error) continues."""
+
+    def __init__(self, request: web.Request, state: RouterState, qos_class: str) -> None:
+        self._request = request
+        self._state = state
+        self._qos_class = qos_class
+        self.started: float | None = None  # None while not holding
+        self.resp: web.StreamResponse | None = None  # stays set once sent, after the hold ends
+
+    def end(self, outcome: str) -> None:
+        """Leave the hold queue (a no-op when not holding); `outcome` labels the time it waited."""
+        if self.started is None:
+            return
+        state = self._state
+        state.held_by_class[self._qos_class] -= 1
+        state.metrics.held.dec()
+        state.metrics.hold_seconds.labels(outcome).observe(time.monotonic() - self.started)
+        self.started = None
+
+    async def _begin(self, *, stream: bool) -> web.StreamResponse | None:
+        """Join the hold queue within its bounds; the 503 to send when it is off or full."""
+        state, settings = self._state, self._state.settings
+        if settings.hold_max_requests == 0 or settings.hold_timeout_s == 0:
+            state.metrics.rejected.labels(self._qos_class, metrics_mod.REJECT_NO_REPLICA).inc()
+            return _error(
+                503, "no replica is ready and this router does not hold requests", code="no_replica",
+                retry_after_s=settings.retry_after_s,
+            )  # fmt: skip
+        verdict = _admit(state, self._qos_class)
+        if not verdict.admit:
+            state.metrics.rejected.labels(self._qos_class, metrics_mod.REJECT_NO_REPLICA).inc()
+            return _error(
+                503, f"no replica is ready, and {verdict.message}; retry later",
+                code=verdict.code or "queue_full", retry_after_s=settings.retry_after_s,
+            )  # fmt: skip
+        self.started = time.monotonic()
+        state.held_by_class[self._qos_class] = state.held_by_class.get(self._qos_class, 0) + 1
+        state.metrics.held.inc()
+        if stream:
+            self.resp = web.StreamResponse(
+                status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
+            )
+            await self.resp.prepare(self._request)
+        return None
+
+    async def wait(self, *, stream: bool) -> web.StreamResponse | None:
+        """Hold (joining the queue the first time) until the replica set changes or a comment is due; the
+        response that ends the request instead: refused, timed out, or the client went away."""
+        state, settings = self._state, self._state.settings
+        if self.started is None:
+            refused = await self._begin(stream=stream)
+            if refused is not None:
+                return refused
+            assert self.started is not None
+        state.maybe_scale_up()
+        waited = time.monotonic() - self.started
+        left = settings.hold_timeout_s - waited
+        if left <= 0:
+            self.end("timeout")
+            state.metrics.rejected.labels(self._qos_class, metrics_mod.REJECT_HOLD_TIMEOUT).inc()
+            message = (
+                f"no replica became ready within {settings.hold_timeout_s:g}s "
+                "(the service is scaled to zero or its replicas are starting); retry later"
+            )
+            if self.resp is not None:
+                await _sse_error(self.resp, message, code="no_replica")
+                return self.resp
+            return _error(503, message, code="no_replica", retry_after_s=settings.retry_after_s)
+        if _client_gone(self._request):
+            self.end("gone")
+            return self.resp or web.Response(status=499)
+        if self.resp is not None:
+            try:
+                await self.resp.write(f": waiting for a replica ({waited:.0f}s)\n\n".encode())
+            except (ConnectionError, RuntimeError):
+                self.end("gone")
+                return self.resp
+        await state.endpoints.wait_changed(min(left, settings.hold_comment_interval_s, 1.0))
+        return None
+
+
+async def _serve_from(
+    request: web.Request,
+    state: RouterState,
+    choice: picker.Pick,
+    accepted: _Accepted,
+    *,
+    headers: dict[str, str],
+    held_resp: web.StreamResponse | None,
+    failures: list[str],
+) -> web.StreamResponse | None:
+    """Send the request to the picked replica and relay its answer; None (the failure noted in
+    `failures`) when it failed before its first byte, so another replica may be tried."""
+    url = state.endpoints.replicas[choice.replica]
+    state.begin(choice.replica)
+    try:
+        attempt = await _try_replica(state, url, request.path_qs, accepted.body, headers)
+        if attempt.upstream is None:
+            state.metrics.retries.labels(attempt.retry_reason or "connect_error").inc()
+            failures.append(f"{choice.replica}: {attempt.detail}")
+            return None
+        state.metrics.picks.labels(choice.replica, choice.reason).inc()
+        async with attempt.upstream as upstream:
+            return await _relay(request, state, upstream, choice.replica, held_resp)
+    finally:
+        state.end(choice.replica)
+
+
+async def handle_openai(request: web.Request) -> web.StreamResponse:
+    state = request.app[state_key]
+    settings = state.settings
+    accepted = await _accept(request, state)
+    if isinstance(accepted, web.Response):
+        return accepted
+    key = picker.prefix_key(accepted.parsed, num_tokens=settings.prefix_tokens)
     seen = state.seen_keys.check_and_add(key) if key is not None else True
-    stream = parsed.get("stream") is True
+    stream = accepted.parsed.get("stream") is True
     headers = _forward_headers(request)
     tried: set[str] = set()
     failures: list[str] = []
-    held_resp: web.StreamResponse | None = None
-    hold_started: float | None = None
-    holding = False
-
-    def stop_holding(outcome: str) -> None:
-        nonlocal holding
-        if holding:
-            holding = False
-            state.held_by_class[qos_class] -= 1
-            state.metrics.held.dec()
-        if hold_started is not None:
-            state.metrics.hold_seconds.labels(outcome).observe(time.monotonic() - hold_started)
-
+    hold = _Hold(request, state, accepted.qos_class)
     try:
         while True:
             choice = (
                 state.pick(key, exclude=frozenset(tried), seen=seen) if len(tried) < settings.max_attempts else None
             )
             if choice is not None:
-                if hold_started is not None:
-                    stop_holding("served")
-                    hold_started = None
+                hold.end("served")
                 tried.add(choice.replica)
-                url = state.endpoints.replicas[choice.replica]
-                state.begin(choice.replica)
-                try:
-                    attempt = await _try_replica(state, url, request.path_qs, body, headers)
-                    if attempt.upstream is None:
-                        state.metrics.retries.labels(attempt.retry_reason or "connect_error").inc()
-                        failures.append(f"{choice.replica}: {attempt.detail}")
-                        continue
-                    state.metrics.picks.labels(choice.replica, choice.reason).inc()
-                    async with attempt.upstream as upstream:
-                        return await _relay(request, state, upstream, choice.replica, held_resp)
-                finally:
-                    state.end(choice.replica)
+                served = await _serve_from(
+                    request, state, choice, accepted, headers=headers, held_resp=hold.resp, failures=failures
+                )
+                if served is not None:
+                    return served
+                continue
             if failures:
                 # Replicas were there and each one tried failed before its first byte: say so, do not hold.
                 message = ("every replica tried failed before answering: " + "; ".join(failures))[:1000]
-                state.metrics.rejected.labels(qos_class, metrics_mod.REJECT_ALL_FAILED).inc()
-                if held_resp is not None:
-                    await _sse_error(held_resp, message, code="replicas_failed")
-                    return held_resp
+                state.metrics.rejected.labels(accepted.qos_class, metrics_mod.REJECT_ALL_FAILED).inc()
+                if hold.resp is not None:
+                    await _sse_error(hold.resp, message, code="replicas_failed")
+                    return hold.resp
                 return _error(502, message, code="replicas_failed", retry_after_s=settings.retry_after_s)
             # No replica is ready: hold, within bounds.
-            if hold_started is None:
-                if settings.hold_max_requests == 0 or settings.hold_timeout_s == 0:
-                    state.metrics.rejected.labels(qos_class, metrics_mod.REJECT_NO_REPLICA).inc()
-                    return _error(
-                        503, "no replica is ready and this router does not hold requests", code="no_replica",
-                        retry_after_s=settings.retry_after_s,
-                    )  # fmt: skip
-                verdict = _admit(state, qos_class)
-                if not verdict.admit:
-                    state.metrics.rejected.labels(qos_class, metrics_mod.REJECT_NO_REPLICA).inc()
-                    return _error(
-                        503, f"no replica is ready, and {verdict.message}; retry later",
-                        code=verdict.code or "queue_full", retry_after_s=settings.retry_after_s,
-                    )  # fmt: skip
-                hold_started = time.monotonic()
-                holding = True
-                state.held_by_class[qos_class] = state.held_by_class.get(qos_class, 0) + 1
-                state.metrics.held.inc()
-                if stream:
-                    held_resp = web.StreamResponse(
-                        status=200, headers={"Content-Type": "text/event-stream", "Cache-Control": "no-cache"}
-                    )
-                    await held_resp.prepare(request)
-            state.maybe_scale_up()
-            waited = time.monotonic() - hold_started
-            left = settings.hold_timeout_s - waited
-            if left <= 0:
-                stop_holding("timeout")
-                hold_started = None
-                state.metrics.rejected.labels(qos_class, metrics_mod.REJECT_HOLD_TIMEOUT).inc()
-                message = (
-                    f"no replica became ready within {settings.hold_timeout_s:g}s "
-                    "(the service is scaled to zero or its replicas are starting); retry later"
-                )
-                if held_resp is not None:
-                    await _sse_error(held_resp, message, code="no_replica")
-                    return held_resp
-                return _error(503, message, code="no_replica", retry_after_s=settings.retry_after_s)
-            if _client_gone(request):
-                stop_holding("gone")
-                hold_started = None
-                return held_resp or web.Response(status=499)
-            if held_resp is not None:
-                try:
-                    await held_resp.write(f": waiting for a replica ({waited:.0f}s)\n\n".encode())
-                except (ConnectionError, RuntimeError):
-                    stop_holding("gone")
-                    hold_started = None
-                    return held_resp
-            await state.endpoints.wait_changed(min(left, settings.hold_comment_interval_s, 1.0))
+            ended = await hold.wait(stream=stream)
+            if ended is not None:
+                return ended
     finally:
-        if hold_started is not None:
-            stop_holding("gone")
+        hold.end("gone")
 
 
 async def handle_models(request: web.Request) -> web.StreamResponse:

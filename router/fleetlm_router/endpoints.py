@@ -22,7 +22,10 @@ import logging
 import pathlib
 import threading
 from collections.abc import Iterable, Mapping
-from typing import Any
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:  # the client is imported on first use only (local runs without a cluster never import it)
+    from kubernetes.client import DiscoveryV1Api
 
 log = logging.getLogger(__name__)
 
@@ -146,7 +149,7 @@ class EndpointSliceSource:
         self._kubeconfig = kubeconfig
         self._stop = threading.Event()
 
-    def _api(self) -> Any:
+    def _api(self) -> DiscoveryV1Api:
         from kubernetes import client, config  # noqa: PLC0415  (local runs without a cluster never import it)
 
         try:
@@ -164,13 +167,17 @@ class EndpointSliceSource:
         while not self._stop.is_set():
             try:
                 listed = api.list_namespaced_endpoint_slice(self._namespace, label_selector=selector)
-                slices = {s.metadata.name: api.api_client.sanitize_for_serialization(s) for s in listed.items}
+                slices: dict[str, Any] = {}
+                for item in listed.items:
+                    obj = api.api_client.sanitize_for_serialization(item)
+                    slices[obj["metadata"]["name"]] = obj
                 self._publish(loop, endpoints, slices)
                 stream = watch.Watch().stream(
                     api.list_namespaced_endpoint_slice,
                     self._namespace,
                     label_selector=selector,
-                    resource_version=listed.metadata.resource_version,
+                    # A list always carries its metadata; without it the watch starts from the current state.
+                    resource_version=listed.metadata.resource_version if listed.metadata is not None else None,
                     timeout_seconds=60,
                 )
                 for event in stream:
@@ -200,12 +207,16 @@ class EndpointSliceSource:
         loop = asyncio.get_running_loop()
         done: asyncio.Future[None] = loop.create_future()
 
+        def finish() -> None:
+            if not done.done():
+                done.set_result(None)
+
         def target() -> None:
             try:
                 self._watch(loop, endpoints)
             finally:
                 with contextlib.suppress(RuntimeError):  # the loop may be closed already
-                    loop.call_soon_threadsafe(lambda: done.done() or done.set_result(None))
+                    loop.call_soon_threadsafe(finish)
 
         # A daemon thread, not the loop's executor: a watch blocked in a read must not hold up shutdown.
         threading.Thread(target=target, name="endpointslice-watch", daemon=True).start()

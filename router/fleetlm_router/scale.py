@@ -32,7 +32,10 @@ import json
 import logging
 import pathlib
 import time
-from typing import Protocol
+from typing import TYPE_CHECKING, Protocol
+
+if TYPE_CHECKING:  # the client is imported on first use only (local runs without a cluster never import it)
+    from kubernetes.client import CustomObjectsApi
 
 log = logging.getLogger(__name__)
 
@@ -85,9 +88,9 @@ class ApiScaler:
         self._namespace = namespace
         self._name = name
         self._kubeconfig = kubeconfig
-        self._api: object | None = None
+        self._api: CustomObjectsApi | None = None
 
-    def _custom(self):  # type: ignore[no-untyped-def]
+    def _custom(self) -> CustomObjectsApi:
         if self._api is None:
             from kubernetes import client, config  # noqa: PLC0415
 
@@ -101,7 +104,9 @@ class ApiScaler:
     def _scale_up(self) -> bool:
         api = self._custom()
         scale = api.get_namespaced_custom_object_scale(GROUP, VERSION, self._namespace, PLURAL, self._name)
-        if int((scale.get("spec") or {}).get("replicas") or 0) > 0:
+        # The custom objects API returns the decoded JSON (typed `object` by the client).
+        spec = scale.get("spec") if isinstance(scale, dict) else None
+        if int((spec or {}).get("replicas") or 0) > 0:
             return False  # already asked for (by us, the operator or a user): never lower or race it
         api.patch_namespaced_custom_object_scale(
             GROUP, VERSION, self._namespace, PLURAL, self._name, {"spec": {"replicas": 1}}

@@ -101,7 +101,7 @@ class LoadScraper:
         self._interval_s = interval_s
         self._timeout_s = timeout_s
         self._on_result = on_result
-        self._busy: dict[str, asyncio.Task[None]] = {}
+        self._busy: dict[str, asyncio.Task[Reported | None]] = {}
 
     async def scrape_one(self, name: str, url: str) -> Reported | None:
         session = self._session()

@@ -5,16 +5,17 @@ Every bound has a unit in its name. Errors name the flag's field (`holdTimeoutS:
 
 from __future__ import annotations
 
-from typing import Literal
+from typing import Final, Literal
 
 import pydantic
 from pydantic import alias_generators
 
 from fleetlm_router import picker
 
-POLICY_PREFIX_AFFINITY = "prefix-affinity"
-POLICY_LEAST_LOADED = "least-loaded"
-POLICY_ROUND_ROBIN = "round-robin"
+# Final, so each name has its literal type and may stand where a `Policy` is expected.
+POLICY_PREFIX_AFFINITY: Final = "prefix-affinity"
+POLICY_LEAST_LOADED: Final = "least-loaded"
+POLICY_ROUND_ROBIN: Final = "round-robin"
 Policy = Literal["prefix-affinity", "least-loaded", "round-robin"]
 
 

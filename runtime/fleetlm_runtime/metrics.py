@@ -125,7 +125,7 @@ class _GpuCollector(registry.Collector):
 class RuntimeMetrics:
     """All runtime collectors. `record()` takes one engine step; the server adds rejections."""
 
-    def __init__(
+    def __init__(  # noqa: PLR0915 - one statement per collector, all declared here: the list reads as the contract
         self,
         *,
         model_name: str,

@@ -104,9 +104,22 @@ def admit(
         return Verdict(
             False, contract.CODE_QUEUE_FULL, f"the queue for class {qos_class!r} is full ({cls.queue_limit} waiting)"
         )
+    return _shed_early(cls, qos=qos, max_queue_len=max_queue_len, total_waiting=total_waiting, load=load)
+
+
+def _shed_early(
+    cls: config_mod.QoSClass,
+    *,
+    qos: config_mod.QoSSettings,
+    max_queue_len: int,
+    total_waiting: int,
+    load: Mapping[str, ClassLoad],
+) -> Verdict:
+    """SLO-driven shedding: a sheddable class is refused before the queue is full, once the queue passes
+    its fraction or a protected class's delay nears its TTFT target."""
+    qos_class = cls.name
     if not cls.sheddable or not qos.shedding.enabled:
         return Verdict.ok()
-
     shedding = qos.shedding
     if total_waiting >= shedding.queue_fraction * max_queue_len:
         return Verdict(

@@ -19,11 +19,14 @@ This module must never schedule, sample or own KV memory; the `attend` callback 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
-from typing import Protocol
+from collections.abc import Callable
+from typing import Any, Protocol
 
 import torch
 import torch.nn.functional as F
+import transformers
 from transformers import AttentionInterface
 from transformers.integrations.sdpa_attention import sdpa_attention_forward
 from transformers.masking_utils import AttentionMaskInterface, sdpa_mask
@@ -52,6 +55,11 @@ _ACTIVE = threading.local()  # .attend: the callback of the runner whose forward
 # sequence in the batch, which is wrong for a batch of unrelated requests; the loader refuses them.
 STATIC_ROPE_TYPES = frozenset({"default", "linear", "llama3", "yarn"})
 _LLAMA_FAMILY_NORMS = frozenset({"LlamaRMSNorm", "MistralRMSNorm", "Qwen2RMSNorm", "Qwen3RMSNorm"})
+
+# A transformers model reaches its submodules, weights and config through attributes that torch types as
+# `Tensor | Module` (nn.Module.__getattr__), so this module reads them as `Any`: the layout is checked at
+# run time instead, by `LlamaForward.supports` and by the runner's probe against the reference path.
+HFModule = Any
 
 
 def _attention(
@@ -98,10 +106,10 @@ class ModuleForward:
 
     name = "modules"
 
-    def __init__(self, model: torch.nn.Module, attend: AttendFn) -> None:
-        self._base = model.base_model  # type: ignore[attr-defined]
+    def __init__(self, model: transformers.PreTrainedModel, attend: AttendFn) -> None:
+        self._base: HFModule = model.base_model
         self._attend = attend
-        self._placeholder_mask = torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=model.device)  # type: ignore[attr-defined]
+        self._placeholder_mask = torch.zeros(1, 1, 1, 1, dtype=torch.bool, device=model.device)
 
     def __call__(self, input_ids: torch.Tensor, positions: torch.Tensor) -> torch.Tensor:
         _ACTIVE.attend = self._attend
@@ -117,25 +125,26 @@ class ModuleForward:
         return out.last_hidden_state[0]  # type: ignore[no-any-return]
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
 class _Layer:
-    __slots__ = (
-        "down",
-        "down_bias",
-        "eps",
-        "gate_up",
-        "gate_up_bias",
-        "input_norm",
-        "k_norm",
-        "mlp_act",
-        "o",
-        "o_bias",
-        "post_norm",
-        "q_norm",
-        "qkv",
-        "qkv_bias",
-        "scaling",
-        "sliding_window",
-    )
+    """One decoder layer's weights as the fast path reads them (the fused ones are views, see `_fuse_linears`)."""
+
+    input_norm: torch.Tensor
+    post_norm: torch.Tensor
+    eps: float
+    q_norm: torch.Tensor | None  # Qwen3 normalises q and k per head; the others do not
+    k_norm: torch.Tensor | None
+    qkv: torch.Tensor
+    qkv_bias: torch.Tensor | None
+    gate_up: torch.Tensor
+    gate_up_bias: torch.Tensor | None
+    o: torch.Tensor
+    o_bias: torch.Tensor | None
+    down: torch.Tensor
+    down_bias: torch.Tensor | None
+    mlp_act: Callable[[torch.Tensor], torch.Tensor]
+    scaling: float
+    sliding_window: int | None
 
 
 class LlamaForward:
@@ -143,9 +152,9 @@ class LlamaForward:
 
     name = "llama-fast"
 
-    def __init__(self, model: torch.nn.Module, attend: AttendFn, *, max_positions: int) -> None:
-        base = model.base_model  # type: ignore[attr-defined]
-        config = model.config  # type: ignore[attr-defined]
+    def __init__(self, model: transformers.PreTrainedModel, attend: AttendFn, *, max_positions: int) -> None:
+        base: HFModule = model.base_model
+        config: HFModule = model.config
         self._attend = attend
         self._embed = base.embed_tokens.weight
         self._norm = base.norm.weight
@@ -170,12 +179,12 @@ class LlamaForward:
         self._sin_signed[..., :half] = -self._sin_signed[..., :half]
 
     @staticmethod
-    def supports(model: torch.nn.Module) -> str | None:
+    def supports(model: transformers.PreTrainedModel) -> str | None:
         """None if the fast path applies to `model`, else the reason it does not."""
-        config = model.config  # type: ignore[attr-defined]
+        config: HFModule = model.config
         if config.model_type not in ("llama", "mistral", "qwen2", "qwen3"):
             return f"model_type {config.model_type!r} has no fast path"
-        base = model.base_model  # type: ignore[attr-defined]
+        base: HFModule = model.base_model
         rope_type = getattr(getattr(base, "rotary_emb", None), "rope_type", None)
         if rope_type not in STATIC_ROPE_TYPES:
             return f"rope type {rope_type!r} is not static"
@@ -191,26 +200,32 @@ class LlamaForward:
                 return "unexpected MLP layout"
         return None
 
-    def _fuse(self, layer: torch.nn.Module, config: object) -> _Layer:
+    def _fuse(self, layer: HFModule, config: object) -> _Layer:
         attn, mlp = layer.self_attn, layer.mlp
-        fused = _Layer()
-        fused.input_norm = layer.input_layernorm.weight
-        fused.post_norm = layer.post_attention_layernorm.weight
-        fused.eps = float(layer.input_layernorm.variance_epsilon)
-        fused.q_norm = attn.q_norm.weight if getattr(attn, "q_norm", None) is not None else None
-        fused.k_norm = attn.k_norm.weight if getattr(attn, "k_norm", None) is not None else None
-        fused.qkv, fused.qkv_bias = _fuse_linears(attn, "qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
-        fused.gate_up, fused.gate_up_bias = _fuse_linears(mlp, "gate_up", [mlp.gate_proj, mlp.up_proj])
-        fused.o, fused.o_bias = attn.o_proj.weight, attn.o_proj.bias
-        fused.down, fused.down_bias = mlp.down_proj.weight, mlp.down_proj.bias
-        fused.mlp_act = mlp.act_fn
-        fused.scaling = float(attn.scaling)
+        qkv, qkv_bias = _fuse_linears(attn, "qkv", [attn.q_proj, attn.k_proj, attn.v_proj])
+        gate_up, gate_up_bias = _fuse_linears(mlp, "gate_up", [mlp.gate_proj, mlp.up_proj])
         # Qwen2/Qwen3 set a per-layer window; Mistral reads it from the config in forward().
         window = getattr(attn, "sliding_window", None)
         if window is None and getattr(config, "model_type", "") == "mistral":
             window = getattr(config, "sliding_window", None)
-        fused.sliding_window = int(window) if window is not None else None
-        return fused
+        return _Layer(
+            input_norm=layer.input_layernorm.weight,
+            post_norm=layer.post_attention_layernorm.weight,
+            eps=float(layer.input_layernorm.variance_epsilon),
+            q_norm=attn.q_norm.weight if getattr(attn, "q_norm", None) is not None else None,
+            k_norm=attn.k_norm.weight if getattr(attn, "k_norm", None) is not None else None,
+            qkv=qkv,
+            qkv_bias=qkv_bias,
+            gate_up=gate_up,
+            gate_up_bias=gate_up_bias,
+            o=attn.o_proj.weight,
+            o_bias=attn.o_proj.bias,
+            down=mlp.down_proj.weight,
+            down_bias=mlp.down_proj.bias,
+            mlp_act=mlp.act_fn,
+            scaling=float(attn.scaling),
+            sliding_window=int(window) if window is not None else None,
+        )
 
     def _rms(self, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         # The modules' arithmetic (LlamaRMSNorm.forward): fp32 statistics, cast back, then weight. In fp32
@@ -284,7 +299,7 @@ def _fuse_linears(
     return weight, bias
 
 
-def build(model: torch.nn.Module, attend: AttendFn, *, max_positions: int, fast: bool) -> Forward:
+def build(model: transformers.PreTrainedModel, attend: AttendFn, *, max_positions: int, fast: bool) -> Forward:
     """The fast path when asked for and applicable, else the modules (the caller checks agreement)."""
     if fast and LlamaForward.supports(model) is None:
         return LlamaForward(model, attend, max_positions=max_positions)

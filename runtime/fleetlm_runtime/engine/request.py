@@ -102,7 +102,7 @@ class SamplingParams:
     # grammar is complete (EOS stops a constrained request even with ignore_eos: nothing may follow).
     constraint: structured_spec.Constraint | None = None
 
-    def __post_init__(self) -> None:
+    def __post_init__(self) -> None:  # noqa: PLR0912 - one independent check per field, in field order
         if self.max_tokens is not None and (not isinstance(self.max_tokens, int) or self.max_tokens < 1):
             raise InvalidParameterError("max_tokens", f"must be an integer >= 1, got {self.max_tokens!r}")
         if not _is_number(self.temperature) or not 0.0 <= self.temperature <= 100.0:

@@ -34,9 +34,10 @@ from __future__ import annotations
 
 import logging
 import random
+import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 import torch.nn.functional as F
@@ -45,7 +46,10 @@ from fleetlm_runtime.caches import block_pool, kv_budget
 from fleetlm_runtime.engine import forward as forward_mod
 from fleetlm_runtime.engine import outputs, sampling
 from fleetlm_runtime.engine import request as request_mod
-from fleetlm_runtime.models import loader
+from fleetlm_runtime.models import errors, loader
+
+if TYPE_CHECKING:  # the grammar library (xgrammar) loads on the first constrained request only
+    from fleetlm_runtime.structured import grammar as grammar_mod
 
 logger = logging.getLogger(__name__)
 
@@ -59,7 +63,7 @@ _NULL = block_pool.NULL_BLOCK
 _DECODE_GROUP = 8
 
 
-class UnsupportedModelError(loader.ModelLoadError):
+class UnsupportedModelError(errors.ModelLoadError):
     pass
 
 
@@ -126,7 +130,7 @@ class ModelRunner:
         self._num_sampled = 0  # live requests that are not greedy
         self._num_special = 0  # live requests that want logprobs or process logits (the sampler's slow path)
         self._parked: dict[str, sampling.SamplingState] = {}  # preempted requests' sampling streams
-        self._grammars: Any = None  # structured.grammar.GrammarCache, made on the first constrained request
+        self._grammars: grammar_mod.GrammarCache | None = None  # made on the first constrained request
         # The pool, per layer: keys and values in one tensor [2, kv_heads, num_blocks, block_size, head_dim]
         # (one write and one gather per layer serve both), and two flat views of it.
         self._kv: list[torch.Tensor] = []
@@ -202,7 +206,9 @@ class ModelRunner:
     # ----------------------------------------------------------------------------------------------
     # The step
 
-    def _execute(self, sched: outputs.SchedulerOutput) -> outputs.RunnerOutput:
+    # Long on purpose: the step's one pass over the batch fills seven parallel lists that become one packed
+    # tensor; split into helpers they would all be passed around, on the per-step hot path.
+    def _execute(self, sched: outputs.SchedulerOutput) -> outputs.RunnerOutput:  # noqa: PLR0912, PLR0915
         req_ids = sched.req_ids
         num_reqs = len(req_ids)
         counts = sched.num_scheduled_tokens
@@ -462,7 +468,11 @@ class ModelRunner:
         if state.special:
             self._num_special += 1
 
-    def _grammar_cache(self) -> Any:
+    def prepare_grammars(self) -> threading.Thread:
+        """Make the grammar cache now and build its tokenizer tables in the background (see EngineConfig)."""
+        return self._grammar_cache().prepare()
+
+    def _grammar_cache(self) -> grammar_mod.GrammarCache:
         if self._grammars is None:
             from fleetlm_runtime.structured import grammar  # noqa: PLC0415 - xgrammar loads on first use
 
@@ -624,7 +634,8 @@ class ModelRunner:
     def _check_module_path(self) -> int:
         """Every layer's attention must come through `attend`; a model that bypasses the interface
         would silently compute without the engine's KV. Returns the number of layers."""
-        self._layers_seen = seen = []
+        seen: list[int] = []
+        self._layers_seen = seen
         try:
             self._reference_hidden = self._probe()
         finally:

@@ -126,8 +126,8 @@ class SamplingState:
             self.prompt_mask = mask
         if params.logit_bias:
             bias = torch.zeros(vocab, dtype=torch.float32, device=device)
-            ids = torch.tensor([t for t, _ in params.logit_bias], device=device)
-            bias[ids] = torch.tensor([b for _, b in params.logit_bias], device=device)
+            biased = torch.tensor([t for t, _ in params.logit_bias], device=device)
+            bias[biased] = torch.tensor([b for _, b in params.logit_bias], device=device)
             self.bias = bias
 
 

@@ -131,6 +131,13 @@ def build_tokenizer(vocab_size: int = 1024) -> transformers.PreTrainedTokenizerF
     return tokenizer
 
 
+def _token_id(tokenizer: transformers.PreTrainedTokenizerFast, token: str) -> int:
+    token_id = tokenizer.convert_tokens_to_ids(token)
+    if not isinstance(token_id, int):  # one token in, one id out; the list form is for a list of tokens
+        raise TypeError(f"the tokenizer mapped {token!r} to {token_id!r}, not one id")
+    return token_id
+
+
 def build(
     name: str, *, dtype: torch.dtype = torch.float32
 ) -> tuple[transformers.PreTrainedModel, transformers.PreTrainedTokenizerFast]:
@@ -139,7 +146,7 @@ def build(
         raise ValueError(f"unknown built-in model {BUILTIN_PREFIX}{name}; choose one of {sorted(BUILTINS)}")
     spec = BUILTINS[name]
     tokenizer = build_tokenizer(spec.vocab_size)
-    eos_ids = [tokenizer.convert_tokens_to_ids(t) for t in (BOS_TOKEN, IM_END)]
+    eos_ids = [_token_id(tokenizer, t) for t in (BOS_TOKEN, IM_END)]
     config = transformers.LlamaConfig(
         vocab_size=len(tokenizer),
         hidden_size=spec.hidden_size,
@@ -153,7 +160,8 @@ def build(
         pad_token_id=eos_ids[0],
         tie_word_embeddings=False,
         initializer_range=spec.initializer_range,
-        attn_implementation="sdpa",
+        # transformers' dataclass_transform signature omits the **kwargs its __init__ accepts.
+        attn_implementation="sdpa",  # type: ignore[call-arg]
     )
     # Seed, build, then restore the global RNG: identical weights whatever ran before, no side effects.
     state = torch.random.get_rng_state()
@@ -166,5 +174,6 @@ def build(
         bos_token_id=eos_ids[0], eos_token_id=eos_ids, pad_token_id=eos_ids[0]
     )
     model.config.name_or_path = f"{BUILTIN_PREFIX}{name}"
-    model.to(dtype=dtype).eval()
+    # transformers wraps `to` in functools.wraps(nn.Module.to), whose typed signature keeps the unbound self.
+    model.to(dtype=dtype).eval()  # type: ignore[call-arg]
     return model, tokenizer

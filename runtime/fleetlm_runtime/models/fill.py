@@ -23,6 +23,7 @@ import argparse
 import dataclasses
 import datetime
 import fnmatch
+import functools
 import hashlib
 import json
 import os
@@ -258,8 +259,13 @@ def download_hub(
             raise FillError("Timeout", f"the download ran out of time after {done} bytes", retryable=True)
         try:
             _with_retries(
-                lambda name=sibling.rfilename: huggingface_hub.hf_hub_download(
-                    repo_id, name, revision=info.sha, local_dir=target, token=token
+                functools.partial(
+                    huggingface_hub.hf_hub_download,
+                    repo_id,
+                    sibling.rfilename,
+                    revision=info.sha,
+                    local_dir=target,
+                    token=token,
                 ),
                 retries=retries,
                 deadline_s=deadline_s,
@@ -276,7 +282,9 @@ def download_hub(
     ]
 
 
-def _with_retries(call: Callable[[], Any], *, retries: int, deadline_s: float, permanent: tuple[type, ...]) -> Any:
+def _with_retries(
+    call: Callable[[], Any], *, retries: int, deadline_s: float, permanent: tuple[type[BaseException], ...]
+) -> Any:
     delay_s = 2.0
     for attempt in range(retries + 1):
         try:

@@ -242,12 +242,15 @@ _LOCK = threading.Lock()
 @functools.cache
 def _load_cached(spec: str, dtype: torch.dtype, device: str) -> LoadedModel:
     torch_device = torch.device(device)
+    model: transformers.PreTrainedModel
+    tokenizer: transformers.PreTrainedTokenizerBase
     if builtin.is_builtin(spec):
         model, tokenizer = builtin.build(spec.removeprefix(builtin.BUILTIN_PREFIX), dtype=dtype)
     else:
         model, tokenizer = _load_local(pathlib.Path(spec).expanduser(), dtype, torch_device)
     check_architecture(model.config)
-    model.to(device=torch_device).eval()
+    # transformers wraps `to` in functools.wraps(nn.Module.to), whose typed signature keeps the unbound self.
+    model.to(device=torch_device).eval()  # type: ignore[call-arg]
     model.requires_grad_(False)
     return LoadedModel(
         spec=spec,

@@ -50,6 +50,8 @@ def engine_config_from(cfg: config_mod.RuntimeConfig, *, device: str = "cpu") ->
         scheduling_policy="fcfs" if cfg.qos.policy == contract.QOS_POLICY_FIFO else "priority",
         # None: the cache is bounded by the KV pool alone.
         prefix_cache_max_tokens=cfg.caching.prefix_cache.max_tokens if cfg.caching.prefix_cache.enabled else 0,
+        # Where the engine has a process of its own (every deployment): its first schema must not stall streams.
+        prepare_grammars=cfg.server.engine_process,
     )
 
 

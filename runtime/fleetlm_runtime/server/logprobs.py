@@ -39,7 +39,10 @@ class CompletionLogprobs:
         self.offset = 0
 
     def piece(self, token_ids: Sequence[int], entries: Sequence[Entry | None]) -> dict[str, Any]:
-        tokens, token_logprobs, tops, offsets = [], [], [], []
+        tokens: list[str] = []
+        offsets: list[int] = []
+        token_logprobs: list[float | None] = []
+        tops: list[dict[str, float] | None] = []
         for token_id, entry in zip(token_ids, entries, strict=True):
             token = self.token_str(token_id)
             tokens.append(token)

@@ -116,8 +116,8 @@ async def _serve_batch(
     try:
         async with asyncio.TaskGroup() as group:
             tasks = [
-                group.create_task(_serve_one(request, "completion", body.model_copy(update={"prompt": prompt})))
-                for prompt in prompts
+                group.create_task(_serve_batch_element(request, body.model_copy(update={"prompt": prompt}), i))
+                for i, prompt in enumerate(prompts)
             ]
     except ExceptionGroup as errors:
         first = errors.exceptions[0]
@@ -131,6 +131,19 @@ async def _serve_batch(
     ]
     usage = {key: sum(int(answer["usage"][key]) for answer in answers) for key in answers[0]["usage"]}
     return web.json_response({**answers[0], "id": _request_id("completion"), "choices": choices, "usage": usage})
+
+
+async def _serve_batch_element(request: web.Request, body: schemas.CompletionRequest, index: int) -> web.StreamResponse:
+    """One prompt of the batch form; an error about the prompt names which one (`prompt[3]`), so a client
+    that sent 64 knows which to fix."""
+    try:
+        return await _serve_one(request, "completion", body)
+    except schemas.APIError as error:
+        if error.param == "prompt":
+            error.param = f"prompt[{index}]"
+            error.message = f"prompt[{index}]: {error.message}"
+            error.args = (error.message,)
+        raise
 
 
 async def _serve_one(
@@ -369,7 +382,11 @@ async def _tokenize(
                 return engine.encode_chat(messages, add_generation_prompt=add_generation_prompt)
             # The checkpoint's own template renders the tools, the assistant's calls and the tool results.
             text = tokenizer.apply_chat_template(
-                messages, tools=render_tools, add_generation_prompt=add_generation_prompt, tokenize=False
+                messages,
+                # transformers types `tools` as an invariant list[dict | Callable], which a list of dicts is not
+                tools=render_tools,  # type: ignore[arg-type]
+                add_generation_prompt=add_generation_prompt,
+                tokenize=False,
             )
             return engine.encode(str(text), add_special_tokens=False)
 

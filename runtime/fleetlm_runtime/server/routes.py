@@ -10,6 +10,7 @@ from __future__ import annotations
 import logging
 
 from aiohttp import web
+from aiohttp.typedefs import Handler
 
 from fleetlm_runtime import contract
 from fleetlm_runtime.server import admin, health, openai, schemas
@@ -39,7 +40,7 @@ _HTTP_TYPES = {
 
 
 @web.middleware
-async def error_middleware(request: web.Request, handler: web.Handler) -> web.StreamResponse:
+async def error_middleware(request: web.Request, handler: Handler) -> web.StreamResponse:
     try:
         return await handler(request)
     except schemas.APIError as error:

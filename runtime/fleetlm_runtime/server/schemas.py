@@ -180,7 +180,7 @@ class CompletionRequest(_Sampling):
         prompt = self.prompt
         if isinstance(prompt, str) or not prompt or isinstance(prompt[0], int):
             return [self.single_prompt()]
-        return [p if isinstance(p, str) else list(p) for p in prompt]  # type: ignore[union-attr]
+        return [p if isinstance(p, str) else list(p) for p in prompt]
 
     def single_prompt(self) -> str | list[int]:
         """The one prompt (a list of one is unwrapped); a batch of several is split before this is asked."""

@@ -20,7 +20,9 @@ the model's output parsed back into OpenAI `tool_calls` (whole, or as streaming 
 * **Streaming.** `StreamParser` turns text pieces into content and tool-call deltas: content is passed on
   except what could still be the start of `<tool_call>`; a call is sent once its closing tag arrives (its
   id, type and name in one delta, its arguments in the next), as OpenAI's client reassembles them. An
-  answer that starts with `{` is held to the end and parsed as the Llama 3 form.
+  answer that starts with `{` is held to the end and parsed as the Llama 3 form (free text: a call sent
+  early could not be taken back if the rest did not parse). `required` output is constrained, so each
+  call is streamed as it is decoded: its name once complete, then its arguments piece by piece.
 No aiohttp, no engine: pure functions over dicts and text.
 """
 
@@ -229,10 +231,15 @@ def parse(text: str, tool_plan: ToolPlan) -> tuple[str | None, list[dict[str, An
         return text, []
     if not tool_plan.parses:
         return text, []
-    calls, rest = _hermes(text, tool_plan.names)
+    return _parse_free(text, tool_plan.names)
+
+
+def _parse_free(text: str, names: frozenset[str]) -> tuple[str | None, list[dict[str, Any]]]:
+    """A model free to call or not (`auto`): Hermes-style <tool_call> tags first, then Llama's bare JSON."""
+    calls, rest = _hermes(text, names)
     if calls:
         return (rest if rest.strip() else None), calls
-    calls = _llama_json(text, tool_plan.names)
+    calls = _llama_json(text, names)
     if calls:
         return None, calls
     return text, []
@@ -328,16 +335,26 @@ class StreamParser:
         self._plan = tool_plan
         self._buffer = ""  # text not yet released
         self._started = False  # any non-blank text seen (decides the Llama 3 JSON form)
-        self._hold_all = tool_plan.mode == "required"
+        self._hold_all = False
         self._sent_named = False
+        self._required = _RequiredCalls(tool_plan.names) if tool_plan.mode == "required" else None
         self.num_calls = 0
 
     def feed(self, text: str, *, final: bool) -> Delta:
         plan = self._plan
         if plan.mode == "named":
             return self._named(text, final=final)
+        if self._required is not None:
+            delta = self._required.feed(text, final=final)
+            self.num_calls = self._required.num_calls
+            return delta
         if not plan.parses:
             return Delta(content=text)
+        return self._feed_free(text, final=final)
+
+    def _feed_free(self, text: str, *, final: bool) -> Delta:
+        """A model free to call or not (`auto`): text passes on until a call's form shows; Hermes tags are
+        parsed as each one closes, the Llama 3 JSON form is held and parsed whole."""
         self._buffer += text
         if not self._started and self._buffer.strip():
             head = self._buffer.lstrip()
@@ -349,7 +366,7 @@ class StreamParser:
         if self._hold_all:
             if not final:
                 return Delta()
-            content, calls = parse(self._buffer, plan)
+            content, calls = parse(self._buffer, self._plan)
             self._buffer = ""
             return self._calls_delta(content or "", calls)
         return self._hermes(final=final)
@@ -401,13 +418,157 @@ class StreamParser:
     def _calls_delta(self, content: str, calls: list[dict[str, Any]]) -> Delta:
         delta = Delta(content=content)
         for call in calls:
-            index = self.num_calls
+            delta.tool_calls.extend(_whole_call_deltas(self.num_calls, call))
             self.num_calls += 1
-            head = {"index": index, "id": call["id"], "type": "function",
-                    "function": {"name": call["function"]["name"], "arguments": ""}}  # fmt: skip
-            delta.tool_calls.append(head)
-            delta.tool_calls.append({"index": index, "function": {"arguments": call["function"]["arguments"]}})
         return delta
+
+
+def _whole_call_deltas(index: int, call: dict[str, Any]) -> list[dict[str, Any]]:
+    """A parsed call as OpenAI streams one: its id, type and name first, then its arguments."""
+    head = {"index": index, "id": call["id"], "type": "function",
+            "function": {"name": call["function"]["name"], "arguments": ""}}  # fmt: skip
+    return [head, {"index": index, "function": {"arguments": call["function"]["arguments"]}}]
+
+
+class _RequiredCalls:
+    """The `required` form, `[{"name": ..., "parameters": {...}}, ...]`, streamed as it is decoded: each
+    call's id and name once its name is complete, then its arguments as they come, as OpenAI streams them.
+    The grammar guarantees the form, so nothing sent is ever taken back. An element in another form (keys
+    the other way round, which the grammar does not produce) is held until it closes and sent whole; an
+    answer that is not an array at all is content, as `parse()` makes it."""
+
+    def __init__(self, names: frozenset[str]) -> None:
+        self._names = names
+        self._text = ""
+        self._pos = 0  # scanned up to here
+        self._state: Literal["start", "between", "head", "args", "whole", "end"] = "start"
+        self._element_start = 0
+        self._depth = 0  # brackets open inside the current arguments (or, "whole", the element)
+        self._in_string = False
+        self._escaped = False
+        self.num_calls = 0
+
+    def feed(self, text: str, *, final: bool) -> Delta:
+        self._text += text
+        delta = Delta()
+        while self._pos < len(self._text) and self._state != "end":
+            if self._state in ("start", "between"):
+                self._between(delta)
+            elif self._state == "head":
+                if not self._head(delta):
+                    break  # the name is not complete yet
+            elif self._state == "args":
+                self._args(delta)
+            else:
+                self._whole(delta)
+        if final and self.num_calls == 0 and not delta.tool_calls:
+            delta.content = self._text  # not the constrained form (cut short, or not an array): text
+        return delta
+
+    def _between(self, delta: Delta) -> None:
+        char = self._text[self._pos]
+        if char.isspace() or (char == "," and self._state == "between"):
+            self._pos += 1
+        elif char == "[" and self._state == "start":
+            self._state, self._pos = "between", self._pos + 1
+        elif char == "{" and self._state == "between":
+            self._state, self._element_start = "head", self._pos
+        else:  # "]" ends the array; anything else is not the form
+            self._state = "end"
+
+    def _head(self, delta: Delta) -> bool:
+        status, name, end = _required_head(self._text, self._element_start)
+        if status == "more":
+            self._pos = len(self._text)
+            return False
+        if status == "ok" and name in self._names:
+            head = {"index": self.num_calls, "id": new_call_id(), "type": "function",
+                    "function": {"name": name, "arguments": ""}}  # fmt: skip
+            delta.tool_calls.append(head)
+            self.num_calls += 1
+            self._state, self._pos, self._depth = "args", end, 0
+        else:
+            self._state, self._pos, self._depth = "whole", self._element_start, 0
+        self._in_string = self._escaped = False
+        return True
+
+    def _step(self, char: str) -> None:
+        """Track strings and nesting over one character."""
+        if self._in_string:
+            if self._escaped:
+                self._escaped = False
+            elif char == "\\":
+                self._escaped = True
+            elif char == '"':
+                self._in_string = False
+        elif char == '"':
+            self._in_string = True
+        elif char in "{[":
+            self._depth += 1
+        elif char in "}]":
+            self._depth -= 1
+
+    def _args(self, delta: Delta) -> None:
+        start, text = self._pos, self._text
+        while self._pos < len(text):
+            char = text[self._pos]
+            if not self._in_string and self._depth == 0 and char in "}]":  # the element's own closing brace
+                self._state = "between"
+                break
+            self._step(char)
+            self._pos += 1
+        piece = text[start : self._pos].rstrip() if self._state == "between" else text[start : self._pos]
+        if piece:
+            delta.tool_calls.append({"index": self.num_calls - 1, "function": {"arguments": piece}})
+        if self._state == "between":
+            self._pos += 1
+
+    def _whole(self, delta: Delta) -> None:
+        text = self._text
+        while self._pos < len(text):
+            self._step(text[self._pos])
+            self._pos += 1
+            if self._depth == 0:
+                call = _call_from_json(text[self._element_start : self._pos], self._names, ("parameters", "arguments"))
+                if call is not None:
+                    delta.tool_calls.extend(_whole_call_deltas(self.num_calls, call))
+                    self.num_calls += 1
+                self._state = "between"
+                return
+
+
+_HEAD_TOKENS = ("{", '"name"', ":", None, ",", '"parameters"', ":")  # None: the name, a JSON string
+
+
+def _required_head(text: str, start: int) -> tuple[Literal["ok", "more", "no"], str, int]:
+    """Whether `text[start:]` opens with `{"name": "<name>", "parameters":` (any blanks between): "ok"
+    with the name and where the arguments begin, "more" while it still may, "no" when it cannot."""
+    pos = start
+    name = ""
+    for token in _HEAD_TOKENS:
+        while pos < len(text) and text[pos].isspace():
+            pos += 1
+        if pos >= len(text):
+            return "more", "", pos
+        if token is None:
+            decoder = json.JSONDecoder()
+            if text[pos] != '"':
+                return "no", "", pos
+            try:
+                name, pos = decoder.raw_decode(text, pos)
+            except ValueError:
+                closed = re.compile(r'"(?:[^"\\]|\\.)*"').match(text, pos)
+                return ("no", "", pos) if closed else ("more", "", pos)
+            continue
+        available = text[pos : pos + len(token)]
+        if not token.startswith(available):
+            return "no", "", pos
+        if len(available) < len(token):
+            return "more", "", pos
+        pos += len(token)
+    while pos < len(text) and text[pos].isspace():
+        pos += 1
+    return "ok", name, pos
 
 
 def _partial_suffix(text: str, tag: str) -> int:

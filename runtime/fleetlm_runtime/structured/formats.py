@@ -131,11 +131,27 @@ def _check_node(node: Any, root: Any, path: str, *, depth: int) -> str | None:
         return None
     if not isinstance(node, dict):
         return f"{path}: a schema must be an object or a boolean, got {type(node).__name__}"
+    return (
+        _check_types(node, path)
+        or _check_subschemas(node, root, path, depth=depth)
+        or _check_lists(node, path)
+        or _check_numbers(node, path)
+        or _check_pattern(node, path)
+        or (_check_ref(node["$ref"], root, path) if "$ref" in node else None)
+    )
+
+
+def _check_types(node: dict[str, Any], path: str) -> str | None:
     kind = node.get("type")
     kinds = kind if isinstance(kind, list) else [kind] if kind is not None else []
     for k in kinds:
         if k not in _TYPES:
             return f"{path}.type: unsupported type {str(k)[:40]!r}"
+    return None
+
+
+def _check_subschemas(node: dict[str, Any], root: Any, path: str, *, depth: int) -> str | None:
+    """The schemas nested in `node` (properties, anyOf, items, ...), each checked as a node of its own."""
     for key in _SCHEMA_MAPS:
         if key in node:
             if not isinstance(node[key], dict):
@@ -153,12 +169,22 @@ def _check_node(node: Any, root: Any, path: str, *, depth: int) -> str | None:
     for key in _SCHEMA_VALUES:
         if key in node and (problem := _check_node(node[key], root, f"{path}.{key}", depth=depth + 1)):
             return problem
+    return None
+
+
+def _check_lists(node: dict[str, Any], path: str) -> str | None:
+    """The keywords that hold lists of names or values rather than schemas."""
     if "required" in node and (
         not isinstance(node["required"], list) or not all(isinstance(r, str) for r in node["required"])
     ):
         return f"{path}.required: must be an array of property names"
     if "enum" in node and (not isinstance(node["enum"], list) or not node["enum"]):
         return f"{path}.enum: must be a non-empty array"
+    return None
+
+
+def _check_numbers(node: dict[str, Any], path: str) -> str | None:
+    """Counts (minItems, ...) and bounds (minimum, ...): numbers, in order; counts non-negative."""
     for low, high in (*_COUNTS, *_BOUNDS):
         for key in (low, high):
             value = node.get(key)
@@ -171,16 +197,19 @@ def _check_node(node: Any, root: Any, path: str, *, depth: int) -> str | None:
             return f"{path}: {low} is greater than {high}"
     if "multipleOf" in node and not (isinstance(node["multipleOf"], int | float) and node["multipleOf"] > 0):
         return f"{path}.multipleOf: must be a number greater than 0"
-    if "pattern" in node:
-        pattern = node["pattern"]
-        if not isinstance(pattern, str):
-            return f"{path}.pattern: must be a string"
-        try:
-            re.compile(pattern)
-        except re.error as error:
-            return f"{path}.pattern: not a regular expression ({error})"
-    if "$ref" in node:
-        return _check_ref(node["$ref"], root, path)
+    return None
+
+
+def _check_pattern(node: dict[str, Any], path: str) -> str | None:
+    if "pattern" not in node:
+        return None
+    pattern = node["pattern"]
+    if not isinstance(pattern, str):
+        return f"{path}.pattern: must be a string"
+    try:
+        re.compile(pattern)
+    except re.error as error:
+        return f"{path}.pattern: not a regular expression ({error})"
     return None
 
 

@@ -51,7 +51,8 @@ async def test_a_bad_prompt_refuses_the_batch_and_frees_everything(
     too_long = "word " * 5000
     with pytest.raises(openai.BadRequestError) as refused:
         await client.completions.create(prompt=["fine", too_long], **GREEDY)
-    assert refused.value.body is not None and refused.value.body.get("param") == "prompt"  # type: ignore[union-attr]
+    assert refused.value.body is not None and refused.value.body.get("param") == "prompt[1]"  # type: ignore[union-attr]
+    assert refused.value.body.get("message", "").startswith("prompt[1]: ")  # type: ignore[union-attr]
     with pytest.raises(openai.BadRequestError) as streamed:
         await client.completions.create(prompt=["a", "b"], stream=True, **GREEDY)
     assert streamed.value.body.get("param") == "stream"  # type: ignore[union-attr]

@@ -120,3 +120,54 @@ def test_bad_tools_name_the_field(tools_value: Any, choice: Any, param: str) -> 
     with pytest.raises(request_mod.InvalidParameterError) as caught:
         tools.plan(tools_value, choice)
     assert caught.value.param == param
+
+
+REQUIRED_TEXTS = [
+    # What the grammar produces (compact), with brackets and escaped quotes inside a string argument.
+    '[{"name":"get_weather","parameters":{"city":"a}b\\"c]"}},{"name":"get_time","parameters":{}}]',
+    # Blanks anywhere between tokens.
+    '[ {"name" : "get_weather" , "parameters" : {"city": "Lima"} } ,\n {"name": "get_time", "parameters": {}} ]',
+    # Keys the other way round (not what the grammar makes): that element is sent whole when it closes.
+    '[{"parameters":{"city":"Oslo"},"name":"get_weather"},{"name":"get_time","parameters":{}}]',
+]
+
+
+def _char_by_char(text: str, plan: tools.ToolPlan) -> tuple[int, list[str]]:
+    """Feed one character at a time: (the position whose delta announced the first call, its argument pieces)."""
+    parser = tools.StreamParser(plan)
+    deltas = [parser.feed(char, final=i == len(text) - 1) for i, char in enumerate(text)]
+    head_at = next(i for i, d in enumerate(deltas) if any(c["index"] == 0 and "id" in c for c in d.tool_calls))
+    pieces = [c["function"]["arguments"] for d in deltas for c in d.tool_calls if c["index"] == 0 and "id" not in c]
+    assert parser.num_calls == 2
+    return head_at, pieces
+
+
+@pytest.mark.parametrize("text", REQUIRED_TEXTS)
+def test_required_calls_stream_as_they_are_decoded(text: str) -> None:
+    plan = tools.plan([WEATHER, TIME], "required")
+    assert plan is not None
+    whole = _calls(tools.parse(text, plan)[1])
+    assert [name for name, _ in whole] == ["get_weather", "get_time"]
+    for seed in range(20):
+        assert _stream(text, plan, random.Random(seed)) == ("", whole)
+    head_at, pieces = _char_by_char(text, plan)
+    first_element_end = text.index("}", text.index("}") + 1)  # the first element's closing brace
+    if text.index('"name"') < text.index('"parameters"'):
+        # The name is sent once complete, before the arguments are; the arguments come as they are decoded.
+        assert head_at < text.index('"parameters"') + len('"parameters"') + 3 < first_element_end
+        assert len(pieces) >= len('{"city":"Lima"}') - 1
+    else:
+        assert head_at == first_element_end and len(pieces) == 1
+
+
+def test_required_output_that_is_not_the_form_is_content_and_a_cut_call_keeps_what_was_decoded() -> None:
+    plan = tools.plan([WEATHER, TIME], "required")
+    assert plan is not None
+    text = "I will not call a tool."
+    assert _stream(text, plan, random.Random(3)) == (text, []) == (tools.parse(text, plan)[0], [])
+    # Cut short (max_tokens) inside the arguments: the call was announced as it was decoded; its arguments
+    # are what was decoded, as OpenAI streams them (finish_reason "length" tells the client).
+    delta = tools.StreamParser(plan).feed('[{"name":"get_weather","parameters":{"city":"Ro', final=True)
+    assert delta.content == ""
+    assert [c["function"]["name"] for c in delta.tool_calls if "id" in c] == ["get_weather"]
+    assert "".join(c["function"]["arguments"] for c in delta.tool_calls) == '{"city":"Ro'
