@@ -31,7 +31,7 @@ from aiohttp import web
 
 from fleetlm_runtime import config as config_mod
 from fleetlm_runtime import contract
-from fleetlm_runtime.caches import responses
+from fleetlm_runtime.caches import response_store
 from fleetlm_runtime.engine import async_engine
 from fleetlm_runtime.engine import request as request_mod
 from fleetlm_runtime.server import answer, auth, response_cache, schemas, sse
@@ -194,11 +194,11 @@ async def _serve_cacheable(
         if cache is None:  # switched off while this request waited
             break
         claim = cache.claim(key)
-        if isinstance(claim, responses.Hit):
+        if isinstance(claim, response_store.Hit):
             state.metrics.record_response_cache(hit=True)
             _book_response_cache_hit(state, p, claim.value)
             return await sse.replay(request, state, p, claim.value, contract.RESPONSE_CACHE_HIT)
-        if isinstance(claim, responses.Follower):
+        if isinstance(claim, response_store.Follower):
             shared = await claim.wait()
             if shared is None:
                 continue  # its leader failed or was aborted: claim again (perhaps to lead)
@@ -216,7 +216,7 @@ async def _serve_cacheable(
 
 
 def _book_response_cache_hit(
-    state: state_mod.ServerState, p: answer.Prepared, cached: responses.CachedResponse
+    state: state_mod.ServerState, p: answer.Prepared, cached: response_store.CachedResponse
 ) -> None:
     state.metrics.record_response_cache_hit(
         tenant=p.tenant, qos_class=p.qos_class, num_output_tokens=cached.num_output_tokens

@@ -16,7 +16,7 @@ from typing import Any
 from aiohttp import web
 
 from fleetlm_runtime import contract
-from fleetlm_runtime.caches import responses
+from fleetlm_runtime.caches import response_store
 from fleetlm_runtime.engine import async_engine
 from fleetlm_runtime.engine import request as request_mod
 from fleetlm_runtime.server import answer, response_cache
@@ -178,7 +178,11 @@ async def stream(
 
 
 async def replay(
-    request: web.Request, state: state_mod.ServerState, p: answer.Prepared, cached: responses.CachedResponse, how: str
+    request: web.Request,
+    state: state_mod.ServerState,
+    p: answer.Prepared,
+    cached: response_store.CachedResponse,
+    how: str,
 ) -> web.StreamResponse:
     """A cached response as this request's answer: its own id and time, the stored text and counts, the
     same shapes as a computed one (JSON, or SSE chunks with the finish reason last, usage and [DONE]).
