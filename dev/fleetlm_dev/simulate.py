@@ -26,7 +26,7 @@ import time
 from collections.abc import Sequence
 from typing import Any
 
-from fleetlm_operator.sim import bars, calibration, oracle, run, workload
+from fleetlm_dev.sim import bars, calibration, oracle, run, workload
 
 POLICY_ORDER = ("fleetlm", "hpa")
 
@@ -269,7 +269,7 @@ def main(argv: list[str] | None = None) -> int:
 
     plots: list[str] = []
     if args.plot is not None:
-        from fleetlm_operator.sim import plot  # noqa: PLC0415  (matplotlib only when a plot is asked for)
+        from fleetlm_dev.sim import plot  # noqa: PLC0415  (matplotlib only when a plot is asked for)
 
         for trace_name, outcomes in by_trace.items():
             path = args.plot

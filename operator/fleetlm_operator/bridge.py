@@ -1,6 +1,6 @@
 """Between the LLMService API and the tuning policy: spec -> PolicySpec, window and decision -> status.
 
-Pure: pydantic models and policy values in, the API's status models out (`models.status_json` turns
+Pure: pydantic models and policy values in, the API's status models out (`status_models.status_json` turns
 them into what is written); `now` is a parameter. The policy never sees the CRD models, and the
 handlers never compute status fields themselves.
 """
@@ -13,7 +13,7 @@ from typing import Any
 
 import pydantic
 
-from fleetlm_operator.api import models, names
+from fleetlm_operator.api import fields, names, spec_models, status_models
 from fleetlm_operator.policy import decide as decide_mod
 from fleetlm_operator.policy import spec as policy_spec
 from fleetlm_operator.policy import window as window_mod
@@ -21,10 +21,10 @@ from fleetlm_operator.status import conditions
 
 
 def _seconds(value: str | None) -> float | None:
-    return None if value is None else models.parse_duration_s(value)
+    return None if value is None else fields.parse_duration_s(value)
 
 
-def policy_spec_of(spec: models.LLMServiceSpec) -> policy_spec.PolicySpec:
+def policy_spec_of(spec: spec_models.LLMServiceSpec) -> policy_spec.PolicySpec:
     slo = spec.slo
     batching = spec.batching
     classes = tuple(
@@ -38,7 +38,7 @@ def policy_spec_of(spec: models.LLMServiceSpec) -> policy_spec.PolicySpec:
         for qos_class in spec.qos.classes
     )
     return policy_spec.PolicySpec(
-        slo=policy_spec.SLOSpec(
+        slo=policy_spec.SLOTargets(
             ttft_s=_seconds(slo.ttft) if slo is not None else None,
             tpot_s=_seconds(slo.tpot) if slo is not None else None,
             percentile=slo.percentile if slo is not None else 95.0,
@@ -47,7 +47,7 @@ def policy_spec_of(spec: models.LLMServiceSpec) -> policy_spec.PolicySpec:
         # the router to hold requests), so with min 0 the tuner's floor is one replica.
         min_replicas=max(spec.replicas.min, 1),
         max_replicas=spec.replicas.max,
-        batching=policy_spec.BatchingSpec(
+        batching=policy_spec.BatchingBounds(
             max_batch_size=batching.max_batch_size,
             max_batch_tokens=batching.max_batch_tokens,
             min_max_batch_size=batching.max_batch_size_range.min,
@@ -57,9 +57,9 @@ def policy_spec_of(spec: models.LLMServiceSpec) -> policy_spec.PolicySpec:
             autotune=batching.autotune,
         ),
         classes=classes,
-        interval_s=models.parse_duration_s(spec.autoscaling.interval),
-        scale_up_stabilization_s=models.parse_duration_s(spec.autoscaling.scale_up_stabilization),
-        scale_down_stabilization_s=models.parse_duration_s(spec.autoscaling.scale_down_stabilization),
+        interval_s=fields.parse_duration_s(spec.autoscaling.interval),
+        scale_up_stabilization_s=fields.parse_duration_s(spec.autoscaling.scale_up_stabilization),
+        scale_down_stabilization_s=fields.parse_duration_s(spec.autoscaling.scale_down_stabilization),
         autoscaling=spec.autoscaling.enabled,
         advise=spec.autoscaling.mode == "advise",
     )
@@ -76,9 +76,9 @@ def _rounded(value: float | None, digits: int = 6) -> float | None:
 
 def observed_status(
     window: window_mod.ObservedWindow, *, percentile: float, now: datetime.datetime
-) -> models.ObservedMetrics:
+) -> status_models.ObservedMetrics:
     """status.observed: what the window saw; unknown figures stay absent (never written as zero)."""
-    return models.ObservedMetrics(
+    return status_models.ObservedMetrics(
         percentile=percentile,
         ttft_seconds=_rounded(window.ttft_quantile_s),
         tpot_seconds=_rounded(window.tpot_quantile_s),
@@ -139,11 +139,11 @@ def pod_startups(
     return tuple(sorted(loading)), tuple(pod for _, pod in started)
 
 
-def startup_status(decision: decide_mod.Decision) -> models.StartupStatus:
+def startup_status(decision: decide_mod.Decision) -> status_models.StartupStatus:
     """status.startup: the learnt start-up time and the pods loading now; unknown figures stay absent."""
     learnt = decision.state.startup
     loading = decision.loading
-    return models.StartupStatus(
+    return status_models.StartupStatus(
         observed_seconds=_rounded(learnt.mean_s, 3),
         last_seconds=_rounded(learnt.last_s, 3),
         pods_observed=learnt.count,
@@ -207,20 +207,22 @@ def decision_actions(
 
 def decision_record(
     decision: decide_mod.Decision, *, actions: Sequence[str], now: datetime.datetime, advise: bool = False
-) -> models.DecisionRecord:
+) -> status_models.DecisionRecord:
     """One status.decisions entry; in advisory mode the action reads `advise:<actions>` (nothing was applied)."""
     if not actions:
         raise ValueError("a decision that changes nothing is not recorded")
     action = ",".join(actions)
-    return models.DecisionRecord(
+    return status_models.DecisionRecord(
         time=_stamp(now),
-        action=f"{models.ADVISE_PREFIX}{action}" if advise else action,
+        action=f"{status_models.ADVISE_PREFIX}{action}" if advise else action,
         reason="; ".join(decision.reasons)[:1024] or "no change needed",
     )
 
 
-def bounded_history(stored: Sequence[Mapping[str, Any]], record: models.DecisionRecord) -> list[models.DecisionRecord]:
-    """status.decisions with `record` appended, the oldest dropped beyond `models.MAX_DECISIONS`.
+def bounded_history(
+    stored: Sequence[Mapping[str, Any]], record: status_models.DecisionRecord
+) -> list[status_models.DecisionRecord]:
+    """status.decisions with `record` appended, the oldest dropped beyond `MAX_DECISIONS`.
 
     `stored` is the list as read from the API server; an entry an older operator wrote that this API
     version no longer accepts is dropped rather than written back (the API server would refuse the patch).
@@ -228,7 +230,7 @@ def bounded_history(stored: Sequence[Mapping[str, Any]], record: models.Decision
     history = []
     for entry in stored:
         try:
-            history.append(models.DecisionRecord.model_validate(entry))
+            history.append(status_models.DecisionRecord.model_validate(entry))
         except pydantic.ValidationError:
             continue
-    return [*history, record][-models.MAX_DECISIONS :]
+    return [*history, record][-status_models.MAX_DECISIONS :]

@@ -1,7 +1,9 @@
 """The operator extra installs and imports without torch, so the operator image stays slim.
 
 Builds a wheel of this checkout and installs `fleetlm[operator]` into a fresh venv (pip's cache keeps
-this fast), then imports every operator module and runs the console script.
+this fast), then imports every module of the operator package, none skipped (dev tooling such as the
+simulator lives in dev/, not in it), checks that none loads torch or a dev-only package, and runs the
+console script.
 """
 
 from __future__ import annotations
@@ -35,10 +37,10 @@ def test_operator_extra_has_no_torch(tmp_path: pathlib.Path) -> None:
             "import importlib, pkgutil, sys\n"
             "import fleetlm_operator\n"
             "for module in pkgutil.walk_packages(fleetlm_operator.__path__, 'fleetlm_operator.'):\n"
-            "    if module.name.split('.')[1] in ('sim',):\n"
-            "        continue  # the simulator is dev tooling (numpy, matplotlib), not part of the image\n"
             "    importlib.import_module(module.name)\n"
             "assert 'torch' not in sys.modules and 'transformers' not in sys.modules, 'torch was imported'\n"
+            "dev_only = sorted({n.split('.')[0] for n in sys.modules} & {'numpy', 'matplotlib', 'fleetlm_dev'})\n"
+            "assert not dev_only, f'the operator imports dev-only packages: {dev_only}'\n"
             "print('ok')\n"
         ),
         cwd=tmp_path,

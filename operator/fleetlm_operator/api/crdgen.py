@@ -23,7 +23,7 @@ from typing import Any
 import pydantic
 import yaml
 
-from fleetlm_operator.api import models, names
+from fleetlm_operator.api import models, names, spec_models, status_models
 
 CRD_FILE = pathlib.PurePosixPath("crds") / f"{names.CRD_NAME}.yaml"
 CHART_CRD_FILE = pathlib.PurePosixPath("helm/fleetlm/templates/crds") / f"{names.CRD_NAME}.yaml"
@@ -175,8 +175,8 @@ def model_schema(model: type[pydantic.BaseModel], *, nullable_optionals: bool) -
 
 def openapi_schema() -> dict[str, Any]:
     """The `openAPIV3Schema` of the LLMService CRD."""
-    spec = model_schema(models.LLMServiceSpec, nullable_optionals=False)
-    status = model_schema(models.LLMServiceStatus, nullable_optionals=True)
+    spec = model_schema(spec_models.LLMServiceSpec, nullable_optionals=False)
+    status = model_schema(status_models.LLMServiceStatus, nullable_optionals=True)
     return _ordered(
         {
             "description": (

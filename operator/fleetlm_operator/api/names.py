@@ -48,6 +48,13 @@ ANNOTATION_CACHE_PROGRESS = f"{GROUP}/cache-progress"
 COMPONENT_MODEL_CACHE = "model-cache"
 # Annotations on objects the operator writes, for people reading them.
 ANNOTATION_GENERATED_BY = f"{GROUP}/generated-by"
+# Annotation on the LLMService: the tuner's state (JSON), so a restarted operator resumes where it was.
+ANNOTATION_TUNER_STATE = f"{GROUP}/tuner-state"
+# Annotation on the LLMService that fleetlm-router writes on each request it serves or holds
+# (fleetlm_router.scale spells the same name): the idle handler scales to zero from it.
+ANNOTATION_LAST_REQUEST = f"{GROUP}/last-request-at"
+# kopf's finalizer on LLMServices: the deletion handler runs before the object goes.
+FINALIZER = f"{GROUP}/kopf-finalizer"
 
 
 class ConditionType(enum.StrEnum):

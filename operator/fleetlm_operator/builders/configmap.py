@@ -14,7 +14,7 @@ from typing import Any
 
 import yaml
 
-from fleetlm_operator.api import models
+from fleetlm_operator.api import fields, models, spec_models, status_models
 from fleetlm_operator.builders import meta, model_cache
 from fleetlm_runtime import config, contract
 
@@ -25,13 +25,13 @@ DEFAULT_CLASS_NAME = "default"
 def _targets(ttft: str | None, tpot: str | None) -> dict[str, float]:
     targets: dict[str, float] = {}
     if ttft is not None:
-        targets["ttftTargetS"] = models.parse_duration_s(ttft)
+        targets["ttftTargetS"] = fields.parse_duration_s(ttft)
     if tpot is not None:
-        targets["tpotTargetS"] = models.parse_duration_s(tpot)
+        targets["tpotTargetS"] = fields.parse_duration_s(tpot)
     return targets
 
 
-def _classes(spec: models.LLMServiceSpec, tuning: models.Tuning) -> list[dict[str, Any]]:
+def _classes(spec: spec_models.LLMServiceSpec, tuning: status_models.TuningStatus) -> list[dict[str, Any]]:
     service_slo = spec.slo
     service_ttft = service_slo.ttft if service_slo is not None else None
     service_tpot = service_slo.tpot if service_slo is not None else None
@@ -67,7 +67,9 @@ def _classes(spec: models.LLMServiceSpec, tuning: models.Tuning) -> list[dict[st
     return rendered
 
 
-def runtime_config(spec: models.LLMServiceSpec, *, tuning: models.Tuning | None = None) -> dict[str, Any]:
+def runtime_config(
+    spec: spec_models.LLMServiceSpec, *, tuning: status_models.TuningStatus | None = None
+) -> dict[str, Any]:
     """The runtime config as a camelCase mapping, validated by the runtime's RuntimeConfig.
 
     `tuning` (current limits and weights from status) wins over the spec's initial values.
@@ -118,7 +120,7 @@ def runtime_config(spec: models.LLMServiceSpec, *, tuning: models.Tuning | None 
             "responseCache": {
                 "enabled": spec.caching.response_cache.enabled,
                 "maxEntries": spec.caching.response_cache.max_entries,
-                "ttlS": models.parse_duration_s(spec.caching.response_cache.ttl),
+                "ttlS": fields.parse_duration_s(spec.caching.response_cache.ttl),
             },
         },
     }
@@ -137,7 +139,7 @@ def render_runtime_yaml(data: dict[str, Any]) -> str:
     return yaml.safe_dump(data, sort_keys=False, default_flow_style=False)
 
 
-def build_config_map(svc: models.LLMService, *, tuning: models.Tuning | None = None) -> dict[str, Any]:
+def build_config_map(svc: models.LLMService, *, tuning: status_models.TuningStatus | None = None) -> dict[str, Any]:
     """The ConfigMap mounted at /etc/fleetlm/config. Changing its content alone never restarts pods."""
     return {
         "apiVersion": "v1",

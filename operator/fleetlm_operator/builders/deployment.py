@@ -16,7 +16,7 @@ import json
 import math
 from typing import Any
 
-from fleetlm_operator.api import models, names
+from fleetlm_operator.api import models, names, spec_models
 from fleetlm_operator.builders import meta, model_cache
 from fleetlm_runtime import contract
 
@@ -34,7 +34,7 @@ def startup_failure_threshold(model_bytes: int | None) -> int:
     return math.ceil(model_cache.startup_budget_s(model_bytes) / STARTUP_PERIOD_S)
 
 
-def config_hash(spec: models.LLMServiceSpec, *, image: str) -> str:
+def config_hash(spec: spec_models.LLMServiceSpec, *, image: str) -> str:
     """Hash of every input a running pod cannot take live, so that changing one rolls the pods.
 
     Left out on purpose, because the operator pushes them to the running runtimes (act/push.py) and none
@@ -76,7 +76,7 @@ def _model_volumes(svc: models.LLMService) -> tuple[list[dict[str, Any]], list[d
     return [volume], [mount]
 
 
-def _env(spec: models.LLMServiceSpec) -> list[dict[str, Any]]:
+def _env(spec: spec_models.LLMServiceSpec) -> list[dict[str, Any]]:
     builtin: list[dict[str, Any]] = [
         {"name": "HOME", "value": meta.CACHE_DIR},
         {"name": "XDG_CACHE_HOME", "value": meta.CACHE_DIR},
@@ -90,7 +90,7 @@ def _env(spec: models.LLMServiceSpec) -> list[dict[str, Any]]:
     return [variable for variable in builtin if variable["name"] not in overridden] + user
 
 
-def _resources(runtime: models.RuntimeSpec) -> dict[str, Any]:
+def _resources(runtime: spec_models.RuntimeSpec) -> dict[str, Any]:
     requests = runtime.resources.requests.model_dump(mode="json", exclude_none=True)
     limits = runtime.resources.limits.model_dump(mode="json", exclude_none=True)
     if runtime.gpus > 0:
@@ -103,7 +103,7 @@ def _resources(runtime: models.RuntimeSpec) -> dict[str, Any]:
     return resources
 
 
-def _tolerations(runtime: models.RuntimeSpec) -> list[dict[str, Any]]:
+def _tolerations(runtime: spec_models.RuntimeSpec) -> list[dict[str, Any]]:
     tolerations = [toleration.model_dump(mode="json", exclude_none=True) for toleration in runtime.tolerations]
     if runtime.gpus > 0 and not any(toleration.key == GPU_RESOURCE for toleration in runtime.tolerations):
         # GPU nodes are commonly tainted nvidia.com/gpu:NoSchedule to keep other pods off them.

@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleetlm_operator.api import models
+from fleetlm_operator.api import models, spec_models
 from fleetlm_operator.builders import meta
 
 POOL_API_VERSION = "inference.networking.k8s.io/v1"
@@ -43,7 +43,7 @@ def build_inference_pool(svc: models.LLMService) -> dict[str, Any]:
     }
 
 
-def objective_priorities(classes: list[models.QoSClass]) -> dict[str, int]:
+def objective_priorities(classes: list[spec_models.QoSClass]) -> dict[str, int]:
     """Class name -> GIE priority: order kept, protected classes >= 0, sheddable classes < 0."""
     protected = sorted({c.priority for c in classes if not c.sheddable})
     sheddable = sorted({c.priority for c in classes if c.sheddable})

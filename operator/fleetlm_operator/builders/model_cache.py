@@ -20,7 +20,7 @@ import math
 from collections.abc import Mapping
 from typing import Any
 
-from fleetlm_operator.api import models, names
+from fleetlm_operator.api import fields, models, names, spec_models, status_models
 from fleetlm_operator.builders import meta
 from fleetlm_runtime import config
 
@@ -43,7 +43,7 @@ def _key(*parts: str | None) -> str:
     return hashlib.sha256(json.dumps(parts).encode()).hexdigest()
 
 
-def content_dir(spec: models.ModelSpec) -> str:
+def content_dir(spec: spec_models.ModelSpec) -> str:
     """The cache's subdirectory for this source and revision: a new source fills a new directory, so
     pods still running the old one keep their files until the new one is complete."""
     return f"model-{_key(spec.source, spec.revision)[:12]}"
@@ -71,14 +71,14 @@ def _object_meta(svc: models.LLMService, name: str) -> dict[str, Any]:
     return {"name": name, "namespace": svc.namespace, "labels": labels(svc)}
 
 
-def runtime_model_path(spec: models.ModelSpec) -> str:
+def runtime_model_path(spec: spec_models.ModelSpec) -> str:
     """What the runtime is told to load: the filled directory when cached, else the source as before."""
     if spec.cached:
         return f"{CACHE_MOUNT}/{content_dir(spec)}"
     return meta.runtime_model_path(spec.source)
 
 
-def served_model_name(spec: models.ModelSpec) -> str:
+def served_model_name(spec: spec_models.ModelSpec) -> str:
     """The id clients send: the one the uncached source would have had (a cache path is no name)."""
     source = meta.runtime_model_path(spec.source)
     return source.rstrip("/").rsplit("/", 1)[-1] if source.startswith("/") else source
@@ -88,7 +88,7 @@ def served_model_name(spec: models.ModelSpec) -> str:
 # Objects
 
 
-def _cache(svc: models.LLMService) -> models.ModelCacheSpec:
+def _cache(svc: models.LLMService) -> spec_models.ModelCacheSpec:
     cache = svc.spec.model.cache
     if cache is None or not cache.enabled:
         raise ValueError(f"{svc.name} has no enabled spec.model.cache")
@@ -150,7 +150,7 @@ def build_job(svc: models.LLMService, *, default_image: str) -> dict[str, Any]:
     """The fill Job; created once per source and revision, never updated (a Job's template is immutable)."""
     cache = _cache(svc)
     model = svc.spec.model
-    timeout_s = max(1, math.ceil(models.parse_duration_s(cache.fill.timeout)))
+    timeout_s = max(1, math.ceil(fields.parse_duration_s(cache.fill.timeout)))
     command = [
         "python", "-m", "fleetlm_runtime.models.fill",
         "--source", _fill_source(model.source),
@@ -263,18 +263,18 @@ def _count(value: Any) -> int | None:
     return value if isinstance(value, int) and not isinstance(value, bool) and value >= 0 else None
 
 
-def cache_status(svc: models.LLMService, job: Mapping[str, Any] | None) -> models.ModelCacheStatus:
+def cache_status(svc: models.LLMService, job: Mapping[str, Any] | None) -> status_models.ModelCacheStatus:
     """The cache's phase from its fill Job (None: not created yet) and the fill's own progress report."""
     base = {"claim_name": claim_name(svc), "job_name": job_name(svc)}
     if job is None:
-        return models.ModelCacheStatus(phase="Pending", reason="JobNotCreated", message="creating the fill Job",
+        return status_models.ModelCacheStatus(phase="Pending", reason="JobNotCreated", message="creating the fill Job",
                                        **base)  # fmt: skip
     progress = read_progress(job)
     done, total = _count(progress.get("bytesDone")), _count(progress.get("bytesTotal"))
     bytes_ = {"bytes_done": done, "bytes_total": total}
     if _job_condition(job, "Complete", "SuccessCriteriaMet") is not None:
         message = f"filled: {total} bytes" if total is not None else "filled"
-        return models.ModelCacheStatus(phase="Ready", reason="Filled", message=message, **bytes_, **base)
+        return status_models.ModelCacheStatus(phase="Ready", reason="Filled", message=message, **bytes_, **base)
     failed = _job_condition(job, "Failed", "FailureTarget")
     if failed is not None:
         # The fill's own reason (SourceNotFound, VolumeTooSmall...) says more than the Job's
@@ -283,25 +283,27 @@ def cache_status(svc: models.LLMService, job: Mapping[str, Any] | None) -> model
         reason = str(progress.get("reason") or job_reason) if progress.get("phase") == "Failed" else job_reason
         message = str(progress.get("message") or "") if progress.get("phase") == "Failed" else ""
         message = "; ".join(part for part in (message, f"Job {job_reason}: {failed.get('message', '')}") if part)
-        return models.ModelCacheStatus(phase="Failed", reason=reason[:128], message=message[:4096], **bytes_, **base)
+        return status_models.ModelCacheStatus(
+            phase="Failed", reason=reason[:128], message=message[:4096], **bytes_, **base
+        )
     status = job.get("status") or {}
     attempts_failed = int(status.get("failed") or 0)
     if progress.get("phase") == "Failed" or (attempts_failed and not progress):
         why = str(progress.get("reason") or "AttemptFailed")
-        return models.ModelCacheStatus(
+        return status_models.ModelCacheStatus(
             phase="Filling", reason="Retrying",
             message=f"attempt {attempts_failed} failed ({why}: {progress.get('message', '')}); the Job retries",
             **bytes_, **base)  # fmt: skip
     # An active pod may still wait for its node, image or volume: only a report or a running (ready) pod fills.
     if progress.get("phase") in ("Filling", "Ready") or int(status.get("ready") or 0) > 0:
         message = f"{done} of {total} bytes" if done is not None and total is not None else "the fill Job runs"
-        return models.ModelCacheStatus(phase="Filling", reason="Filling", message=message, **bytes_, **base)
+        return status_models.ModelCacheStatus(phase="Filling", reason="Filling", message=message, **bytes_, **base)
     waiting = int(status.get("active") or 0)
     message = f"the fill Job's pod is not running yet ({waiting} waiting)"
-    return models.ModelCacheStatus(phase="Pending", reason="JobPending", message=message, **base)
+    return status_models.ModelCacheStatus(phase="Pending", reason="JobPending", message=message, **base)
 
 
-def pods_allowed(spec: models.LLMServiceSpec, cache: models.ModelCacheStatus | None) -> bool:
+def pods_allowed(spec: spec_models.LLMServiceSpec, cache: status_models.ModelCacheStatus | None) -> bool:
     """Whether runtime pods may be created or changed: always without a cache, else only once it is Ready.
 
     The reconcile handler holds the Deployment back while this is False; a tuner that scales must ask
@@ -310,7 +312,7 @@ def pods_allowed(spec: models.LLMServiceSpec, cache: models.ModelCacheStatus | N
     return not spec.model.cached or (cache is not None and cache.phase == "Ready")
 
 
-def model_bytes(spec: models.LLMServiceSpec, cache: models.ModelCacheStatus | None) -> int | None:
+def model_bytes(spec: spec_models.LLMServiceSpec, cache: status_models.ModelCacheStatus | None) -> int | None:
     """The checkpoint's size as far as it is known: the fill's count, else the claim's size (an upper bound)."""
     if not spec.model.cached or spec.model.cache is None:
         return None

@@ -13,7 +13,7 @@ from __future__ import annotations
 
 from typing import Any
 
-from fleetlm_operator.api import models, names
+from fleetlm_operator.api import fields, models, names
 from fleetlm_operator.builders import meta
 
 COMPONENT_ROUTER = "router"
@@ -52,7 +52,7 @@ def endpoint_url(svc: models.LLMService) -> str:
 
 def router_command(svc: models.LLMService) -> list[str]:
     router = svc.spec.router
-    hold_timeout_s = models.parse_duration_s(router.hold.timeout)
+    hold_timeout_s = fields.parse_duration_s(router.hold.timeout)
     command = [
         "fleetlm-router",
         "--host", "0.0.0.0",
@@ -71,7 +71,7 @@ def router_command(svc: models.LLMService) -> list[str]:
     ]  # fmt: skip
     if svc.spec.replicas.idle_timeout is not None:
         # Stamps at a quarter of the timeout (at most every 30 s), so traffic never looks idle to the operator.
-        activity_s = min(30.0, models.parse_duration_s(svc.spec.replicas.idle_timeout) / 4)
+        activity_s = min(30.0, fields.parse_duration_s(svc.spec.replicas.idle_timeout) / 4)
         command += ["--activity-interval", f"{activity_s:g}"]
     if svc.spec.qos.api_keys_secret_ref is not None:
         command += ["--api-keys-file", f"{meta.API_KEYS_DIR}/{svc.spec.qos.api_keys_secret_ref.key}"]

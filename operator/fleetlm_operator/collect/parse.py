@@ -15,7 +15,7 @@ from collections.abc import Iterable
 from prometheus_client import parser as prom_parser
 from prometheus_client import samples as prom_samples
 
-from fleetlm_operator.policy import window
+from fleetlm_operator.policy import histogram, window
 from fleetlm_runtime import contract
 
 # Histograms the window reads, by the PodSample field they fill.
@@ -75,7 +75,7 @@ def parse_pod_metrics(text: str, *, pod: str, scraped_at_s: float) -> window.Pod
     rejected = by_class_sum(
         contract.REQUESTS_REJECTED, "rejected", only=_REJECT_REASONS_FOR_LOAD, label=contract.LABEL_REASON
     )
-    hists: dict[str, dict[str, window.Histogram]] = {}
+    hists: dict[str, dict[str, histogram.Histogram]] = {}
     for family_name, field in _HISTOGRAMS.items():
         family = families.get(family_name)
         if family is None:
@@ -135,7 +135,7 @@ def _gauge_mean(family: object) -> float | None:
     return sum(values) / len(values) if values else None
 
 
-def _histograms_by_class(samples: Iterable[prom_samples.Sample]) -> tuple[dict[str, window.Histogram], bool]:
+def _histograms_by_class(samples: Iterable[prom_samples.Sample]) -> tuple[dict[str, histogram.Histogram], bool]:
     """Group `_bucket`/`_count`/`_sum` samples by class (summing over the model label).
 
     Returns the histograms and whether any series was malformed (no +Inf bucket, unparseable bound):
@@ -159,14 +159,14 @@ def _histograms_by_class(samples: Iterable[prom_samples.Sample]) -> tuple[dict[s
             sums[qos_class] = sums.get(qos_class, 0.0) + float(sample.value)
         elif sample.name.endswith("_count"):
             counts[qos_class] = counts.get(qos_class, 0.0) + float(sample.value)
-    out: dict[str, window.Histogram] = {}
+    out: dict[str, histogram.Histogram] = {}
     for qos_class, per_bound in buckets.items():
         infinite = per_bound.pop(math.inf, None)
         if infinite is None or any(not _finite(v) for v in per_bound.values()):
             broken = True
             continue
         bounds = tuple(sorted(per_bound))
-        out[qos_class] = window.Histogram(
+        out[qos_class] = histogram.Histogram(
             bounds=bounds,
             cumulative=tuple(per_bound[b] for b in bounds),
             count=counts.get(qos_class, infinite),

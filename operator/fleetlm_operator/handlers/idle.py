@@ -19,11 +19,10 @@ from typing import Any
 
 import kopf
 
-from fleetlm_operator.api import models, names
+from fleetlm_operator.api import fields, models, names
 from fleetlm_operator.handlers import context, reconcile
 from fleetlm_operator.policy import idle
 
-ANNOTATION_LAST_REQUEST = f"{names.GROUP}/last-request-at"  # written by fleetlm-router (fleetlm_router.scale)
 TICK_S = 5.0
 MEMO_KEY = "fleetlm_idle"
 
@@ -66,9 +65,9 @@ async def scale_to_zero(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger
         memory.replicas, memory.since_s = desired, now_s
     annotations = body.get("metadata", {}).get("annotations") or {}
     decision = idle.decide(idle.IdleInput(
-        now_s=now_s, idle_timeout_s=models.parse_duration_s(svc.spec.replicas.idle_timeout),
+        now_s=now_s, idle_timeout_s=fields.parse_duration_s(svc.spec.replicas.idle_timeout),
         min_replicas=svc.spec.replicas.min, desired_replicas=desired,
-        last_request_s=parse_stamp(annotations.get(ANNOTATION_LAST_REQUEST)), observed_since_s=memory.since_s,
+        last_request_s=parse_stamp(annotations.get(names.ANNOTATION_LAST_REQUEST)), observed_since_s=memory.since_s,
     ))  # fmt: skip
     if decision.replicas is None:
         return

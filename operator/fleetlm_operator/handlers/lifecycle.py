@@ -64,7 +64,7 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
     operator_settings = settings_module.OperatorSettings.from_env()
     # Keep kopf's bookkeeping under our own group rather than kopf.zalando.org.
-    settings.persistence.finalizer = f"{names.GROUP}/kopf-finalizer"
+    settings.persistence.finalizer = names.FINALIZER
     settings.persistence.progress_storage = kopf.AnnotationsProgressStorage(prefix=names.GROUP)
     settings.persistence.diffbase_storage = kopf.AnnotationsDiffBaseStorage(
         prefix=names.GROUP, key="last-handled-configuration"

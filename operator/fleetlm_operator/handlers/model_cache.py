@@ -22,7 +22,7 @@ import kopf
 from kubernetes import client
 from kubernetes.client import exceptions
 
-from fleetlm_operator.api import models, names
+from fleetlm_operator.api import models, names, status_models
 from fleetlm_operator.builders import model_cache
 from fleetlm_operator.handlers import context
 
@@ -64,7 +64,7 @@ def read_job(api: client.BatchV1Api, name: str, namespace: str) -> dict[str, Any
 
 def ensure(
     svc: models.LLMService, *, body: Mapping[str, Any], ctx: context.OperatorContext
-) -> models.ModelCacheStatus | None:
+) -> status_models.ModelCacheStatus | None:
     """Create what the cache needs if missing; returns its state (None when the spec has no cache)."""
     if not svc.spec.model.cached or svc.spec.model.cache is None:
         return None
@@ -91,16 +91,16 @@ def ensure(
     return model_cache.cache_status(svc, found)
 
 
-def stored_cache(body: Mapping[str, Any]) -> models.ModelCacheStatus | None:
+def stored_cache(body: Mapping[str, Any]) -> status_models.ModelCacheStatus | None:
     raw = (body.get("status") or {}).get("modelCache")
     try:
-        return models.ModelCacheStatus.model_validate(raw) if raw else None
+        return status_models.ModelCacheStatus.model_validate(raw) if raw else None
     except ValueError:
         return None
 
 
 def post_transition_event(
-    body: Mapping[str, Any], *, before: models.ModelCacheStatus | None, after: models.ModelCacheStatus
+    body: Mapping[str, Any], *, before: status_models.ModelCacheStatus | None, after: status_models.ModelCacheStatus
 ) -> None:
     """One Event per phase change of the cache."""
     if before is not None and before.phase == after.phase:
@@ -114,11 +114,11 @@ def post_transition_event(
         kopf.info(target, reason="ModelCacheFilling", message=f"{after.job_name} fills {after.claim_name}")
 
 
-def _dump(cache: models.ModelCacheStatus) -> dict[str, Any]:
+def _dump(cache: status_models.ModelCacheStatus) -> dict[str, Any]:
     return cache.model_dump(mode="json", by_alias=True, exclude_none=True)
 
 
-def status_patch(cache: models.ModelCacheStatus) -> dict[str, Any]:
+def status_patch(cache: status_models.ModelCacheStatus) -> dict[str, Any]:
     """status.modelCache for a merge patch: unset fields as nulls, so a stale reason or count goes away."""
     return cache.model_dump(mode="json", by_alias=True)
 

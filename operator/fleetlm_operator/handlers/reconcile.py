@@ -22,7 +22,7 @@ from typing import Any
 import kopf
 
 from fleetlm_operator import metrics
-from fleetlm_operator.api import models, names
+from fleetlm_operator.api import fields, models, names, status_models
 from fleetlm_operator.builders import (
     configmap,
     deployment,
@@ -61,7 +61,7 @@ def plain_body(body: Mapping[str, Any]) -> dict[str, Any]:
     }
 
 
-def current_tuning(svc: models.LLMService) -> models.Tuning:
+def current_tuning(svc: models.LLMService) -> status_models.TuningStatus:
     """The limits the pods should run with now.
 
     With `autotune` the tuner owns the limits: the ones in status are kept, clamped into the spec's
@@ -78,7 +78,7 @@ def current_tuning(svc: models.LLMService) -> models.Tuning:
         size = min(max(stored.max_batch_size or size or 1, size_range.min), size_range.max)
         tokens = min(max(stored.max_batch_tokens or tokens or 1, tokens_range.min), tokens_range.max)
     class_names = {qos_class.name for qos_class in svc.spec.qos.classes}
-    return models.Tuning(
+    return status_models.TuningStatus(
         max_batch_size=size,
         max_batch_tokens=tokens,
         shed_classes=[name for name in stored.shed_classes if name in class_names],
@@ -90,7 +90,7 @@ def current_tuning(svc: models.LLMService) -> models.Tuning:
 def render_children(
     svc: models.LLMService,
     *,
-    tuning: models.Tuning,
+    tuning: status_models.TuningStatus,
     default_image: str,
     with_service_monitor: bool,
     with_deployment: bool = True,
@@ -188,7 +188,7 @@ def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.
     if cause != "resume":
         kopf.info(body, reason="Reconciled", message=f"applied {', '.join(applied)}")
     status = rollout_status(svc, body=body, ctx=ctx, cache=cache)
-    status["tuning"] = models.status_json(tuning)  # written by `write_tuning`, never in a plain merge patch
+    status["tuning"] = status_models.status_json(tuning)  # written by `write_tuning`, never in a plain merge patch
     _export_service_gauges(svc, tuning=tuning, ready=int(status.get("readyReplicas") or 0))
     metrics.RECONCILES.labels(result="ok").inc()
     metrics.RECONCILE_SECONDS.observe(time.monotonic() - started)
@@ -196,14 +196,14 @@ def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.
     return status
 
 
-def _export_service_gauges(svc: models.LLMService, *, tuning: models.Tuning, ready: int) -> None:
+def _export_service_gauges(svc: models.LLMService, *, tuning: status_models.TuningStatus, ready: int) -> None:
     labels = {"namespace": svc.namespace, "llmservice": svc.name}
     metrics.SERVICE_REPLICAS.labels(**labels, state="desired").set(svc.spec.replicas.effective)
     metrics.SERVICE_REPLICAS.labels(**labels, state="ready").set(ready)
     if svc.spec.slo is not None:
         for slo, value in (("ttft", svc.spec.slo.ttft), ("tpot", svc.spec.slo.tpot)):
             if value is not None:
-                metrics.SERVICE_SLO_TARGET.labels(**labels, slo=slo).set(models.parse_duration_s(value))
+                metrics.SERVICE_SLO_TARGET.labels(**labels, slo=slo).set(fields.parse_duration_s(value))
     metrics.SERVICE_BATCH_LIMIT.labels(**labels, limit="max_batch_size").set(tuning.max_batch_size or 0)
     metrics.SERVICE_BATCH_LIMIT.labels(**labels, limit="max_batch_tokens").set(tuning.max_batch_tokens or 0)
 
@@ -213,7 +213,7 @@ def rollout_status(
     *,
     body: Mapping[str, Any],
     ctx: context.OperatorContext,
-    cache: models.ModelCacheStatus | None = None,
+    cache: status_models.ModelCacheStatus | None = None,
 ) -> dict[str, Any]:
     """Status fields derived from the Deployment and its pods, merged into the stored conditions.
 
@@ -230,7 +230,7 @@ def render_rollout_status(
     body: Mapping[str, Any],
     deployment: Mapping[str, Any] | None,
     pods: list[dict[str, Any]],
-    cache: models.ModelCacheStatus | None,
+    cache: status_models.ModelCacheStatus | None,
     now: datetime.datetime,
 ) -> dict[str, Any]:
     """`rollout_status` without the reads: pure, so every status it writes can be checked against the CRD."""
@@ -258,8 +258,8 @@ def render_rollout_status(
         cache_fields["modelCache"] = model_cache_handler.status_patch(cache)
     elif not svc.spec.model.cached and stored.get("modelCache"):
         cache_fields["modelCache"] = None  # the cache was turned off: drop what status said about it
-    fields = models.status_json(
-        models.LLMServiceStatus(
+    fields = status_models.status_json(
+        status_models.LLMServiceStatus(
             phase=phase,
             replicas=rollout.replicas,
             ready_replicas=rollout.ready_replicas,

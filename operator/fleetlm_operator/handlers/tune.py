@@ -1,4 +1,4 @@
-"""The SLO tuner, a kopf timer per LLMService: collect -> policy.decide -> act.
+"""The SLO tuner, a kopf timer per LLMService: read -> plan -> execute.
 
 Every `spec.autoscaling.interval`: read the ready pods' metrics (direct scrape, or Prometheus), turn
 the last two readings into a window, ask the pure policy for a decision, then act on it: write the
@@ -26,7 +26,7 @@ import kopf
 
 from fleetlm_operator import bridge, metrics
 from fleetlm_operator.act import push
-from fleetlm_operator.api import models, names
+from fleetlm_operator.api import models, names, status_models
 from fleetlm_operator.builders import configmap, meta, model_cache, secret
 from fleetlm_operator.collect import prometheus, scrape
 from fleetlm_operator.handlers import context, reconcile
@@ -37,7 +37,6 @@ from fleetlm_operator.policy import window as window_mod
 from fleetlm_operator.status import conditions
 
 TICK_S = 5.0  # how often the timer wakes; the tuner acts every spec.autoscaling.interval
-ANNOTATION_STATE = f"{names.GROUP}/tuner-state"
 MEMO_KEY = "fleetlm_tuner"
 
 
@@ -70,7 +69,7 @@ def _ready_endpoints(pods: list[dict[str, Any]]) -> dict[str, str]:
 
 
 def _load_state(body: kopf.Body, logger: logging.Logger) -> state_mod.TunerState:
-    raw = body.get("metadata", {}).get("annotations", {}).get(ANNOTATION_STATE)
+    raw = body.get("metadata", {}).get("annotations", {}).get(names.ANNOTATION_TUNER_STATE)
     if not raw:
         return state_mod.TunerState()
     try:
@@ -92,8 +91,40 @@ async def _collect(
     return scraped.samples, scraped.errors
 
 
+@dataclasses.dataclass(frozen=True, slots=True)
+class Observation:
+    """What one tick read from the cluster and the pods, in the policy's types."""
+
+    endpoints: dict[str, str]  # the ready pods: name -> base URL
+    window: window_mod.ObservedWindow
+    policy_input: policy_spec.PolicyInput
+    state: state_mod.TunerState
+    tuning_now: status_models.TuningStatus  # the limits the pods run with as the tick starts
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class Plan:
+    """Everything one tick will write, decided before anything is written (`plan` is pure)."""
+
+    decision: decide_mod.Decision
+    actions: list[str]  # what the decision changes (`bridge.decision_actions`); empty: nothing to record
+    mode: str  # "act" or "advise", as the decisions metric labels it
+    # Rewrite the ConfigMap with these limits (act mode, a tuning action); None: leave it.
+    config_tuning: status_models.TuningStatus | None
+    tuning_event: tuple[str, str] | None  # (reason, message): Advised, or Tuned
+    live_tuning: status_models.TuningStatus  # what the ready pods should run with (pushed where they differ)
+    scale_to: int | None  # replicas to write where /scale reads them (act mode, a scale action)
+    scale_event: tuple[str, str] | None  # (reason, message): ScaledUp or ScaledDown
+    state_json: str  # the tuner state for the annotation
+    status_sections: dict[str, Any]  # status.observed, status.startup, status.tuning
+    record: status_models.DecisionRecord | None  # appended to status.decisions
+    conditions: list[conditions.Condition]  # SLOMet and MetricsAvailable
+
+
 async def tune_once(
     body: kopf.Body,
+    svc: models.LLMService,
+    spec: policy_spec.PolicySpec,
     *,
     patch: kopf.Patch,
     ctx: context.OperatorContext,
@@ -101,41 +132,78 @@ async def tune_once(
     logger: logging.Logger,
     now_s: float,
 ) -> decide_mod.Decision | None:
-    svc = models.load_stored(reconcile.plain_body(body))
-    spec = bridge.policy_spec_of(svc.spec)
+    """One tick: read (the Deployment, the pods, their metrics), plan (the policy's decision and every write
+    it implies, pure), execute (the writes, in order)."""
+    pods = await _read_pods(svc, ctx=ctx)
+    if pods is None:
+        return None
+    endpoints = _ready_endpoints(pods.items)
+    if not endpoints:
+        # Nothing serves yet (pulling, loading, unschedulable): there is no latency to judge and no pod
+        # to tune. Say so once instead of rewriting status every interval; replicas stay with reconcile.
+        memory.previous = {}
+        await _report_no_ready_pods(body, ctx=ctx, now_s=now_s)
+        return None
+    observation = await _observe(body, svc, spec, pods, endpoints, memory=memory, logger=logger, now_s=now_s)
+    tick = plan(svc, spec, observation, now_s=now_s)
+    await _execute(body, svc, tick, observation, patch=patch, ctx=ctx, memory=memory, logger=logger, now_s=now_s)
+    return tick.decision
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Pods:
+    deployment: dict[str, Any]
+    items: list[dict[str, Any]]
+
+
+async def _read_pods(svc: models.LLMService, *, ctx: context.OperatorContext) -> _Pods | None:
+    """The Deployment and its pods; None while there is nothing to tune."""
     deployment = await asyncio.to_thread(ctx.applier.read_deployment, svc.name, svc.namespace)
     if deployment is None:
         return None  # the reconcile handler has not created it yet
     if not model_cache.pods_allowed(svc.spec, svc.status.model_cache if svc.status else None):
         return None  # the model cache is (re)filling: reconcile holds the pods back, so there is nothing to tune
     pods = await asyncio.to_thread(ctx.applier.list_pods, svc.namespace, meta.selector_string(svc))
-    endpoints = _ready_endpoints(pods)
-    if not endpoints:
-        # Nothing serves yet (pulling, loading, unschedulable): there is no latency to judge and no pod
-        # to tune. Say so once instead of rewriting status every interval; replicas stay with reconcile.
-        memory.previous = {}
-        stored_conditions = (body.get("status", {}) or {}).get("conditions", []) or []
-        current = conditions.find(stored_conditions, names.ConditionType.METRICS_AVAILABLE)
-        if current is None or current.get("reason") != "NoReadyPods":
-            updates = [
-                conditions.Condition(
-                    names.ConditionType.METRICS_AVAILABLE,
-                    "False",
-                    "NoReadyPods",
-                    "no runtime pod is ready, so there are no metrics to collect",
-                )
-            ]
-            if conditions.find(stored_conditions, names.ConditionType.SLO_MET) is None:
-                updates.append(
-                    conditions.Condition(
-                        names.ConditionType.SLO_MET,
-                        "Unknown",
-                        "NotYetObserved",
-                        "no latency window has been observed yet",
-                    )
-                )
-            await _apply_conditions(body, updates, ctx=ctx, now_s=now_s)
-        return None
+    return _Pods(deployment=deployment, items=pods)
+
+
+async def _report_no_ready_pods(body: kopf.Body, *, ctx: context.OperatorContext, now_s: float) -> None:
+    stored_conditions = (body.get("status", {}) or {}).get("conditions", []) or []
+    current = conditions.find(stored_conditions, names.ConditionType.METRICS_AVAILABLE)
+    if current is not None and current.get("reason") == "NoReadyPods":
+        return
+    updates = [
+        conditions.Condition(
+            names.ConditionType.METRICS_AVAILABLE,
+            "False",
+            "NoReadyPods",
+            "no runtime pod is ready, so there are no metrics to collect",
+        )
+    ]
+    if conditions.find(stored_conditions, names.ConditionType.SLO_MET) is None:
+        updates.append(
+            conditions.Condition(
+                names.ConditionType.SLO_MET,
+                "Unknown",
+                "NotYetObserved",
+                "no latency window has been observed yet",
+            )
+        )
+    await _apply_conditions(body, updates, ctx=ctx, now_s=now_s)
+
+
+async def _observe(
+    body: kopf.Body,
+    svc: models.LLMService,
+    spec: policy_spec.PolicySpec,
+    pods: _Pods,
+    endpoints: dict[str, str],
+    *,
+    memory: TunerMemory,
+    logger: logging.Logger,
+    now_s: float,
+) -> Observation:
+    """Collect the ready pods' metrics into a window against the last reading, and the tick's other inputs."""
     current, errors = await _collect(svc, endpoints, now_s=now_s)
     window = window_mod.from_scrapes(
         memory.previous, current, expected_pods=endpoints, spec=spec, now_s=now_s, max_age_s=2 * spec.interval_s
@@ -145,58 +213,132 @@ async def tune_once(
             window, complete=False, reason="; ".join([window.reason, *errors.values()]).strip("; ")
         )
     memory.previous = {**{p: s for p, s in memory.previous.items() if p in endpoints}, **current}
-
+    deployment = pods.deployment
     desired = int(deployment.get("spec", {}).get("replicas", svc.spec.replicas.effective) or 0)
     ready = int((deployment.get("status") or {}).get("readyReplicas", 0) or 0)
-    state = _load_state(body, logger)
-    loading_ages, started = bridge.pod_startups(pods, now_s=now_s)
-    policy_input = policy_spec.PolicyInput(
-        spec=spec, current_replicas=desired, ready_replicas=ready, loading_ages_s=loading_ages, started=started
+    loading_ages, started = bridge.pod_startups(pods.items, now_s=now_s)
+    return Observation(
+        endpoints=endpoints,
+        window=window,
+        policy_input=policy_spec.PolicyInput(
+            spec=spec, current_replicas=desired, ready_replicas=ready, loading_ages_s=loading_ages, started=started
+        ),
+        state=_load_state(body, logger),
+        tuning_now=reconcile.current_tuning(svc),
     )
-    decision = decide_mod.decide(policy_input, window, state, now=now_s)
-    tuning_now = reconcile.current_tuning(svc)
-    current_limits = (tuning_now.max_batch_size or 0, tuning_now.max_batch_tokens or 0)
+
+
+def plan(svc: models.LLMService, spec: policy_spec.PolicySpec, seen: Observation, *, now_s: float) -> Plan:
+    """The policy's decision and every write it implies. Pure: no clock (`now_s`), no I/O."""
+    decision = decide_mod.decide(seen.policy_input, seen.window, seen.state, now=now_s)
+    tuning_now = seen.tuning_now
+    current_replicas = seen.policy_input.current_replicas
     actions = bridge.decision_actions(
-        decision, current_replicas=desired, current_limits=current_limits, current_shed=tuple(tuning_now.shed_classes)
+        decision,
+        current_replicas=current_replicas,
+        current_limits=(tuning_now.max_batch_size or 0, tuning_now.max_batch_tokens or 0),
+        current_shed=tuple(tuning_now.shed_classes),
     )
-    in_force = await _act(
-        svc, body=body, decision=decision, actions=actions, current_replicas=desired, tuning_now=tuning_now, ctx=ctx
+    decided = status_models.TuningStatus(
+        max_batch_size=decision.max_batch_size,
+        max_batch_tokens=decision.max_batch_tokens,
+        shed_classes=list(decision.shed_classes),
+        class_weights=tuning_now.class_weights,
     )
+    reason_text = "; ".join(decision.reasons)[:1000]
+    config_tuning: status_models.TuningStatus | None = None
+    tuning_event: tuple[str, str] | None = None
+    if actions and spec.advise:
+        # Recorded (Event, metric, status.decisions), applied nowhere: no /scale write, no ConfigMap, no push.
+        tuning_event = (
+            "Advised",
+            f"would {','.join(actions)}: replicas {current_replicas} -> {decision.replicas}, batch "
+            f"{decision.max_batch_size} seqs / {decision.max_batch_tokens} tokens, shed "
+            f"{list(decision.shed_classes)}: {reason_text}",
+        )
+    elif any(a in actions for a in ("batch_grow", "batch_shrink", "shed", "unshed")):
+        # New pods read the ConfigMap; running pods get the same values pushed live (no restart, _push_live).
+        config_tuning = decided
+        tuning_event = (
+            "Tuned",
+            f"{','.join(actions)}: batch {decision.max_batch_size} seqs / "
+            f"{decision.max_batch_tokens} tokens, shed {list(decision.shed_classes)}: "
+            f"{reason_text}",
+        )
+    scale_to: int | None = None
+    scale_event: tuple[str, str] | None = None
+    if not spec.advise and ("scale_up" in actions or "scale_down" in actions):
+        scale_to = decision.replicas
+        scale_event = (
+            "ScaledUp" if "scale_up" in actions else "ScaledDown",
+            f"replicas -> {decision.replicas}: {'; '.join(decision.reasons)[:1000]}",
+        )
+    now = datetime.datetime.fromtimestamp(now_s, tz=datetime.UTC)
+    # status.tuning is what the pods run with (reconcile renders it): advice never lands there.
+    in_force = tuning_now if spec.advise else decided
+    sections = {
+        "observed": status_models.status_json(
+            bridge.observed_status(seen.window, percentile=spec.slo.percentile, now=now)
+        ),
+        "startup": status_models.status_json(bridge.startup_status(decision)),
+        "tuning": status_models.status_json(in_force),
+    }
+    return Plan(
+        decision=decision,
+        actions=actions,
+        mode="advise" if spec.advise else "act",
+        config_tuning=config_tuning,
+        tuning_event=tuning_event,
+        live_tuning=config_tuning or tuning_now,
+        scale_to=scale_to,
+        scale_event=scale_event,
+        state_json=decision.state.to_json(),
+        status_sections=sections,
+        record=bridge.decision_record(decision, actions=actions, now=now, advise=spec.advise) if actions else None,
+        conditions=bridge.decision_conditions(decision),
+    )
+
+
+async def _execute(
+    body: kopf.Body,
+    svc: models.LLMService,
+    tick: Plan,
+    seen: Observation,
+    *,
+    patch: kopf.Patch,
+    ctx: context.OperatorContext,
+    memory: TunerMemory,
+    logger: logging.Logger,
+    now_s: float,
+) -> None:
+    """The plan's writes, in this order: metrics, ConfigMap and its Event, the live push, /scale and its
+    Event, then the state annotation, status and conditions."""
+    for action in tick.actions:
+        metrics.DECISIONS.labels(action=action, mode=tick.mode).inc()
+    if tick.config_tuning is not None:
+        config = configmap.build_config_map(svc, tuning=tick.config_tuning)
+        kopf.adopt(config, owner=body)
+        await asyncio.to_thread(ctx.applier.apply, config)
+    if tick.tuning_event is not None:
+        kopf.info(body, reason=tick.tuning_event[0], message=tick.tuning_event[1])
     # Pushed before the replicas are written: whoever sees the new replica count sees the tick done.
     await _push_live(
-        svc, tuning=in_force, started_with=tuning_now, endpoints=endpoints, memory=memory, ctx=ctx, logger=logger
+        svc,
+        tuning=tick.live_tuning,
+        started_with=seen.tuning_now,
+        endpoints=seen.endpoints,
+        memory=memory,
+        ctx=ctx,
+        logger=logger,
     )
-    if svc.spec.autoscaling.mode != "advise" and ("scale_up" in actions or "scale_down" in actions):
+    if tick.scale_to is not None:
         # Written where /scale reads it; the spec handler scales the Deployment (one writer of replicas).
-        await asyncio.to_thread(ctx.applier.patch_llmservice_replicas, svc.name, svc.namespace, decision.replicas)
-        kopf.info(
-            body,
-            reason="ScaledUp" if "scale_up" in actions else "ScaledDown",
-            message=f"replicas -> {decision.replicas}: {'; '.join(decision.reasons)[:1000]}",
-        )
-
-    now = datetime.datetime.fromtimestamp(now_s, tz=datetime.UTC)
-    patch.metadata.setdefault("annotations", {})[ANNOTATION_STATE] = decision.state.to_json()
-    # status.tuning is what the pods run with (reconcile renders it): advice never lands there.
-    in_force = (
-        tuning_now
-        if spec.advise
-        else models.Tuning(
-            max_batch_size=decision.max_batch_size,
-            max_batch_tokens=decision.max_batch_tokens,
-            shed_classes=list(decision.shed_classes),
-            class_weights=tuning_now.class_weights,
-        )
-    )
-    sections = {
-        "observed": models.status_json(bridge.observed_status(window, percentile=spec.slo.percentile, now=now)),
-        "startup": models.status_json(bridge.startup_status(decision)),
-        "tuning": models.status_json(in_force),
-    }
-    record = bridge.decision_record(decision, actions=actions, now=now, advise=spec.advise) if actions else None
-    await asyncio.to_thread(_write_status, body, sections, record, ctx=ctx, logger=logger)
-    await _apply_conditions(body, bridge.decision_conditions(decision), ctx=ctx, now_s=now_s)
-    return decision
+        await asyncio.to_thread(ctx.applier.patch_llmservice_replicas, svc.name, svc.namespace, tick.scale_to)
+        if tick.scale_event is not None:
+            kopf.info(body, reason=tick.scale_event[0], message=tick.scale_event[1])
+    patch.metadata.setdefault("annotations", {})[names.ANNOTATION_TUNER_STATE] = tick.state_json
+    await asyncio.to_thread(_write_status, body, tick.status_sections, tick.record, ctx=ctx, logger=logger)
+    await _apply_conditions(body, tick.conditions, ctx=ctx, now_s=now_s)
 
 
 STATUS_WRITE_ATTEMPTS = 5
@@ -205,7 +347,7 @@ STATUS_WRITE_ATTEMPTS = 5
 def _write_status(
     body: kopf.Body,
     sections: dict[str, Any],
-    record: models.DecisionRecord | None,
+    record: status_models.DecisionRecord | None,
     *,
     ctx: context.OperatorContext,
     logger: logging.Logger,
@@ -228,7 +370,7 @@ def _write_status(
         patch = dict(sections)
         if record is not None:
             stored = (seen.get("status") or {}).get("decisions") or []
-            patch["decisions"] = [models.status_json(r) for r in bridge.bounded_history(stored, record)]
+            patch["decisions"] = [status_models.status_json(r) for r in bridge.bounded_history(stored, record)]
         if ctx.applier.patch_llmservice_status(name, namespace, patch, resource_version=version):
             return
         seen = ctx.applier.read_llmservice(name, namespace)
@@ -262,60 +404,11 @@ async def _apply_conditions(
     )
 
 
-async def _act(
-    svc: models.LLMService,
-    *,
-    body: kopf.Body,
-    decision: decide_mod.Decision,
-    actions: list[str],
-    current_replicas: int,
-    tuning_now: models.Tuning,
-    ctx: context.OperatorContext,
-) -> models.Tuning:
-    """Record advice, or rewrite the ConfigMap for a tuning change; the tuning the pods should now run with.
-    (The replicas are written by the caller, after the push.)"""
-    reason_text = "; ".join(decision.reasons)[:1000]
-    mode = "advise" if svc.spec.autoscaling.mode == "advise" else "act"
-    for action in actions:
-        metrics.DECISIONS.labels(action=action, mode=mode).inc()
-    if actions and mode == "advise":
-        # Recorded (Event, metric, status.decisions), applied nowhere: no /scale write, no ConfigMap, no push.
-        kopf.info(
-            body,
-            reason="Advised",
-            message=f"would {','.join(actions)}: replicas {current_replicas} -> {decision.replicas}, batch "
-            f"{decision.max_batch_size} seqs / {decision.max_batch_tokens} tokens, shed "
-            f"{list(decision.shed_classes)}: {reason_text}",
-        )
-        return tuning_now
-    tuning_changed = any(a in actions for a in ("batch_grow", "batch_shrink", "shed", "unshed"))
-    if not tuning_changed:
-        return tuning_now
-    tuning = models.Tuning(
-        max_batch_size=decision.max_batch_size,
-        max_batch_tokens=decision.max_batch_tokens,
-        shed_classes=list(decision.shed_classes),
-        class_weights=tuning_now.class_weights,
-    )
-    # New pods read the ConfigMap; running pods get the same values pushed live (no restart, _push_live).
-    config = configmap.build_config_map(svc, tuning=tuning)
-    kopf.adopt(config, owner=body)
-    await asyncio.to_thread(ctx.applier.apply, config)
-    kopf.info(
-        body,
-        reason="Tuned",
-        message=f"{','.join(actions)}: batch {decision.max_batch_size} seqs / "
-        f"{decision.max_batch_tokens} tokens, shed {list(decision.shed_classes)}: "
-        f"{reason_text}",
-    )
-    return tuning
-
-
 async def _push_live(
     svc: models.LLMService,
     *,
-    tuning: models.Tuning,
-    started_with: models.Tuning,
+    tuning: status_models.TuningStatus,
+    started_with: status_models.TuningStatus,
     endpoints: dict[str, str],
     memory: TunerMemory,
     ctx: context.OperatorContext,
@@ -357,12 +450,12 @@ async def tune(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logg
         svc = models.load_stored(reconcile.plain_body(body))
     except ValueError:
         return  # the spec handler reports an invalid object
-    interval_s = models.parse_duration_s(svc.spec.autoscaling.interval)
+    spec = bridge.policy_spec_of(svc.spec)  # parsed once per tick: durations to seconds, the policy's types
     now_s = time.time()
-    if now_s - memory.last_tick_s < interval_s - 0.5:
+    if now_s - memory.last_tick_s < spec.interval_s - 0.5:
         return
     memory.last_tick_s = now_s
-    decision = await tune_once(body, patch=patch, ctx=ctx, memory=memory, logger=logger, now_s=now_s)
+    decision = await tune_once(body, svc, spec, patch=patch, ctx=ctx, memory=memory, logger=logger, now_s=now_s)
     if decision is not None:
         logger.info(
             "tuned %s/%s: replicas %d, batch %d/%d, shed %s; %s",

@@ -33,11 +33,11 @@ class BatchDecision:
     reasons: tuple[str, ...]
 
 
-def initial_limits(batching: spec_mod.BatchingSpec) -> BatchLimits:
+def initial_limits(batching: spec_mod.BatchingBounds) -> BatchLimits:
     return BatchLimits(max_batch_size=batching.max_batch_size, max_batch_tokens=batching.max_batch_tokens)
 
 
-def clamp(limits: BatchLimits, batching: spec_mod.BatchingSpec) -> BatchLimits:
+def clamp(limits: BatchLimits, batching: spec_mod.BatchingBounds) -> BatchLimits:
     """Within the spec's bounds, and with a token budget that covers one token per running sequence."""
     size = min(batching.max_max_batch_size, max(batching.min_max_batch_size, limits.max_batch_size))
     tokens = min(batching.max_max_batch_tokens, max(batching.min_max_batch_tokens, limits.max_batch_tokens, size))

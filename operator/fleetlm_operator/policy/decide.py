@@ -13,7 +13,7 @@ from __future__ import annotations
 
 import dataclasses
 
-from fleetlm_operator.policy import batching, costcurve, replicas, shedding, startup
+from fleetlm_operator.policy import batching, costcurve, replicas, shedding, slo, startup
 from fleetlm_operator.policy import spec as spec_mod
 from fleetlm_operator.policy import state as state_mod
 from fleetlm_operator.policy import window as window_mod
@@ -80,7 +80,7 @@ def decide(
         settling=settling,
     )
     limits = batch.limits
-    assessment = window_mod.assess(window, spec=spec, ignore_classes=state.shed_classes)
+    assessment = slo.assess(window, spec=spec, ignore_classes=state.shed_classes)
     demand = replicas.estimate_demand(window, tuning=tuning, shed_classes=state.shed_classes)
     rep = replicas.decide_replicas(
         policy_input,

@@ -24,6 +24,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from fleetlm_operator.policy import slo
 from fleetlm_operator.policy import spec as spec_mod
 from fleetlm_operator.policy import startup as startup_mod
 from fleetlm_operator.policy import state as state_mod
@@ -185,7 +186,7 @@ def decide_replicas(
     window: window_mod.ObservedWindow,
     *,
     demand: Demand | None,
-    assessment: window_mod.SLOAssessment,
+    assessment: slo.SLOAssessment,
     max_batch_size: int,
     recommendations: tuple[state_mod.Recommendation, ...],
     history_start_s: float | None,
@@ -194,64 +195,159 @@ def decide_replicas(
     loading: startup_mod.Loading | None = None,
     surge: state_mod.Surge | None = None,
 ) -> ReplicaDecision:
+    """Bounds first, then hold on missing data, then up (fast), else down (slowly) or hold; each step below."""
     spec = policy_input.spec
-    tuning = spec.tuning
-    current = policy_input.current_replicas
-    starting = policy_input.starting_replicas
     if loading is None:
-        loading = startup_mod.Loading(on_the_way=starting, stuck=0, oldest_s=None, limit_s=math.inf)
-    on_the_way, stuck = loading.on_the_way, loading.stuck
-    low, high = spec.min_replicas, spec.max_replicas
+        loading = startup_mod.Loading(
+            on_the_way=policy_input.starting_replicas, stuck=0, oldest_s=None, limit_s=math.inf
+        )
+    tick = _tick(policy_input, recommendations=recommendations, history_start_s=history_start_s, now=now, surge=surge)
+    bounded = _outside_bounds(tick)
+    if bounded is not None:
+        return bounded
+    if demand is None:
+        why = window.reason or "queue gauges absent"
+        return tick.result(
+            tick.current,
+            tick.current,
+            None,
+            None,
+            f"replicas: hold {tick.current}, no usable metrics ({why}); never scale down on missing data",
+        )
+    sizing = _size(policy_input, window, demand, loading=loading, max_batch_size=max_batch_size)
+    up = _scale_up(tick, sizing, assessment)
+    if up is not None:
+        return up
+    blockers = _scale_down_blockers(
+        window, policy_input.starting_replicas, shedding=shedding, assessment=assessment, sizing=sizing
+    )
+    if blockers:
+        # A tick that could not justify a scale-down records no work, which blocks scale-down until it has
+        # left the stabilization window.
+        return tick.result(
+            tick.current,
+            tick.current,
+            sizing.wanted,
+            None,
+            f"replicas: hold {tick.current}: {sizing.text}; no scale-down: {', '.join(blockers)}",
+        )
+    floor = max(spec.min_replicas, 1)
+    rec = max(floor, min(tick.current, sizing.wanted))
+    if tick.current <= floor:
+        return tick.result(
+            tick.current,
+            rec,
+            sizing.wanted,
+            sizing.work_slots,
+            f"replicas: hold {tick.current} at min {floor}: {sizing.text}",
+        )
+    released = _release_surge(tick, sizing, rec=rec, floor=floor)
+    if released is not None:
+        return released
+    return _scale_down(tick, sizing, rec=rec, assessment=assessment)
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Tick:
+    """Where the fleet stands for one decision, and how to record its outcome."""
+
+    spec: spec_mod.PolicySpec
+    current: int
+    now: float
+    history: tuple[state_mod.Recommendation, ...]  # the recommendations still inside the longest window
+    start_s: float  # since when the history covers the fleet
+    surge: state_mod.Surge | None  # the surge still under way, if any
+
+    def result(
+        self, replicas: int, rec: int | None, wanted: int | None, work_slots: float | None, *reasons: str
+    ) -> ReplicaDecision:
+        recorded = self.history
+        if rec is not None:
+            recorded = (*self.history, state_mod.Recommendation(at_s=self.now, replicas=rec, work=work_slots))
+        kept = self.surge
+        if replicas > self.current:
+            # A scale-up starts a surge, or extends the one under way (keeping its base).
+            base = min(self.current, self.surge.base) if self.surge is not None else self.current
+            kept = state_mod.Surge(at_s=self.now, base=base, work=work_slots if work_slots is not None else 0.0)
+        elif kept is not None and replicas <= kept.base:
+            kept = None
+        return ReplicaDecision(
+            replicas, rec, wanted, reasons, recorded[-state_mod.MAX_RECOMMENDATIONS :], self.start_s, kept
+        )
+
+
+def _tick(
+    policy_input: spec_mod.PolicyInput,
+    *,
+    recommendations: tuple[state_mod.Recommendation, ...],
+    history_start_s: float | None,
+    now: float,
+    surge: state_mod.Surge | None,
+) -> _Tick:
+    spec = policy_input.spec
+    current = policy_input.current_replicas
     horizon_s = max(spec.scale_up_stabilization_s, spec.scale_down_stabilization_s) + spec.interval_s
     history = tuple(r for r in recommendations if r.at_s >= now - horizon_s)[-state_mod.MAX_RECOMMENDATIONS :]
-    start_s = now if history_start_s is None else min(history_start_s, now)
     # A surge lasts while its pods are still above the base and younger than the scale-down window; after
     # that the ordinary scale-down rule governs them.
     if surge is not None and (current <= surge.base or now - surge.at_s >= spec.scale_down_stabilization_s):
         surge = None
+    return _Tick(
+        spec=spec,
+        current=current,
+        now=now,
+        history=history,
+        start_s=now if history_start_s is None else min(history_start_s, now),
+        surge=surge,
+    )
 
-    def result(
-        replicas: int, rec: int | None, wanted: int | None, work_slots: float | None, *reasons: str
-    ) -> ReplicaDecision:
-        recorded = history
-        if rec is not None:
-            recorded = (*history, state_mod.Recommendation(at_s=now, replicas=rec, work=work_slots))
-        kept = surge
-        if replicas > current:
-            # A scale-up starts a surge, or extends the one under way (keeping its base).
-            base = min(current, surge.base) if surge is not None else current
-            kept = state_mod.Surge(at_s=now, base=base, work=work_slots if work_slots is not None else 0.0)
-        elif kept is not None and replicas <= kept.base:
-            kept = None
-        return ReplicaDecision(
-            replicas, rec, wanted, reasons, recorded[-state_mod.MAX_RECOMMENDATIONS :], start_s, kept
-        )
 
+def _outside_bounds(tick: _Tick) -> ReplicaDecision | None:
+    """Autoscaling off, a count outside the spec's bounds, or a parked service: decided without metrics."""
+    spec, current = tick.spec, tick.current
+    low, high = spec.min_replicas, spec.max_replicas
     if not spec.autoscaling:
-        return result(current, None, None, None, f"replicas: autoscaling off, {current} as set through /scale")
+        return tick.result(current, None, None, None, f"replicas: autoscaling off, {current} as set through /scale")
     if current < low:
-        return result(low, None, None, None, f"replicas: {current} -> {low}, below spec min {low}")
+        return tick.result(low, None, None, None, f"replicas: {current} -> {low}, below spec min {low}")
     if current > high:
-        return result(high, None, None, None, f"replicas: {current} -> {high}, above spec max {high}")
+        return tick.result(high, None, None, None, f"replicas: {current} -> {high}, above spec max {high}")
     if current == 0:
-        return result(
+        return tick.result(
             0, None, None, None, "replicas: 0, the service is parked (min 0); the tuner does not scale up from 0"
         )
-    floor = max(low, 1)
+    return None
 
-    if demand is None:
-        why = window.reason or "queue gauges absent"
-        return result(
-            current,
-            current,
-            None,
-            None,
-            f"replicas: hold {current}, no usable metrics ({why}); never scale down on missing data",
-        )
 
-    work_slots = work(demand, tuning=tuning)
-    wanted = wanted_replicas(demand, max_batch_size=max_batch_size, tuning=tuning)
-    limits = band(max_batch_size=max_batch_size, tuning=tuning)
+@dataclasses.dataclass(frozen=True, slots=True)
+class _Sizing:
+    """The demand projected onto the fleet as it is, pods on their way included."""
+
+    work_slots: float  # the demand's work, recorded with the recommendation
+    wanted: int  # replicas at the band's target for the whole demand
+    ask: int  # replicas the demand asks for with the backlog weighed by who can drain it
+    limits: Band
+    max_batch_size: int
+    tuning: spec_mod.Tuning
+    load_now: float  # occupancy of the counted replicas
+    on_the_way: int  # pods loading, counted as capacity
+    unmeasured: int  # pods ready but not measured over a window yet
+    waiting: float  # requests waiting per pod
+    text: str  # the demand, for the reasons
+
+
+def _size(
+    policy_input: spec_mod.PolicyInput,
+    window: window_mod.ObservedWindow,
+    demand: Demand,
+    *,
+    loading: startup_mod.Loading,
+    max_batch_size: int,
+) -> _Sizing:
+    spec = policy_input.spec
+    tuning = spec.tuning
+    current = policy_input.current_replicas
+    on_the_way, stuck = loading.on_the_way, loading.stuck
     # Projected onto every pod asked for, those still loading included: their capacity is on its way.
     # While some load, or have just turned ready and were not measured over a window yet, the backlog is
     # theirs to drain, so only the arrival rate (demand they will not serve) may ask for more; pods
@@ -270,8 +366,6 @@ def decide_replicas(
     sizing = dataclasses.replace(demand, slots=demand.concurrency_slots + backlog, backlog_slots=backlog)
     counted = current - stuck
     load_now = occupancy_on(work(sizing, tuning=tuning), replicas=counted, max_batch_size=max_batch_size, tuning=tuning)
-    ask = wanted_replicas(sizing, max_batch_size=max_batch_size, tuning=tuning) + stuck
-    waiting = window.waiting_per_pod or 0.0
     loading_txt = []
     if on_the_way:
         loading_txt.append(f"{on_the_way} loading, backlog left to them")
@@ -279,47 +373,71 @@ def decide_replicas(
         loading_txt.append(f"{unmeasured} just ready, backlog left to them")
     if stuck:
         loading_txt.append(f"{stuck} loading > {loading.limit_s:.0f}s, not counted")
-    demand_txt = (
-        f"demand {sizing.slots:.0f} slots ({demand.basis}; backlog {sizing.backlog_slots:.0f}) fills "
-        f"{max_batch_size}-seq batches {load_now:.0%} on {counted} replicas"
-        + (f" ({'; '.join(loading_txt)})" if loading_txt else "")
+    return _Sizing(
+        work_slots=work(demand, tuning=tuning),
+        wanted=wanted_replicas(demand, max_batch_size=max_batch_size, tuning=tuning),
+        ask=wanted_replicas(sizing, max_batch_size=max_batch_size, tuning=tuning) + stuck,
+        limits=band(max_batch_size=max_batch_size, tuning=tuning),
+        max_batch_size=max_batch_size,
+        tuning=tuning,
+        load_now=load_now,
+        on_the_way=on_the_way,
+        unmeasured=unmeasured,
+        waiting=window.waiting_per_pod or 0.0,
+        text=(
+            f"demand {sizing.slots:.0f} slots ({demand.basis}; backlog {sizing.backlog_slots:.0f}) fills "
+            f"{max_batch_size}-seq batches {load_now:.0%} on {counted} replicas"
+            + (f" ({'; '.join(loading_txt)})" if loading_txt else "")
+        ),
     )
 
-    up: int | None = None
-    why_up = ""
-    if load_now > limits.up:
-        up = max(ask, current + 1)
-        why_up = f"{demand_txt} > {limits.up:.0%}"
+
+def _scale_up(tick: _Tick, sizing: _Sizing, assessment: slo.SLOAssessment) -> ReplicaDecision | None:
+    """Up when the demand would fill the fleet past the band, or the SLO is missed under load; capped per
+    step and held for the scale-up stabilization. None: no reason to scale up."""
+    spec, current, tuning = tick.spec, tick.current, sizing.tuning
+    if sizing.load_now > sizing.limits.up:
+        why_up = f"{sizing.text} > {sizing.limits.up:.0%}"
     elif (
         assessment.met is False
-        and on_the_way == 0
-        and unmeasured == 0  # a miss from before the new pods served says nothing of the fleet they make
-        and (waiting > tuning.short_queue_per_pod or load_now >= limits.target)
+        and sizing.on_the_way == 0
+        and sizing.unmeasured == 0  # a miss from before the new pods served says nothing of the fleet they make
+        and (sizing.waiting > tuning.short_queue_per_pod or sizing.load_now >= sizing.limits.target)
     ):
-        up = max(ask, current + 1)
-        why_up = f"SLO missed under load ({assessment.detail}); {demand_txt}"
+        why_up = f"SLO missed under load ({assessment.detail}); {sizing.text}"
+    else:
+        return None
+    up = max(sizing.ask, current + 1)
+    high = spec.max_replicas
+    cap = max(math.ceil(current * tuning.max_scale_up_factor), current + tuning.max_scale_up_min_step)
+    rec = min(high, up, cap)
+    wanted, work_slots = sizing.wanted, sizing.work_slots
+    if rec <= current:
+        return tick.result(current, current, wanted, work_slots, f"replicas: hold {current} at spec max; {why_up}")
+    in_window = [r.replicas for r in tick.history if r.at_s > tick.now - spec.scale_up_stabilization_s]
+    target = min([*in_window, rec])
+    if target <= current:
+        return tick.result(
+            current,
+            rec,
+            wanted,
+            work_slots,
+            f"replicas: hold {current}, scale-up to {rec} waits for {spec.scale_up_stabilization_s:.0f}s "
+            f"stabilization; {why_up}",
+        )
+    capped = " (step cap)" if rec == cap and cap < min(high, up) else ""
+    return tick.result(target, rec, wanted, work_slots, f"replicas: scale up {current} -> {target}{capped}: {why_up}")
 
-    if up is not None:
-        cap = max(math.ceil(current * tuning.max_scale_up_factor), current + tuning.max_scale_up_min_step)
-        rec = min(high, up, cap)
-        if rec <= current:
-            return result(current, current, wanted, work_slots, f"replicas: hold {current} at spec max; {why_up}")
-        in_window = [r.replicas for r in history if r.at_s > now - spec.scale_up_stabilization_s]
-        target = min([*in_window, rec])
-        if target <= current:
-            return result(
-                current,
-                rec,
-                wanted,
-                work_slots,
-                f"replicas: hold {current}, scale-up to {rec} waits for {spec.scale_up_stabilization_s:.0f}s "
-                f"stabilization; {why_up}",
-            )
-        capped = " (step cap)" if rec == cap and cap < min(high, up) else ""
-        return result(target, rec, wanted, work_slots, f"replicas: scale up {current} -> {target}{capped}: {why_up}")
 
-    # Down, or hold. A tick that could not justify a scale-down records no work, which blocks scale-down
-    # until it has left the stabilization window.
+def _scale_down_blockers(
+    window: window_mod.ObservedWindow,
+    starting: int,
+    *,
+    shedding: bool,
+    assessment: slo.SLOAssessment,
+    sizing: _Sizing,
+) -> list[str]:
+    """Why this tick may not scale down (empty: it may)."""
     blockers: list[str] = []
     if not window.complete:
         blockers.append(f"incomplete metrics ({window.reason})")
@@ -329,63 +447,67 @@ def decide_replicas(
         blockers.append("shedding")
     if not assessment.headroom:
         blockers.append(f"no latency headroom ({assessment.detail})")
-    if waiting > tuning.short_queue_per_pod:
-        blockers.append(f"{waiting:.1f} waiting/pod")
-    if blockers:
-        return result(
-            current,
-            current,
-            wanted,
-            None,
-            f"replicas: hold {current}: {demand_txt}; no scale-down: {', '.join(blockers)}",
-        )
-    rec = max(floor, min(current, wanted))
-    if current <= floor:
-        return result(current, rec, wanted, work_slots, f"replicas: hold {current} at min {floor}: {demand_txt}")
+    if sizing.waiting > sizing.tuning.short_queue_per_pod:
+        blockers.append(f"{sizing.waiting:.1f} waiting/pod")
+    return blockers
 
-    if surge is not None:
-        # Burst release: the ticks since the surge's latest scale-up (that tick itself measured the burst)
-        # are all clean, and even their peak work would fill fewer pods at most to the band's target if
-        # they are the fleet from before the surge (a size already in steady use), else at most to the
-        # scale-down threshold (where the ordinary rule would land too).
-        # Giving those pods back now, not a stabilization window later, is what keeps a burst every few
-        # minutes from holding the burst's fleet for good. Steady load never triggers it: a scale-up on
-        # noise sees about the same work afterwards, not `release_drop` of it, and without a recent
-        # scale-up there is no surge. The cost is the next burst's onset, served by the smaller fleet
-        # until new pods are ready: a service that cannot afford that sets a longer window's worth of
-        # min replicas, or turns release off with a release_drop near 0.
-        needed = max(1, tuning.release_intervals) - 1
-        since = [r for r in history if r.at_s > surge.at_s][-needed:] if needed else []
-        works = [work_slots, *(r.work for r in since if r.work is not None)]
-        # Only once the demand has fallen well below what asked for the surge: a scale-up on noise at
-        # steady load sees about the same work afterwards, and giving its pod back would cycle.
-        if len(works) == needed + 1 and max(works) <= tuning.release_drop * surge.work:
-            peak = max(works)
-            low_end = max(floor, surge.base)
-            fits = [
-                n
-                for n in range(low_end, current)
-                if occupancy_on(peak, replicas=n, max_batch_size=max_batch_size, tuning=tuning)
-                <= (limits.target if n == surge.base else limits.down)
-            ]
-            if fits:
-                back = fits[0]
-                load = occupancy_on(peak, replicas=back, max_batch_size=max_batch_size, tuning=tuning)
-                return result(
-                    back,
-                    rec,
-                    wanted,
-                    work_slots,
-                    f"replicas: release {current} -> {back}, the surge since {surge.at_s:.0f}s is over (work "
-                    f"{peak:.0f} <= {tuning.release_drop:.0%} of its {surge.work:.0f}): "
-                    f"{back} replicas would run {load:.0%} full at the peak of the {len(since) + 1} clean "
-                    f"tick(s) since (<= {limits.target if back == surge.base else limits.down:.0%}; "
-                    f"not below {low_end}); {demand_txt}",
-                )
 
-    covered_s = now - start_s
+def _release_surge(tick: _Tick, sizing: _Sizing, *, rec: int, floor: int) -> ReplicaDecision | None:
+    """Burst release: the ticks since the surge's latest scale-up (that tick itself measured the burst)
+    are all clean, and even their peak work would fill fewer pods at most to the band's target if they
+    are the fleet from before the surge (a size already in steady use), else at most to the scale-down
+    threshold (where the ordinary rule would land too). None: no surge to release.
+
+    Giving those pods back now, not a stabilization window later, is what keeps a burst every few minutes
+    from holding the burst's fleet for good. Steady load never triggers it: a scale-up on noise sees about
+    the same work afterwards, not `release_drop` of it, and without a recent scale-up there is no surge.
+    The cost is the next burst's onset, served by the smaller fleet until new pods are ready: a service
+    that cannot afford that sets a longer window's worth of min replicas, or turns release off with a
+    release_drop near 0.
+    """
+    surge, current, tuning, limits = tick.surge, tick.current, sizing.tuning, sizing.limits
+    if surge is None:
+        return None
+    needed = max(1, tuning.release_intervals) - 1
+    since = [r for r in tick.history if r.at_s > surge.at_s][-needed:] if needed else []
+    works = [sizing.work_slots, *(r.work for r in since if r.work is not None)]
+    # Only once the demand has fallen well below what asked for the surge: a scale-up on noise at
+    # steady load sees about the same work afterwards, and giving its pod back would cycle.
+    if len(works) != needed + 1 or max(works) > tuning.release_drop * surge.work:
+        return None
+    peak = max(works)
+    low_end = max(floor, surge.base)
+    fits = [
+        n
+        for n in range(low_end, current)
+        if occupancy_on(peak, replicas=n, max_batch_size=sizing.max_batch_size, tuning=tuning)
+        <= (limits.target if n == surge.base else limits.down)
+    ]
+    if not fits:
+        return None
+    back = fits[0]
+    load = occupancy_on(peak, replicas=back, max_batch_size=sizing.max_batch_size, tuning=tuning)
+    return tick.result(
+        back,
+        rec,
+        sizing.wanted,
+        sizing.work_slots,
+        f"replicas: release {current} -> {back}, the surge since {surge.at_s:.0f}s is over (work "
+        f"{peak:.0f} <= {tuning.release_drop:.0%} of its {surge.work:.0f}): "
+        f"{back} replicas would run {load:.0%} full at the peak of the {len(since) + 1} clean "
+        f"tick(s) since (<= {limits.target if back == surge.base else limits.down:.0%}; "
+        f"not below {low_end}); {sizing.text}",
+    )
+
+
+def _scale_down(tick: _Tick, sizing: _Sizing, *, rec: int, assessment: slo.SLOAssessment) -> ReplicaDecision:
+    """One replica fewer when the whole scale-down window was clean and its average work would fill the
+    smaller fleet at most to the band's lower threshold (and its peak not past the upper); else hold."""
+    spec, current, now = tick.spec, tick.current, tick.now
+    wanted, work_slots, limits, demand_txt = sizing.wanted, sizing.work_slots, sizing.limits, sizing.text
+    covered_s = now - tick.start_s
     if covered_s < spec.scale_down_stabilization_s:
-        return result(
+        return tick.result(
             current,
             rec,
             wanted,
@@ -393,10 +515,10 @@ def decide_replicas(
             f"replicas: hold {current}, only {covered_s:.0f}s of history < {spec.scale_down_stabilization_s:.0f}s "
             f"stabilization; {demand_txt}",
         )
-    in_window = [r for r in history if r.at_s > now - spec.scale_down_stabilization_s]
+    in_window = [r for r in tick.history if r.at_s > now - spec.scale_down_stabilization_s]
     blocked = sum(1 for r in in_window if r.work is None)
     if blocked:
-        return result(
+        return tick.result(
             current,
             rec,
             wanted,
@@ -406,10 +528,11 @@ def decide_replicas(
         )
     works = [*(r.work for r in in_window if r.work is not None), work_slots]
     fewer = current - 1
-    mean_load = occupancy_on(sum(works) / len(works), replicas=fewer, max_batch_size=max_batch_size, tuning=tuning)
-    peak_load = occupancy_on(max(works), replicas=fewer, max_batch_size=max_batch_size, tuning=tuning)
+    size, tuning = sizing.max_batch_size, sizing.tuning
+    mean_load = occupancy_on(sum(works) / len(works), replicas=fewer, max_batch_size=size, tuning=tuning)
+    peak_load = occupancy_on(max(works), replicas=fewer, max_batch_size=size, tuning=tuning)
     if mean_load > limits.down or peak_load > limits.up:
-        return result(
+        return tick.result(
             current,
             rec,
             wanted,
@@ -418,7 +541,7 @@ def decide_replicas(
             f"{spec.scale_down_stabilization_s:.0f}s (scale down at <= {limits.down:.0%}), "
             f"{peak_load:.0%} at peak; {demand_txt}",
         )
-    return result(
+    return tick.result(
         fewer,
         rec,
         wanted,

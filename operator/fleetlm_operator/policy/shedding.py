@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 
+from fleetlm_operator.policy import slo
 from fleetlm_operator.policy import spec as spec_mod
 from fleetlm_operator.policy import window as window_mod
 
@@ -32,7 +33,7 @@ def decide_shedding(
     ready_replicas: int,
     wanted: int | None,
     load_at_max_with_shed: float | None,
-    assessment: window_mod.SLOAssessment,
+    assessment: slo.SLOAssessment,
     shed: tuple[str, ...],
     changed_s: float | None,
     clear_since_s: float | None,

@@ -14,7 +14,7 @@ import math
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ClassSpec:
-    """One QoS class as the policy sees it. Unset targets fall back to `SLOSpec`."""
+    """One QoS class as the policy sees it. Unset targets fall back to `SLOTargets`."""
 
     name: str
     priority: int = 0  # lower runs sooner; among sheddable classes the highest number is shed first
@@ -24,7 +24,7 @@ class ClassSpec:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class SLOSpec:
+class SLOTargets:
     """Latency targets at a percentile; `attainment_target` is the fraction of requests that must meet them."""
 
     ttft_s: float | None = None
@@ -51,7 +51,7 @@ class SLOSpec:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
-class BatchingSpec:
+class BatchingBounds:
     """Where the batch limits start and the bounds the tuner may move them within."""
 
     max_batch_size: int = 32
@@ -183,10 +183,10 @@ class Tuning:
 class PolicySpec:
     """Everything of the LLMService spec that the tuning law reads."""
 
-    slo: SLOSpec
+    slo: SLOTargets
     min_replicas: int = 1
     max_replicas: int = 1
-    batching: BatchingSpec = dataclasses.field(default_factory=BatchingSpec)
+    batching: BatchingBounds = dataclasses.field(default_factory=BatchingBounds)
     classes: tuple[ClassSpec, ...] = ()
     interval_s: float = 15.0
     scale_up_stabilization_s: float = 0.0

@@ -1,124 +1,32 @@
-"""Metrics-window maths: two scrapes of the fleet (or Prometheus increases) -> one `ObservedWindow`.
+"""Window building: two scrapes of the fleet (or Prometheus increases) -> one `ObservedWindow`.
 
-Percentiles come from histogram bucket *deltas* summed over pods and interpolated the way Prometheus'
-`histogram_quantile` does; SLO attainment is the fraction of observations under a target, interpolated
-inside its bucket like `histogram_fraction`. Counter resets (a restarted pod) count from zero, as
-Prometheus' `increase()` does. This module decides nothing about replicas or batches, and it must never
-turn missing data into zero: a series that is absent, stale or without a baseline stays `None` and the
-window says why (`complete=False`, `reason`). It reads no clock (`now_s` is a parameter) and does no I/O.
+Percentiles and SLO attainment come from histogram bucket *deltas* summed over pods (the maths is in
+`histogram`); whether the window met the SLO is `slo.assess`'s to judge. Counter resets (a restarted
+pod) count from zero, as Prometheus' `increase()` does. This module decides nothing about replicas or
+batches, and it must never turn missing data into zero: a series that is absent, stale or without a
+baseline stays `None` and the window says why (`complete=False`, `reason`). It reads no clock (`now_s`
+is a parameter) and does no I/O.
 """
 
 from __future__ import annotations
 
 import dataclasses
 import math
-from collections.abc import Collection, Iterable, Mapping
+from collections.abc import Collection, Mapping
 
 from fleetlm_operator.policy import spec as spec_mod
+from fleetlm_operator.policy.histogram import (
+    Histogram,
+    add_per_class,
+    histogram_fraction_at_most,
+    histogram_quantile,
+    merge,
+    per_class_deltas,
+)
 
 # PodSample fields whose absence makes a pod's data partial. GPU utilization is legitimately absent on
 # CPU pods and service time is optional: neither makes a window incomplete.
 REQUIRED_FIELDS = frozenset({"running", "waiting", "kv_usage", "ttft", "tpot", "finished"})
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class Histogram:
-    """A classic Prometheus histogram: cumulative counts at finite upper bounds, plus +Inf (`count`)."""
-
-    bounds: tuple[float, ...]  # finite `le` bounds, ascending
-    cumulative: tuple[float, ...]  # observations <= each bound
-    count: float  # all observations (the +Inf bucket)
-    sum: float
-
-    def __post_init__(self) -> None:
-        if len(self.bounds) != len(self.cumulative):
-            raise ValueError("bounds and cumulative counts must have the same length")
-        if any(b >= a for a, b in zip(self.bounds[1:], self.bounds, strict=False)):
-            raise ValueError("histogram bounds must be strictly ascending")
-
-    @classmethod
-    def empty(cls, bounds: Iterable[float]) -> Histogram:
-        bounds_t = tuple(bounds)
-        return cls(bounds=bounds_t, cumulative=(0.0,) * len(bounds_t), count=0.0, sum=0.0)
-
-    def minus(self, earlier: Histogram) -> Histogram | None:
-        """The observations made since `earlier`; None when the two cannot be subtracted (reset, new bounds)."""
-        if earlier.bounds != self.bounds:
-            return None
-        cumulative = tuple(a - b for a, b in zip(self.cumulative, earlier.cumulative, strict=True))
-        count = self.count - earlier.count
-        if count < 0 or any(c < 0 for c in cumulative):
-            return None
-        return Histogram(bounds=self.bounds, cumulative=cumulative, count=count, sum=self.sum - earlier.sum)
-
-    def plus(self, other: Histogram) -> Histogram:
-        if other.bounds != self.bounds:
-            raise ValueError("cannot add histograms with different bounds")
-        cumulative = tuple(a + b for a, b in zip(self.cumulative, other.cumulative, strict=True))
-        return Histogram(
-            bounds=self.bounds, cumulative=cumulative, count=self.count + other.count, sum=self.sum + other.sum
-        )
-
-    @property
-    def mean(self) -> float | None:
-        return self.sum / self.count if self.count > 0 else None
-
-
-def histogram_quantile(q: float, hist: Histogram) -> float | None:
-    """Prometheus' `histogram_quantile` on one classic histogram; None where Prometheus gives NaN.
-
-    Linear interpolation inside the bucket holding rank q*count; the lowest bucket starts at 0; a rank
-    in the +Inf bucket answers the highest finite bound. Cumulative counts are made monotonic first.
-    """
-    if not 0.0 < q < 1.0:
-        raise ValueError(f"quantile must lie strictly between 0 and 1, got {q}")
-    if hist.count <= 0 or not hist.bounds:
-        return None
-    cumulative = _monotonic(hist.cumulative, hist.count)
-    rank = q * hist.count
-    index = next((i for i, c in enumerate(cumulative) if c >= rank), len(cumulative))
-    if index == len(hist.bounds):
-        return hist.bounds[-1]
-    if index == 0 and hist.bounds[0] <= 0:
-        return hist.bounds[0]
-    start = 0.0 if index == 0 else hist.bounds[index - 1]
-    end = hist.bounds[index]
-    before = 0.0 if index == 0 else cumulative[index - 1]
-    in_bucket = cumulative[index] - before
-    return start + (end - start) * ((rank - before) / in_bucket)
-
-
-def histogram_fraction_at_most(limit: float, hist: Histogram) -> float | None:
-    """Fraction of observations <= `limit` (Prometheus' `histogram_fraction(0, limit)`), or None if empty.
-
-    Inside a bucket the observations are taken as spread evenly; observations in the +Inf bucket count
-    as above any limit past the highest finite bound (the conservative reading for an SLO).
-    """
-    if hist.count <= 0:
-        return None
-    if limit <= 0:
-        return 0.0
-    if not hist.bounds:
-        return 0.0
-    cumulative = _monotonic(hist.cumulative, hist.count)
-    if limit >= hist.bounds[-1]:
-        return cumulative[-1] / hist.count
-    index = next(i for i, b in enumerate(hist.bounds) if b >= limit)
-    lower = 0.0 if index == 0 else hist.bounds[index - 1]
-    below = 0.0 if index == 0 else cumulative[index - 1]
-    upper = hist.bounds[index]
-    inside = (limit - lower) / (upper - lower) if upper > lower else 1.0
-    return (below + inside * (cumulative[index] - below)) / hist.count
-
-
-def _monotonic(cumulative: tuple[float, ...], count: float) -> list[float]:
-    # Float sums across pods can leave a bucket a hair below the one before; Prometheus evens that out too.
-    out: list[float] = []
-    highest = 0.0
-    for value in cumulative:
-        highest = max(highest, value)
-        out.append(min(highest, count))
-    return out
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -332,9 +240,9 @@ def build(
     for name in sorted(names):
         classes[name] = _class_window(name, increases, gauges, spec=spec, quantile=quantile)
 
-    ttft_all = _merge(increases.ttft_by_class.values()) if increases is not None else None
-    tpot_all = _merge(increases.tpot_by_class.values()) if increases is not None else None
-    service_all = _merge(increases.service_by_class.values()) if increases is not None else None
+    ttft_all = merge(increases.ttft_by_class.values()) if increases is not None else None
+    tpot_all = merge(increases.tpot_by_class.values()) if increases is not None else None
+    service_all = merge(increases.service_by_class.values()) if increases is not None else None
 
     def weighted_mean(pairs: list[tuple[float, float | None]]) -> float | None:
         known = [(w, v) for w, v in pairs if v is not None and w > 0]
@@ -431,44 +339,6 @@ def _class_window(
     )
 
 
-def _merge(hists: Iterable[Histogram]) -> Histogram | None:
-    total: Histogram | None = None
-    for hist in hists:
-        if total is None:
-            total = hist
-        elif hist.bounds == total.bounds:
-            total = total.plus(hist)
-    return total
-
-
-def _add_hists(into: dict[str, Histogram], delta: Mapping[str, Histogram]) -> bool:
-    """Add per-class deltas; False when bounds disagree with what is already there."""
-    for name, hist in delta.items():
-        held = into.get(name)
-        if held is None:
-            into[name] = hist
-        elif held.bounds != hist.bounds:
-            return False
-        else:
-            into[name] = held.plus(hist)
-    return True
-
-
-def _hist_deltas(now: Mapping[str, Histogram], before: Mapping[str, Histogram] | None) -> dict[str, Histogram] | None:
-    """Per-class growth; a class absent before started at zero. None when any series went backwards."""
-    out: dict[str, Histogram] = {}
-    for name, hist in now.items():
-        earlier = None if before is None else before.get(name)
-        if earlier is None:
-            out[name] = hist
-            continue
-        delta = hist.minus(earlier)
-        if delta is None:
-            return None
-        out[name] = delta
-    return out
-
-
 def _counter_deltas(now: Mapping[str, float], before: Mapping[str, float] | None) -> dict[str, float] | None:
     out: dict[str, float] = {}
     for name, value in now.items():
@@ -487,9 +357,9 @@ def _restarted(before: PodSample, now: PodSample) -> bool:
     ):
         return True
     return (
-        _hist_deltas(now.ttft_by_class, before.ttft_by_class) is None
-        or _hist_deltas(now.tpot_by_class, before.tpot_by_class) is None
-        or _hist_deltas(now.service_by_class, before.service_by_class) is None
+        per_class_deltas(now.ttft_by_class, before.ttft_by_class) is None
+        or per_class_deltas(now.tpot_by_class, before.tpot_by_class) is None
+        or per_class_deltas(now.service_by_class, before.service_by_class) is None
         or _counter_deltas(now.finished_by_class, before.finished_by_class) is None
         or _counter_deltas(now.rejected_by_class, before.rejected_by_class) is None
     )
@@ -579,9 +449,9 @@ def from_scrapes(
             before = PodSample(pod=sample.pod, scraped_at_s=started)  # born inside the window: all of it is new
         span_s = sample.scraped_at_s - before.scraped_at_s
         deltas = (
-            _hist_deltas(sample.ttft_by_class, before.ttft_by_class),
-            _hist_deltas(sample.tpot_by_class, before.tpot_by_class),
-            _hist_deltas(sample.service_by_class, before.service_by_class),
+            per_class_deltas(sample.ttft_by_class, before.ttft_by_class),
+            per_class_deltas(sample.tpot_by_class, before.tpot_by_class),
+            per_class_deltas(sample.service_by_class, before.service_by_class),
         )
         finished = _counter_deltas(sample.finished_by_class, before.finished_by_class)
         rejected = _counter_deltas(sample.rejected_by_class, before.rejected_by_class)
@@ -589,7 +459,7 @@ def from_scrapes(
             no_baseline.append(sample.pod)
             continue
         ttft_d, tpot_d, service_d = (d or {} for d in deltas)
-        if not (_add_hists(ttft, ttft_d) and _add_hists(tpot, tpot_d) and _add_hists(service, service_d)):
+        if not (add_per_class(ttft, ttft_d) and add_per_class(tpot, tpot_d) and add_per_class(service, service_d)):
             mismatched.append(sample.pod)
             continue
         for name, value in finished.items():
@@ -657,84 +527,3 @@ def _gauges(samples: list[PodSample]) -> Gauges:
         kv_usage_max=max(kv) if kv else None,
         gpu_utilization=sum(gpu) / len(gpu) if gpu else None,
     )
-
-
-@dataclasses.dataclass(frozen=True, slots=True)
-class SLOAssessment:
-    """Whether the window met the SLO, judged only where enough requests were seen."""
-
-    met: bool | None  # None: too few requests anywhere to judge
-    missed_classes: tuple[str, ...]  # classes (or "*" for the fleet as a whole) below target
-    headroom: bool  # met with room to spare (or too little traffic to matter): scale-down may proceed
-    detail: str
-
-
-def assess(window: ObservedWindow, *, spec: spec_mod.PolicySpec, ignore_classes: Collection[str] = ()) -> SLOAssessment:
-    """Judge the window against the SLO: per class where a class saw enough requests, else the fleet."""
-    tuning = spec.tuning
-    target = spec.slo.target_attainment
-    pct = f"p{spec.slo.percentile:g}"
-    enough = tuning.min_requests_for_latency
-    missed: list[str] = []
-    notes: list[str] = []
-    judged = False
-    for name, cls in sorted(window.classes.items()):
-        if name in ignore_classes or cls.num_requests < enough:
-            continue
-        judged = True
-        for metric, value in (("TTFT", cls.ttft_attainment), ("TPOT", cls.tpot_attainment)):
-            if value is not None and value < target:
-                missed.append(name)
-                notes.append(f"{name}: {metric} attainment {value:.1%} < {target:.0%}")
-                break
-    fleet_requests = sum(c.num_requests for n, c in window.classes.items() if n not in ignore_classes)
-    if not judged and fleet_requests >= enough and not ignore_classes:
-        # Classes too thin to judge one by one: judge the fleet against the service's targets.
-        judged = True
-        for metric, value, target_s in (
-            ("TTFT", window.ttft_quantile_s, spec.slo.ttft_s),
-            ("TPOT", window.tpot_quantile_s, spec.slo.tpot_s),
-        ):
-            if value is not None and target_s is not None and value > target_s:
-                missed.append("*")
-                notes.append(f"fleet {metric} {pct} {value:.3f}s > {target_s:.3f}s")
-                break
-    headroom = not missed
-    # Clear headroom: attainment with at most a share of the misses the SLO allows, per judged class.
-    floor = 1.0 - (1.0 - target) * tuning.headroom_miss_share
-    if headroom:
-        for name, cls in sorted(window.classes.items()):
-            if name in ignore_classes or cls.num_requests < enough or cls.attainment is None:
-                continue
-            if cls.attainment < floor:
-                headroom = False
-                notes.append(f"{name}: attainment {cls.attainment:.1%} < headroom {floor:.1%}")
-                break
-    if headroom and fleet_requests >= enough:
-        # TPOT by its exact mean: its quantile is read off buckets as wide as the target itself.
-        for metric, value, target_s, factor in (
-            (f"TTFT {pct}", window.ttft_quantile_s, spec.slo.ttft_s, tuning.scale_down_ttft_headroom),
-            ("TPOT mean", window.tpot_mean_s, spec.slo.tpot_s, tuning.scale_down_tpot_headroom),
-        ):
-            if value is not None and target_s is not None and value > factor * target_s:
-                headroom = False
-                notes.append(f"{metric} {value:.3f}s above {factor:g} x target {target_s:.3f}s")
-    if not judged:
-        detail = f"{fleet_requests} requests, too few to judge latency"
-    elif missed:
-        detail = "; ".join(notes)
-    else:
-        parts = [f"TTFT {pct} {_s(window.ttft_quantile_s)}", f"TPOT {pct} {_s(window.tpot_quantile_s)}"]
-        if window.slo_attainment is not None:
-            parts.append(f"attainment {window.slo_attainment:.1%}")
-        detail = ", ".join(parts) + ("" if headroom else " (" + "; ".join(notes) + ")")
-    return SLOAssessment(
-        met=None if not judged else not missed,
-        missed_classes=tuple(dict.fromkeys(missed)),
-        headroom=headroom,
-        detail=detail,
-    )
-
-
-def _s(value: float | None) -> str:
-    return "n/a" if value is None else f"{value:.3f}s"

@@ -8,19 +8,19 @@ that still serves the previous source while a new one fills keeps the service Re
 
 from __future__ import annotations
 
-from fleetlm_operator.api import models, names
+from fleetlm_operator.api import names, status_models
 from fleetlm_operator.status import conditions
 
 _READY_REASONS = {"Pending": "ModelCachePending", "Filling": "ModelCacheFilling", "Failed": "ModelCacheFailed"}
 
 
-def progress_text(cache: models.ModelCacheStatus) -> str:
+def progress_text(cache: status_models.ModelCacheStatus) -> str:
     if cache.bytes_done is not None and cache.bytes_total:
         return f"{cache.bytes_done}/{cache.bytes_total} bytes ({100 * cache.bytes_done // cache.bytes_total}%)"
     return ""
 
 
-def cache_conditions(cache: models.ModelCacheStatus, *, ready_replicas: int) -> list[conditions.Condition]:
+def cache_conditions(cache: status_models.ModelCacheStatus, *, ready_replicas: int) -> list[conditions.Condition]:
     found = [
         conditions.Condition(
             names.ConditionType.MODEL_CACHE_READY,
@@ -42,7 +42,7 @@ def cache_conditions(cache: models.ModelCacheStatus, *, ready_replicas: int) -> 
     return found
 
 
-def phase(rollout_phase: str, cache: models.ModelCacheStatus, *, ready_replicas: int) -> str:
+def phase(rollout_phase: str, cache: status_models.ModelCacheStatus, *, ready_replicas: int) -> str:
     if cache.phase == "Ready" or ready_replicas > 0:
         return rollout_phase if cache.phase != "Failed" else "Degraded"
     return "Failed" if cache.phase == "Failed" else "Pending"

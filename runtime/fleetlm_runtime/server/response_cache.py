@@ -8,7 +8,8 @@ constraint), the request's fields that shape the answer beyond them (`n`, `echo`
 which decide how the text is parsed) and the client's key digest, so
 tenants never share answers (a hit would tell one what another asked). A `Recorder` collects what the
 engine streamed for one request, and yields a `CachedResponse` only for a natural end (stop or length):
-an abort, an error or a cut stream is never stored. No aiohttp here; openai.py replays hits.
+an abort, an error or a cut stream is never stored. No aiohttp here; sse.py replays hits. The store
+itself (bounds, expiry, single-flight) is `caches/response_store.py`.
 """
 
 from __future__ import annotations
@@ -16,7 +17,7 @@ from __future__ import annotations
 import dataclasses
 from typing import Any
 
-from fleetlm_runtime.caches import responses
+from fleetlm_runtime.caches import response_store
 from fleetlm_runtime.engine import outputs
 from fleetlm_runtime.engine import request as request_mod
 from fleetlm_runtime.server import state as state_mod
@@ -43,7 +44,7 @@ def key_for(
 ) -> str | None:
     if state.response_cache is None:
         return None
-    if not responses.is_deterministic(temperature=params.temperature, top_k=params.top_k, seed=params.seed):
+    if not response_store.is_deterministic(temperature=params.temperature, top_k=params.top_k, seed=params.seed):
         return None
     if n != 1 or echo or params.logprobs is not None or params.prompt_logprobs is not None:
         # A stored answer is one choice's text: several choices, logprobs and the echoed prompt are not kept.
@@ -55,7 +56,7 @@ def key_for(
     if extra:  # e.g. tools and tool_choice, which decide how the same text is parsed into the answer
         sampling["extra"] = extra
     model = {"served": state.model_name, **state.config.model.model_dump(mode="json")}
-    return responses.make_key(model=model, prompt_token_ids=prompt_ids, sampling=sampling, salt=salt)
+    return response_store.make_key(model=model, prompt_token_ids=prompt_ids, sampling=sampling, salt=salt)
 
 
 class Recorder:
@@ -72,11 +73,11 @@ class Recorder:
             self.pieces.append(out.text)
         self.last = out
 
-    def result(self, *, num_prompt_tokens: int) -> responses.CachedResponse | None:
+    def result(self, *, num_prompt_tokens: int) -> response_store.CachedResponse | None:
         last = self.last
         if last is None or not last.finished or last.finish_reason not in _CACHEABLE:
             return None
-        return responses.CachedResponse(
+        return response_store.CachedResponse(
             pieces=tuple(self.pieces),
             finish_reason=str(last.finish_reason),
             num_prompt_tokens=num_prompt_tokens,

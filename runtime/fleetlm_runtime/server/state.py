@@ -22,7 +22,7 @@ from fleetlm_runtime import config as config_mod
 from fleetlm_runtime import contract
 from fleetlm_runtime import metrics as metrics_mod
 from fleetlm_runtime import qos as qos_mod
-from fleetlm_runtime.caches import responses
+from fleetlm_runtime.caches import response_store
 from fleetlm_runtime.engine import async_engine, outputs
 from fleetlm_runtime.server import schemas
 
@@ -69,7 +69,7 @@ class ServerState:
     # which a gauge read from the last step would miss. Insertion order is arrival order.
     waiting: dict[str, dict[str, float]] = field(default_factory=dict)
     recent_ttft: qos_mod.RecentTTFT = field(default_factory=qos_mod.RecentTTFT)
-    response_cache: responses.ResponseCache | None = None  # None: switched off
+    response_cache: response_store.ResponseCache | None = None  # None: switched off
     idle: asyncio.Event = field(default_factory=asyncio.Event)
     clock: Callable[[], float] = time.monotonic
     wall_clock: Callable[[], float] = time.time  # the start-up timestamps are unix time, like Prometheus'
@@ -255,11 +255,13 @@ class ServerState:
         return new_config
 
 
-def make_response_cache(cfg: config_mod.RuntimeConfig) -> responses.ResponseCache | None:
+def make_response_cache(cfg: config_mod.RuntimeConfig) -> response_store.ResponseCache | None:
     settings = cfg.caching.response_cache
     if not settings.enabled:
         return None
-    return responses.ResponseCache(max_entries=settings.max_entries, max_bytes=settings.max_bytes, ttl_s=settings.ttl_s)
+    return response_store.ResponseCache(
+        max_entries=settings.max_entries, max_bytes=settings.max_bytes, ttl_s=settings.ttl_s
+    )
 
 
 state_key = web.AppKey("state", ServerState)

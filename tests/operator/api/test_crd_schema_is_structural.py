@@ -12,7 +12,7 @@ from typing import Any
 
 import pytest
 
-from fleetlm_operator.api import crdgen, models, names
+from fleetlm_operator.api import crdgen, models, names, spec_models, status_models
 
 Schema = dict[str, Any]
 
@@ -174,8 +174,8 @@ def _apply_defaults(value: Any, node: Schema) -> Any:
 )
 def test_crd_defaults_equal_model_defaults(root: Schema, spec: dict[str, Any]) -> None:
     defaulted = _apply_defaults(spec, root["properties"]["spec"])
-    from_crd = models.LLMServiceSpec.model_validate(defaulted)
-    from_models = models.LLMServiceSpec.model_validate(spec)
+    from_crd = spec_models.LLMServiceSpec.model_validate(defaulted)
+    from_models = spec_models.LLMServiceSpec.model_validate(spec)
     assert from_crd == from_models
 
 
@@ -191,13 +191,13 @@ def test_cross_field_rules_are_placed_where_their_messages_say(root: Schema) -> 
     def messages_at(json_path: str) -> set[str]:
         return {entry["message"] for entry in node_at(root, json_path).get("x-kubernetes-validations", [])}
 
-    assert models.REPLICAS_MIN_LE_MAX.message in messages_at(".spec.replicas")
-    assert models.REPLICAS_DESIRED_IN_RANGE.message in messages_at(".spec.replicas")
-    assert models.QOS_DEFAULT_CLASS_LISTED.message in messages_at(".spec.qos")
-    assert models.QOS_CLASS_NAMES_UNIQUE.message in messages_at(".spec.qos.classes")
-    assert models.PROMETHEUS_URL_REQUIRED.message in messages_at(".spec.autoscaling")
-    assert models.BATCH_SIZE_IN_RANGE.message in messages_at(".spec.batching")
-    assert models.SLO_WINDOW_COVERS_INTERVAL.message in messages_at(".spec")
+    assert spec_models.REPLICAS_MIN_LE_MAX.message in messages_at(".spec.replicas")
+    assert spec_models.REPLICAS_DESIRED_IN_RANGE.message in messages_at(".spec.replicas")
+    assert spec_models.QOS_DEFAULT_CLASS_LISTED.message in messages_at(".spec.qos")
+    assert spec_models.QOS_CLASS_NAMES_UNIQUE.message in messages_at(".spec.qos.classes")
+    assert spec_models.PROMETHEUS_URL_REQUIRED.message in messages_at(".spec.autoscaling")
+    assert spec_models.BATCH_SIZE_IN_RANGE.message in messages_at(".spec.batching")
+    assert spec_models.SLO_WINDOW_COVERS_INTERVAL.message in messages_at(".spec")
     assert models.NAME_FITS_CHILDREN.message in {entry["message"] for entry in root["x-kubernetes-validations"]}
 
 
@@ -253,8 +253,8 @@ def test_status_conditions_are_a_map_keyed_by_type(root: Schema) -> None:
     assert conditions["x-kubernetes-list-type"] == "map"
     assert conditions["x-kubernetes-list-map-keys"] == ["type"]
     assert "type" in conditions["items"]["required"]
-    assert conditions["maxItems"] == models.MAX_CONDITIONS
-    assert node_at(root, ".status.decisions")["maxItems"] == models.MAX_DECISIONS
+    assert conditions["maxItems"] == status_models.MAX_CONDITIONS
+    assert node_at(root, ".status.decisions")["maxItems"] == status_models.MAX_DECISIONS
 
 
 def test_kubectl_explain_teaches_the_slo(root: Schema) -> None:

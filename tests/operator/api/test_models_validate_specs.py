@@ -13,7 +13,7 @@ import pydantic
 import pytest
 
 from fleetlm_operator import bridge
-from fleetlm_operator.api import models
+from fleetlm_operator.api import fields, models, spec_models, status_models
 
 
 def valid_spec() -> dict[str, Any]:
@@ -52,12 +52,12 @@ DELETE = object()
 
 def errors_of(spec: dict[str, Any]) -> str:
     with pytest.raises(pydantic.ValidationError) as caught:
-        models.LLMServiceSpec.model_validate(spec)
+        spec_models.LLMServiceSpec.model_validate(spec)
     return str(caught.value)
 
 
 def test_valid_spec_passes() -> None:
-    spec = models.LLMServiceSpec.model_validate(valid_spec())
+    spec = spec_models.LLMServiceSpec.model_validate(valid_spec())
     assert spec.qos.classes[1].queue_limit == 32
     assert spec.runtime.resources.requests.cpu == 4
 
@@ -135,7 +135,7 @@ def test_invalid_spec_is_refused_naming_the_field(path: str, value: Any, named: 
 
 
 def test_defaults_match_what_platform_teams_expect() -> None:
-    spec = models.LLMServiceSpec.model_validate({"model": {"source": "builtin:tiny"}})
+    spec = spec_models.LLMServiceSpec.model_validate({"model": {"source": "builtin:tiny"}})
     assert spec.model.dtype == "auto"
     assert spec.runtime.gpus == 1
     assert (spec.replicas.min, spec.replicas.max, spec.replicas.desired) == (1, 1, None)
@@ -145,22 +145,22 @@ def test_defaults_match_what_platform_teams_expect() -> None:
     assert spec.caching.prefix_cache.enabled and not spec.caching.response_cache.enabled
     assert spec.autoscaling.enabled and spec.autoscaling.metrics_source == "pods"
     assert (spec.autoscaling.interval, spec.autoscaling.scale_down_stabilization) == ("15s", "5m")
-    slo = models.SLOSpec.model_validate({"ttft": "1s"})
+    slo = spec_models.SLOSpec.model_validate({"ttft": "1s"})
     assert (slo.percentile, slo.window) == (95.0, "5m")
 
 
 def test_json_names_are_camel_case_and_python_names_snake_case() -> None:
-    spec = models.LLMServiceSpec.model_validate(valid_spec())
+    spec = spec_models.LLMServiceSpec.model_validate(valid_spec())
     dumped = spec.model_dump(mode="json", exclude_none=True)
     assert "maxBatchSize" in dumped["batching"]
     assert "defaultClass" in dumped["qos"]
     assert spec.batching.max_batch_size == 32
     # Python names are accepted too, so pure code can build specs.
-    assert models.BatchingSpec(max_batch_size=4, max_batch_tokens=64).max_batch_size == 4
+    assert spec_models.BatchingSpec(max_batch_size=4, max_batch_tokens=64).max_batch_size == 4
 
 
 def test_models_are_immutable() -> None:
-    spec = models.LLMServiceSpec.model_validate(valid_spec())
+    spec = spec_models.LLMServiceSpec.model_validate(valid_spec())
     with pytest.raises(pydantic.ValidationError):
         spec.replicas.min = 3  # type: ignore[misc]
 
@@ -170,13 +170,13 @@ def test_models_are_immutable() -> None:
     [("500ms", 0.5), ("2s", 2.0), ("1m30s", 90.0), ("5m", 300.0), ("1h", 3600.0), ("1.5s", 1.5), ("0s", 0.0)],
 )
 def test_durations_parse_like_go(text: str, seconds: float) -> None:
-    assert models.parse_duration_s(text) == pytest.approx(seconds)
+    assert fields.parse_duration_s(text) == pytest.approx(seconds)
 
 
 @pytest.mark.parametrize("text", ["", "5", "5 m", "-1s", "1d", "1.s", "ms", "1us"])
 def test_malformed_durations_are_refused(text: str) -> None:
     with pytest.raises(ValueError, match="not a duration"):
-        models.parse_duration_s(text)
+        fields.parse_duration_s(text)
 
 
 @pytest.mark.parametrize(
@@ -192,7 +192,7 @@ def test_malformed_durations_are_refused(text: str) -> None:
     ],
 )
 def test_supported_model_sources(source: str) -> None:
-    assert models.ModelSpec(source=source).source == source
+    assert spec_models.ModelSpec(source=source).source == source
 
 
 def test_stored_object_with_desired_outside_lowered_bounds_is_clamped() -> None:
@@ -215,7 +215,7 @@ def test_stored_object_with_desired_outside_lowered_bounds_is_clamped() -> None:
     [({"min": 2, "max": 5}, 2), ({"min": 2, "max": 5, "desired": 4}, 4), ({"min": 0, "max": 3, "desired": 0}, 0)],
 )
 def test_effective_replicas(replicas: dict[str, int], effective: int) -> None:
-    assert models.ReplicasSpec.model_validate(replicas).effective == effective
+    assert spec_models.ReplicasSpec.model_validate(replicas).effective == effective
 
 
 @pytest.mark.parametrize("name", ["a" * 64, "llama.v2"])
@@ -225,7 +225,7 @@ def test_resource_names_that_cannot_name_children_are_refused(name: str) -> None
 
 
 def test_status_round_trips_and_ignores_unknown_fields() -> None:
-    status = models.LLMServiceStatus.model_validate(
+    status = status_models.LLMServiceStatus.model_validate(
         {
             "phase": "Ready",
             "replicas": 2,
@@ -249,30 +249,30 @@ def test_status_round_trips_and_ignores_unknown_fields() -> None:
     assert status.observed is not None and status.observed.tpot_seconds is None  # missing stays missing
     dumped = status.model_dump(mode="json", exclude_none=True)
     assert dumped["conditions"][0]["lastTransitionTime"] == "2026-01-02T03:04:05Z"
-    assert models.LLMServiceStatus.model_validate(dumped) == status
+    assert status_models.LLMServiceStatus.model_validate(dumped) == status
 
 
 def test_decision_history_is_bounded_by_the_crds_bound() -> None:
     history: list[dict[str, Any]] = [{"time": "2026-01-01T00:00:00Z", "action": "ScaleUp", "reason": "old name"}]
-    for index in range(models.MAX_DECISIONS + 5):
-        record = models.DecisionRecord.model_validate(
+    for index in range(status_models.MAX_DECISIONS + 5):
+        record = status_models.DecisionRecord.model_validate(
             {"time": f"2026-01-01T00:00:{index:02d}Z", "action": "scale_up,batch_shrink", "reason": str(index)}
         )
-        history = [models.status_json(r) for r in bridge.bounded_history(history, record)]
+        history = [status_models.status_json(r) for r in bridge.bounded_history(history, record)]
         assert "old name" not in {r["reason"] for r in history}  # no longer valid here: dropped, not written back
-    assert len(history) == models.MAX_DECISIONS
-    assert history[-1]["reason"] == str(models.MAX_DECISIONS + 4)
+    assert len(history) == status_models.MAX_DECISIONS
+    assert history[-1]["reason"] == str(status_models.MAX_DECISIONS + 4)
     assert history[0]["reason"] == "5"
 
 
 @pytest.mark.parametrize("action", ["hold", "ScaleUp", "scale_up,", "advise:", "advise:hold", "scale_up;shed", ""])
 def test_a_decision_names_only_the_actions_the_operator_takes(action: str) -> None:
     with pytest.raises(pydantic.ValidationError, match="action"):
-        models.DecisionRecord.model_validate({"time": "2026-01-01T00:00:00Z", "action": action, "reason": "r"})
+        status_models.DecisionRecord.model_validate({"time": "2026-01-01T00:00:00Z", "action": action, "reason": "r"})
 
 
 def test_initial_tuning_comes_from_the_spec() -> None:
-    spec = models.LLMServiceSpec.model_validate(valid_spec())
+    spec = spec_models.LLMServiceSpec.model_validate(valid_spec())
     tuning = models.initial_tuning(spec)
     assert (tuning.max_batch_size, tuning.max_batch_tokens) == (32, 4096)
     assert tuning.class_weights == {"critical": 4, "batch": 1}

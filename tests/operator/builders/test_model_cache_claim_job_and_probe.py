@@ -8,7 +8,7 @@ from typing import Any
 
 import pytest
 
-from fleetlm_operator.api import models, names
+from fleetlm_operator.api import models, names, status_models
 from fleetlm_operator.builders import configmap, deployment, meta, model_cache
 from fleetlm_operator.status import model_cache as cache_status_mod
 from fleetlm_runtime import config
@@ -149,7 +149,7 @@ def test_startup_probe_waits_for_ready_for_the_budget_of_the_known_bytes() -> No
     assert big["periodSeconds"] * big["failureThreshold"] >= model_cache.startup_budget_s(64 << 30)
     assert big["failureThreshold"] > small["failureThreshold"]
     # The bytes the fill counted win over the claim's size; without them the claim's size is the bound.
-    ready = models.ModelCacheStatus(phase="Ready", bytes_total=123)
+    ready = status_models.ModelCacheStatus(phase="Ready", bytes_total=123)
     assert model_cache.model_bytes(svc.spec, ready) == 123
     assert model_cache.model_bytes(svc.spec, None) == 5 << 30
 
@@ -210,14 +210,14 @@ def test_pods_are_always_allowed_without_a_cache() -> None:
 
 
 def test_status_names_the_cache_while_nothing_serves() -> None:
-    filling = models.ModelCacheStatus(phase="Filling", reason="Filling", message="10 of 40 bytes", bytes_done=10,
+    filling = status_models.ModelCacheStatus(phase="Filling", reason="Filling", message="10 of 40 bytes", bytes_done=10,
                                       bytes_total=40)  # fmt: skip
     found = {c.type: c for c in cache_status_mod.cache_conditions(filling, ready_replicas=0)}
     assert found[names.ConditionType.MODEL_CACHE_READY].status == "False"
     assert found[names.ConditionType.READY].reason == "ModelCacheFilling"
     assert "10/40 bytes (25%)" in found[names.ConditionType.READY].message
     assert cache_status_mod.phase("Pending", filling, ready_replicas=0) == "Pending"
-    failed = models.ModelCacheStatus(phase="Failed", reason="SourceNotFound")
+    failed = status_models.ModelCacheStatus(phase="Failed", reason="SourceNotFound")
     assert cache_status_mod.phase("Pending", failed, ready_replicas=0) == "Failed"
     # Old replicas still serve while a new source fills: the service stays Ready.
     assert names.ConditionType.READY not in {

@@ -7,7 +7,7 @@ from typing import Any
 
 import pytest
 
-from fleetlm_operator.api import models
+from fleetlm_operator.api import models, spec_models
 from fleetlm_operator.builders import inferencepool, meta, router
 from fleetlm_operator.handlers import reconcile
 
@@ -109,7 +109,7 @@ def test_the_pool_selects_the_runtime_pods_on_their_port() -> None:
     ],
 )
 def test_objective_priorities_keep_order_and_put_sheddable_below_zero(classes, expected) -> None:
-    spec_classes = [models.QoSClass(name=n, priority=p, sheddable=s) for n, p, s in classes]
+    spec_classes = [spec_models.QoSClass(name=n, priority=p, sheddable=s) for n, p, s in classes]
     assert inferencepool.objective_priorities(spec_classes) == expected
 
 

@@ -7,7 +7,7 @@ from typing import Any
 
 import yaml
 
-from fleetlm_operator.api import models
+from fleetlm_operator.api import models, status_models
 from fleetlm_operator.builders import configmap, meta
 from fleetlm_runtime import config, contract
 
@@ -78,7 +78,7 @@ def test_class_targets_fall_back_to_the_service_slo() -> None:
 
 
 def test_tuning_wins_over_the_spec() -> None:
-    tuning = models.Tuning(max_batch_size=96, max_batch_tokens=12288, class_weights={"critical": 8})
+    tuning = status_models.TuningStatus(max_batch_size=96, max_batch_tokens=12288, class_weights={"critical": 8})
     parsed = config.parse_config(runtime_yaml(configmap.build_config_map(service(MULTICLASS), tuning=tuning)))
     assert (parsed.batching.max_batch_size, parsed.batching.max_batch_tokens) == (96, 12288)
     classes = parsed.qos.by_name()

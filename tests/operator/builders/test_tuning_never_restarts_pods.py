@@ -15,7 +15,7 @@ from typing import Any
 import pytest
 
 from fleetlm_operator.act import push
-from fleetlm_operator.api import models, names
+from fleetlm_operator.api import models, names, status_models
 from fleetlm_operator.builders import configmap, deployment
 from fleetlm_runtime import config
 from fleetlm_runtime.server import admin
@@ -64,7 +64,7 @@ def config_hash(spec: dict[str, Any], *, image: str = IMAGE) -> str:
 
 def test_tuning_changes_the_config_map_but_not_the_pod_template() -> None:
     svc = service(BASE_SPEC)
-    tuned = models.Tuning(
+    tuned = status_models.TuningStatus(
         max_batch_size=48, max_batch_tokens=6144, shed_classes=["batch"], class_weights={"critical": 6}
     )
     before = configmap.build_config_map(svc)
@@ -138,7 +138,7 @@ def test_an_api_keys_secret_reference_change_rolls_the_pods() -> None:
 def test_the_push_is_the_live_part_of_the_config_map_and_only_fields_the_runtime_takes_live() -> None:
     spec = changed("qos.classes", [{"name": "critical", "priority": 0, "weight": 3, "slo": {"ttft": "200ms"}},
                                    {"name": "batch", "priority": 9, "sheddable": True}])  # fmt: skip
-    tuned = models.Tuning(max_batch_size=48, max_batch_tokens=6144, shed_classes=["batch"])
+    tuned = status_models.TuningStatus(max_batch_size=48, max_batch_tokens=6144, shed_classes=["batch"])
     rendered = configmap.runtime_config(service(spec).spec, tuning=tuned)
     body = push.live_body(rendered)
     assert body["batching"] == {"maxBatchSize": 48, "maxBatchTokens": 6144}

@@ -94,6 +94,14 @@ class Kube:
         listed = self.get(kind)
         return list(listed["items"]) if listed else []
 
+    def event_reasons(self, name: str, *, kind: str | None = None) -> list[str]:
+        """The reasons of the events recorded about object `name` (of `kind`, when given), oldest first."""
+        selector = f"involvedObject.name={name}" + (f",involvedObject.kind={kind}" if kind else "")
+        events = self.plane.kubectl(
+            "get", "events", "-n", self.namespace, "--field-selector", selector, "-o", "jsonpath={.items[*].reason}"
+        )
+        return events.stdout.split()
+
     def new_name(self, prefix: str = "svc") -> str:
         return f"{prefix}-{uuid.uuid4().hex[:6]}"
 

@@ -8,26 +8,21 @@ refuse the same manifests.
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
 import pathlib
-import re
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from typing import Any
 
-import pydantic
 import pytest
 import yaml
 
+from fleetlm_dev.manifest_cases import Case, Manifest, delete, kubectl_apply, pydantic_errors, set_
 from fleetlm_operator.api import crdgen, models, names
 
 REPO_ROOT = pathlib.Path(__file__).resolve().parents[3]
 CRD_PATH = REPO_ROOT / crdgen.CRD_FILE
-
-Manifest = dict[str, Any]
 
 
 def good_manifest(name: str = "good") -> Manifest:
@@ -58,49 +53,6 @@ def good_manifest(name: str = "good") -> Manifest:
             "autoscaling": {"metricsSource": "pods", "interval": "15s"},
         },
     }
-
-
-Mutation = Callable[[Manifest], None]
-
-
-def _walk(manifest: Manifest, path: str) -> tuple[Any, str | int]:
-    """The container holding the last element of a dotted path (`spec.qos.classes.0.name`)."""
-    *parents, last = path.split(".")
-    node: Any = manifest
-    for part in parents:
-        node = node[int(part)] if isinstance(node, list) else node.setdefault(part, {})
-    return node, (int(last) if isinstance(node, list) else last)
-
-
-def set_(path: str, value: Any) -> Mutation:
-    def mutate(manifest: Manifest) -> None:
-        node, key = _walk(manifest, path)
-        node[key] = copy.deepcopy(value)
-
-    return mutate
-
-
-def delete(path: str) -> Mutation:
-    def mutate(manifest: Manifest) -> None:
-        node, key = _walk(manifest, path)
-        del node[key]
-
-    return mutate
-
-
-def both(*mutations: Mutation) -> Mutation:
-    def mutate(manifest: Manifest) -> None:
-        for mutation in mutations:
-            mutation(manifest)
-
-    return mutate
-
-
-@dataclasses.dataclass(frozen=True)
-class Case:
-    id: str
-    mutate: Mutation
-    field: str  # the field path the refusal must name (k8s spelling: spec.qos.classes[0].name)
 
 
 CASES: tuple[Case, ...] = (
@@ -181,34 +133,11 @@ CASES: tuple[Case, ...] = (
 
 
 def bad_manifest(case: Case) -> Manifest:
-    manifest = good_manifest(name=f"bad-{case.id}")
-    case.mutate(manifest)
-    return manifest
+    return case.applied_to(good_manifest)
 
 
 # --------------------------------------------------------------------------------------------------
 # Pure companion: the models refuse the same manifests, naming the same field.
-
-
-def _k8s_path(loc: tuple[str | int, ...]) -> str:
-    """A pydantic error location in the API server's spelling: spec.qos.classes[0].name."""
-    path = ""
-    for part in loc:
-        if isinstance(part, int):
-            path += f"[{part}]"
-        elif re.fullmatch(r"[A-Za-z_][A-Za-z0-9_]*", part):
-            path += f".{part}" if path else part
-        # function-after[...] and similar are validator names, not fields
-    return path
-
-
-def pydantic_errors(manifest: Manifest) -> str:
-    """`path: message` lines for every error pydantic reports, or '' when the manifest is valid."""
-    try:
-        models.LLMService.model_validate(manifest)
-    except pydantic.ValidationError as error:
-        return "\n".join(f"{_k8s_path(tuple(item['loc']))}: {item['msg']}" for item in error.errors())
-    return ""
 
 
 def test_good_manifest_is_valid_for_the_models() -> None:
@@ -239,10 +168,6 @@ def llmservice_crd(control_plane: Any) -> Iterator[Any]:
     yield control_plane
 
 
-def _apply(control_plane: Any, manifest: Manifest, namespace: str) -> Any:
-    return control_plane.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest), check=False)
-
-
 def _delete(control_plane: Any, name: str, namespace: str) -> None:
     control_plane.kubectl(
         "delete",
@@ -266,7 +191,7 @@ def _get(control_plane: Any, name: str, namespace: str) -> Manifest:
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_api_server_refuses_bad_manifest_naming_the_field(llmservice_crd: Any, namespace: str, case: Case) -> None:
     manifest = bad_manifest(case)
-    result = _apply(llmservice_crd, manifest, namespace)
+    result = kubectl_apply(llmservice_crd, manifest, namespace)
     try:
         assert result.returncode != 0, f"{case.id}: the API server accepted it:\n{result.stdout}"
         assert case.field in result.stderr, result.stderr
@@ -284,7 +209,7 @@ def test_api_server_accepts_good_manifest_and_fills_defaults(llmservice_crd: Any
         "metadata": {"name": name},
         "spec": {"model": {"source": "builtin:tiny"}, "runtime": {"gpus": 0}, "slo": {"ttft": "2s"}},
     }
-    result = _apply(llmservice_crd, manifest, namespace)
+    result = kubectl_apply(llmservice_crd, manifest, namespace)
     assert result.returncode == 0, result.stderr
     try:
         stored = _get(llmservice_crd, name, namespace)
@@ -320,7 +245,7 @@ def test_every_example_is_accepted(llmservice_crd: Any, namespace: str) -> None:
 def test_scale_subresource_writes_desired_within_bounds(llmservice_crd: Any, namespace: str) -> None:
     name = f"scale-{uuid.uuid4().hex[:6]}"
     manifest = good_manifest(name=name)
-    assert _apply(llmservice_crd, manifest, namespace).returncode == 0
+    assert kubectl_apply(llmservice_crd, manifest, namespace).returncode == 0
     try:
         resource = f"{names.PLURAL}.{names.GROUP}/{name}"
         llmservice_crd.kubectl("scale", resource, "-n", namespace, "--replicas=2")
@@ -334,7 +259,7 @@ def test_scale_subresource_writes_desired_within_bounds(llmservice_crd: Any, nam
         # only a new or changed `desired` must lie within the bounds.
         lowered = good_manifest(name=name)
         lowered["spec"]["replicas"] = {"min": 1, "max": 1}
-        result = _apply(llmservice_crd, lowered, namespace)
+        result = kubectl_apply(llmservice_crd, lowered, namespace)
         assert result.returncode == 0, result.stderr
         stored = _get(llmservice_crd, name, namespace)
         assert stored["spec"]["replicas"]["desired"] == 2

@@ -21,6 +21,7 @@ import pytest
 
 from fleetlm_dev import fake_runtime, pod_runner
 from fleetlm_dev.testing import wait_for
+from fleetlm_operator.api import names
 
 pytestmark = pytest.mark.cluster
 
@@ -98,7 +99,7 @@ def test_loading_replicas_are_counted_and_status_shows_the_start_up(
     assert startup["stuckReplicas"] == 0
     decisions = [d for d in status["decisions"] if "scale_up" in d["action"]]
     assert len(decisions) == 1, status["decisions"]
-    tuner_state = json.loads(kube.get("llmservice", name)["metadata"]["annotations"]["fleetlm.dev/tuner-state"])
+    tuner_state = json.loads(kube.get("llmservice", name)["metadata"]["annotations"][names.ANNOTATION_TUNER_STATE])
     assert tuner_state["startup"]["meanS"] == pytest.approx(learnt_expected, abs=1.0)
 
     # Loading for more than twice the learnt start-up: those pods are not coming soon; they stop counting

@@ -3,20 +3,14 @@ with a message that names the field; good ones are stored with their defaults an
 
 from __future__ import annotations
 
-import copy
-import dataclasses
 import json
-import re
 import uuid
 from typing import Any
 
-import pydantic
 import pytest
-import yaml
 
+from fleetlm_dev.manifest_cases import Case, Manifest, delete, kubectl_apply, pydantic_errors, set_
 from fleetlm_operator.api import models, names
-
-Manifest = dict[str, Any]
 
 
 def good_manifest(name: str = "good-cache") -> Manifest:
@@ -41,65 +35,37 @@ def good_manifest(name: str = "good-cache") -> Manifest:
     }
 
 
-@dataclasses.dataclass(frozen=True)
-class Case:
-    id: str
-    path: str  # dotted path into spec, set to `value` (None deletes it)
-    value: Any
-    field: str  # what the refusal must name
-
-
 CASES = (
-    Case("cache-without-size", "model.cache.size", None, "spec.model.cache.size"),
-    Case("cache-size-not-bytes", "model.cache.size", "lots", "spec.model.cache.size"),
-    Case("cache-size-millis", "model.cache.size", "500m", "spec.model.cache.size"),
-    Case("cache-read-only-many", "model.cache.accessMode", "ReadOnlyMany", "spec.model.cache.accessMode"),
-    Case("cache-rwop", "model.cache.accessMode", "ReadWriteOncePod", "spec.model.cache.accessMode"),
-    Case("cache-when-deleted-keep", "model.cache.whenDeleted", "Keep", "spec.model.cache.whenDeleted"),
-    Case("cache-negative-retries", "model.cache.fill.retries", -1, "spec.model.cache.fill.retries"),
-    Case("cache-too-many-retries", "model.cache.fill.retries", 50, "spec.model.cache.fill.retries"),
-    Case("cache-timeout-zero", "model.cache.fill.timeout", "0s", "spec.model.cache.fill.timeout"),
-    Case("cache-timeout-words", "model.cache.fill.timeout", "an hour", "spec.model.cache.fill.timeout"),
+    Case("cache-without-size", delete("spec.model.cache.size"), "spec.model.cache.size"),
+    Case("cache-size-not-bytes", set_("spec.model.cache.size", "lots"), "spec.model.cache.size"),
+    Case("cache-size-millis", set_("spec.model.cache.size", "500m"), "spec.model.cache.size"),
+    Case("cache-read-only-many", set_("spec.model.cache.accessMode", "ReadOnlyMany"), "spec.model.cache.accessMode"),
+    Case("cache-rwop", set_("spec.model.cache.accessMode", "ReadWriteOncePod"), "spec.model.cache.accessMode"),
+    Case("cache-when-deleted-keep", set_("spec.model.cache.whenDeleted", "Keep"), "spec.model.cache.whenDeleted"),
+    Case("cache-negative-retries", set_("spec.model.cache.fill.retries", -1), "spec.model.cache.fill.retries"),
+    Case("cache-too-many-retries", set_("spec.model.cache.fill.retries", 50), "spec.model.cache.fill.retries"),
+    Case("cache-timeout-zero", set_("spec.model.cache.fill.timeout", "0s"), "spec.model.cache.fill.timeout"),
+    Case("cache-timeout-words", set_("spec.model.cache.fill.timeout", "an hour"), "spec.model.cache.fill.timeout"),
     Case(
         "cache-token-secret-name",
-        "model.cache.fill.hubTokenSecretRef.name",
-        "HF_Token",
+        set_("spec.model.cache.fill.hubTokenSecretRef.name", "HF_Token"),
         "spec.model.cache.fill.hubTokenSecretRef.name",
     ),
-    Case("cache-of-builtin", "model.source", "builtin:tiny", "spec.model.cache"),
-    Case("cache-unknown-field", "model.cache.sizeGi", 20, "spec.model.cache.sizeGi"),
-    Case("kv-memory-not-bytes", "kvCache.memory", "plenty", "spec.kvCache.memory"),
-    Case("kv-memory-zero", "kvCache.memory", 0, "spec.kvCache.memory"),
-    Case("kv-utilization-above-one", "kvCache.gpuMemoryUtilization", 1.5, "spec.kvCache.gpuMemoryUtilization"),
-    Case("kv-utilization-zero", "kvCache.gpuMemoryUtilization", 0, "spec.kvCache.gpuMemoryUtilization"),
-    Case("kv-block-size-zero", "kvCache.blockSize", 0, "spec.kvCache.blockSize"),
-    Case("kv-block-size-huge", "kvCache.blockSize", 1024, "spec.kvCache.blockSize"),
+    Case("cache-of-builtin", set_("spec.model.source", "builtin:tiny"), "spec.model.cache"),
+    Case("cache-unknown-field", set_("spec.model.cache.sizeGi", 20), "spec.model.cache.sizeGi"),
+    Case("kv-memory-not-bytes", set_("spec.kvCache.memory", "plenty"), "spec.kvCache.memory"),
+    Case("kv-memory-zero", set_("spec.kvCache.memory", 0), "spec.kvCache.memory"),
+    Case(
+        "kv-utilization-above-one", set_("spec.kvCache.gpuMemoryUtilization", 1.5), "spec.kvCache.gpuMemoryUtilization"
+    ),
+    Case("kv-utilization-zero", set_("spec.kvCache.gpuMemoryUtilization", 0), "spec.kvCache.gpuMemoryUtilization"),
+    Case("kv-block-size-zero", set_("spec.kvCache.blockSize", 0), "spec.kvCache.blockSize"),
+    Case("kv-block-size-huge", set_("spec.kvCache.blockSize", 1024), "spec.kvCache.blockSize"),
 )
 
 
 def bad_manifest(case: Case) -> Manifest:
-    manifest = good_manifest(name=f"bad-{case.id}")
-    *parents, last = case.path.split(".")
-    node = manifest["spec"]
-    for part in parents:
-        node = node[part]
-    if case.value is None:
-        del node[last]
-    else:
-        node[last] = copy.deepcopy(case.value)
-    return manifest
-
-
-def _k8s_path(loc: tuple[str | int, ...]) -> str:
-    return ".".join(str(part) for part in loc if isinstance(part, str) and re.fullmatch(r"[A-Za-z_]\w*", part))
-
-
-def pydantic_errors(manifest: Manifest) -> str:
-    try:
-        models.LLMService.model_validate(manifest)
-    except pydantic.ValidationError as error:
-        return "\n".join(f"{_k8s_path(tuple(item['loc']))}: {item['msg']}" for item in error.errors())
-    return ""
+    return case.applied_to(good_manifest)
 
 
 def test_good_manifest_is_valid_for_the_models() -> None:
@@ -118,15 +84,11 @@ def plane(control_plane: Any, llmservice_crd: Any) -> Any:
     return control_plane
 
 
-def _apply(plane: Any, manifest: Manifest, namespace: str) -> Any:
-    return plane.kubectl("apply", "-n", namespace, "-f", "-", input=yaml.safe_dump(manifest), check=False)
-
-
 @pytest.mark.cluster
 @pytest.mark.parametrize("case", CASES, ids=[case.id for case in CASES])
 def test_api_server_refuses_bad_cache_and_kv_sections_naming_the_field(plane: Any, namespace: str,
                                                                        case: Case) -> None:  # fmt: skip
-    result = _apply(plane, bad_manifest(case), namespace)
+    result = kubectl_apply(plane, bad_manifest(case), namespace)
     assert result.returncode != 0, f"{case.id}: the API server accepted it:\n{result.stdout}"
     assert case.field in result.stderr, result.stderr
 
@@ -140,7 +102,7 @@ def test_api_server_stores_cache_and_kv_defaults_the_models_agree_with(plane: An
         "metadata": {"name": name},
         "spec": {"model": {"source": "/models/llama", "cache": {"size": "20Gi"}}, "runtime": {"gpus": 0}},
     }
-    result = _apply(plane, manifest, namespace)
+    result = kubectl_apply(plane, manifest, namespace)
     assert result.returncode == 0, result.stderr
     stored = json.loads(plane.kubectl("get", f"{names.PLURAL}.{names.GROUP}", name, "-n", namespace,
                                       "-o", "json").stdout)  # fmt: skip
@@ -151,4 +113,4 @@ def test_api_server_stores_cache_and_kv_defaults_the_models_agree_with(plane: An
     assert models.load_stored(stored).spec == models.LLMService.model_validate(manifest).spec
     # The sizes may also be written as plain byte counts.
     manifest["spec"]["kvCache"] = {"memory": 536870912}
-    assert _apply(plane, manifest, namespace).returncode == 0
+    assert kubectl_apply(plane, manifest, namespace).returncode == 0

@@ -26,7 +26,7 @@ import torch
 
 from fleetlm_dev import pod_runner
 from fleetlm_dev.testing import wait_for
-from fleetlm_operator.api import models, names
+from fleetlm_operator.api import names, spec_models
 from fleetlm_operator.builders import model_cache
 from fleetlm_runtime.models import builtin, fill
 
@@ -114,7 +114,7 @@ def test_the_job_fills_the_cache_once_and_pods_serve_from_it(
         assert seen[0]["phase"] in ("Pending", "Filling")
         # The fill wrote the claim's directory whole, with its manifest.
         volume = tmp_path / "volumes" / kube.namespace / ready["claimName"]
-        content = volume / model_cache.content_dir(models.ModelSpec(source=str(checkpoint)))
+        content = volume / model_cache.content_dir(spec_models.ModelSpec(source=str(checkpoint)))
         manifest = json.loads((content / fill.MANIFEST_NAME).read_text())
         assert manifest["bytesTotal"] == total
         assert kube.get("job", ready["jobName"])["status"]["succeeded"] == 1

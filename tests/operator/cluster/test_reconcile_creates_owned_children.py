@@ -92,16 +92,7 @@ def test_status_reports_phase_selector_endpoint_and_conditions(kube: Any, make_e
     assert status["phase"] == "Pending"
     assert status["readyReplicas"] == 0
 
-    events = kube.plane.kubectl(
-        "get",
-        "events",
-        "-n",
-        kube.namespace,
-        "--field-selector",
-        f"involvedObject.name={name},involvedObject.kind=LLMService",
-        "-o",
-        "jsonpath={.items[*].reason}",
-    ).stdout.split()
+    events = kube.event_reasons(name, kind="LLMService")
     assert "Reconciled" in events
 
 

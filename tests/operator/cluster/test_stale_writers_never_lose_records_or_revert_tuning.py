@@ -21,7 +21,7 @@ from kubernetes import config
 from fleetlm_dev import crd_schema
 from fleetlm_operator import bridge, settings
 from fleetlm_operator.act import apply
-from fleetlm_operator.api import models
+from fleetlm_operator.api import models, status_models
 from fleetlm_operator.handlers import context, reconcile, tune
 from fleetlm_operator.policy import window
 
@@ -38,8 +38,8 @@ def _context(kube: Any) -> context.OperatorContext:
     )
 
 
-def _record(action: str, second: int) -> models.DecisionRecord:
-    return models.DecisionRecord(time=NOW.replace(second=second), action=action, reason=f"tick {second}")
+def _record(action: str, second: int) -> status_models.DecisionRecord:
+    return status_models.DecisionRecord(time=NOW.replace(second=second), action=action, reason=f"tick {second}")
 
 
 def test_records_appended_from_stale_copies_are_all_kept(kube: Any, make_example: Any, llmservice_crd: object) -> None:
@@ -47,7 +47,7 @@ def test_records_appended_from_stale_copies_are_all_kept(kube: Any, make_example
     kube.apply(make_example(name))
     ctx = _context(kube)
     stale = kube.get("llmservice", name)
-    sections = {"tuning": models.status_json(models.Tuning(max_batch_size=4, max_batch_tokens=512))}
+    sections = {"tuning": status_models.status_json(status_models.TuningStatus(max_batch_size=4, max_batch_tokens=512))}
     tune._write_status(stale, sections, _record("batch_shrink", 1), ctx=ctx, logger=LOGGER)
     # Read before the first write: appending to its history alone would drop batch_shrink.
     tune._write_status(stale, sections, _record("scale_up", 2), ctx=ctx, logger=LOGGER)
@@ -101,9 +101,9 @@ def test_rendered_statuses_come_back_from_the_api_server_unpruned(
     measured = window.unavailable("", now_s=NOW.timestamp(), quantile=0.95, num_pods_expected=1)
     svc = models.load_stored(reconcile.plain_body(kube.get("llmservice", name)))
     written = {
-        "observed": models.status_json(bridge.observed_status(measured, percentile=95.0, now=NOW)),
-        "tuning": models.status_json(models.initial_tuning(svc.spec)),
-        "decisions": [models.status_json(_record("advise:scale_up,batch_shrink", 3))],
+        "observed": status_models.status_json(bridge.observed_status(measured, percentile=95.0, now=NOW)),
+        "tuning": status_models.status_json(models.initial_tuning(svc.spec)),
+        "decisions": [status_models.status_json(_record("advise:scale_up,batch_shrink", 3))],
     }
     assert crd_schema.errors(crd_schema.status_validator(), written) == []
     assert ctx.applier.patch_llmservice_status(name, kube.namespace, written)

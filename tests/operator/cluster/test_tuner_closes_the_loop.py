@@ -16,6 +16,7 @@ import yaml
 
 from fleetlm_dev import fake_runtime, pod_runner
 from fleetlm_dev.testing import wait_for
+from fleetlm_operator.api import names
 
 pytestmark = pytest.mark.cluster
 
@@ -105,17 +106,8 @@ def test_slo_miss_with_a_queue_scales_up_and_is_explained(
     # kopf applies the tick's state annotation when the handler returns, after the tick wrote /scale, so
     # the body that first showed the new replica count may predate it; a full window later it is there.
     assert body["spec"]["replicas"]["desired"] > 1
-    assert kube.get("llmservice", name)["metadata"]["annotations"]["fleetlm.dev/tuner-state"]
-    events = kube.plane.kubectl(
-        "get",
-        "events",
-        "-n",
-        kube.namespace,
-        "--field-selector",
-        f"involvedObject.name={name}",
-        "-o",
-        "jsonpath={.items[*].reason}",
-    ).stdout.split()
+    assert kube.get("llmservice", name)["metadata"]["annotations"][names.ANNOTATION_TUNER_STATE]
+    events = kube.event_reasons(name)
     assert "ScaledUp" in events
 
 

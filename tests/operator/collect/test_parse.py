@@ -143,7 +143,7 @@ def test_unparseable_text_raises() -> None:
 
 
 def test_two_scrapes_make_a_window() -> None:
-    spec = spec_mod.PolicySpec(slo=spec_mod.SLOSpec(ttft_s=0.5, tpot_s=0.05), max_replicas=4)
+    spec = spec_mod.PolicySpec(slo=spec_mod.SLOTargets(ttft_s=0.5, tpot_s=0.05), max_replicas=4)
     before = {
         "p0": parse.parse_pod_metrics(exposition(ttft_counts=(3, 8, 10), finished=10), pod="p0", scraped_at_s=100.0)
     }

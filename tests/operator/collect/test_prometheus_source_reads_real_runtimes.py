@@ -108,7 +108,7 @@ def stack(tmp_path_factory: pytest.TempPathFactory) -> Iterator[dict]:
 
 
 def _spec() -> policy_spec.PolicySpec:
-    return policy_spec.PolicySpec(slo=policy_spec.SLOSpec(ttft_s=2.0, tpot_s=0.5), max_replicas=4, interval_s=2)
+    return policy_spec.PolicySpec(slo=policy_spec.SLOTargets(ttft_s=2.0, tpot_s=0.5), max_replicas=4, interval_s=2)
 
 
 def _finished(sample: window.PodSample) -> float:

@@ -4,16 +4,13 @@ a queue, within the spec's bounds, one change per cooldown, no regrowth soon aft
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
-from fleetlm_operator.policy import batching, window
+from fleetlm_dev.policy_inputs import MakeSpec, MakeWindow
+from fleetlm_operator.policy import batching
 from fleetlm_operator.policy import spec as spec_mod
-
-MakeSpec = Callable[..., spec_mod.PolicySpec]
-MakeWindow = Callable[..., window.ObservedWindow]
 
 NOW = 10_000.0
 BUSY = {"running_per_pod": 60.0, "tpot_mean_s": 0.02, "tpot_quantile_s": 0.03}  # near-full 64 batches, fast tokens
@@ -82,7 +79,7 @@ def test_batch_rule(make_spec: MakeSpec, make_window: MakeWindow, case: Case) ->
 
 
 def test_autotune_off_keeps_the_spec_values(make_spec: MakeSpec, make_window: MakeWindow) -> None:
-    spec = make_spec(batching=spec_mod.BatchingSpec(max_batch_size=64, max_batch_tokens=4096, autotune=False))
+    spec = make_spec(batching=spec_mod.BatchingBounds(max_batch_size=64, max_batch_tokens=4096, autotune=False))
     decision = batching.decide_batch_limits(
         spec, make_window(**BUSY), current=batching.BatchLimits(96, 4096), changed_s=None, direction=0, now=NOW
     )
@@ -90,7 +87,7 @@ def test_autotune_off_keeps_the_spec_values(make_spec: MakeSpec, make_window: Ma
 
 
 def test_limits_outside_new_bounds_are_clamped_at_once(make_spec: MakeSpec, make_window: MakeWindow) -> None:
-    spec = make_spec(batching=spec_mod.BatchingSpec(max_batch_size=32, max_batch_tokens=2048, max_max_batch_size=64))
+    spec = make_spec(batching=spec_mod.BatchingBounds(max_batch_size=32, max_batch_tokens=2048, max_max_batch_size=64))
     decision = batching.decide_batch_limits(
         spec, make_window(), current=batching.BatchLimits(200, 2048), changed_s=NOW - 1.0, direction=1, now=NOW
     )

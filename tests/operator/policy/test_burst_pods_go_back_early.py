@@ -5,15 +5,13 @@ from __future__ import annotations
 
 from collections.abc import Callable
 
-from fleetlm_operator.policy import decide, state, window
+from fleetlm_dev.policy_inputs import MakeSpec, MakeWindow
+from fleetlm_operator.policy import decide, state
 from fleetlm_operator.policy import spec as spec_mod
-
-MakeSpec = Callable[..., spec_mod.PolicySpec]
-MakeWindow = Callable[..., window.ObservedWindow]
 
 QUIET_RUNNING = 100.0  # four 64-sequence pods running ~40% full
 BURST_RUNNING = 400.0  # what the burst would run with the room: the pods are full and a queue builds
-FIXED_BATCH = spec_mod.BatchingSpec(max_batch_size=64, max_batch_tokens=4096, autotune=False)
+FIXED_BATCH = spec_mod.BatchingBounds(max_batch_size=64, max_batch_tokens=4096, autotune=False)
 
 
 def replay(

@@ -9,15 +9,12 @@ from __future__ import annotations
 
 import dataclasses
 import itertools
-from collections.abc import Callable
 
 import pytest
 
+from fleetlm_dev.policy_inputs import MakeSpec, MakeWindow
 from fleetlm_operator.policy import costcurve, decide, replicas, state, window
 from fleetlm_operator.policy import spec as spec_mod
-
-MakeSpec = Callable[..., spec_mod.PolicySpec]
-MakeWindow = Callable[..., window.ObservedWindow]
 
 # TPOT = 0.7 ms + 0.0875 ms x batch: h = 8 (what the CPU engine benchmark of the tiny model gives).
 TPOT0_S = 0.0007
@@ -127,7 +124,7 @@ def test_the_fitted_curve_stops_a_scale_down_past_saturation(make_spec: MakeSpec
     # 75% (batch 24); 5 pods at 90%, batch 69: past the 64 limit, a queue. With h = 48 the projection
     # onto 5 reads mild: a tuner that never trusts its fit steps down into the overload, scales back
     # up, and does it again. With the fitted h = 8 the fleet stops at 6 and stays.
-    batching = spec_mod.BatchingSpec(max_batch_size=64, max_batch_tokens=4096, autotune=False)
+    batching = spec_mod.BatchingBounds(max_batch_size=64, max_batch_tokens=4096, autotune=False)
     never_fits = make_spec(batching=batching, tuning=spec_mod.Tuning(cost_fit_min_windows=1e9))
     spec = make_spec(batching=batching)
     sums = dataclasses.replace(

@@ -5,16 +5,13 @@ will drain, the refusals clients will retry), and tells the start-up it learnt."
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
+from fleetlm_dev.policy_inputs import MakeSpec, MakeWindow
 from fleetlm_operator.policy import decide, replicas, startup, state, window
 from fleetlm_operator.policy import spec as spec_mod
 
-MakeSpec = Callable[..., spec_mod.PolicySpec]
-MakeWindow = Callable[..., window.ObservedWindow]
-
 TUNING = spec_mod.Tuning(max_scale_up_factor=10.0)
-BATCHING = spec_mod.BatchingSpec(max_batch_size=64, max_batch_tokens=4096, autotune=False)
+BATCHING = spec_mod.BatchingBounds(max_batch_size=64, max_batch_tokens=4096, autotune=False)
 
 
 def overloaded(make_window: MakeWindow) -> window.ObservedWindow:

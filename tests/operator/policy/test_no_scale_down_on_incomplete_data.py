@@ -3,16 +3,13 @@ data does scale down (the NaN-at-idle failure mode of Dynamo #6985, AIBrix #593,
 
 from __future__ import annotations
 
-from collections.abc import Callable
 from typing import Any
 
 import pytest
 
+from fleetlm_dev.policy_inputs import MakeSpec, MakeWindow
 from fleetlm_operator.policy import decide, state, window
 from fleetlm_operator.policy import spec as spec_mod
-
-MakeSpec = Callable[..., spec_mod.PolicySpec]
-MakeWindow = Callable[..., window.ObservedWindow]
 
 
 def settled_state(spec: spec_mod.PolicySpec, make_window: MakeWindow, *, replicas: int) -> state.TunerState:

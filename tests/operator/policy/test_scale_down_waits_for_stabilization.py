@@ -2,13 +2,9 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
-from fleetlm_operator.policy import decide, state, window
+from fleetlm_dev.policy_inputs import MakeSpec, MakeWindow
+from fleetlm_operator.policy import decide, state
 from fleetlm_operator.policy import spec as spec_mod
-
-MakeSpec = Callable[..., spec_mod.PolicySpec]
-MakeWindow = Callable[..., window.ObservedWindow]
 
 TOTAL_RUNNING = 60.0  # light load: a couple of replicas' worth of 64-sequence batches
 

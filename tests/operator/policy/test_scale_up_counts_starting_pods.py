@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import pytest
 
+from fleetlm_dev.policy_inputs import MakeSpec, MakeWindow
 from fleetlm_operator.policy import decide, replicas, state, window
 from fleetlm_operator.policy import spec as spec_mod
-
-MakeSpec = Callable[..., spec_mod.PolicySpec]
-MakeWindow = Callable[..., window.ObservedWindow]
 
 
 def overloaded(make_window: MakeWindow) -> window.ObservedWindow:
@@ -54,7 +51,7 @@ def test_pods_starting_count_toward_the_demand(
     spec = make_spec(
         tuning=spec_mod.Tuning(max_scale_up_factor=10.0),
         max_replicas=64,
-        batching=spec_mod.BatchingSpec(max_batch_size=64, max_batch_tokens=4096, autotune=False),
+        batching=spec_mod.BatchingBounds(max_batch_size=64, max_batch_tokens=4096, autotune=False),
     )
     observed = overloaded(make_window)
     demand = replicas.estimate_demand(observed, tuning=spec.tuning)

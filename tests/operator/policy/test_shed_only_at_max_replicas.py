@@ -4,21 +4,14 @@ first, one per cooldown; never a class the spec does not mark sheddable."""
 from __future__ import annotations
 
 import dataclasses
-from collections.abc import Callable
 
 import pytest
 
+from fleetlm_dev.policy_inputs import THREE_CLASSES as CLASSES
+from fleetlm_dev.policy_inputs import MakeSpec, MakeWindow
 from fleetlm_operator.policy import decide, state, window
 from fleetlm_operator.policy import spec as spec_mod
 
-MakeSpec = Callable[..., spec_mod.PolicySpec]
-MakeWindow = Callable[..., window.ObservedWindow]
-
-CLASSES = (
-    spec_mod.ClassSpec(name="interactive", priority=0),
-    spec_mod.ClassSpec(name="batch", priority=10, sheddable=True),
-    spec_mod.ClassSpec(name="bulk", priority=20, sheddable=True),
-)
 NOW = 5000.0
 
 

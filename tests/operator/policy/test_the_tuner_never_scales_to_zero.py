@@ -7,14 +7,14 @@ from __future__ import annotations
 import pytest
 
 from fleetlm_operator import bridge
-from fleetlm_operator.api import models
+from fleetlm_operator.api import spec_models
 
 
-def _spec(replicas: dict[str, object], router: dict[str, object] | None = None) -> models.LLMServiceSpec:
+def _spec(replicas: dict[str, object], router: dict[str, object] | None = None) -> spec_models.LLMServiceSpec:
     data: dict[str, object] = {"model": {"source": "builtin:tiny"}, "replicas": replicas}
     if router is not None:
         data["router"] = router
-    return models.LLMServiceSpec.model_validate(data)
+    return spec_models.LLMServiceSpec.model_validate(data)
 
 
 @pytest.mark.parametrize(

@@ -3,15 +3,12 @@
 from __future__ import annotations
 
 import json
-from collections.abc import Callable
 
 import pytest
 
-from fleetlm_operator.policy import decide, startup, state, window
+from fleetlm_dev.policy_inputs import MakeSpec, MakeWindow
+from fleetlm_operator.policy import decide, startup, state
 from fleetlm_operator.policy import spec as spec_mod
-
-MakeSpec = Callable[..., spec_mod.PolicySpec]
-MakeWindow = Callable[..., window.ObservedWindow]
 
 FULL = state.TunerState(
     recommendations=(state.Recommendation(100.0, 4, 120.5), state.Recommendation(115.0, 4, None)),

@@ -6,18 +6,18 @@ import math
 
 import pytest
 
+from fleetlm_operator.policy import histogram, window
 from fleetlm_operator.policy import spec as spec_mod
-from fleetlm_operator.policy import window
 
 BOUNDS = (0.1, 0.25, 0.5, 1.0)
-SPEC = spec_mod.PolicySpec(slo=spec_mod.SLOSpec(ttft_s=0.5, tpot_s=0.05, percentile=95.0), max_replicas=4)
+SPEC = spec_mod.PolicySpec(slo=spec_mod.SLOTargets(ttft_s=0.5, tpot_s=0.05, percentile=95.0), max_replicas=4)
 
 
-def hist(cumulative: tuple[float, ...], count: float, total: float = 0.0) -> window.Histogram:
-    return window.Histogram(bounds=BOUNDS, cumulative=cumulative, count=count, sum=total)
+def hist(cumulative: tuple[float, ...], count: float, total: float = 0.0) -> histogram.Histogram:
+    return histogram.Histogram(bounds=BOUNDS, cumulative=cumulative, count=count, sum=total)
 
 
-def pod(name: str, at_s: float, ttft: window.Histogram, *, finished: float = 0.0) -> window.PodSample:
+def pod(name: str, at_s: float, ttft: histogram.Histogram, *, finished: float = 0.0) -> window.PodSample:
     return window.PodSample(
         pod=name,
         scraped_at_s=at_s,
@@ -25,7 +25,7 @@ def pod(name: str, at_s: float, ttft: window.Histogram, *, finished: float = 0.0
         waiting_by_class={"default": 0.0},
         kv_usage=0.1,
         ttft_by_class={"default": ttft},
-        tpot_by_class={"default": window.Histogram.empty((0.025, 0.05, 0.1))},
+        tpot_by_class={"default": histogram.Histogram.empty((0.025, 0.05, 0.1))},
         finished_by_class={"default": finished},
         started_at_s=0.0,
     )
@@ -44,7 +44,7 @@ def test_quantile_of_the_delta_matches_the_hand_computed_value(q: float, expecte
     delta = after.minus(before)
     assert delta is not None
     assert delta.cumulative == (10, 30, 60, 70)
-    assert window.histogram_quantile(q, delta) == pytest.approx(expected)
+    assert histogram.histogram_quantile(q, delta) == pytest.approx(expected)
 
 
 @pytest.mark.parametrize(
@@ -53,20 +53,20 @@ def test_quantile_of_the_delta_matches_the_hand_computed_value(q: float, expecte
 )
 def test_fraction_under_target_interpolates_inside_the_bucket(limit: float, expected: float) -> None:
     delta = hist((10, 30, 60, 70), 70)
-    assert window.histogram_fraction_at_most(limit, delta) == pytest.approx(expected)
+    assert histogram.histogram_fraction_at_most(limit, delta) == pytest.approx(expected)
 
 
 def test_rank_in_the_inf_bucket_answers_the_highest_finite_bound() -> None:
     delta = hist((10, 30, 60, 70), 80)  # ten observations above 1.0
-    assert window.histogram_quantile(0.95, delta) == 1.0
+    assert histogram.histogram_quantile(0.95, delta) == 1.0
     # Observations past the highest bound count as misses of any target beyond it.
-    assert window.histogram_fraction_at_most(5.0, delta) == pytest.approx(70 / 80)
+    assert histogram.histogram_fraction_at_most(5.0, delta) == pytest.approx(70 / 80)
 
 
 def test_an_empty_histogram_has_no_percentile_rather_than_zero() -> None:
     empty = hist((0, 0, 0, 0), 0)
-    assert window.histogram_quantile(0.95, empty) is None
-    assert window.histogram_fraction_at_most(0.5, empty) is None
+    assert histogram.histogram_quantile(0.95, empty) is None
+    assert histogram.histogram_fraction_at_most(0.5, empty) is None
 
 
 def test_window_sums_bucket_deltas_over_pods_before_interpolating() -> None:

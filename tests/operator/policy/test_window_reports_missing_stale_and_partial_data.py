@@ -7,10 +7,10 @@ import dataclasses
 
 import pytest
 
+from fleetlm_operator.policy import histogram, window
 from fleetlm_operator.policy import spec as spec_mod
-from fleetlm_operator.policy import window
 
-SPEC = spec_mod.PolicySpec(slo=spec_mod.SLOSpec(ttft_s=0.5, tpot_s=0.05), max_replicas=8)
+SPEC = spec_mod.PolicySpec(slo=spec_mod.SLOTargets(ttft_s=0.5, tpot_s=0.05), max_replicas=8)
 BOUNDS = (0.1, 0.5, 1.0)
 
 
@@ -33,8 +33,8 @@ def sample(
         waiting_by_class={"default": waiting},
         kv_usage=0.2,
         gpu_utilization=None,
-        ttft_by_class={"default": window.Histogram(BOUNDS, tuple(cumulative), count, 0.0)},
-        tpot_by_class={"default": window.Histogram.empty((0.025, 0.05))},
+        ttft_by_class={"default": histogram.Histogram(BOUNDS, tuple(cumulative), count, 0.0)},
+        tpot_by_class={"default": histogram.Histogram.empty((0.025, 0.05))},
         finished_by_class={"default": finished},
         started_at_s=started_at_s,
     )

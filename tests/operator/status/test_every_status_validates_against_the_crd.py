@@ -16,7 +16,7 @@ import pytest
 
 from fleetlm_dev import crd_schema
 from fleetlm_operator import bridge
-from fleetlm_operator.api import models
+from fleetlm_operator.api import models, status_models
 from fleetlm_operator.builders import model_cache as model_cache_builder
 from fleetlm_operator.handlers import model_cache as model_cache_handler
 from fleetlm_operator.handlers import reconcile
@@ -74,10 +74,10 @@ def test_the_tuners_sections_validate() -> None:
             _measured_window(),
         ):
             _valid({
-                "observed": models.status_json(bridge.observed_status(observed, percentile=spec.slo.percentile,
+                "observed": status_models.status_json(bridge.observed_status(observed, percentile=spec.slo.percentile,
                                                                       now=NOW)),
-                "startup": models.status_json(bridge.startup_status(decision)),
-                "tuning": models.status_json(models.Tuning(
+                "startup": status_models.status_json(bridge.startup_status(decision)),
+                "tuning": status_models.status_json(status_models.TuningStatus(
                     max_batch_size=decision.max_batch_size, max_batch_tokens=decision.max_batch_tokens,
                     shed_classes=list(decision.shed_classes), class_weights={"critical": 6, "batch": 1})),
             })  # fmt: skip
@@ -96,13 +96,13 @@ def _measured_window() -> window.ObservedWindow:
 def test_every_decision_record_validates_and_the_history_stays_in_bounds(advise: bool) -> None:
     svc = _service()
     decision = _decisions(svc)[0]
-    combos = [list(c) for n in (1, 2, 3) for c in itertools.combinations(models.DECISION_ACTIONS, n)]
+    combos = [list(c) for n in (1, 2, 3) for c in itertools.combinations(status_models.DECISION_ACTIONS, n)]
     history: list[dict[str, Any]] = []
     for actions in combos:
         record = bridge.decision_record(decision, actions=actions, now=NOW, advise=advise)
-        history = [models.status_json(r) for r in bridge.bounded_history(history, record)]
+        history = [status_models.status_json(r) for r in bridge.bounded_history(history, record)]
         _valid({"decisions": history})
-    assert len(history) == models.MAX_DECISIONS
+    assert len(history) == status_models.MAX_DECISIONS
     assert history[-1]["time"] == "2026-03-04T05:06:07Z"  # to the second, as the API server writes time
 
 
@@ -117,7 +117,7 @@ def test_the_actions_the_tuner_names_are_the_ones_the_crd_documents() -> None:
     ):
         seen.update(bridge.decision_actions(decision, current_replicas=replicas, current_limits=limits,
                                             current_shed=shed))  # fmt: skip
-    assert seen <= set(models.DECISION_ACTIONS)
+    assert seen <= set(status_models.DECISION_ACTIONS)
     with pytest.raises(ValueError, match="not recorded"):
         bridge.decision_record(decision, actions=[], now=NOW)
 
@@ -147,12 +147,12 @@ def test_the_rollout_status_validates(cached: bool, deployment: dict[str, Any] |
     model = {"source": "hf://HuggingFaceTB/SmolLM2-135M-Instruct", **({"cache": {"size": "2Gi"}} if cached else {})}
     svc = _service(model=model, router={"enabled": cached})
     body = {"metadata": {"generation": 3}, "status": {"modelCache": {"phase": "Filling"}}}
-    caches: list[models.ModelCacheStatus | None] = [None]
+    caches: list[status_models.ModelCacheStatus | None] = [None]
     if cached:
         caches += [model_cache_builder.cache_status(svc, None),
-                   models.ModelCacheStatus(phase="Failed", claim_name="c", job_name="j", reason="SourceNotFound",
+                   status_models.ModelCacheStatus(phase="Failed", claim_name="c", job_name="j", reason="SourceNotFound",
                                            message="no such repo"),
-                   models.ModelCacheStatus(phase="Ready", claim_name="c", job_name="j", bytes_done=10,
+                   status_models.ModelCacheStatus(phase="Ready", claim_name="c", job_name="j", bytes_done=10,
                                            bytes_total=10)]  # fmt: skip
     for cache in caches:
         status = reconcile.render_rollout_status(svc, body=body, deployment=deployment, pods=[UNSCHEDULABLE],
@@ -169,8 +169,8 @@ def test_the_tuners_conditions_and_the_reconciles_tuning_validate() -> None:
                                        now=NOW, observed_generation=3)  # fmt: skip
         _valid({"conditions": applied})
     stored = _service(batching={"autotune": True})
-    _valid({"tuning": models.status_json(reconcile.current_tuning(stored))})
-    _valid({"tuning": models.status_json(models.initial_tuning(svc.spec))})
+    _valid({"tuning": status_models.status_json(reconcile.current_tuning(stored))})
+    _valid({"tuning": status_models.status_json(models.initial_tuning(svc.spec))})
 
 
 def test_a_field_the_crd_does_not_declare_is_refused() -> None:

@@ -7,7 +7,7 @@ import datetime
 from typing import Any
 
 from fleetlm_operator import bridge
-from fleetlm_operator.api import models
+from fleetlm_operator.api import status_models
 from fleetlm_operator.policy import decide, state, window
 from fleetlm_operator.policy import spec as spec_mod
 
@@ -51,7 +51,7 @@ def test_a_pod_without_timestamps_is_skipped_not_guessed() -> None:
 
 
 def test_status_startup_shows_the_learnt_time_and_the_loading_pods() -> None:
-    spec = spec_mod.PolicySpec(slo=spec_mod.SLOSpec(ttft_s=0.5), max_replicas=8)
+    spec = spec_mod.PolicySpec(slo=spec_mod.SLOTargets(ttft_s=0.5), max_replicas=8)
     pods = [_pod("a", created_s=NOW_S - 200, ready_s=NOW_S - 140), _pod("b", created_s=NOW_S - 30)]
     ages, started = bridge.pod_startups(pods, now_s=NOW_S)
     decision = decide.decide(
@@ -60,7 +60,7 @@ def test_status_startup_shows_the_learnt_time_and_the_loading_pods() -> None:
         state.TunerState(),
         now=NOW_S,
     )
-    assert models.status_json(bridge.startup_status(decision)) == {
+    assert status_models.status_json(bridge.startup_status(decision)) == {
         "observedSeconds": 60.0,
         "lastSeconds": 60.0,
         "podsObserved": 1,
@@ -74,7 +74,7 @@ def test_status_startup_shows_the_learnt_time_and_the_loading_pods() -> None:
         state.TunerState(),
         now=NOW_S,
     )
-    assert models.status_json(bridge.startup_status(empty)) == {
+    assert status_models.status_json(bridge.startup_status(empty)) == {
         "podsObserved": 0,
         "loadingReplicas": 0,
         "stuckReplicas": 0,

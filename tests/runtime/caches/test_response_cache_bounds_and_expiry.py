@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleetlm_runtime.caches import responses
+from fleetlm_runtime.caches import response_store
 
 
 class Clock:
@@ -17,15 +17,15 @@ class Clock:
         return self.now
 
 
-def _value(text: str = "hello", *, pieces: int = 1) -> responses.CachedResponse:
-    return responses.CachedResponse(
+def _value(text: str = "hello", *, pieces: int = 1) -> response_store.CachedResponse:
+    return response_store.CachedResponse(
         pieces=tuple([text] * pieces), finish_reason="length", num_prompt_tokens=3, num_output_tokens=pieces
     )
 
 
-def _cache(clock: Clock | None = None, **kwargs: float) -> responses.ResponseCache:
+def _cache(clock: Clock | None = None, **kwargs: float) -> response_store.ResponseCache:
     settings = {"max_entries": 100, "max_bytes": 1 << 20, "ttl_s": 60.0, **kwargs}
-    return responses.ResponseCache(
+    return response_store.ResponseCache(
         max_entries=int(settings["max_entries"]),
         max_bytes=int(settings["max_bytes"]),
         ttl_s=settings["ttl_s"],
@@ -128,15 +128,15 @@ def test_clear_empties_everything() -> None:
 def test_only_deterministic_requests_are_eligible(
     temperature: float, top_k: int, seed: int | None, eligible: bool
 ) -> None:
-    assert responses.is_deterministic(temperature=temperature, top_k=top_k, seed=seed) is eligible
+    assert response_store.is_deterministic(temperature=temperature, top_k=top_k, seed=seed) is eligible
 
 
 def test_keys_are_canonical_and_every_part_counts() -> None:
     base = {"model": {"source": "m", "revision": None}, "prompt_token_ids": [1, 2, 3], "sampling": {"a": 1, "b": [2]}}
-    key = responses.make_key(**base)  # type: ignore[arg-type]
-    assert len(key) == 64 and key == responses.make_key(**base)  # type: ignore[arg-type]
+    key = response_store.make_key(**base)  # type: ignore[arg-type]
+    assert len(key) == 64 and key == response_store.make_key(**base)  # type: ignore[arg-type]
     reordered = {**base, "sampling": {"b": [2], "a": 1}}
-    assert responses.make_key(**reordered) == key  # type: ignore[arg-type]
+    assert response_store.make_key(**reordered) == key  # type: ignore[arg-type]
     variants = [
         {**base, "model": {"source": "m", "revision": "v2"}},
         {**base, "prompt_token_ids": [1, 2, 4]},
@@ -145,5 +145,5 @@ def test_keys_are_canonical_and_every_part_counts() -> None:
         {**base, "sampling": {"a": 1, "b": [2], "c": None}},
     ]
     for variant in variants:
-        assert responses.make_key(**variant) != key, variant  # type: ignore[arg-type]
-    assert responses.make_key(**base, salt="tenant-b") != key  # type: ignore[arg-type]
+        assert response_store.make_key(**variant) != key, variant  # type: ignore[arg-type]
+    assert response_store.make_key(**base, salt="tenant-b") != key  # type: ignore[arg-type]

@@ -8,26 +8,26 @@ import asyncio
 
 import pytest
 
-from fleetlm_runtime.caches import responses
+from fleetlm_runtime.caches import response_store
 
 
-def _cache() -> responses.ResponseCache:
-    return responses.ResponseCache(max_entries=10, max_bytes=1 << 20, ttl_s=60.0)
+def _cache() -> response_store.ResponseCache:
+    return response_store.ResponseCache(max_entries=10, max_bytes=1 << 20, ttl_s=60.0)
 
 
-VALUE = responses.CachedResponse(pieces=("a", "b"), finish_reason="stop", num_prompt_tokens=2, num_output_tokens=2)
+VALUE = response_store.CachedResponse(pieces=("a", "b"), finish_reason="stop", num_prompt_tokens=2, num_output_tokens=2)
 
 
 async def test_concurrent_claims_compute_once() -> None:
     cache = _cache()
     computations = 0
 
-    async def request() -> tuple[str, responses.CachedResponse | None]:
+    async def request() -> tuple[str, response_store.CachedResponse | None]:
         nonlocal computations
         claim = cache.claim("k")
-        if isinstance(claim, responses.Hit):
+        if isinstance(claim, response_store.Hit):
             return "hit", claim.value
-        if isinstance(claim, responses.Follower):
+        if isinstance(claim, response_store.Follower):
             return "shared", await claim.wait()
         computations += 1
         try:
@@ -41,15 +41,15 @@ async def test_concurrent_claims_compute_once() -> None:
     assert sorted(how for how, _ in results) == ["miss"] + ["shared"] * 7
     assert all(value == VALUE for _, value in results)
     assert cache.num_flights == 0 and cache.get("k") == VALUE
-    assert isinstance(cache.claim("k"), responses.Hit)
+    assert isinstance(cache.claim("k"), response_store.Hit)
 
 
 async def test_a_failed_leader_releases_followers_who_claim_again() -> None:
     cache = _cache()
     leader = cache.claim("k")
-    assert isinstance(leader, responses.Leader)
+    assert isinstance(leader, response_store.Leader)
     followers = [cache.claim("k") for _ in range(3)]
-    assert all(isinstance(f, responses.Follower) for f in followers)
+    assert all(isinstance(f, response_store.Follower) for f in followers)
     waits = [asyncio.create_task(f.wait()) for f in followers]  # type: ignore[union-attr]
     await asyncio.sleep(0)
     leader.finish(None)  # aborted: nothing to share, nothing stored
@@ -64,9 +64,9 @@ async def test_a_failed_leader_releases_followers_who_claim_again() -> None:
 async def test_finish_is_idempotent_and_a_leader_in_finally_never_leaks_a_flight() -> None:
     cache = _cache()
     leader = cache.claim("k")
-    assert isinstance(leader, responses.Leader)
+    assert isinstance(leader, response_store.Leader)
     follower = cache.claim("k")
-    assert isinstance(follower, responses.Follower)
+    assert isinstance(follower, response_store.Follower)
     waiting = asyncio.create_task(follower.wait())
     await asyncio.sleep(0)
 
@@ -103,7 +103,7 @@ async def test_clear_during_a_flight_stores_nothing_from_before_it() -> None:
     follower = cache.claim("k")
     cache.clear()  # e.g. the cache settings changed: results computed before must not be stored
     new_leader = cache.claim("k")
-    assert isinstance(new_leader, responses.Leader)  # the old flight is forgotten
+    assert isinstance(new_leader, response_store.Leader)  # the old flight is forgotten
     old_leader.finish(VALUE)  # type: ignore[union-attr]
     assert await follower.wait() == VALUE  # type: ignore[union-attr]  # its follower still gets an answer
     assert cache.get("k") is None

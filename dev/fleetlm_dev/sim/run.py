@@ -20,10 +20,10 @@ from collections.abc import Callable, Mapping
 
 import numpy as np
 
-from fleetlm_operator.policy import decide, hpa, window
+from fleetlm_dev.sim import calibration, hpa, oracle, replica, workload
+from fleetlm_operator.policy import decide, window
 from fleetlm_operator.policy import spec as spec_mod
 from fleetlm_operator.policy import state as state_mod
-from fleetlm_operator.sim import calibration, oracle, replica, workload
 
 
 class Policy:
@@ -57,10 +57,10 @@ POLICIES: dict[str, Policy] = {
 def default_spec(trace: workload.Trace) -> spec_mod.PolicySpec:
     """The LLMService the simulator tunes: chat-like SLO, batching from 32 within 8..256, 15 s interval."""
     return spec_mod.PolicySpec(
-        slo=spec_mod.SLOSpec(ttft_s=0.5, tpot_s=0.05, percentile=95.0),
+        slo=spec_mod.SLOTargets(ttft_s=0.5, tpot_s=0.05, percentile=95.0),
         min_replicas=trace.min_replicas,
         max_replicas=trace.max_replicas,
-        batching=spec_mod.BatchingSpec(
+        batching=spec_mod.BatchingBounds(
             max_batch_size=32,
             max_batch_tokens=2048,
             min_max_batch_size=8,

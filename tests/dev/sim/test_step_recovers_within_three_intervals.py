@@ -5,7 +5,7 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from fleetlm_operator.sim import bars, run
+from fleetlm_dev.sim import bars, run
 
 pytestmark = pytest.mark.slow
 

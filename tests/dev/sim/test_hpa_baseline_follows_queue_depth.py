@@ -2,15 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Callable
-
 import pytest
 
-from fleetlm_operator.policy import hpa, state, window
+from fleetlm_dev.policy_inputs import build_spec as make_spec
+from fleetlm_dev.policy_inputs import build_window as make_window
+from fleetlm_dev.sim import hpa
 from fleetlm_operator.policy import spec as spec_mod
-
-MakeSpec = Callable[..., spec_mod.PolicySpec]
-MakeWindow = Callable[..., window.ObservedWindow]
+from fleetlm_operator.policy import state, window
 
 
 @pytest.mark.parametrize(
@@ -24,9 +22,7 @@ MakeWindow = Callable[..., window.ObservedWindow]
         (10, 40.0, 16),  # and the spec's max
     ],
 )
-def test_scale_up_follows_the_queue(
-    make_spec: MakeSpec, make_window: MakeWindow, current: int, waiting_per_pod: float, expected: int
-) -> None:
+def test_scale_up_follows_the_queue(current: int, waiting_per_pod: float, expected: int) -> None:
     spec = make_spec()
     decision = hpa.decide(
         spec_mod.PolicyInput(spec, current, current),
@@ -39,9 +35,7 @@ def test_scale_up_follows_the_queue(
     assert decision.shed_classes == ()
 
 
-def test_scale_down_takes_the_highest_recommendation_of_the_last_300s(
-    make_spec: MakeSpec, make_window: MakeWindow
-) -> None:
+def test_scale_down_takes_the_highest_recommendation_of_the_last_300s() -> None:
     spec = make_spec()
     tuner = state.TunerState()
     current = 8
@@ -59,7 +53,7 @@ def test_scale_down_takes_the_highest_recommendation_of_the_last_300s(
     assert seen[20:] == [1] * 10
 
 
-def test_missing_queue_metric_holds(make_spec: MakeSpec) -> None:
+def test_missing_queue_metric_holds() -> None:
     spec = make_spec()
     empty = window.unavailable("0/4 pods scraped", now_s=100.0, quantile=0.95, num_pods_expected=4)
     decision = hpa.decide(spec_mod.PolicyInput(spec, 4, 4), empty, state.TunerState(), now=100.0)

@@ -145,3 +145,22 @@ def from_engine_benchmark(
         startup_s=startup_s,
         description=f"measured by the engine benchmark on {report.get('cpu', 'this machine')} ({model})",
     )
+
+
+# `fleetlm-dev bench engine --quick --json` on a 2-core x86_64 machine: (concurrency, full decode step ms).
+# A recorded report, so the simulator's tests judge the bars on the same compute-bound engine everywhere.
+TWO_CORE_TINY_STEPS_MS = ((1, 0.6228), (8, 0.941), (32, 1.7234), (64, 2.7574))
+
+
+def measured_two_core_tiny() -> Calibration:
+    """The calibration `from_engine_benchmark` makes of the recorded 2-core report of the built-in tiny model."""
+    report = {
+        "cpu": "2 CPUs, x86_64",
+        "models": [
+            {
+                "model": "builtin:tiny",
+                "concurrency": [{"concurrency": c, "full_decode_step_p50_ms": ms} for c, ms in TWO_CORE_TINY_STEPS_MS],
+            }
+        ],
+    }
+    return from_engine_benchmark(report, model="builtin:tiny")

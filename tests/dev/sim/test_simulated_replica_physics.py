@@ -7,7 +7,7 @@ import math
 
 import pytest
 
-from fleetlm_operator.sim import calibration, replica
+from fleetlm_dev.sim import calibration, replica
 from fleetlm_runtime import contract
 
 

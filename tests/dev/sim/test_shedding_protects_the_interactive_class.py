@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleetlm_operator.sim import run
+from fleetlm_dev.sim import run
 
 pytestmark = pytest.mark.slow
 

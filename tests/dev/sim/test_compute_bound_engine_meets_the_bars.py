@@ -12,36 +12,25 @@ from __future__ import annotations
 
 import pytest
 
-from fleetlm_operator.sim import bars, calibration, run, workload
+from fleetlm_dev.sim import bars, calibration, run, workload
 
 pytestmark = pytest.mark.slow
 
 SEED = 1
-# `fleetlm-dev bench engine --quick --json` on a 2-core x86_64 machine: (concurrency, full decode step ms).
-MEASURED_STEPS_MS = ((1, 0.6228), (8, 0.941), (32, 1.7234), (64, 2.7574))
-
-
-def _measured() -> calibration.Calibration:
-    report = {
-        "cpu": "2 CPUs, x86_64",
-        "models": [
-            {
-                "model": "builtin:tiny",
-                "concurrency": [{"concurrency": c, "full_decode_step_p50_ms": ms} for c, ms in MEASURED_STEPS_MS],
-            }
-        ],
-    }
-    return calibration.from_engine_benchmark(report, model="builtin:tiny")
 
 
 @pytest.fixture(scope="module")
 def cpu_diurnal() -> run.Outcome:
-    return run.simulate(workload.TRACES["diurnal"], run.POLICIES["fleetlm"], calib=_measured(), seed=SEED)
+    return run.simulate(
+        workload.TRACES["diurnal"], run.POLICIES["fleetlm"], calib=calibration.measured_two_core_tiny(), seed=SEED
+    )
 
 
 @pytest.fixture(scope="module")
 def cpu_step() -> run.Outcome:
-    return run.simulate(workload.TRACES["step"], run.POLICIES["fleetlm"], calib=_measured(), seed=SEED)
+    return run.simulate(
+        workload.TRACES["step"], run.POLICIES["fleetlm"], calib=calibration.measured_two_core_tiny(), seed=SEED
+    )
 
 
 def test_diurnal_meets_the_slo_near_oracle_cost(cpu_diurnal: run.Outcome) -> None:

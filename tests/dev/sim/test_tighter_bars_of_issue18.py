@@ -18,28 +18,16 @@ import functools
 
 import pytest
 
-from fleetlm_operator.sim import bars, calibration, run, workload
+from fleetlm_dev.sim import bars, calibration, run, workload
 
 SEED = 1
-# `fleetlm-dev bench engine --quick --json` on a 2-core x86_64 machine (as test_compute_bound_engine_meets_the_bars):
-# (concurrency, full decode step ms).
-MEASURED_STEPS_MS = ((1, 0.6228), (8, 0.941), (32, 1.7234), (64, 2.7574))
 
 
-def _measured() -> calibration.Calibration:
-    report = {
-        "cpu": "2 CPUs, x86_64",
-        "models": [
-            {
-                "model": "builtin:tiny",
-                "concurrency": [{"concurrency": c, "full_decode_step_p50_ms": ms} for c, ms in MEASURED_STEPS_MS],
-            }
-        ],
-    }
-    return calibration.from_engine_benchmark(report, model="builtin:tiny")
-
-
-PROFILES = {"gpu": calibration.GPU_LIKE, "cpu-tiny": calibration.CPU_TINY, "measured": _measured()}
+PROFILES = {
+    "gpu": calibration.GPU_LIKE,
+    "cpu-tiny": calibration.CPU_TINY,
+    "measured": calibration.measured_two_core_tiny(),
+}
 
 # Not met yet, with what seed 1 gives (see the issue note for the full table).
 NOT_MET = {

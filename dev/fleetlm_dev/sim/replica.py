@@ -17,8 +17,8 @@ import collections
 import heapq
 from collections.abc import Callable
 
-from fleetlm_operator.policy import window
-from fleetlm_operator.sim import calibration
+from fleetlm_dev.sim import calibration
+from fleetlm_operator.policy import histogram, window
 
 # The runtime's buckets (fleetlm_runtime.contract, vLLM's); the sim may not import the runtime, so they
 # are repeated here and a test holds them equal.
@@ -68,13 +68,13 @@ class _Hist:
         self.counts[bisect.bisect_left(self.bounds, value)] += 1
         self.total += value
 
-    def snapshot(self) -> window.Histogram:
+    def snapshot(self) -> histogram.Histogram:
         cumulative: list[float] = []
         running = 0
         for count in self.counts[:-1]:
             running += count
             cumulative.append(float(running))
-        return window.Histogram(
+        return histogram.Histogram(
             bounds=self.bounds, cumulative=tuple(cumulative), count=float(running + self.counts[-1]), sum=self.total
         )
 

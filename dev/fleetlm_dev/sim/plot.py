@@ -16,7 +16,7 @@ matplotlib.use("Agg")
 import matplotlib.pyplot as plt  # (after choosing the backend)
 import numpy as np
 
-from fleetlm_operator.sim import run
+from fleetlm_dev.sim import run
 
 _COLOURS = {"fleetlm": "tab:blue", "hpa": "tab:orange"}
 

@@ -1,4 +1,4 @@
-"""The response cache: exact repeats of deterministic requests answered from memory, computed once.
+"""The response cache's store: exact repeats of deterministic requests answered from memory, computed once.
 
 Only a request whose output is fixed by its inputs may be served from here: greedy decoding
 (temperature 0, or top_k 1) or an explicit seed. The key is a SHA-256 over everything that decides the

@@ -16,8 +16,8 @@ import math
 
 import numpy as np
 
+from fleetlm_dev.sim import calibration, replica, workload
 from fleetlm_operator.policy import spec as spec_mod
-from fleetlm_operator.sim import calibration, replica, workload
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -32,7 +32,7 @@ def _attains(
     rate_per_s: float,
     calib: calibration.Calibration,
     class_names: tuple[str, ...],
-    slo: spec_mod.SLOSpec,
+    slo: spec_mod.SLOTargets,
     targets: tuple[tuple[float | None, float | None], ...],
     max_batch_size: int,
     max_batch_tokens: int,

@@ -32,7 +32,7 @@ import itertools
 import math
 from collections.abc import Callable
 
-from fleetlm_operator.sim import run, workload
+from fleetlm_dev.sim import run, workload
 
 RECOVERY_INTERVALS = 3
 STEADY_CHANGES = 0

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleetlm_operator.sim import bars, run
+from fleetlm_dev.sim import bars, run
 
 pytestmark = pytest.mark.slow
 

@@ -12,6 +12,7 @@ from __future__ import annotations
 import math
 
 from fleetlm_operator.policy import decide as decide_mod
+from fleetlm_operator.policy import slo
 from fleetlm_operator.policy import spec as spec_mod
 from fleetlm_operator.policy import state as state_mod
 from fleetlm_operator.policy import window as window_mod
@@ -76,6 +77,6 @@ def decide(
         state=new_state,
         metrics_available=window.complete,
         metrics_reason=window.reason,
-        slo_met=window_mod.assess(window, spec=spec).met,
+        slo_met=slo.assess(window, spec=spec).met,
         recommended_replicas=rec,
     )

@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleetlm_operator.sim import calibration
+from fleetlm_dev.sim import calibration
 
 
 def _report(points: list[tuple[int, float]]) -> dict:

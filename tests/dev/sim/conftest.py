@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import pytest
 
-from fleetlm_operator.sim import run, workload
+from fleetlm_dev.sim import run, workload
 
 SEED = 1
 
