@@ -1,7 +1,7 @@
 """`fleetlm-dev bench router`: the router's prefix affinity and load balance against round-robin, in one run.
 
 Three real `fleetlm-runtime` replicas on loopback, each with a bounded prefix cache (`--prefix-cache-tokens`,
-by default room for four of the eight shared prefixes, as a real KV cache is bounded). Two
+by default 1600 tokens: room for three of the eight 512-token prefixes, as a real KV cache is bounded). Two
 `fleetlm-router` processes in front of the same replicas: one with `--policy prefix-affinity`, one with
 `--policy round-robin` (what a Service gives). Workloads, generated and measured by `bench_serve`:
 
@@ -538,7 +538,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix-cache-tokens",
         type=int,
         default=1600,
-        help="per replica; default fits 4 of the 8 prefixes, as a bounded KV cache would",
+        help="per replica; default fits 3 of the 8 prefixes of 512 tokens, as a bounded KV cache would",
     )
     p.add_argument("--rounds", type=int, default=1, help="A/B rounds per workload (alternating order)")
     p.add_argument("--seed", type=int, default=0)

@@ -25,8 +25,8 @@ and the request's prefix key; it returns a replica and the reason, as data.
   so the second request hits it (the ring point would compute it a second time elsewhere), and since the
   first request went to the least loaded replica, a burst of new prefixes is spread by load instead of by
   hash (a ring puts 4 or 5 of 8 prefixes on one of 3 replicas about half the time, and the bound then
-  has to spill them). The ring still orders the spill after the home, and homes a seen key whose
-  remembered replica is gone (a router restarted, a replica removed), so routers agree on it then.
+  has to spill them). The ring still orders the spills after the home, and picks the new home of a key
+  whose home left the replica set.
 - `replica_loads(...)`: the load each replica is judged by. The router's own in-flight count is exact
   and current but blind to traffic that reached a replica another way (a second router replica, clients
   of the runtime Service); a replica's /metrics (`vllm:num_requests_waiting`/`running`,
