@@ -205,6 +205,7 @@ class PolicyRun:
     hit_rate: float | None
     in_flight_max_over_mean: float | None
     per_replica_in_flight: dict[str, float]
+    picks_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)  # the router's own count
 
 
 async def _sample_in_flight(router_url: str, stop: asyncio.Event, out: dict[str, list[float]]) -> None:
@@ -241,6 +242,7 @@ async def _measure(
     outcome = await bench_serve.run_target(dataclasses.replace(cfg, url=router.url), specs, label=policy)
     stop.set()
     await sampler
+    picks = _picks_by_reason(router.url)
     queries = sum(scrape_counter(r.url, PREFIX_QUERIES) for r in replicas) - queries0
     hits = sum(scrape_counter(r.url, PREFIX_HITS) for r in replicas) - hits0
     ok = [r for r in outcome.results if r.success]
@@ -254,8 +256,21 @@ async def _measure(
         throughput_tok_s=sum(r.output_tokens for r in ok) / outcome.duration_s,
         completed=len(ok), failed=len(outcome.results) - len(ok),
         hit_rate=hits / queries if queries else None,
-        in_flight_max_over_mean=balance, per_replica_in_flight=means,
+        in_flight_max_over_mean=balance, per_replica_in_flight=means, picks_by_reason=picks,
     )  # fmt: skip
+
+
+def _picks_by_reason(router_url: str) -> dict[str, int]:
+    """`fleetlm_router_picks_total` summed over replicas, by reason (affinity, spill, new_prefix, ...)."""
+    status, text = _get(router_url + "/metrics")
+    if status != 200:
+        raise RuntimeError(f"{router_url}/metrics: HTTP {status}")
+    picks: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("fleetlm_router_picks_total{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            picks[reason] = picks.get(reason, 0) + round(float(line.rsplit(" ", 1)[1]))
+    return picks
 
 
 @contextlib.contextmanager
@@ -497,12 +512,18 @@ def _routing_report(data: dict[str, Any]) -> list[str]:
         by.setdefault((r["workload"], r["policy"]), []).append(r)
     lines.append(
         "workload        policy            TTFT p50 ms   tok/s    hit rate   busiest/mean in-flight   ok/failed"
+        "   picks by reason"
     )
     for (workload, policy), runs in by.items():
+        reasons: dict[str, int] = {}
+        for r in runs:
+            for reason, count in r.get("picks_by_reason", {}).items():
+                reasons[reason] = reasons.get(reason, 0) + count
         lines.append(
             f"{workload:<15} {policy:<17} {_mean(runs, 'ttft_p50_ms'):10.1f} {_mean(runs, 'throughput_tok_s'):8.1f}"
             f"   {_mean(runs, 'hit_rate'):8.3f}   {_mean(runs, 'in_flight_max_over_mean'):12.2f}"
-            f"             {sum(r['completed'] for r in runs)}/{sum(r['failed'] for r in runs)}"
+            f"             {sum(r['completed'] for r in runs)}/{sum(r['failed'] for r in runs):<9}"
+            f"   {' '.join(f'{k}={v}' for k, v in sorted(reasons.items()))}"
         )
 
     def ratio(workload: str, key: str) -> float:
