@@ -220,7 +220,12 @@ def pick_affinity(
     if key is None:
         return Pick(least_loaded(candidates, in_flight, tie_break=tie_break, saturated=saturated), REASON_LEAST_LOADED)
     if not seen:
-        return Pick(least_loaded(candidates, in_flight, tie_break=tie_break, saturated=saturated), REASON_NEW_PREFIX)
+        # Ties go by the ring, not by rotation: on an idle fleet a burst of new prefixes then spreads by hash
+        # (a rotation counter shared with every other pick can send them all to one replica).
+        pool = [c for c in candidates if c not in saturated] or candidates
+        low = min(in_flight.get(c, 0) for c in pool)
+        tied = {c for c in pool if in_flight.get(c, 0) == low}
+        return Pick(next(name for name in ring.walk(key) if name in tied), REASON_NEW_PREFIX)
     total = sum(in_flight.get(r, 0) for r in candidates)
     bound = load_bound(total, len(candidates), load_factor)
     first = True

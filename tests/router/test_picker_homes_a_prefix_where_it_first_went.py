@@ -114,3 +114,11 @@ def test_unique_prompts_keep_the_busiest_replica_within_1_25x_of_the_mean() -> N
             samples[name].append(in_flight[name])
     means = [statistics.fmean(v) for v in samples.values()]
     assert max(means) / statistics.fmean(means) <= 1.25
+
+
+def test_on_an_idle_fleet_new_prefixes_go_to_their_ring_point_whatever_the_rotation() -> None:
+    ring = picker.HashRing(REPLICAS)
+    for i in range(30):
+        for tie_break in (0, 1, 2):
+            choice = picker.pick_affinity(ring, key=_key(i), in_flight={}, seen=False, tie_break=tie_break)
+            assert choice == picker.Pick(next(ring.walk(_key(i))), picker.REASON_NEW_PREFIX)
