@@ -138,12 +138,13 @@ class KVCacheManager:
         if blocks is None:
             return
         pool = self.pool
-        bounded = pool.max_cached_blocks is not None
+        bound = pool.max_cached_blocks
+        bounded = bound is not None
         start = self._num_hashed.get(req.req_id, 0)
         end = min(num_tokens // self.block_size, len(req.block_hashes), len(blocks))
-        if bounded:
+        if bound is not None:
             # A chain longer than the bound keeps its head: deeper blocks would push out its own root.
-            end = min(end, pool.max_cached_blocks)
+            end = min(end, bound)
         if end <= start:
             return
         hashes = req.block_hashes
