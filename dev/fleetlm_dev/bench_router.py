@@ -439,6 +439,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         bench_serve.DatasetConfig(kind="random", input_len=args.uniform_input_len, output_len=args.output_len,
                                   input_dist="uniform", output_dist="uniform"),
         num=args.num_prompts, seed=args.seed + 1)  # fmt: skip
+    warm_up = bench_serve.build_dataset(
+        bench_serve.DatasetConfig(kind="random", input_len=args.uniform_input_len, output_len=args.output_len),
+        num=args.concurrency,
+        seed=args.seed + 2,
+    )
     results: list[PolicyRun] = []
     policies = ("prefix-affinity", "round-robin")
     out: dict[str, Any] = {}
@@ -460,6 +465,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.workload == "shared-prefix":
             continue
         with _replicas(directory, config, args.replicas, f"uniform-{round_}") as replicas:
+            # Both policies share these replicas: warm them first, or whichever runs first pays their start.
+            await asyncio.gather(
+                *(
+                    bench_serve.run_target(dataclasses.replace(cfg, url=r.url), warm_up, label="warm-up")
+                    for r in replicas
+                )
+            )
             for policy in order:
                 results.append(
                     await _run_policy(
