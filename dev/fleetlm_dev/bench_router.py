@@ -1,7 +1,7 @@
 """`fleetlm-dev bench router`: the router's prefix affinity and load balance against round-robin, in one run.
 
 Three real `fleetlm-runtime` replicas on loopback, each with a bounded prefix cache (`--prefix-cache-tokens`,
-by default room for four of the eight shared prefixes, as a real KV cache is bounded). Two
+by default 1600 tokens: room for three of the eight 512-token prefixes, as a real KV cache is bounded). Two
 `fleetlm-router` processes in front of the same replicas: one with `--policy prefix-affinity`, one with
 `--policy round-robin` (what a Service gives). Workloads, generated and measured by `bench_serve`:
 
@@ -205,6 +205,7 @@ class PolicyRun:
     hit_rate: float | None
     in_flight_max_over_mean: float | None
     per_replica_in_flight: dict[str, float]
+    picks_by_reason: dict[str, int] = dataclasses.field(default_factory=dict)  # the router's own count
 
 
 async def _sample_in_flight(router_url: str, stop: asyncio.Event, out: dict[str, list[float]]) -> None:
@@ -241,6 +242,7 @@ async def _measure(
     outcome = await bench_serve.run_target(dataclasses.replace(cfg, url=router.url), specs, label=policy)
     stop.set()
     await sampler
+    picks = _picks_by_reason(router.url)
     queries = sum(scrape_counter(r.url, PREFIX_QUERIES) for r in replicas) - queries0
     hits = sum(scrape_counter(r.url, PREFIX_HITS) for r in replicas) - hits0
     ok = [r for r in outcome.results if r.success]
@@ -254,8 +256,21 @@ async def _measure(
         throughput_tok_s=sum(r.output_tokens for r in ok) / outcome.duration_s,
         completed=len(ok), failed=len(outcome.results) - len(ok),
         hit_rate=hits / queries if queries else None,
-        in_flight_max_over_mean=balance, per_replica_in_flight=means,
+        in_flight_max_over_mean=balance, per_replica_in_flight=means, picks_by_reason=picks,
     )  # fmt: skip
+
+
+def _picks_by_reason(router_url: str) -> dict[str, int]:
+    """`fleetlm_router_picks_total` summed over replicas, by reason (affinity, spill, new_prefix, ...)."""
+    status, text = _get(router_url + "/metrics")
+    if status != 200:
+        raise RuntimeError(f"{router_url}/metrics: HTTP {status}")
+    picks: dict[str, int] = {}
+    for line in text.splitlines():
+        if line.startswith("fleetlm_router_picks_total{"):
+            reason = line.split('reason="', 1)[1].split('"', 1)[0]
+            picks[reason] = picks.get(reason, 0) + round(float(line.rsplit(" ", 1)[1]))
+    return picks
 
 
 @contextlib.contextmanager
@@ -424,6 +439,11 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         bench_serve.DatasetConfig(kind="random", input_len=args.uniform_input_len, output_len=args.output_len,
                                   input_dist="uniform", output_dist="uniform"),
         num=args.num_prompts, seed=args.seed + 1)  # fmt: skip
+    warm_up = bench_serve.build_dataset(
+        bench_serve.DatasetConfig(kind="random", input_len=args.uniform_input_len, output_len=args.output_len),
+        num=args.concurrency,
+        seed=args.seed + 2,
+    )
     results: list[PolicyRun] = []
     policies = ("prefix-affinity", "round-robin")
     out: dict[str, Any] = {}
@@ -445,6 +465,13 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
         if args.workload == "shared-prefix":
             continue
         with _replicas(directory, config, args.replicas, f"uniform-{round_}") as replicas:
+            # Both policies share these replicas: warm them first, or whichever runs first pays their start.
+            await asyncio.gather(
+                *(
+                    bench_serve.run_target(dataclasses.replace(cfg, url=r.url), warm_up, label="warm-up")
+                    for r in replicas
+                )
+            )
             for policy in order:
                 results.append(
                     await _run_policy(
@@ -497,12 +524,18 @@ def _routing_report(data: dict[str, Any]) -> list[str]:
         by.setdefault((r["workload"], r["policy"]), []).append(r)
     lines.append(
         "workload        policy            TTFT p50 ms   tok/s    hit rate   busiest/mean in-flight   ok/failed"
+        "   picks by reason"
     )
     for (workload, policy), runs in by.items():
+        reasons: dict[str, int] = {}
+        for r in runs:
+            for reason, count in r.get("picks_by_reason", {}).items():
+                reasons[reason] = reasons.get(reason, 0) + count
         lines.append(
             f"{workload:<15} {policy:<17} {_mean(runs, 'ttft_p50_ms'):10.1f} {_mean(runs, 'throughput_tok_s'):8.1f}"
             f"   {_mean(runs, 'hit_rate'):8.3f}   {_mean(runs, 'in_flight_max_over_mean'):12.2f}"
-            f"             {sum(r['completed'] for r in runs)}/{sum(r['failed'] for r in runs)}"
+            f"             {sum(r['completed'] for r in runs)}/{sum(r['failed'] for r in runs):<9}"
+            f"   {' '.join(f'{k}={v}' for k, v in sorted(reasons.items()))}"
         )
 
     def ratio(workload: str, key: str) -> float:
@@ -538,7 +571,7 @@ def build_parser() -> argparse.ArgumentParser:
         "--prefix-cache-tokens",
         type=int,
         default=1600,
-        help="per replica; default fits 4 of the 8 prefixes, as a bounded KV cache would",
+        help="per replica; default fits 3 of the 8 prefixes of 512 tokens, as a bounded KV cache would",
     )
     p.add_argument("--rounds", type=int, default=1, help="A/B rounds per workload (alternating order)")
     p.add_argument("--seed", type=int, default=0)

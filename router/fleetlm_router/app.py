@@ -112,10 +112,14 @@ class RouterState:
         if policy == settings_mod.POLICY_LEAST_LOADED:
             key = None
         loads = self.loads()
-        return picker.pick_affinity(
+        home = self.seen_keys.home(key) if key is not None else None
+        choice = picker.pick_affinity(
             self._ring, key=key, in_flight=loads.load, load_factor=self.settings.load_factor,
-            exclude=exclude, tie_break=self._tie_break, seen=seen, saturated=loads.saturated,
+            exclude=exclude, tie_break=self._tie_break, seen=seen, saturated=loads.saturated, home=home,
         )  # fmt: skip
+        if choice is not None and key is not None:
+            self.seen_keys.note_pick(key, choice, self._ring.replicas)
+        return choice
 
     def loads(self) -> picker.Loads:
         """Own in flight plus what fresh scrapes of the replicas add (`picker.replica_loads`)."""

@@ -20,6 +20,13 @@ and the request's prefix key; it returns a replica and the reason, as data.
   again goes home. With few hot prefixes a tight bound spills most of them (8 prefixes on 3 replicas at
   1.25x: 28% of picks spill and each prefix ends up on 2.2 replicas, a simulation of `pick_affinity`
   shows), hence the default of 2x for repeated prefixes.
+- A key's *home* is the replica its first request went to (`SeenKeys` remembers it, as llm-d's prefix
+  scorer remembers where it sent a prefix), not its point on the ring: that replica computed the prefix,
+  so the second request hits it (the ring point would compute it a second time elsewhere), and since the
+  first request went to the least loaded replica, a burst of new prefixes is spread by load instead of by
+  hash (a ring puts 4 or 5 of 8 prefixes on one of 3 replicas about half the time, and the bound then
+  has to spill them). The ring still orders the spills after the home, and picks the new home of a key
+  whose home left the replica set.
 - `replica_loads(...)`: the load each replica is judged by. The router's own in-flight count is exact
   and current but blind to traffic that reached a replica another way (a second router replica, clients
   of the runtime Service); a replica's /metrics (`vllm:num_requests_waiting`/`running`,
@@ -195,12 +202,14 @@ def pick_affinity(
     tie_break: int = 0,
     seen: bool = True,
     saturated: frozenset[str] = frozenset(),
+    home: str | None = None,
 ) -> Pick | None:
     """The replica for a request with prefix `key`; None when every replica is excluded.
 
     `in_flight`: each replica's load (`replica_loads`, or the router's own counts alone).
     `seen`: whether the key came recently (see `SeenKeys`); an unseen key goes to the least loaded replica.
     `saturated`: replicas a seen key passes over as if at their bound, unless every candidate is one.
+    `home`: where the key's first request went (`SeenKeys.home`); tried before the ring, if still listed.
     """
     candidates = [r for r in ring.replicas if r not in exclude]
     if not candidates:
@@ -211,11 +220,19 @@ def pick_affinity(
     if key is None:
         return Pick(least_loaded(candidates, in_flight, tie_break=tie_break, saturated=saturated), REASON_LEAST_LOADED)
     if not seen:
-        return Pick(least_loaded(candidates, in_flight, tie_break=tie_break, saturated=saturated), REASON_NEW_PREFIX)
+        # Ties go by the ring, not by rotation: on an idle fleet a burst of new prefixes then spreads by hash
+        # (a rotation counter shared with every other pick can send them all to one replica).
+        pool = [c for c in candidates if c not in saturated] or candidates
+        low = min(in_flight.get(c, 0) for c in pool)
+        tied = {c for c in pool if in_flight.get(c, 0) == low}
+        return Pick(next(name for name in ring.walk(key) if name in tied), REASON_NEW_PREFIX)
     total = sum(in_flight.get(r, 0) for r in candidates)
     bound = load_bound(total, len(candidates), load_factor)
     first = True
-    for name in ring.walk(key):
+    order = ring.walk(key)
+    if home is not None and home in ring.replicas:
+        order = _home_first(home, order)
+    for name in order:
         if name in exclude:
             continue
         if name not in saturated and in_flight.get(name, 0) + 1 <= bound:
@@ -226,22 +243,43 @@ def pick_affinity(
     return Pick(least_loaded(candidates, in_flight, tie_break=tie_break, saturated=saturated), REASON_SPILL)
 
 
+def _home_first(home: str, walk: Iterator[str]) -> Iterator[str]:
+    yield home
+    yield from (name for name in walk if name != home)
+
+
 class SeenKeys:
-    """The most recent `capacity` prefix keys (by hash), least recently seen out first. No clock, no I/O."""
+    """The most recent `capacity` prefix keys (by hash), least recently seen out first, each with its home:
+    the replica its first request went to (None until one is noted). No clock, no I/O."""
 
     def __init__(self, capacity: int = DEFAULT_SEEN_KEYS) -> None:
         self._capacity = capacity
-        self._keys: collections.OrderedDict[int, None] = collections.OrderedDict()
+        self._keys: collections.OrderedDict[int, str | None] = collections.OrderedDict()
 
     def check_and_add(self, key: bytes) -> bool:
         """Whether `key` was seen recently; records it either way."""
         h = _hash64(key)
         seen = h in self._keys
-        self._keys[h] = None
-        self._keys.move_to_end(h)
-        while len(self._keys) > self._capacity:
-            self._keys.popitem(last=False)
+        if seen:
+            self._keys.move_to_end(h)
+        else:
+            self._keys[h] = None
+            while len(self._keys) > self._capacity:
+                self._keys.popitem(last=False)
         return seen
+
+    def home(self, key: bytes) -> str | None:
+        return self._keys.get(_hash64(key))
+
+    def note_pick(self, key: bytes, pick: Pick, replicas: Iterable[str]) -> None:
+        """After `pick` served a request with `key`: the first replica a key lands on becomes its home, and
+        so does the next one when its home has left the replica set. A spill leaves the home as it is."""
+        h = _hash64(key)
+        if h not in self._keys:
+            return  # pushed out meanwhile by newer keys
+        current = self._keys[h]
+        if current is None or current not in replicas:
+            self._keys[h] = pick.replica
 
 
 class RoundRobin:

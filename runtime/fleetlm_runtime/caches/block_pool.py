@@ -8,6 +8,11 @@ layer allocated at start; a block id is an index into it). Vocabulary:
   cached blocks cost nothing until the memory is needed.
 * `touch(blocks)`: a prefix-cache hit; the blocks gain a reference (and leave the free queue if they
   were free). Several requests then read the same KV: sharing, never copying.
+* `refresh(blocks)`: a chain (root first) was used now; with `max_cached_blocks`, the index bound
+  evicts the least recently used hash, and this keeps a chain's root more recent than its tail, so the
+  bound trims chains from their leaves (a request's unique question block goes before the shared system
+  prompt's first block). Evicting a root would strand every block after it: a lookup walks the chain
+  from its root and stops at the first miss.
 * `free_blocks(blocks)`: drop one reference each; a block reaching zero joins the free queue. Blocks
   holding a cached prefix go to the tail (evicted last, in the order given), plain ones to the head
   (reused first), so freeing never throws away reusable KV while plain free blocks remain.
@@ -23,7 +28,7 @@ stays zero and pads block tables, so a padded lookup reads finite values that at
 from __future__ import annotations
 
 import collections
-from collections.abc import Iterable
+from collections.abc import Iterable, Sequence
 
 NULL_BLOCK = 0
 
@@ -78,12 +83,21 @@ class BlockPool:
             blocks.append(block)
         return blocks
 
-    def touch(self, blocks: Iterable[int]) -> None:
+    def touch(self, blocks: Sequence[int]) -> None:
+        """A hit on `blocks` (a chain, root first): one more reference each, most recently used root last."""
         free, ref_cnt, hashes, cached = self._free, self.ref_cnt, self.block_hash, self._cached
-        for block in blocks:
+        for block in reversed(blocks):
             if ref_cnt[block] == 0:
                 del free[block]
             ref_cnt[block] += 1
+            block_hash = hashes[block]
+            if block_hash is not None:
+                cached.move_to_end(block_hash)
+
+    def refresh(self, blocks: Sequence[int]) -> None:
+        """Mark the indexed ones of `blocks` (a chain, root first) most recently used, the root last."""
+        hashes, cached = self.block_hash, self._cached
+        for block in reversed(blocks):
             block_hash = hashes[block]
             if block_hash is not None:
                 cached.move_to_end(block_hash)

@@ -7,9 +7,11 @@ preempts), `free(request_id)` and `usage`. A request holds exactly the blocks it
 so the pool serves sequences by the tokens they actually hold, not by their worst case.
 
 Bookkeeping only, over a `BlockPool`; this module must never import torch. Prompt blocks are indexed in
-the prefix cache when the step that computes them is scheduled (after that step's admissions), so the
-first request that can share them is admitted in a later step, after the runner has written them; a
-failed step resets the cache (`reset_prefix_cache`).
+the prefix cache when the step that computes them is scheduled (the scheduler calls `cache_blocks` before
+that step's admissions, so a request admitted in the same step shares them: every token's KV is written
+before any attention reads the pool, layer by layer); a failed step resets the cache
+(`reset_prefix_cache`). With a bounded index, a chain's blocks are kept in least-recently-used order
+from its tail to its root (`BlockPool.refresh`), so the bound trims chains from their leaves.
 """
 
 from __future__ import annotations
@@ -135,13 +137,27 @@ class KVCacheManager:
         blocks = self._blocks.get(req.req_id)
         if blocks is None:
             return
+        pool = self.pool
+        bound = pool.max_cached_blocks
+        bounded = bound is not None
         start = self._num_hashed.get(req.req_id, 0)
         end = min(num_tokens // self.block_size, len(req.block_hashes), len(blocks))
-        cache_block = self.pool.cache_block
+        if bound is not None:
+            # A chain longer than the bound keeps its head: deeper blocks would push out its own root.
+            end = min(end, bound)
+        if end <= start:
+            return
+        hashes = req.block_hashes
+        if bounded and start:
+            pool.refresh(blocks[:start])  # the bound evicts for the new blocks; not this chain's own root
         for i in range(start, end):
-            cache_block(blocks[i], req.block_hashes[i])
-        if end > start:
-            self._num_hashed[req.req_id] = end
+            if i and pool.get_cached_block(hashes[i - 1]) is None:
+                end = i  # its parent left the index: no lookup could reach this block
+                break
+            pool.cache_block(blocks[i], hashes[i])
+        if bounded:
+            pool.refresh(blocks[:end])
+        self._num_hashed[req.req_id] = end
 
     def free(self, req_id: str) -> int:
         """Release every block `req_id` holds (shared ones stay with their other holders); returns how

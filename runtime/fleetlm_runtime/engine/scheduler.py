@@ -222,6 +222,8 @@ class Scheduler:
         budget = self._limits.max_batch_tokens
         budget = self._schedule_decodes(out, scheduled, budget)
         budget = self._schedule_partial_prefills(out, scheduled, budget)
+        if self.kv.enable_caching and scheduled:
+            self._cache_partial_prefills(scheduled)
         new_reqs: list[request_mod.Request] = []
         # No admission in a step that had to preempt for blocks (vLLM): the pool is full right now.
         if len(out.preempted_req_ids) == preempted_before:
@@ -361,6 +363,23 @@ class Scheduler:
                 budget -= num_tokens
         return budget
 
+    def _cache_partial_prefills(self, scheduled: dict[request_mod.Request, int]) -> None:
+        """Index the prompt blocks this step's partial prefills fill, before admission: a waiting request
+        with the same prefix is then admitted with them as a hit instead of computing them a second time.
+
+        Safe for the same reason as indexing at admission: every token's KV is written before any
+        attention reads the pool in each layer. Done once pass 2 is over, for the requests still scheduled,
+        so a request preempted by a later allocation of pass 2 never leaves unwritten blocks indexed
+        (admission never preempts). Blocks a prefill reaches only in a *later* step need no explicit wait:
+        a prefill leaves part of its prompt for later only when it took all that was left of the step's
+        budget, and then nobody is admitted in this step; the next step indexes its next chunk before that
+        step's admissions. So a waiting request that shares the prefix waits exactly until it can hit."""
+        kv = self.kv
+        for req, num_tokens in scheduled.items():
+            num_prompt = len(req.prompt_token_ids)
+            if req.num_computed_tokens < num_prompt:
+                kv.cache_blocks(req, min(req.num_computed_tokens + num_tokens, num_prompt))
+
     def _admit_waiting(
         self, scheduled: dict[request_mod.Request, int], new_reqs: list[request_mod.Request], budget: int
     ) -> None:
@@ -446,8 +465,6 @@ class Scheduler:
                 out.input_token_ids.extend((req.prompt_token_ids + req.output_token_ids)[start:end])
             out.num_prefill_tokens += max(0, min(end, num_prompt) - start)
             out.do_sample.append(end == req.num_tokens)
-            if kv.enable_caching and start < num_prompt:
-                kv.cache_blocks(req, min(end, num_prompt))
 
     def update_from_output(
         self, sched_out: outputs.SchedulerOutput, runner_out: outputs.RunnerOutput
