@@ -311,14 +311,12 @@ async def _execute(
     logger: logging.Logger,
     now_s: float,
 ) -> None:
-    """The plan's writes, in this order: metrics, ConfigMap and its Event, the live push, /scale and its
-    Event, then the state annotation, status and conditions."""
+    """The plan's writes, in this order: metrics, status.tuning and the ConfigMap and its Event, the live
+    push, /scale and its Event, then the state annotation, status and conditions."""
     for action in tick.actions:
         metrics.DECISIONS.labels(action=action, mode=tick.mode).inc()
     if tick.config_tuning is not None:
-        config = configmap.build_config_map(svc, tuning=tick.config_tuning)
-        kopf.adopt(config, owner=body)
-        await asyncio.to_thread(ctx.applier.apply, config)
+        await asyncio.to_thread(apply_tuning_change, body, svc, tick.config_tuning, ctx=ctx)
     if tick.tuning_event is not None:
         kopf.info(body, reason=tick.tuning_event[0], message=tick.tuning_event[1])
     # Pushed before the replicas are written: whoever sees the new replica count sees the tick done.
@@ -339,6 +337,25 @@ async def _execute(
     patch.metadata.setdefault("annotations", {})[names.ANNOTATION_TUNER_STATE] = tick.state_json
     await asyncio.to_thread(_write_status, body, tick.status_sections, tick.record, ctx=ctx, logger=logger)
     await _apply_conditions(body, tick.conditions, ctx=ctx, now_s=now_s)
+
+
+def apply_tuning_change(
+    body: kopf.Body, svc: models.LLMService, tuning: status_models.TuningStatus, *, ctx: context.OperatorContext
+) -> None:
+    """status.tuning first, then the ConfigMap rendered from it.
+
+    The spec handler renders the ConfigMap from the copy of the object it read, then re-reads status.tuning
+    and reconciles again if it moved (reconcile.write_tuning). In this order a reconcile holding an older
+    copy either applied its ConfigMap before this one (which overwrites it) or re-reads after this status
+    write and renders again: the ConfigMap never keeps stale limits. The other way round, a reconcile could
+    apply its stale ConfigMap after this one and re-read before this tick's status write.
+    """
+    metadata = body.get("metadata", {})
+    name, namespace = str(metadata.get("name")), str(metadata.get("namespace"))
+    ctx.applier.patch_llmservice_status(name, namespace, {"tuning": status_models.status_json(tuning)})
+    config = configmap.build_config_map(svc, tuning=tuning)
+    kopf.adopt(config, owner=body)
+    ctx.applier.apply(config)
 
 
 STATUS_WRITE_ATTEMPTS = 5
