@@ -57,3 +57,34 @@ def test_a_pod_and_its_child_share_one_quota() -> None:
         assert int(stat["nr_throttled"]) > 0, stat
     finally:
         limits.close()
+
+
+def test_a_pod_gets_its_quota_beside_busy_processes() -> None:
+    """The quota is a ceiling; the pods' parent cgroup's weight makes it what the pod gets, as on a node:
+    with twice as many busy processes as cores beside it, a busy pod still gets about its 0.5 cores (an
+    unweighted one would get a fair share of cores / (busy + 1), 0.4 on two cores, less on fewer)."""
+    limits = cpu_limits.CpuLimits()
+    if not limits.enforced:
+        pytest.skip("this machine does not let this process create cgroups (not root, or no cpu controller)")
+    seconds = 3.0
+    busy = [
+        subprocess.Popen([sys.executable, "-c", BUSY.format(s=seconds + 1)])
+        for _ in range(2 * cpu_limits.machine_cores())
+    ]
+    try:
+        script = "import sys\nsys.stdin.readline()\n" + BUSY.format(s=seconds)
+        process = subprocess.Popen([sys.executable, "-c", script], stdin=subprocess.PIPE)
+        assert limits.place("pod-a", process.pid, 0.5)
+        assert process.stdin is not None
+        process.stdin.write(b"go\n")
+        process.stdin.close()
+        began = time.monotonic()
+        _, _, rusage = os.wait4(process.pid, 0)
+        process.returncode = 0
+        usage = (rusage.ru_utime + rusage.ru_stime) / (time.monotonic() - began)
+        assert usage > 0.45, f"the pod got {usage:.2f} cores of its 0.5 beside {len(busy)} busy processes"
+    finally:
+        for spinner in busy:
+            spinner.kill()
+            spinner.wait()
+        limits.close()
