@@ -6,7 +6,7 @@ when it exits, as a Deployment would), each pod as a `fleetlm-runtime` process r
 (`fleetlm_dev.pod_runner`, which also restarts exited containers), and a load generator that spreads
 requests over the ready endpoints (`fleetlm_dev.closed_loop`). Each scenario first measures what one
 replica serves on this machine and sizes its load from that, and prints its figures (run with -s to see
-them). Run: `make e2e` (all), or `make e2e-short` (b and c, which `make test` and so CI run too).
+them). Run: `make e2e` (all), or `make e2e-short` (a, b and c, which `make test` and so CI run too).
 """
 
 from __future__ import annotations

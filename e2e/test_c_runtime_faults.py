@@ -1,11 +1,13 @@
 """Scenario c: runtime processes killed with SIGKILL mid-load, the server and, separately, its engine child.
 
-Two replicas serve a load sized at one replica's measured capacity. Mid-load, pod A's `fleetlm-runtime`
-server is SIGKILLed (its engine child must die with it at once), and later pod B's engine child is (its
-server must fail the in-flight streams and exit). Then: every stream in flight on the killed pod ended
-within a bound (an error event or a closed connection: no client waits on), the pods came back (the
-kubelet stand-in restarts exited containers, as restartPolicy Always does), requests after the recovery
-all succeed, and once idle every replica's KV usage reads zero.
+Two replicas serve a load sized at 0.4x one replica's measured capacity (so either can take it all while the
+other recovers). Mid-load, once the pod has streams in flight (a replica holding its CPU share finishes a
+stream in a tenth of a second at that load, so an instant picked blind often finds none), pod A's
+`fleetlm-runtime` server is SIGKILLed (its engine child must die with it at once), and later pod B's engine child is
+(its server must fail the in-flight streams and exit). Then: every stream in flight on the killed pod ended
+within a bound (an error event or a closed connection: no client waits on), the pods came back (the kubelet
+stand-in restarts exited containers, as restartPolicy Always does), requests after the recovery all succeed,
+and once idle every replica's KV usage reads zero.
 """
 
 from __future__ import annotations
@@ -54,6 +56,17 @@ def _exit_times(pidfds: dict[int, int], timeout_s: float) -> dict[int, float]:
     return times
 
 
+async def _until_streaming(load: closed_loop.Load, url: str, *, streams: int = 2, timeout_s: float = 5.0) -> None:
+    """Wait (at most `timeout_s`) until `streams` requests to `url` have been in flight for 50 ms (sent, not
+    just created), so that a kill now cuts streams; the assertions say so if none was."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        if sum(1 for u, created in list(load.inflight.values()) if u == url and now - created > 0.05) >= streams:
+            return
+        await asyncio.sleep(0.005)
+
+
 def _kv_usage(url: str) -> float:
     with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
         for line in resp.read().decode().splitlines():
@@ -83,6 +96,7 @@ def test_killed_runtimes_end_their_streams_and_recover(
 
     async def kill_server(after_s: float) -> None:
         await asyncio.sleep(after_s)
+        await _until_streaming(load, pod_a.url)
         server_pid = pod_a.process.pid
         engine_pid = _engine_child(server_pid)
         pidfds = {os.pidfd_open(server_pid): server_pid, os.pidfd_open(engine_pid): engine_pid}
@@ -95,6 +109,7 @@ def test_killed_runtimes_end_their_streams_and_recover(
 
     async def kill_engine(after_s: float) -> None:
         await asyncio.sleep(after_s)
+        await _until_streaming(load, pod_b.url)
         engine_pid = _engine_child(pod_b.process.pid)
         kills["engine"] = time.monotonic()
         os.kill(engine_pid, signal.SIGKILL)
