@@ -25,6 +25,7 @@ no request fails but the queue bound's 429s.
 from __future__ import annotations
 
 import asyncio
+import datetime
 import time
 from collections.abc import Callable
 from typing import Any
@@ -62,18 +63,19 @@ def test_surge_scales_out_recovers_the_slo_and_scales_back(
     service.start_pods()
     shape = closed_loop.Shape(output_tokens=64)
     capacity = closed_loop.measure_capacity(service.ready_urls()[0], concurrency=BATCH, shape=shape, seconds=6)
-    probed = time.monotonic()
     queue_limit = max(BATCH, round(capacity * QUEUE_S))
+    # The tuner judges the window between its last two scrapes. Autoscaling goes on once a tick's window
+    # began after the probe ended, so that no window it acts on holds the probe's saturation (two intervals
+    # after the probe are not always enough: on a busy machine a tick came 20 s after the one before).
+    settled_s = wait_window_after(service, time.time() + 2.0)
     service.patch({"qos": {"classes": [{**classes[0], "queueLimit": queue_limit}], "defaultClass": "default"},
                    "autoscaling": {"enabled": True}})  # fmt: skip
     pushed_s = service.wait_pushed(lambda cfg: cfg["qos"]["classes"][0].get("queueLimit") == queue_limit)
-    # The tuner judges the window between its last two scrapes: two intervals after the probe, no window
-    # it acts on holds the probe's saturation.
-    time.sleep(max(0.0, probed + 2 * INTERVAL_S - time.monotonic()))
     assert service.desired_replicas() == 1, "the service scaled before the surge"
     rates = {phase: times * capacity for phase, times in TIMES_CAPACITY.items()}
     print(
-        f"\na: one replica serves {capacity:.2f} req/s; queue limit {queue_limit} (pushed in {pushed_s:.1f}s); "
+        f"\na: one replica serves {capacity:.2f} req/s; a clean tuner window {settled_s:.1f}s after the probe; "
+        f"queue limit {queue_limit} (pushed in {pushed_s:.1f}s); "
         + ", ".join(f"{phase} {value:.2f}" for phase, value in rates.items())
         + " req/s"
     )
@@ -152,6 +154,20 @@ def test_surge_scales_out_recovers_the_slo_and_scales_back(
     assert all(r.success or (r.status == 429 and r.retry_after) for r in load.records), [
         r.error for r in load.records if not r.success and r.status != 429
     ][:5]
+
+
+def wait_window_after(service: closed_loop.Service, since_s: float, *, timeout_s: float = 60.0) -> float:
+    """Wait until the tuner's last tick (status.observed) judged a window that began after `since_s` (unix
+    time, as the operator stamps it); the seconds it took."""
+    began = time.monotonic()
+    while True:
+        observed = service.status().get("observed") or {}
+        at, span = observed.get("collectedAt"), observed.get("windowSeconds")
+        if at and span is not None and datetime.datetime.fromisoformat(at).timestamp() - span > since_s:
+            return time.monotonic() - began
+        if time.monotonic() - began > timeout_s:
+            raise TimeoutError(f"no tuner window began after the probe within {timeout_s}s: {observed}")
+        time.sleep(0.5)
 
 
 def load_s(load: closed_loop.Load) -> float:
