@@ -57,12 +57,12 @@ def _exit_times(pidfds: dict[int, int], timeout_s: float) -> dict[int, float]:
 
 
 async def _until_streaming(load: closed_loop.Load, url: str, *, timeout_s: float = 10.0) -> None:
-    """Wait (at most `timeout_s`) until a request to `url` has been in flight for 20 ms (sent, not just
-    created), so that a kill now cuts a stream; the assertions say so if none was."""
+    """Wait (at most `timeout_s`) until a request to `url` began 20 ms ago or more and has not finished, so
+    that a kill now cuts a stream; the assertions say so if none was."""
     deadline = time.monotonic() + timeout_s
     while time.monotonic() < deadline:
         now = time.monotonic()
-        if any(u == url and now - created > 0.02 for u, created in list(load.inflight.values())):
+        if any(u == url and now - began > 0.02 for u, began in list(load.inflight.values())):
             return
         await asyncio.sleep(0.002)
 

@@ -41,8 +41,10 @@ PROMPT = "Write a long story about a fleet of language models keeping their prom
 
 
 # Of this machine's cores, the share the runtime pods get together at a service's max replicas; the rest
-# is for the control plane, the operator, the kubelet stand-in and the load generator.
-PODS_SHARE = 0.6
+# is for the control plane, the operator, the kubelet stand-in and the load generator (at a surge to 2.5x
+# one replica's capacity, about half a core on 2 cores: with 0.6 for the pods, the load generator fell
+# behind and the TTFT it measured was its own lag).
+PODS_SHARE = 0.45
 
 
 def pod_cpu_limit(max_replicas: int, *, share: float = PODS_SHARE) -> str:
@@ -294,6 +296,8 @@ class Load:
         self.rng = random.Random(seed)
         self.timeout_s = timeout_s
         self.records: list[Record] = []
+        # Requests not yet finished: endpoint and when the request began (inf until its task runs, which
+        # on a busy event loop may be a while after it was due).
         self.inflight: dict[asyncio.Task[None], tuple[str, float]] = {}
         self.unrouted = 0  # arrivals while no endpoint was ready
         self.began_s = 0.0  # time.monotonic() when `run` began: t = 0 of `rate`
@@ -336,7 +340,7 @@ class Load:
                 url = urls[self._turn % len(urls)]
                 self._turn += 1
                 task = asyncio.create_task(self._one(session, url, self._pick_class()))
-                self.inflight[task] = (url, time.monotonic())
+                self.inflight[task] = (url, math.inf)
                 task.add_done_callback(lambda t: self.inflight.pop(t, None))
             if self.inflight:
                 await asyncio.wait(list(self.inflight), timeout=self.timeout_s)
@@ -347,6 +351,8 @@ class Load:
         )
         spec = self.shape.request(qos_class)
         start = time.monotonic()
+        if (task := asyncio.current_task()) in self.inflight:
+            self.inflight[task] = (url, start)
         result = await bench_serve.send_request(session, cfg, "tiny", spec)
         self.records.append(Record(
             qos_class=qos_class, url=url, start_s=start, end_s=time.monotonic(), status=result.status,

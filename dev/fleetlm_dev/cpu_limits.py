@@ -27,6 +27,7 @@ import os
 import pathlib
 import time
 import uuid
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
@@ -125,6 +126,47 @@ class CpuLimits:
         if self._parent.exists():
             log.warning("left cgroup %s behind (processes still in it)", self._parent)
         self._parent = None
+
+
+@contextlib.contextmanager
+def weighted_self(name: str = "fleetlm-harness") -> Iterator[bool]:
+    """Run this process (every thread) and the processes it starts meanwhile in a cgroup of the highest
+    weight and no quota; yields whether it could. For the end-to-end suite's harness (control plane,
+    operators, kubelet stand-in, load generator): on a dedicated machine, as in CI, nothing competes with
+    them; on a shared one, work beside them would slow the load generator's clock and inflate the TTFT it
+    measures, and slow the control plane and operator the scenarios time. Pods move to their own
+    cgroups (`CpuLimits.place`), under their quotas."""
+    group: pathlib.Path | None = None
+    v1 = CGROUP_ROOT / "cpu"
+    root = v1 if (v1 / "cpu.cfs_quota_us").is_file() else CGROUP_ROOT
+    try:
+        group = root / f"{name}-{uuid.uuid4().hex[:8]}"
+        group.mkdir()
+        if root == v1:
+            (group / "cpu.shares").write_text(str(PARENT_SHARES))
+        else:
+            (group / "cpu.weight").write_text(str(PARENT_WEIGHT))
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+    except OSError as error:
+        log.warning("the harness runs unweighted (cannot create a cgroup: %s)", error)
+        if group is not None:
+            with contextlib.suppress(OSError):
+                group.rmdir()
+        group = None
+    try:
+        yield group is not None
+    finally:
+        if group is not None:
+            with contextlib.suppress(OSError):
+                (root / "cgroup.procs").write_text(str(os.getpid()))
+            deadline = time.monotonic() + 10.0
+            while group.exists():
+                with contextlib.suppress(OSError):
+                    group.rmdir()
+                if time.monotonic() > deadline:
+                    log.warning("left cgroup %s behind (processes still in it)", group)
+                    break
+                time.sleep(0.2)
 
 
 def machine_cores() -> int:
