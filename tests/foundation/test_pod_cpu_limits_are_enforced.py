@@ -4,6 +4,7 @@ pod's own): a busy process, and the child it starts, get no more than their shar
 from __future__ import annotations
 
 import os
+import pathlib
 import subprocess
 import sys
 import time
@@ -88,3 +89,24 @@ def test_a_pod_gets_its_quota_beside_busy_processes() -> None:
             spinner.kill()
             spinner.wait()
         limits.close()
+
+
+def test_the_harness_runs_weighted_and_leaves_no_cgroup_behind() -> None:
+    """`weighted_self`: this process and what it starts meanwhile run in a cgroup of the highest weight;
+    afterwards this process is back where it was and the cgroup is gone."""
+
+    def cpu_group(pid: int | str) -> str:
+        lines = pathlib.Path(f"/proc/{pid}/cgroup").read_text().splitlines()
+        return next(line.split(":", 2)[2] for line in lines if line.split(":")[1] in ("cpu", "cpu,cpuacct", ""))
+
+    before = cpu_group("self")
+    with cpu_limits.weighted_self("fleetlm-harness-test") as weighted:
+        if not weighted:
+            pytest.skip("this machine does not let this process create cgroups (not root, or no cpu controller)")
+        inside = cpu_group("self")
+        child = subprocess.run(["cat", "/proc/self/cgroup"], capture_output=True, text=True, check=True).stdout
+        assert "fleetlm-harness-test-" in inside
+        assert inside in child
+    assert cpu_group("self") == before
+    roots = (cpu_limits.CGROUP_ROOT, cpu_limits.CGROUP_ROOT / "cpu")
+    assert not [group for root in roots for group in root.glob("fleetlm-harness-test-*")]
