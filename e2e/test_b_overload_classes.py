@@ -1,12 +1,14 @@
 """Scenario b: overload at max replicas with critical, standard and sheddable traffic (classes from API keys).
 
-The service runs at its maximum of two replicas; the load is 1.5x what both serve together (measured
+The service runs at its maximum of two replicas; the load is 1.3x what both serve together (measured
 first, both at once: on a shared machine less than twice one), 30% of it critical, 30% standard and 40%
-sheddable, so that once sheddable is shed the rest is 0.9x capacity. (With a third each the rest was
-exactly 1.0x: a probe 10% high, as one of two on a busy machine is, left standard a backlog that grew all
-run, and the scheduler's aging, which keeps a lower class from starving, let it delay critical: p90 1.2 s.)
-Asserted: sheddable requests are refused with 429 and a Retry-After header; critical keeps its TTFT
-target at the SLO's percentile; standard degrades but is served; no request anywhere gets a 5xx.
+sheddable, so that once sheddable is shed the rest is 0.78x capacity. (The generator sent about two thirds
+of the rate asked before its arrivals were scheduled on the clock; at a true 1.5x in thirds the rest was
+exactly 1.0x, and at 1.5x with this mix 0.9x: the probe does not pay for the 429s, and a probe 10% high,
+as one of three on a busy machine is, left standard a backlog that grew all run, and the scheduler's aging,
+which keeps a lower class from starving, let it delay critical: p90 1.2 s.) Asserted: sheddable requests
+are refused with 429 and a Retry-After header; critical keeps its TTFT target at the SLO's percentile;
+standard degrades but is served; no request anywhere gets a 5xx.
 """
 
 from __future__ import annotations
@@ -26,7 +28,7 @@ PERCENTILE = 90.0
 KEYS = {"key-critical": "critical", "key-standard": "standard", "key-sheddable": "sheddable"}
 WARMUP_S = 5.0  # the first seconds, before admission has seen any TTFT, are not judged
 DURATION_S = 40.0
-OVERLOAD = 1.5  # times what both replicas serve together
+OVERLOAD = 1.3  # times what both replicas serve together
 MIX = (("critical", 0.3), ("standard", 0.3), ("sheddable", 0.4))
 
 
