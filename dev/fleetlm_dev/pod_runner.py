@@ -22,8 +22,10 @@ The local control plane has no nodes and no container runtime, so the pods of an
   Always does (CrashLoopBackOff, scaled down: 1 s doubling to 10 s), and the pod is not Ready meanwhile;
 * a container's `resources.limits.cpu` is enforced as a CFS quota on a cgroup of the pod's own
   (`cpu_limits`), so pods share this machine's cores as pods share a node's, and a replica added adds its
-  share; the readiness probe, like the kubelet's, takes a pod out after a 503 at once but only after
-  `PROBE_FAILURE_THRESHOLD` probes in a row that timed out (a throttled pod answers late, not never).
+  share; the pods' parent cgroup is weighted above the rest of the machine, so a pod gets its quota beside
+  other work as it would on a node; the readiness probe, like the kubelet's, takes a pod out after a 503
+  at once but only after `PROBE_FAILURE_THRESHOLD` probes in a row that timed out (a throttled pod answers
+  late, not never).
 
 Only for the demo and for trying the operator without a cluster; nothing here is used in production.
 """
