@@ -374,9 +374,12 @@ def _ms(values: Sequence[float], q: float) -> float:
     return ordered[min(len(ordered) - 1, int(q * len(ordered)))] * 1e3
 
 
-async def _metrics_latency(directory: pathlib.Path, cfg: bench_serve.BenchConfig, *, streams: int) -> dict[str, Any]:
-    """/metrics latency of one replica at 20 Hz: idle, then with `streams` concurrent streams running."""
-    config = runtime_config(extra={"batching": {"maxBatchSize": streams, "maxBatchTokens": 2048}})
+async def _metrics_latency(
+    directory: pathlib.Path, cfg: bench_serve.BenchConfig, *, streams: int, model: str, rounds: int
+) -> dict[str, Any]:
+    """/metrics latency of one replica at 20 Hz: idle, then with `streams` concurrent streams running for
+    `rounds` streams each (so the loaded phase is long enough for a p99)."""
+    config = runtime_config(model=model, extra={"batching": {"maxBatchSize": streams, "maxBatchTokens": 2048}})
     replica = start_runtime(directory, config, name="metrics-replica")
     try:
         replica.wait_ready()
@@ -384,7 +387,7 @@ async def _metrics_latency(directory: pathlib.Path, cfg: bench_serve.BenchConfig
         await asyncio.sleep(3.0)
         idle_lat, _ = idle.stop()
         specs = bench_serve.build_dataset(
-            bench_serve.DatasetConfig(kind="random", input_len=64, output_len=256), num=streams * 2, seed=7
+            bench_serve.DatasetConfig(kind="random", input_len=64, output_len=256), num=streams * rounds, seed=7
         )
         loaded = _MetricsPoller(replica.url)
         outcome = await bench_serve.run_target(
@@ -448,7 +451,9 @@ async def run(args: argparse.Namespace) -> dict[str, Any]:
     policies = ("prefix-affinity", "round-robin")
     out: dict[str, Any] = {}
     if args.section in ("all", "metrics"):
-        out["metrics_latency"] = await _metrics_latency(directory, cfg, streams=args.metrics_streams)
+        out["metrics_latency"] = await _metrics_latency(
+            directory, cfg, streams=args.metrics_streams, model=args.model, rounds=args.metrics_rounds
+        )
         print(report({"metrics_latency": out["metrics_latency"]}), flush=True)
     for round_ in range(args.rounds if args.section in ("all", "routing") else 0):
         order = policies if round_ % 2 == 0 else policies[::-1]
@@ -583,6 +588,7 @@ def build_parser() -> argparse.ArgumentParser:
     )
     p.add_argument("--section", choices=("all", "routing", "zero", "metrics"), default="all")
     p.add_argument("--metrics-streams", type=int, default=32, help="streams while /metrics latency is measured")
+    p.add_argument("--metrics-rounds", type=int, default=8, help="requests per stream while it is measured")
     p.add_argument("--json", default=None, help="also write the figures here")
     return p
 
