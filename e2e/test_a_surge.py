@@ -25,7 +25,6 @@ no request fails but the queue bound's 429s.
 from __future__ import annotations
 
 import asyncio
-import datetime
 import time
 from collections.abc import Callable
 from typing import Any
@@ -67,7 +66,7 @@ def test_surge_scales_out_recovers_the_slo_and_scales_back(
     # The tuner judges the window between its last two scrapes. Autoscaling goes on once a tick's window
     # began after the probe ended, so that no window it acts on holds the probe's saturation (two intervals
     # after the probe are not always enough: on a busy machine a tick came 20 s after the one before).
-    settled_s = wait_window_after(service, time.time() + 2.0)
+    settled_s = service.wait_window_after(time.time() + 2.0)
     service.patch({"qos": {"classes": [{**classes[0], "queueLimit": queue_limit}], "defaultClass": "default"},
                    "autoscaling": {"enabled": True}})  # fmt: skip
     pushed_s = service.wait_pushed(lambda cfg: cfg["qos"]["classes"][0].get("queueLimit") == queue_limit)
@@ -154,20 +153,6 @@ def test_surge_scales_out_recovers_the_slo_and_scales_back(
     assert all(r.success or (r.status == 429 and r.retry_after) for r in load.records), [
         r.error for r in load.records if not r.success and r.status != 429
     ][:5]
-
-
-def wait_window_after(service: closed_loop.Service, since_s: float, *, timeout_s: float = 60.0) -> float:
-    """Wait until the tuner's last tick (status.observed) judged a window that began after `since_s` (unix
-    time, as the operator stamps it); the seconds it took."""
-    began = time.monotonic()
-    while True:
-        observed = service.status().get("observed") or {}
-        at, span = observed.get("collectedAt"), observed.get("windowSeconds")
-        if at and span is not None and datetime.datetime.fromisoformat(at).timestamp() - span > since_s:
-            return time.monotonic() - began
-        if time.monotonic() - began > timeout_s:
-            raise TimeoutError(f"no tuner window began after the probe within {timeout_s}s: {observed}")
-        time.sleep(0.5)
 
 
 def load_s(load: closed_loop.Load) -> float:

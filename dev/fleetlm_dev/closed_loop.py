@@ -20,6 +20,7 @@ import asyncio
 import base64
 import contextlib
 import dataclasses
+import datetime
 import itertools
 import json
 import math
@@ -143,6 +144,20 @@ class Service:
 
     def status(self) -> dict[str, Any]:
         return dict((self.get("llmservice") or {}).get("status") or {})
+
+    def wait_window_after(self, since_s: float, *, timeout_s: float = 60.0) -> float:
+        """Wait until the tuner's last tick (status.observed) judged a window that began after `since_s`
+        (unix time, as the operator stamps it); the seconds it took. Autoscaling switched on after a
+        capacity probe acts only on windows without the probe's saturation once this returns."""
+        began = time.monotonic()
+        while True:
+            observed = self.status().get("observed") or {}
+            at, span = observed.get("collectedAt"), observed.get("windowSeconds")
+            if at and span is not None and datetime.datetime.fromisoformat(at).timestamp() - span > since_s:
+                return time.monotonic() - began
+            if time.monotonic() - began > timeout_s:
+                raise TimeoutError(f"no tuner window began after {since_s:.0f} within {timeout_s}s: {observed}")
+            time.sleep(0.5)
 
     def lease_holder(self) -> tuple[str | None, str | None]:
         spec = (self.get("lease", "fleetlm-operator") or {}).get("spec", {})

@@ -70,7 +70,8 @@ def llmservice() -> dict[str, Any]:
                 ],
                 "defaultClass": "standard",
             },
-            "autoscaling": {"enabled": True, "interval": f"{INTERVAL_S:g}s", "scaleDownStabilization": "30s"},
+            # Switched on after the capacity probe (main): the probe saturates the replica on purpose.
+            "autoscaling": {"enabled": False, "interval": f"{INTERVAL_S:g}s", "scaleDownStabilization": "30s"},
         },
     }
 
@@ -110,6 +111,11 @@ def main(*, dir: pathlib.Path, keep: bool) -> int:
             service.ready_urls()[0], concurrency=4, shape=SHAPE, seconds=8, key="demo-standard-key"
         )
         say(f"    one replica: {capacity:.1f} requests/s ({SHAPE.output_tokens} tokens each, batches of 4)")
+        # Autoscaling goes on once the tuner judges a window that began after the probe: acting on the
+        # probe's saturation, it would scale out before the surge and flatter the verdicts.
+        settled_s = service.wait_window_after(time.time() + 1.0)
+        service.patch({"autoscaling": {"enabled": True}})
+        say(f"    autoscaling on ({settled_s:.0f}s later, once a tuner window began after the probe)")
         say("4/5 traffic: " + ", then ".join(
             f"{p.name} {p.times_capacity:g}x ({p.times_capacity * capacity:.1f} req/s) for {p.seconds:g}s"
             for p in PHASES
