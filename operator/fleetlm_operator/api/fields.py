@@ -7,12 +7,28 @@ cannot say, and where needed a CEL rule with the same message.
 from __future__ import annotations
 
 import re
-from typing import Annotated
+from typing import Annotated, Literal
 
 import pydantic
+from pydantic import alias_generators
 
 from fleetlm_operator.api.cel import Cel, CelRule
 from fleetlm_runtime import config
+
+
+def camel_config(*, extra: Literal["forbid", "ignore"]) -> pydantic.ConfigDict:
+    """The wire form of every part of the resource: camelCase names (Python names accepted too), frozen.
+    `extra`: "forbid" for what users write (the spec), "ignore" for what the operator or the API server
+    writes (metadata, status), where a newer writer may add fields."""
+    return pydantic.ConfigDict(
+        alias_generator=alias_generators.to_camel,
+        validate_by_alias=True,
+        validate_by_name=True,
+        serialize_by_alias=True,
+        extra=extra,
+        frozen=True,
+    )
+
 
 # Go-style durations as users write them: "500ms", "2s", "1m30s", "5m". Bounded so that CEL's
 # duration() never overflows and CEL cost estimation stays small; no backslashes, so the same text is

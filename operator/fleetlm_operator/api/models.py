@@ -13,11 +13,10 @@ from collections.abc import Mapping
 from typing import Any, Literal, Self
 
 import pydantic
-from pydantic import alias_generators
 
 from fleetlm_operator.api import names
 from fleetlm_operator.api.cel import STORED, CelRule, require
-from fleetlm_operator.api.fields import INTERVAL_AT_LEAST_1S, MODEL_SOURCE, POSITIVE_DURATION
+from fleetlm_operator.api.fields import INTERVAL_AT_LEAST_1S, MODEL_SOURCE, POSITIVE_DURATION, camel_config
 from fleetlm_operator.api.spec_models import (
     BATCH_SIZE_IN_RANGE,
     BATCH_SIZE_RANGE_ORDERED,
@@ -60,14 +59,7 @@ NAME_FITS_CHILDREN = CelRule(
 class ObjectMeta(pydantic.BaseModel):
     """The parts of metadata the operator reads; everything else is ignored."""
 
-    model_config = pydantic.ConfigDict(
-        alias_generator=alias_generators.to_camel,
-        validate_by_alias=True,
-        validate_by_name=True,
-        serialize_by_alias=True,
-        extra="ignore",
-        frozen=True,
-    )
+    model_config = camel_config(extra="ignore")
 
     name: str | None = None
     namespace: str | None = None
@@ -80,14 +72,7 @@ class ObjectMeta(pydantic.BaseModel):
 class LLMService(pydantic.BaseModel):
     """LLMService serves one language model behind an OpenAI-compatible API and keeps its latency SLO."""
 
-    model_config = pydantic.ConfigDict(
-        alias_generator=alias_generators.to_camel,
-        validate_by_alias=True,
-        validate_by_name=True,
-        serialize_by_alias=True,
-        extra="forbid",
-        frozen=True,
-    )
+    model_config = camel_config(extra="forbid")
 
     api_version: Literal["fleetlm.dev/v1alpha1"] = names.API_VERSION
     kind: Literal["LLMService"] = names.KIND

@@ -11,7 +11,6 @@ from __future__ import annotations
 from typing import Annotated, Any, Literal, Self
 
 import pydantic
-from pydantic import alias_generators
 
 from fleetlm_operator.api.cel import Cel, CelRule, cel_extra, is_stored, require
 from fleetlm_operator.api.fields import (
@@ -23,6 +22,7 @@ from fleetlm_operator.api.fields import (
     ObjectName,
     PositiveDuration,
     Quantity,
+    camel_config,
     parse_duration_s,
     well_formed,
 )
@@ -35,14 +35,7 @@ from fleetlm_runtime import contract
 class _SpecModel(pydantic.BaseModel):
     """Spec parts: camelCase on the wire, unknown fields refused (the API server prunes or refuses them)."""
 
-    model_config = pydantic.ConfigDict(
-        alias_generator=alias_generators.to_camel,
-        validate_by_alias=True,
-        validate_by_name=True,
-        serialize_by_alias=True,
-        extra="forbid",
-        frozen=True,
-    )
+    model_config = camel_config(extra="forbid")
 
 
 def _compact(value: Any) -> Any:

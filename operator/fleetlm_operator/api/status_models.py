@@ -10,22 +10,15 @@ import datetime
 from typing import Any, Literal
 
 import pydantic
-from pydantic import alias_generators
 
 from fleetlm_operator.api import names
+from fleetlm_operator.api.fields import camel_config
 
 
 class _StatusModel(pydantic.BaseModel):
     """Status parts: written by the operator; unknown fields from a newer operator are ignored."""
 
-    model_config = pydantic.ConfigDict(
-        alias_generator=alias_generators.to_camel,
-        validate_by_alias=True,
-        validate_by_name=True,
-        serialize_by_alias=True,
-        extra="ignore",
-        frozen=True,
-    )
+    model_config = camel_config(extra="ignore")
 
 
 Phase = Literal["Pending", "Progressing", "Ready", "Degraded", "Failed"]
