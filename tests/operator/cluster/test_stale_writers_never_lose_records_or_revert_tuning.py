@@ -39,6 +39,22 @@ def _context(kube: Any) -> context.OperatorContext:
     )
 
 
+def _autotuned_service(kube: Any, make_example: Any, prefix: str) -> tuple[str, kopf.Memo]:
+    """An LLMService with batch autotuning, and the memo the handlers read their context from."""
+    name = kube.new_name(prefix)
+    body = make_example(name)
+    body["spec"]["batching"] = {**body["spec"].get("batching", {}), "autotune": True}
+    kube.apply(body)
+    memo = kopf.Memo()
+    memo[context.MEMO_KEY] = _context(kube)
+    return name, memo
+
+
+def _reconcile(body: dict[str, Any], memo: kopf.Memo) -> None:
+    """The spec handler on `body`, as kopf runs it on resume (no Event, so no kopf context needed)."""
+    reconcile.on_spec(kopf.Body(body), patch=kopf.Patch(), memo=memo, logger=LOGGER, reason="resume")
+
+
 def _record(action: str, second: int) -> status_models.DecisionRecord:
     return status_models.DecisionRecord(time=NOW.replace(second=second), action=action, reason=f"tick {second}")
 
@@ -59,15 +75,9 @@ def test_records_appended_from_stale_copies_are_all_kept(kube: Any, make_example
 def test_a_reconcile_from_a_stale_copy_never_reverts_the_tuning(
     kube: Any, make_example: Any, llmservice_crd: object
 ) -> None:
-    name = kube.new_name("tune")
-    body = make_example(name)
-    body["spec"]["batching"] = {**body["spec"].get("batching", {}), "autotune": True}
-    kube.apply(body)
-    ctx = _context(kube)
-    memo = kopf.Memo()
-    memo[context.MEMO_KEY] = ctx
-    first = kube.get("llmservice", name)
-    reconcile.on_spec(kopf.Body(first), patch=kopf.Patch(), memo=memo, logger=LOGGER, reason="resume")
+    name, memo = _autotuned_service(kube, make_example, "tune")
+    ctx = context.get(memo)
+    _reconcile(kube.get("llmservice", name), memo)
     reconciled = kube.get("llmservice", name)
     initial = reconciled["status"]["tuning"]["maxBatchSize"]
     shrunk = initial // 2
@@ -80,12 +90,10 @@ def test_a_reconcile_from_a_stale_copy_never_reverts_the_tuning(
         logger=LOGGER,
     )
     with pytest.raises(kopf.TemporaryError, match="reconciling the fresh object"):
-        reconcile.on_spec(kopf.Body(reconciled), patch=kopf.Patch(), memo=memo, logger=LOGGER, reason="resume")
+        _reconcile(reconciled, memo)
     assert kube.get("llmservice", name)["status"]["tuning"]["maxBatchSize"] == shrunk
     # kopf's retry sees the fresh object: the ConfigMap the stale run rendered is rendered again from it.
-    reconcile.on_spec(
-        kopf.Body(kube.get("llmservice", name)), patch=kopf.Patch(), memo=memo, logger=LOGGER, reason="resume"
-    )
+    _reconcile(kube.get("llmservice", name), memo)
     status = kube.get("llmservice", name)["status"]
     assert status["tuning"]["maxBatchSize"] == shrunk
     (rendered,) = kube.get("configmap", f"{name}-config")["data"].values()
@@ -142,15 +150,9 @@ def test_a_reconcile_landing_inside_a_tuning_change_never_leaves_a_stale_configm
     rendered from it in the middle of that tick's writes. Whatever lands last, the ConfigMap ends with the
     limits status.tuning holds (the tick writes status.tuning before its ConfigMap, so the handler's
     re-read after its apply sees the change and reconciles again)."""
-    name = kube.new_name("cm")
-    body = make_example(name)
-    body["spec"]["batching"] = {**body["spec"].get("batching", {}), "autotune": True}
-    kube.apply(body)
-    ctx = _context(kube)
-    memo = kopf.Memo()
-    memo[context.MEMO_KEY] = ctx
-    reconcile.on_spec(kopf.Body(kube.get("llmservice", name)), patch=kopf.Patch(), memo=memo, logger=LOGGER,
-                      reason="resume")  # fmt: skip
+    name, memo = _autotuned_service(kube, make_example, "cm")
+    ctx = context.get(memo)
+    _reconcile(kube.get("llmservice", name), memo)
     stale = kube.get("llmservice", name)
     svc = models.load_stored(reconcile.plain_body(stale))
     shrunk = reconcile.current_tuning(svc).model_copy(update={"max_batch_size": svc.spec.batching.max_batch_size // 2})
@@ -158,7 +160,7 @@ def test_a_reconcile_landing_inside_a_tuning_change_never_leaves_a_stale_configm
 
     def stale_reconcile() -> None:
         try:
-            reconcile.on_spec(kopf.Body(stale), patch=kopf.Patch(), memo=memo, logger=LOGGER, reason="resume")
+            _reconcile(stale, memo)
             outcomes.append("applied")
         except kopf.TemporaryError:
             outcomes.append("retry")
@@ -166,9 +168,7 @@ def test_a_reconcile_landing_inside_a_tuning_change_never_leaves_a_stale_configm
     tick_ctx = dataclasses.replace(ctx, applier=_RunsBetweenWrites(ctx.api_client, stale_reconcile))
     tune.apply_tuning_change(kopf.Body(stale), svc, shrunk, ctx=tick_ctx)
     assert outcomes == ["retry"]  # the handler saw the tuning move under it
-    reconcile.on_spec(
-        kopf.Body(kube.get("llmservice", name)), patch=kopf.Patch(), memo=memo, logger=LOGGER, reason="resume"
-    )  # fmt: skip  (kopf's retry, with the fresh object)
+    _reconcile(kube.get("llmservice", name), memo)  # kopf's retry, with the fresh object
     status = kube.get("llmservice", name)["status"]
     assert status["tuning"]["maxBatchSize"] == shrunk.max_batch_size
     (rendered,) = kube.get("configmap", f"{name}-config")["data"].values()
