@@ -453,7 +453,7 @@ class _RequiredCalls:
         delta = Delta()
         while self._pos < len(self._text) and self._state != "end":
             if self._state in ("start", "between"):
-                self._between(delta)
+                self._between()
             elif self._state == "head":
                 if not self._head(delta):
                     break  # the name is not complete yet
@@ -465,7 +465,7 @@ class _RequiredCalls:
             delta.content = self._text  # not the constrained form (cut short, or not an array): text
         return delta
 
-    def _between(self, delta: Delta) -> None:
+    def _between(self) -> None:
         char = self._text[self._pos]
         if char.isspace() or (char == "," and self._state == "between"):
             self._pos += 1
