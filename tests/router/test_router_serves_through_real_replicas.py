@@ -154,8 +154,12 @@ async def test_metrics_count_picks_and_in_flight(replicas, make_router) -> None:
                 await resp.read()
 
         tasks = [asyncio.create_task(one()) for _ in range(4)]
-        await asyncio.sleep(0.05)
-        during = sum(router.state.in_flight.values())
+        # The router shares this loop, so polling sees every state it passes through; a single sample
+        # after a fixed sleep missed them all on a fast machine where the four streams took under 50 ms.
+        during = 0
+        while not all(t.done() for t in tasks):
+            during = max(during, sum(router.state.in_flight.values()))
+            await asyncio.sleep(0.001)
         await asyncio.gather(*tasks)
         async with session.get(router.url + "/metrics") as resp:
             text = await resp.text()
