@@ -2,23 +2,27 @@
 
     fleetlm-dev simulate --trace step|startup60|diurnal|bursts|class-mix|all [--policy fleetlm|hpa|all] [--json]
                          [--plot out.png] [--seed N] [--profile gpu|cpu-tiny] [--startup-s S]
-                         [--queue-limit N|none] [--calibrate-from BENCH.json [--model builtin:tiny]]
+                         [--queue-limit N|none] [--routing service|router|both]
+                         [--calibrate-from BENCH.json [--model builtin:tiny]]
 
-Every run puts the FleetLM policy beside the plain queue-depth HPA baseline (unless `--policy` picks one)
-on the same arrivals, prints a table of outcomes, then each bar with PASS/FAIL per policy: issue #8's and
-#14's, then the tighter ones of issue #18 (marked `#18`). Issue #18 judges them on three profiles: the
-default `gpu`, `--profile cpu-tiny`, and one measured on this machine with
-`fleetlm-dev bench engine --json > bench.json` then `--calibrate-from bench.json`. Exit status 0
-when every bar judged in the run passes for the FleetLM policy (the baseline is expected to fail some),
-1 otherwise, 2 on bad arguments. With `--trace all` and `--plot out.png`, one PNG per trace
-(`out-step.png`, ...). A trace may fix its own pod start-up (`startup60`: 60 s, whatever the profile or
-`--startup-s` says, which set it for the others). Nothing here talks to a cluster; it is CPU-only and
-takes well under a minute.
+Every run puts the FleetLM policy beside the plain queue-depth HPA baseline (unless `--policy` picks one) on
+the same arrivals, prints a table of outcomes, then each bar with PASS/FAIL per policy: issue #8's and #14's,
+then the tighter ones of issue #18 (marked `#18`). Each policy runs twice (`--routing both`, the default):
+behind the plain Service (random spread) and behind FleetLM's router (`spec.router.enabled`: least loaded), as
+two scenarios with a column each (`fleetlm`, `fleetlm+router`); a bar holds for the service as it is deployed,
+so the `+router` column speaks only for services with the router on. Issue #18 judges them on three profiles:
+the default `gpu`, `--profile cpu-tiny`, and one measured on this machine with `fleetlm-dev bench engine
+--json > bench.json` then `--calibrate-from bench.json`. Exit status 0 when every bar judged in the run passes
+for the FleetLM policy (the baseline is expected to fail some), 1 otherwise, 2 on bad arguments. With `--trace
+all` and `--plot out.png`, one PNG per trace (`out-step.png`, ...). A trace may fix its own pod start-up
+(`startup60`: 60 s, whatever the profile or `--startup-s` says, which set it for the others). Nothing here
+talks to a cluster; it is CPU-only and takes a minute or two per profile (the router doubles the runs).
 """
 
 from __future__ import annotations
 
 import argparse
+import dataclasses
 import json
 import pathlib
 import sys
@@ -49,6 +53,12 @@ def _parser() -> argparse.ArgumentParser:
     )
     parser.add_argument("--model", default="builtin:tiny", help="which model of --calibrate-from to use")
     parser.add_argument(
+        "--routing",
+        default="both",
+        choices=("service", "router", "both"),
+        help="arrivals spread by the Service at random, through the router (least loaded), or both (default)",
+    )
+    parser.add_argument(
         "--queue-limit",
         default=str(run.FleetOptions().queue_limit),
         help="per-class queue limit per replica (429 past it), or 'none' for unbounded queues",
@@ -69,6 +79,7 @@ def _outcome_json(outcome: run.Outcome) -> dict[str, Any]:
     return {
         "trace": outcome.trace,
         "policy": outcome.policy,
+        "router": outcome.router,
         "requests": outcome.num_requests,
         "attainment": round(outcome.attainment, 5),
         "attainmentByClass": {k: round(v, 5) for k, v in outcome.attainment_by_class.items()},
@@ -93,7 +104,7 @@ def _engine_fit(outcome: run.Outcome) -> str | None:
 
 def _table(outcomes: Sequence[run.Outcome]) -> str:
     header = (
-        f"{'trace':<10} {'policy':<8} {'requests':>8} {'attain':>7} {'shed':>6} {'failed':>6} "
+        f"{'trace':<10} {'policy':<14} {'requests':>8} {'attain':>7} {'shed':>6} {'failed':>6} "
         f"{'rep-min':>8} {'oracle':>7} {'ratio':>6} {'changes':>7} {'recovery':>8} {'steady':>6}"
     )
     lines = [header, "-" * len(header)]
@@ -101,7 +112,7 @@ def _table(outcomes: Sequence[run.Outcome]) -> str:
         recovery = "-" if o.recovery_intervals is None else str(o.recovery_intervals)
         steady = "-" if o.steady_changes is None else str(o.steady_changes)
         lines.append(
-            f"{o.trace:<10} {o.policy:<8} {o.num_requests:>8} {o.attainment:>7.2%} {sum(o.num_shed.values()):>6} "
+            f"{o.trace:<10} {o.variant:<14} {o.num_requests:>8} {o.attainment:>7.2%} {sum(o.num_shed.values()):>6} "
             f"{o.num_failed:>6} {o.replica_minutes:>8.1f} {o.oracle_replica_minutes:>7.1f} {o.cost_ratio:>5.2f}x "
             f"{o.num_changes:>7} {recovery:>8} {steady:>6}"
         )
@@ -123,7 +134,8 @@ def _calibration(parser: argparse.ArgumentParser, args: argparse.Namespace) -> c
 
 
 def _judge(by_trace: dict[str, list[run.Outcome]]) -> tuple[list[dict[str, Any]], bool]:
-    """Each trace's tight bars applied to every policy's outcome; whether FleetLM's policy passed them all."""
+    """Each trace's tight bars applied to every outcome (a column per policy and routing); whether FleetLM's
+    policy passed them all, in every routing run."""
     verdicts: list[dict[str, Any]] = []
     all_pass = True
     for trace_name, outcomes in by_trace.items():
@@ -131,7 +143,7 @@ def _judge(by_trace: dict[str, list[run.Outcome]]) -> tuple[list[dict[str, Any]]
             row: dict[str, Any] = {"bar": bar.key, "description": bar.description}
             for outcome in outcomes:
                 verdict = bar.judge(outcome)
-                row[outcome.policy] = {"value": verdict.value, "pass": verdict.passed}
+                row[outcome.variant] = {"value": verdict.value, "pass": verdict.passed}
                 if outcome.policy == "fleetlm" and not verdict.passed:
                     all_pass = False
             verdicts.append(row)
@@ -212,7 +224,7 @@ def _print_outcomes(by_trace: dict[str, list[run.Outcome]]) -> None:
         for o in outcomes:
             engine = _engine_fit(o)
             if engine:
-                print(f"  {o.trace} {o.policy} {engine}")
+                print(f"  {o.trace} {o.variant} {engine}")
     for outcomes in by_trace.values():
         for o in outcomes:
             if len(o.attainment_by_class) > 1:
@@ -220,7 +232,7 @@ def _print_outcomes(by_trace: dict[str, list[run.Outcome]]) -> None:
                     f"{name} {value:.2%} (shed {o.num_shed.get(name, 0)})"
                     for name, value in o.attainment_by_class.items()
                 )
-                print(f"  {o.trace} {o.policy} by class: {per_class}")
+                print(f"  {o.trace} {o.variant} by class: {per_class}")
 
 
 def _print_verdicts(verdicts: list[dict[str, Any]], policy_names: list[str]) -> None:
@@ -254,15 +266,21 @@ def main(argv: list[str] | None = None) -> int:
     options = run.FleetOptions(queue_limit=queue_limit)
     trace_names = list(workload.TRACES) if args.trace == "all" else [args.trace]
     policy_names = list(POLICY_ORDER) if args.policy == "all" else [args.policy]
+    routings = {"service": [False], "router": [True], "both": [False, True]}[args.routing]
+    variants = [f"{name}+router" if router else name for router in routings for name in policy_names]
 
     started = time.process_time()
     by_trace: dict[str, list[run.Outcome]] = {}
     for trace_name in trace_names:
         trace = workload.TRACES[trace_name]
         by_trace[trace_name] = [
-            run.simulate(trace, run.POLICIES[name], calib=calib, options=options, seed=args.seed)
+            run.simulate(
+                trace, run.POLICIES[name], calib=calib, options=dataclasses.replace(options, router=router),
+                seed=args.seed,
+            )
+            for router in routings
             for name in policy_names
-        ]
+        ]  # fmt: skip
     cpu_s = time.process_time() - started
 
     verdicts, all_pass = _judge(by_trace)
@@ -294,7 +312,7 @@ def main(argv: list[str] | None = None) -> int:
         capacities=capacities,
     )  # fmt: skip
     _print_outcomes(by_trace)
-    _print_verdicts(verdicts, policy_names)
+    _print_verdicts(verdicts, variants)
     for path in plots:
         print(f"plot: {path}")
     print(f"({cpu_s:.1f}s CPU)")

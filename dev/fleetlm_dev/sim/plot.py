@@ -38,22 +38,25 @@ def draw(outcomes: Sequence[run.Outcome], path: pathlib.Path) -> pathlib.Path:
     )
     for outcome in outcomes:
         colour = _COLOURS.get(outcome.policy)
+        style = ":" if outcome.router else "-"  # the router's run of a policy: its colour, dotted
         ticks_min = np.array([tick.t_s for tick in outcome.ticks]) / 60.0
         replica_ax.step(
             ticks_min,
             [tick.replicas for tick in outcome.ticks],
             where="post",
             color=colour,
-            label=f"{outcome.policy} ({outcome.cost_ratio:.2f}x oracle)",
+            linestyle=style,
+            label=f"{outcome.variant} ({outcome.cost_ratio:.2f}x oracle)",
         )
         interval_min = outcome.interval_t_s / 60.0
-        ttft_ax.plot(interval_min, outcome.interval_ttft_s, color=colour, label=outcome.policy)
-        tpot_ax.plot(interval_min, outcome.interval_tpot_s, color=colour, label=outcome.policy)
+        ttft_ax.plot(interval_min, outcome.interval_ttft_s, color=colour, linestyle=style, label=outcome.variant)
+        tpot_ax.plot(interval_min, outcome.interval_tpot_s, color=colour, linestyle=style, label=outcome.variant)
         att_ax.plot(
             interval_min,
             outcome.interval_attainment,
             color=colour,
-            label=f"{outcome.policy} ({outcome.attainment:.1%} overall)",
+            linestyle=style,
+            label=f"{outcome.variant} ({outcome.attainment:.1%} overall)",
         )
     replica_ax.set_ylabel("replicas")
     replica_ax.legend(loc="upper left", fontsize=8)

@@ -1,13 +1,16 @@
 """Replay a trace against N simulated replicas under a tuning policy; measure what users and budgets see.
 
 The loop is the operator's, with simulated pods: arrivals are routed at random to ready pods (a plain
-Service); every interval each ready pod is scraped, `window.from_scrapes` turns the two latest scrapes
-into an `ObservedWindow`, the policy decides, and the decision is applied: new pods become ready after
-the start-up delay, removed pods stop taking requests and drain what they hold, batch limits reach every
-pod at the next step, shed classes are refused (429) at the pod. Afterwards the run is scored from the
-requests' true latencies: SLO attainment overall and per class, refused requests, replica-minutes
-(pods that exist, starting and draining included) against the oracle, replica changes, and the
-recovery after a step in tuning intervals. Imports only `policy`, numpy and the standard library.
+Service), or, when the simulated service has `spec.router.enabled` (`FleetOptions.router`), to the least
+loaded ready pod by the router's own picker (`fleetlm_router.picker.least_loaded` on its in-flight counts: the
+sim's prompts share no prefix, so every pick is the router's least-loaded one); every interval each ready pod
+is scraped, `window.from_scrapes` turns the two latest scrapes into an `ObservedWindow`, the policy decides,
+and the decision is applied: new pods become ready after the start-up delay, removed pods stop taking requests
+and drain what they hold, batch limits reach every pod at the next step, shed classes are refused (429) at the
+pod. Afterwards the run is scored from the requests' true latencies: SLO attainment overall and per class,
+refused requests, replica-minutes (pods that exist, starting and draining included) against the oracle,
+replica changes, and the recovery after a step in tuning intervals. Imports only `policy`, the router's pure
+`picker`, numpy and the standard library.
 """
 
 from __future__ import annotations
@@ -24,6 +27,7 @@ from fleetlm_dev.sim import calibration, hpa, oracle, replica, workload
 from fleetlm_operator.policy import decide, window
 from fleetlm_operator.policy import spec as spec_mod
 from fleetlm_operator.policy import state as state_mod
+from fleetlm_router import picker
 
 
 class Policy:
@@ -87,6 +91,11 @@ class FleetOptions:
     queue_limit: int | None = 32
     retry_after_s: float = 1.0
     max_retries: int = 2  # the openai client's default
+    # The service's `spec.router.enabled`: arrivals go through the router (least loaded by its in-flight
+    # count, which is exact when all traffic goes through it) instead of the Service's random spread. A
+    # router sends arrivals to pods that just turned ready, which a Service does not prefer: after a step
+    # the old pods keep full batches and queues while the new ones fill from a random share.
+    router: bool = False
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -135,6 +144,12 @@ class Outcome:
     ttft_target_s: float | None
     tpot_target_s: float | None
     percentile: float
+    router: bool = False  # arrivals went through the router (least loaded), not the Service's random spread
+
+    @property
+    def variant(self) -> str:
+        """The policy, and the routing when it is the router's: the column this run's verdicts go in."""
+        return f"{self.policy}+router" if self.router else self.policy
 
     @property
     def cost_ratio(self) -> float:
@@ -248,6 +263,7 @@ def simulate(
     num_ticks = int(trace.duration_s // interval_s) + 1
     retries: list[tuple[float, int, replica.Seq]] = []  # (when, tie, request) refused and retried by the client
     retry_rng = np.random.default_rng(seed + 2)
+    picks = 0  # the router's tie-break counter
 
     def refused(seq: replica.Seq, t: float, *, by_shedding: bool) -> None:
         # The openai client retries a 429 (honouring Retry-After) or a refused connection max_retries times.
@@ -281,7 +297,11 @@ def simulate(
             if not ready:
                 refused(seq, t, by_shedding=False)  # no endpoint: connection refused
                 continue
-            pod = ready[int(pick * len(ready))]
+            if options.router:
+                picks += 1
+                pod = _least_loaded(ready, t, tie_break=picks)
+            else:
+                pod = ready[int(pick * len(ready))]
             if seq.cls in shed:
                 pod.reject(seq)
                 refused(seq, t, by_shedding=True)
@@ -377,7 +397,7 @@ def simulate(
         fleet.pod_seconds += end_s - pod.created_s
     for pod in fleet.draining:
         fleet.pod_seconds += min(pod.now, end_s) - pod.created_s
-    return _score(
+    outcome = _score(
         trace,
         policy.name,
         spec=spec,
@@ -391,6 +411,7 @@ def simulate(
         end_s=end_s,
         startup_s=startup_s,
     )
+    return dataclasses.replace(outcome, router=options.router)
 
 
 def _score(
@@ -500,6 +521,18 @@ def _score(
         tpot_target_s=tpot_target,
         percentile=q,
     )
+
+
+def _least_loaded(ready: list[replica.Replica], t: float, *, tie_break: int) -> replica.Replica:
+    """The router's least-loaded pick at `t`: its in-flight count per pod is what the pod holds (queued,
+    prefilling, decoding), since every request reached the pod through it."""
+    by_name: dict[str, replica.Replica] = {}
+    in_flight: dict[str, int] = {}
+    for pod in ready:
+        pod.advance_to(t)
+        by_name[pod.name] = pod
+        in_flight[pod.name] = pod.in_flight
+    return by_name[picker.least_loaded(list(by_name), in_flight, tie_break=tie_break)]
 
 
 def _changes(ticks: list[Tick], *, start_s: float, end_s: float) -> int:

@@ -82,6 +82,7 @@ def decide(
     limits = batch.limits
     assessment = slo.assess(window, spec=spec, ignore_classes=state.shed_classes)
     demand = replicas.estimate_demand(window, tuning=tuning, shed_classes=state.shed_classes)
+    demand_up = replicas.estimate_demand(window, tuning=tuning, shed_classes=state.shed_classes, beyond_swing=True)
     rep = replicas.decide_replicas(
         policy_input,
         window,
@@ -94,6 +95,7 @@ def decide(
         now=now,
         loading=loading,
         surge=state.surge,
+        demand_up=demand_up,
     )
 
     load_at_max_with_shed: float | None = None

@@ -59,8 +59,15 @@ def estimate_demand(
     tuning: spec_mod.Tuning,
     shed_classes: tuple[str, ...] = (),
     include_shed: bool = False,
+    beyond_swing: bool = False,
 ) -> Demand | None:
     """Batch slots the fleet needs; None when the window cannot say (no pods, no queue gauges).
+
+    Arrivals x service (Little) rests on the whole window; the running gauge, one instant, is a floor under
+    it (it is current where the window's finishes lag what runs). `beyond_swing` counts only the part of the
+    gauge clear of its swing (`gauge_floor`): the estimate to scale up on, where one scrape's full batch
+    must not buy pods. Without it the gauge counts as read: the higher estimate, which a scale-down must
+    clear.
 
     Pods expected but not scraped are taken to carry as much as the average scraped pod; pods scraped
     without a baseline (just started) are not: the arrivals were counted on the pods that took them.
@@ -95,12 +102,15 @@ def estimate_demand(
         arrival = window.arrival_per_s - retried - (0.0 if include_shed else refused_shed)
         arrival = max(0.0, arrival) * (carried + unseen) / carried
         little = arrival * service_s
-        if little > concurrency:
+        floor = (gauge_floor(running, tuning=tuning) if beyond_swing else running) * scale_unseen
+        if little > floor:
             concurrency, basis = little, f"arrivals {arrival:.2f}/s x service {service_s:.2f}s"
             averaged = window.mean_running_per_pod
             per_pod = averaged if averaged is not None and averaged > 0 else per_pod
         else:
-            basis = f"running (>= arrivals {arrival:.2f}/s x service {service_s:.2f}s)"
+            concurrency = floor
+            beyond = f", {floor:.0f} beyond its swing" if beyond_swing else ""
+            basis = f"running {running:.0f}{beyond} (>= arrivals {arrival:.2f}/s x service {service_s:.2f}s)"
     # Each waiting request needs a slot for one service time; spreading the backlog over the drain
     # time asks for more replicas the deeper the queue, and none once it is gone.
     queued = waiting * scale_unseen
@@ -112,6 +122,21 @@ def estimate_demand(
         running_per_pod=per_pod,
         basis=basis,
     )
+
+
+def gauge_floor(running: float, *, tuning: spec_mod.Tuning) -> float:
+    """The least mean concurrency one reading of the running gauge vouches for: k - z sqrt(k).
+
+    The gauge is one instant of a count that swings about like a Poisson variable around its mean (M/G/inf
+    on the fleet's sum): at 1.8 sequences in flight on average one scrape reads a full batch of 4 about one
+    time in nine, and on a CPU engine whose requests take 30 ms that is the reading a scrape happens to
+    catch. As a floor under Little's estimate (which rests on the whole window) it counts only where it
+    stands clear of that swing, i.e. where the window's finishes lag what is running (requests longer than
+    those that finished, a step under way); within the swing the window's estimate stands.
+    """
+    if running <= 0:
+        return 0.0
+    return max(0.0, running - tuning.fluctuation_z * math.sqrt(running))
 
 
 def work(demand: Demand, *, tuning: spec_mod.Tuning) -> float:
@@ -194,8 +219,14 @@ def decide_replicas(
     now: float,
     loading: startup_mod.Loading | None = None,
     surge: state_mod.Surge | None = None,
+    demand_up: Demand | None = None,
 ) -> ReplicaDecision:
-    """Bounds first, then hold on missing data, then up (fast), else down (slowly) or hold; each step below."""
+    """Bounds first, then hold on missing data, then up (fast), else down (slowly) or hold; each step below.
+
+    `demand`: the estimate a scale-down must clear (and the work recorded for it); `demand_up`: the one to
+    scale up on (`estimate_demand(beyond_swing=True)`: one scrape's swing of the gauge buys no pods); None:
+    `demand` for both. Each direction acts on the estimate that is conservative for it.
+    """
     spec = policy_input.spec
     if loading is None:
         loading = startup_mod.Loading(
@@ -214,7 +245,7 @@ def decide_replicas(
             None,
             f"replicas: hold {tick.current}, no usable metrics ({why}); never scale down on missing data",
         )
-    sizing = _size(policy_input, window, demand, loading=loading, max_batch_size=max_batch_size)
+    sizing = _size(policy_input, window, demand, demand_up or demand, loading=loading, max_batch_size=max_batch_size)
     up = _scale_up(tick, sizing, assessment)
     if up is not None:
         return up
@@ -340,6 +371,7 @@ def _size(
     policy_input: spec_mod.PolicyInput,
     window: window_mod.ObservedWindow,
     demand: Demand,
+    demand_up: Demand,
     *,
     loading: startup_mod.Loading,
     max_batch_size: int,
@@ -362,8 +394,8 @@ def _size(
         backlog_weight = 0.0
     elif loading.startup_s is not None and loading.startup_s > tuning.backlog_drain_s:
         backlog_weight = tuning.backlog_drain_s / loading.startup_s
-    backlog = demand.backlog_slots * backlog_weight
-    sizing = dataclasses.replace(demand, slots=demand.concurrency_slots + backlog, backlog_slots=backlog)
+    backlog = demand_up.backlog_slots * backlog_weight
+    sizing = dataclasses.replace(demand_up, slots=demand_up.concurrency_slots + backlog, backlog_slots=backlog)
     counted = current - stuck
     load_now = occupancy_on(work(sizing, tuning=tuning), replicas=counted, max_batch_size=max_batch_size, tuning=tuning)
     loading_txt = []
@@ -373,6 +405,8 @@ def _size(
         loading_txt.append(f"{unmeasured} just ready, backlog left to them")
     if stuck:
         loading_txt.append(f"{stuck} loading > {loading.limit_s:.0f}s, not counted")
+    if demand_up.concurrency_slots < demand.concurrency_slots:
+        loading_txt.append(f"the gauge as read, {demand.concurrency_slots:.0f} slots, for scale-down")
     return _Sizing(
         work_slots=work(demand, tuning=tuning),
         wanted=wanted_replicas(demand, max_batch_size=max_batch_size, tuning=tuning),
@@ -385,7 +419,7 @@ def _size(
         unmeasured=unmeasured,
         waiting=window.waiting_per_pod or 0.0,
         text=(
-            f"demand {sizing.slots:.0f} slots ({demand.basis}; backlog {sizing.backlog_slots:.0f}) fills "
+            f"demand {sizing.slots:.0f} slots ({demand_up.basis}; backlog {sizing.backlog_slots:.0f}) fills "
             f"{max_batch_size}-seq batches {load_now:.0%} on {counted} replicas"
             + (f" ({'; '.join(loading_txt)})" if loading_txt else "")
         ),
