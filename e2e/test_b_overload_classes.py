@@ -13,6 +13,7 @@ percentile; standard degrades but is served; no request anywhere gets a 5xx.
 from __future__ import annotations
 
 import asyncio
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -34,7 +35,9 @@ JUDGED_S = 25.0  # seconds of load judged
 DURATION_S = 20.0  # the load's rate is reported over its first seconds
 MAX_DURATION_S = 60.0
 OVERLOAD = 1.3  # times what both replicas serve together
-MIX = (("critical", 0.3), ("standard", 0.3), ("sheddable", 0.4))
+MIX = (("critical", 0.25), ("standard", 0.25), ("sheddable", 0.5))
+BATCH = 4  # maxBatchSize, fixed
+PROBE_STREAMS = 4 * BATCH  # per replica: the queue stays deep, as once an overload has built a backlog
 
 
 def test_overload_sheds_sheddable_keeps_critical_serves_standard(
@@ -44,21 +47,37 @@ def test_overload_sheds_sheddable_keeps_critical_serves_standard(
         "classes": [
             {"name": "critical", "priority": 0},
             {"name": "standard", "priority": 1},
-            {"name": "sheddable", "priority": 2, "sheddable": True},
+            # Not sheddable during the capacity probe, whose deep queue would have the tuner shed it at once.
+            {"name": "sheddable", "priority": 2, "sheddable": False},
         ],
         "defaultClass": "standard",
     }
     # Batch limits fixed: were the tuner to grow them mid-run, the measured capacity would no longer hold
     # and the "overload" would be served in full (seen on a quiet machine: 1.5x of a 4-seq capacity).
-    batching = {"maxBatchSize": 4, "maxBatchTokens": 512, "autotune": False}
+    batching = {"maxBatchSize": BATCH, "maxBatchTokens": 512, "autotune": False}
     body = service_body(replicas={"min": 2, "max": 2}, qos=qos, batching=batching)
     service = make_service(body, api_keys=KEYS)
     service.start_pods()
     service.wait_ready(2)
     shape = closed_loop.Shape(output_tokens=64)
+    probe_cpu = closed_loop.pods_cpu_s(service), closed_loop.harness_cpu_s(), time.monotonic()
+    # Measured with the mix that is served once sheddable is shed (critical and standard alike), twice as many
+    # streams as a batch holds: critical preempts standard as under the overload. A probe of one class with
+    # full batches and an empty queue measured 66 req/s where the same replicas then served 42 under the load.
     capacity = closed_loop.measure_capacity(
-        service.ready_urls(), concurrency=4, shape=shape, seconds=6, key="key-standard"
+        service.ready_urls(), concurrency=PROBE_STREAMS, shape=shape, seconds=6, keys=("key-critical", "key-standard")
     )
+    probe_wall = time.monotonic() - probe_cpu[2]
+    probe_cores = (
+        round((closed_loop.pods_cpu_s(service) - probe_cpu[0]) / probe_wall, 2),
+        round((closed_loop.harness_cpu_s() - probe_cpu[1]) / probe_wall, 2),
+    )
+    # Sheddable from a tuner window that began after the probe on, so that only the load below makes it shed.
+    settled_s = service.wait_window_after(time.time() + 1.0)
+    qos["classes"][2]["sheddable"] = True
+    service.patch({"qos": qos})
+    pushed_s = service.wait_pushed(lambda cfg: cfg["qos"]["classes"][2].get("sheddable") is True)
+    print(f"\nb: a clean tuner window {settled_s:.1f}s after the probe, sheddable pushed in {pushed_s:.1f}s")
     rate = OVERLOAD * capacity
     print(f"\nb: the two replicas serve {capacity:.2f} req/s; load {rate:.2f} req/s, {MIX}")
     load = closed_loop.Load(
@@ -69,6 +88,8 @@ def test_overload_sheds_sheddable_keeps_critical_serves_standard(
     )
     timeline = closed_loop.Timeline(service, 1.0)
     timeline.start()
+    diagnostics = closed_loop.Diagnostics(service)
+    diagnostics.start()
 
     def shed_at() -> float | None:
         """When the tuner's shedding of the sheddable class was in force (status.tuning, written after the push)."""
@@ -80,6 +101,7 @@ def test_overload_sheds_sheddable_keeps_critical_serves_standard(
 
     asyncio.run(load.run(lambda _: rate, MAX_DURATION_S, until=done))
     timeline.stop()
+    diagnostics.stop()
 
     # Judged once the tuner sheds sheddable and one interval has let the backlog it admitted before drain:
     # until then (two or three ticks) every class queues alike; the closed loop's promise is what follows.
@@ -108,6 +130,17 @@ def test_overload_sheds_sheddable_keeps_critical_serves_standard(
         }
     statuses = sorted({r.status for r in load.records})
     figures["statuses"] = statuses
+    # Where the time went: the load generator's lag behind its schedule, the runtimes' own TTFT, the CPU used.
+    lags = closed_loop.lag_s(judged)
+    figures["send_lag_s"] = {f"p{int(q * 100)}": round(closed_loop.quantile(lags, q) or 0, 3) for q in (0.5, 0.9, 0.99)}
+    end_s = max(r.end_s for r in load.records)
+    # What the two replicas completed per second while overloaded: their capacity under this load, beside
+    # the probe's (and the cores the pods and this process used during the probe: pods, harness).
+    figures["served_rps_judged"] = round(
+        sum(r.success and judged_from <= r.end_s for r in load.records) / (end_s - judged_from), 2
+    )
+    figures["probe_cores_pods_harness"] = probe_cores
+    figures["diagnostics"] = diagnostics.figures(judged_from, end_s, list(by_class), PERCENTILE / 100)
     print(f"b figures: {figures}")
 
     assert not [r for r in load.records if r.status >= 500], "a request got a 5xx"
