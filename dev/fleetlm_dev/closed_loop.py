@@ -394,10 +394,10 @@ def measure_capacity(
 
     `keys`: the streams' API keys in turn (else `key` for all). With classes of different priorities and more
     streams than a batch holds, the queue is never empty and a higher class's arrival preempts a running
-    lower one (which recomputes later), as under an overload: the capacity such a mix gets, which is less
-    than one class alone gets (on builtin:tiny, about a third less)."""
+    lower one (which recomputes later), as under an overload: the capacity such a mix gets (one runtime on
+    builtin:tiny, 40 standard streams and 3 critical: 36 req/s; 40 standard alone: 51 req/s)."""
     urls = [url] if isinstance(url, str) else list(url)
-    stream_keys = list(keys) or [key]
+    stream_keys: list[str | None] = [*keys] or [key]
 
     async def closed_loop() -> float:
         done = 0
