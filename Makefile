@@ -45,9 +45,9 @@ PYTEST_RUN = rc=0; $(PY) -m pytest $(1) || rc=$$?; \
 	if [ $$rc -eq 5 ]; then echo "error: pytest collected no tests" >&2; exit 1; fi; \
 	if [ $$rc -ne 0 ]; then exit $$rc; fi
 
-# The whole suite, then the short end-to-end scenarios (e2e/ c: runtime faults; a, the surge, and b, overload
-# with classes, are out of the short set until they pass on a quiet machine too: see their modules) as a second
-# run of their own, with their own control plane. `make e2e` runs them all.
+# The whole suite, then the short end-to-end scenarios (e2e/ a: a surge, b: overload with classes, c: runtime
+# faults; about 6 minutes on a busy 2-core machine) as a second run of their own, with their own control plane.
+# `make e2e` runs them all.
 test: venv k8s system-deps lint
 	@$(call PYTEST_RUN,$(PYTEST_ARGS))
 	@$(call PYTEST_RUN,e2e -m "e2e and short" $(E2E_ARGS))

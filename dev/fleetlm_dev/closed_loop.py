@@ -24,6 +24,7 @@ import datetime
 import itertools
 import json
 import math
+import os
 import pathlib
 import random
 import sys
@@ -35,8 +36,9 @@ from typing import Any
 
 import aiohttp
 import yaml
+from prometheus_client import parser as prom_parser
 
-from fleetlm_dev import bench_serve, cluster, cpu_limits, pod_runner, supervise
+from fleetlm_dev import bench_serve, cluster, cpu_limits, pod_runner, supervise, testing
 
 PROMPT = "Write a long story about a fleet of language models keeping their promises to every client."
 
@@ -272,6 +274,7 @@ class Record:
     error: str
     output_tokens: int
     retry_after: str | None = None
+    due_s: float = math.nan  # when the arrival was scheduled: start_s - due_s is the load generator's lag
 
 
 _serial = itertools.count()
@@ -354,13 +357,13 @@ class Load:
                     continue
                 url = urls[self._turn % len(urls)]
                 self._turn += 1
-                task = asyncio.create_task(self._one(session, url, self._pick_class()))
+                task = asyncio.create_task(self._one(session, url, self._pick_class(), due))
                 self.inflight[task] = (url, math.inf)
                 task.add_done_callback(lambda t: self.inflight.pop(t, None))
             if self.inflight:
                 await asyncio.wait(list(self.inflight), timeout=self.timeout_s)
 
-    async def _one(self, session: aiohttp.ClientSession, url: str, qos_class: str) -> None:
+    async def _one(self, session: aiohttp.ClientSession, url: str, qos_class: str, due: float) -> None:
         cfg = bench_serve.BenchConfig(
             url=url, model="tiny", class_keys=tuple(self.keys.items()), progress=False, timeout_s=self.timeout_s
         )
@@ -372,7 +375,7 @@ class Load:
         self.records.append(Record(
             qos_class=qos_class, url=url, start_s=start, end_s=time.monotonic(), status=result.status,
             success=result.success, ttft_s=result.ttft_s if result.success else None, error=result.error,
-            output_tokens=result.output_tokens, retry_after=result.retry_after,
+            output_tokens=result.output_tokens, retry_after=result.retry_after, due_s=due,
         ))  # fmt: skip
 
 
@@ -383,32 +386,40 @@ def measure_capacity(
     shape: Shape = Shape(),
     seconds: float = 10.0,
     key: str | None = None,
+    keys: Sequence[str] = (),
 ) -> float:
     """Requests/s completed with `concurrency` streams always open per replica (batches full): one
     replica's capacity for one URL, the service's for several at once (on a shared machine that is less
-    than the sum). Scenarios size their load from it. A first round of requests warms every replica."""
+    than the sum). Scenarios size their load from it. A first round of requests warms every replica.
+
+    `keys`: the streams' API keys in turn (else `key` for all). With classes of different priorities and more
+    streams than a batch holds, the queue is never empty and a higher class's arrival preempts a running
+    lower one (which recomputes later), as under an overload: the capacity such a mix gets (one runtime on
+    builtin:tiny, 40 standard streams and 3 critical: 36 req/s; 40 standard alone: 51 req/s)."""
     urls = [url] if isinstance(url, str) else list(url)
+    stream_keys: list[str | None] = [*keys] or [key]
 
     async def closed_loop() -> float:
         done = 0
         async with aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0)) as session:
 
-            async def one(target: str) -> bench_serve.RequestResult:
-                cfg = bench_serve.BenchConfig(url=target, model="tiny", api_key=key, progress=False)
+            async def one(target: str, api_key: str | None) -> bench_serve.RequestResult:
+                cfg = bench_serve.BenchConfig(url=target, model="tiny", api_key=api_key, progress=False)
                 return await bench_serve.send_request(session, cfg, "tiny", shape.request())
 
-            await asyncio.gather(*(one(u) for u in urls for _ in range(concurrency)))
+            streams = [(u, stream_keys[i % len(stream_keys)]) for u in urls for i in range(concurrency)]
+            await asyncio.gather(*(one(u, k) for u, k in streams))
             began = time.monotonic()
 
-            async def worker(target: str) -> None:
+            async def worker(target: str, api_key: str | None) -> None:
                 nonlocal done
                 while time.monotonic() - began < seconds:
-                    result = await one(target)
+                    result = await one(target, api_key)
                     if not result.success:
                         raise RuntimeError(f"capacity probe failed: {result.status} {result.error}")
                     done += 1
 
-            await asyncio.gather(*(worker(u) for u in urls for _ in range(concurrency)))
+            await asyncio.gather(*(worker(u, k) for u, k in streams))
             return done / (time.monotonic() - began)
 
     return asyncio.run(closed_loop())
@@ -490,3 +501,124 @@ def per_interval(records: Sequence[Record], start_s: float, end_s: float, every_
         if 0 <= index < count:
             buckets[index].append(record)
     return buckets
+
+
+# --------------------------------------------------------------------------------------------------
+# Where the time goes: the server's own TTFT, and the CPU each side used
+
+
+Histogram = dict[str, list[tuple[float, float]]]  # label value -> [(upper bound, cumulative count)]
+
+
+def scrape(urls: Sequence[str], histogram: str, label: str, counter: str) -> tuple[Histogram, float]:
+    """A histogram of the runtimes at `urls` (their /metrics), summed over them, by the value of `label`, and
+    a counter's total over them."""
+    summed: dict[str, dict[float, float]] = {}
+    total = 0.0
+    for url in urls:
+        with contextlib.suppress(OSError), urllib.request.urlopen(url + "/metrics", timeout=5) as resp:
+            text = resp.read().decode()
+            for family in prom_parser.text_string_to_metric_families(text):
+                for sample in family.samples:
+                    if sample.name == histogram + "_bucket":
+                        buckets = summed.setdefault(sample.labels.get(label, ""), {})
+                        bound = float(sample.labels["le"])
+                        buckets[bound] = buckets.get(bound, 0.0) + sample.value
+                    elif sample.name == counter + "_total":
+                        total += sample.value
+    return {key: sorted(buckets.items()) for key, buckets in summed.items()}, total
+
+
+def histogram_quantile(before: Histogram, after: Histogram, key: str, q: float) -> float | None:
+    """The upper bound of the bucket holding quantile `q` of what was observed between two scrapes (a
+    pod that left meanwhile makes its counts drop out; then None). Prometheus's bucket bound, no interpolation."""
+    earlier = dict(before.get(key, []))
+    delta = [(bound, count - earlier.get(bound, 0.0)) for bound, count in after.get(key, [])]
+    if not delta or delta[-1][1] <= 0 or any(c < 0 for _, c in delta):
+        return None
+    rank = q * delta[-1][1]
+    return next(bound for bound, count in delta if count >= rank)
+
+
+def process_cpu_s(pid: int) -> float:
+    """CPU seconds (user and system) a process and its live descendants used so far; 0 once it is gone."""
+    ticks = os.sysconf("SC_CLK_TCK")
+    try:
+        fields = pathlib.Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+        own = (int(fields[11]) + int(fields[12])) / ticks  # utime, stime
+        return own + sum(process_cpu_s(child) for child in testing.children_of(pid))
+    except (OSError, IndexError, ValueError):
+        return 0.0
+
+
+def pods_cpu_s(service: Service) -> float:
+    """CPU seconds the service's running pods (servers and engine children) used so far."""
+    pods = list(service.runner.pods.values()) if service.runner is not None else []
+    return sum(process_cpu_s(p.process.pid) for p in pods)
+
+
+def harness_cpu_s() -> float:
+    """CPU seconds this process (every thread: the load generator, the kubelet stand-in, the samplers) used."""
+    times = os.times()
+    return times.user + times.system
+
+
+def lag_s(records: Sequence[Record]) -> list[float]:
+    """How late each request was sent after its scheduled arrival: the load generator falling behind."""
+    return [r.start_s - r.due_s for r in records if not math.isnan(r.due_s)]
+
+
+@dataclasses.dataclass(slots=True)
+class Snapshot:
+    t_s: float  # time.monotonic()
+    ttft: Histogram  # the runtimes' TTFT histogram by class
+    preemptions: float  # the runtimes' preemptions so far
+    harness_cpu_s: float
+    pods_cpu_s: float  # the ready pods' processes (server and engine child)
+
+
+class Diagnostics(threading.Thread):
+    """Every `every_s` seconds, what the runtimes measured and the CPU each side used, so that a scenario can
+    say where a client's TTFT went: into the engine's queue (the server's TTFT says so too), or into the
+    load generator's lag or its own event loop (then the server's TTFT is short and the client's long)."""
+
+    def __init__(self, service: Service, every_s: float = 2.5) -> None:
+        super().__init__(daemon=True, name="diagnostics")
+        self.service = service
+        self.every_s = every_s
+        self.snapshots: list[Snapshot] = []
+        self._halt = threading.Event()
+
+    def run(self) -> None:
+        while not self._halt.is_set():
+            ttft, preemptions = scrape(self.service.ready_urls(), "fleetlm_time_to_first_token_seconds", "qos_class",
+                                       "fleetlm_num_preemptions")  # fmt: skip
+            self.snapshots.append(Snapshot(
+                t_s=time.monotonic(), ttft=ttft, preemptions=preemptions,
+                harness_cpu_s=harness_cpu_s(), pods_cpu_s=pods_cpu_s(self.service),
+            ))  # fmt: skip
+            self._halt.wait(self.every_s)
+
+    def stop(self) -> None:
+        self._halt.set()
+        self.join(timeout=30)
+
+    def between(self, start_s: float, end_s: float) -> tuple[Snapshot, Snapshot] | None:
+        """The first snapshot at or after `start_s` and the last at or before `end_s`."""
+        inside = [x for x in self.snapshots if start_s <= x.t_s <= end_s]
+        return (inside[0], inside[-1]) if len(inside) >= 2 else None
+
+    def figures(self, start_s: float, end_s: float, classes: Sequence[str], q: float) -> dict[str, Any]:
+        """Server TTFT at quantile `q` per class, and cores used by the harness and the pods, over the window."""
+        pair = self.between(start_s, end_s)
+        if pair is None:
+            return {}
+        first, last = pair
+        wall = last.t_s - first.t_s
+        return {
+            "server_ttft_q_s": {c: histogram_quantile(first.ttft, last.ttft, c, q) for c in classes},
+            "harness_cores": round((last.harness_cpu_s - first.harness_cpu_s) / wall, 2),
+            "pods_cores": round((last.pods_cpu_s - first.pods_cpu_s) / wall, 2),
+            "preemptions_per_s": round((last.preemptions - first.preemptions) / wall, 1),
+            "window_s": round(wall, 1),
+        }

@@ -8,8 +8,12 @@ The local control plane has no nodes and no container runtime, so the pods of an
   token), plus `--host` set to a loopback address of the pod's own (127.x.y.z, port 8000 like the
   container port);
 * once the process answers /ready, the pod's status is patched Running and Ready with that address as its
-  podIP, so the operator scrapes and tunes it like any pod; a pod that is deleted (scale-down) gets
-  SIGTERM, the drain the runtime does in a real pod;
+  podIP, so the operator scrapes and tunes it like any pod;
+* a pod that is deleted (scale-down) terminates as a real one does: it leaves the ready endpoints at once
+  (the EndpointSlice controller's part), its container's preStop sleep runs out while it still serves the
+  requests clients sent it before they saw the endpoints change, then it gets SIGTERM (the runtime drains its
+  in-flight streams) and SIGKILL once the pod's terminationGracePeriodSeconds have passed since the deletion.
+  None of this blocks the sync: the other pods start, turn ready and are probed meanwhile;
 * a Job's pod (restartPolicy Never) runs to completion instead: its exit code becomes the pod's phase
   (Succeeded or Failed) and a terminated container status (the last log lines as the message, as with
   FallbackToLogsOnError), so the real Job controller counts it, retries it or fails the Job;
@@ -53,6 +57,7 @@ from fleetlm_dev import cluster, cpu_limits, paths, supervise, testing
 
 RUNTIME_PORT = 8000
 PROBE_FAILURE_THRESHOLD = 3  # the kubelet's default failureThreshold
+DEFAULT_GRACE_S = 30.0  # a pod's terminationGracePeriodSeconds when its spec has none
 
 
 @dataclass
@@ -73,6 +78,10 @@ class RunningPod:
     cpu_limit: float | None = None  # cores, from resources.limits.cpu
     cpu_enforced: bool = False
     probe_timeouts: int = 0  # readiness probes in a row that got no answer in time
+    pre_stop_s: float = 0.0  # the container's lifecycle.preStop sleep
+    grace_s: float = DEFAULT_GRACE_S  # the pod's terminationGracePeriodSeconds
+    deleted_at: float | None = None  # time.monotonic() when the pod was seen deleted
+    sigterm_at: float | None = None  # when its process got SIGTERM (after the preStop sleep)
 
     @property
     def url(self) -> str:
@@ -86,6 +95,7 @@ class PodRunner:
     selector: str  # label selector of the pods to run, e.g. "app.kubernetes.io/instance=tiny-demo"
     directory: pathlib.Path
     pods: dict[str, RunningPod] = field(default_factory=dict)
+    terminating: list[RunningPod] = field(default_factory=list)  # deleted pods whose process has not exited
     cpu: cpu_limits.CpuLimits | None = None  # made with the first pod that has a CPU limit
 
     def sync(self) -> list[str]:
@@ -98,10 +108,8 @@ class PodRunner:
         live = {p["metadata"]["name"]: p for p in listed if not p["metadata"].get("deletionTimestamp")}
         for name in list(self.pods):
             if name not in live:
-                testing.stop_process(self.pods.pop(name).process, timeout_s=30)
-                if self.cpu is not None:
-                    self.cpu.release(name)
-                events.append(f"pod {name} deleted: its runtime got SIGTERM and drained")
+                events.append(self._begin_termination(self.pods.pop(name)))
+        events.extend(self._advance_terminations())
         for name, pod in live.items():
             running = self.pods.get(name)
             if running is None and _runs_to_completion(pod):
@@ -134,13 +142,15 @@ class PodRunner:
         return [p.url for p in self.pods.values() if p.ready and p.process.poll() is None]
 
     def stop_all(self) -> None:
-        """SIGTERM every pod's process at once, then wait for each (SIGKILL after 30 s)."""
-        for pod in self.pods.values():
+        """SIGTERM every pod's process at once (terminating ones too), then wait for each (SIGKILL after 30 s)."""
+        every = [*self.pods.values(), *self.terminating]
+        for pod in every:
             if pod.process.poll() is None:
                 pod.process.send_signal(signal.SIGTERM)
-        for pod in self.pods.values():
+        for pod in every:
             testing.stop_process(pod.process, timeout_s=30)
         self.pods.clear()
+        self.terminating.clear()
         if self.cpu is not None:
             self.cpu.close()
 
@@ -190,9 +200,45 @@ class PodRunner:
         running = RunningPod(
             name=name, ip=ip, process=process, log_path=log_path, command=[*command, "--host", ip],
             env={**_base_env(), **env}, cpu_limit=cpu_limits.parse_cpu(cpu) if cpu is not None else None,
+            pre_stop_s=_pre_stop_sleep_s(container),
+            grace_s=float(pod["spec"].get("terminationGracePeriodSeconds", DEFAULT_GRACE_S)),
         )  # fmt: skip
         self._limit_cpu(running)
         return running
+
+    def _begin_termination(self, running: RunningPod) -> str:
+        """A deleted pod: out of the ready endpoints now (`ready_urls` no longer lists it); its process runs on
+        through the preStop sleep, so a request a client routed to it just before it left them is served."""
+        running.deleted_at = time.monotonic()
+        running.ready = False
+        self.terminating.append(running)
+        return (
+            f"pod {running.name} deleted: out of the endpoints; SIGTERM after its {running.pre_stop_s:g}s preStop "
+            f"sleep, SIGKILL {running.grace_s:g}s after the deletion"
+        )
+
+    def _advance_terminations(self) -> list[str]:
+        """Each terminating pod one step on: SIGTERM once its preStop sleep is over, SIGKILL once its grace period
+        is, and forgotten (its CPU share released) once its process has exited."""
+        events: list[str] = []
+        now = time.monotonic()
+        for running in list(self.terminating):
+            assert running.deleted_at is not None
+            process = running.process
+            if process.poll() is None and running.sigterm_at is None and now >= running.deleted_at + running.pre_stop_s:
+                process.send_signal(signal.SIGTERM)
+                running.sigterm_at = now
+                events.append(f"pod {running.name}: preStop done, its runtime got SIGTERM and drains")
+            if process.poll() is None and now >= running.deleted_at + running.grace_s:
+                process.kill()
+                process.wait()
+                events.append(f"pod {running.name}: still running {running.grace_s:g}s after its deletion, SIGKILL")
+            if process.poll() is not None:
+                self.terminating.remove(running)
+                if self.cpu is not None:
+                    self.cpu.release(running.name)
+                events.append(f"pod {running.name}: terminated (exit {process.returncode})")
+        return events
 
     def _restart_exited(self, name: str, running: RunningPod) -> list[str]:
         """restartPolicy Always: an exited container is not Ready, and starts again after the backoff."""
@@ -334,6 +380,12 @@ def _runs_to_completion(pod: dict[str, Any]) -> bool:
     """A Job's pod (or any pod with restartPolicy Never): run once, report the exit code."""
     owners = pod["metadata"].get("ownerReferences") or []
     return pod["spec"].get("restartPolicy") == "Never" or any(o.get("kind") == "Job" for o in owners)
+
+
+def _pre_stop_sleep_s(container: dict[str, Any]) -> float:
+    """The container's preStop pause: a `sleep` handler's seconds (an exec handler cannot run here), else 0."""
+    pre_stop = (container.get("lifecycle") or {}).get("preStop") or {}
+    return float((pre_stop.get("sleep") or {}).get("seconds", 0))
 
 
 def _localize(arg: str, mounts: dict[str, pathlib.Path]) -> str:
