@@ -9,11 +9,14 @@ live with the builders).
 from __future__ import annotations
 
 import enum
+from typing import Final
 
 GROUP = "fleetlm.dev"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "LLMService"
+# Final literals, so that the models' `Literal[...]` fields accept them as defaults; GROUP/VERSION written
+# out for the same reason (a type checker reads an f-string as any str).
+API_VERSION: Final = "fleetlm.dev/v1alpha1"
+KIND: Final = "LLMService"
 LIST_KIND = "LLMServiceList"
 PLURAL = "llmservices"
 SINGULAR = "llmservice"

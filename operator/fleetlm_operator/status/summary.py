@@ -11,13 +11,13 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fleetlm_operator.api import names
+from fleetlm_operator.api import names, status_models
 from fleetlm_operator.status import conditions
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RolloutSummary:
-    phase: str
+    phase: status_models.Phase
     replicas: int  # pods that exist (what /scale reports as current)
     ready_replicas: int
     updated_replicas: int
@@ -129,6 +129,7 @@ def summarize(
             )
         )
 
+    phase: status_models.Phase
     if progress and progress.get("status") == "False":
         phase = "Failed"  # the Deployment gave up: progress deadline exceeded
     elif desired and ready >= desired and rolled_out:
