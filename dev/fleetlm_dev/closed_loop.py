@@ -36,7 +36,7 @@ from typing import Any
 import aiohttp
 import yaml
 
-from fleetlm_dev import bench_serve, cluster, cpu_limits, pod_runner, supervise
+from fleetlm_dev import bench_serve, cluster, cpu_limits, pod_runner, supervise, testing
 
 PROMPT = "Write a long story about a fleet of language models keeping their promises to every client."
 
@@ -115,7 +115,7 @@ class Service:
         script = pathlib.Path(sys.executable).parent / "fleetlm-operator"
         for index in range(operators):
             identity = f"operator-{index}"  # a pod keeps its name across container restarts
-            port = cluster.free_port()
+            port = testing.free_port()
             env = supervise.console_script_env(
                 KUBECONFIG=str(plane.kubeconfig),
                 FLEETLM_OPERATOR_NAMESPACE=namespace,
