@@ -12,13 +12,14 @@ E2E_ARGS ?=
 
 .PHONY: venv k8s system-deps lint test unit e2e e2e-short demo
 
-# Installed once per change of pyproject.toml (the stamp); the install is editable, so code changes
+# Installed once per change of a pyproject.toml (the stamp); the install is editable, so code changes
 # need no reinstall. pip shows what it fetches: on a fresh machine that is several GB (torch).
+# Two projects in one pip command: fleetlm (what ships) and dev/ (fleetlm-dev, the developer tools).
 STAMP := $(VENV)/.fleetlm-installed
 
-$(STAMP): pyproject.toml
+$(STAMP): pyproject.toml dev/pyproject.toml
 	@test -x $(PY) || python3 -m venv $(VENV)
-	$(PY) -m pip install --disable-pip-version-check --progress-bar off -e '.[dev]'
+	$(PY) -m pip install --disable-pip-version-check --progress-bar off -e '.[dev]' -e ./dev
 	@touch $(STAMP)
 
 venv: $(STAMP)

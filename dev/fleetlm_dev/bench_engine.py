@@ -102,7 +102,9 @@ def run_sequential(model: transformers.PreTrainedModel, workload: Workload, num:
         for prompt, max_tokens in zip(workload.prompts[:num], workload.max_tokens[:num], strict=True):
             ids = torch.tensor([prompt])
             # An explicit mask: otherwise generate() masks prompt tokens equal to the pad id.
-            out = model.generate(ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens)
+            out = model.generate(  # type: ignore[operator]  # PreTrainedModel's type lacks generate(): GenerationMixin's
+                ids, attention_mask=torch.ones_like(ids), do_sample=False, max_new_tokens=max_tokens
+            )
             tokens = out[0, len(prompt) :].tolist()
             results.append(tokens)
             num_tokens += len(tokens)
@@ -164,7 +166,8 @@ async def run_concurrency(
     concurrency: int,
     num_requests: int,
 ) -> dict[str, Any]:
-    collector.items = stats = []
+    stats: list[outputs.EngineStats] = []
+    collector.items = stats
     queue = list(range(num_requests))
     num_tokens = 0
     # Steady state ends when the first client finds the queue empty: from then on fewer than
@@ -479,7 +482,7 @@ def plan_for(spec: str, quick: bool) -> Plan:
     )
 
 
-async def bench_model(spec: str, args: argparse.Namespace, progress: tqdm) -> dict[str, Any]:
+async def bench_model(spec: str, args: argparse.Namespace, progress: tqdm[Any]) -> dict[str, Any]:
     """The machine may be shared, so every engine measurement is paired with a baseline measured right
     before it, and ratios are medians over those pairs: slow drifts in load hit both sides alike."""
     plan = plan_for(spec, args.quick)

@@ -58,11 +58,13 @@ def _child(which: str, model: str, dtype_name: str, device: str, *, warm_tokeniz
     started = time.perf_counter()
     if which == "fleetlm":
         loaded = loader.load(model, dtype=dtype, device=device)
-        net = loaded.model
+        net: torch.nn.Module = loaded.model
     else:
-        net = transformers.AutoModelForCausalLM.from_pretrained(
+        # As a Module: PreTrainedModel.to is typed through functools.wraps(Module.to), which mypy cannot bind.
+        hf: torch.nn.Module = transformers.AutoModelForCausalLM.from_pretrained(
             model, dtype=dtype, local_files_only=True, use_safetensors=True, attn_implementation="sdpa"
-        ).to(device)
+        )
+        net = hf.to(device)
         transformers.AutoTokenizer.from_pretrained(model, local_files_only=True)
     if device.startswith("cuda"):
         torch.cuda.synchronize()
@@ -92,7 +94,7 @@ def _same_code_env() -> dict[str, str]:
     import fleetlm_dev  # noqa: PLC0415
     import fleetlm_runtime  # noqa: PLC0415
 
-    roots = [str(pathlib.Path(m.__file__).resolve().parents[1]) for m in (fleetlm_runtime, fleetlm_dev)]
+    roots = [str(pathlib.Path(next(iter(m.__path__))).resolve().parent) for m in (fleetlm_runtime, fleetlm_dev)]
     existing = os.environ.get("PYTHONPATH")
     return {**os.environ, "PYTHONPATH": os.pathsep.join([*roots, *([existing] if existing else [])])}
 
@@ -118,7 +120,8 @@ def measure(
     done = subprocess.run(command, capture_output=True, text=True, check=False, timeout=600, env=_same_code_env())
     if done.returncode != 0:
         raise RuntimeError(f"{which} load failed ({done.returncode}): {done.stderr[-3000:]}")
-    return json.loads(done.stdout.strip().splitlines()[-1])
+    measured: dict[str, float] = json.loads(done.stdout.strip().splitlines()[-1])
+    return measured
 
 
 def compare(

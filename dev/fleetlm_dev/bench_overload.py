@@ -36,7 +36,7 @@ import tempfile
 import time
 import urllib.request
 from collections.abc import Sequence
-from typing import Any
+from typing import Any, TypedDict
 
 from fleetlm_dev import paths, testing
 
@@ -44,6 +44,12 @@ READY_INTERVAL_S = 0.1
 WARMUP_FRACTION = 0.10
 MAX_GROWTH_PCT = 2.0
 MAX_MODEL_LEN = 512
+
+
+class _ReadyPolls(TypedDict):
+    polls: int
+    not_ready: int
+    first_failures: list[str]
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -154,7 +160,7 @@ async def _drive(  # noqa: PLR0915
     texts: dict[int, str] = {}
     errors: list[str] = []
     completed = 0
-    ready = {"polls": 0, "not_ready": 0, "first_failures": []}
+    ready: _ReadyPolls = {"polls": 0, "not_ready": 0, "first_failures": []}
     samples: dict[str, list[tuple[float, int, int]]] = {name: [] for name in pids}
     queue = list(range(spec.requests))[::-1]
     done = asyncio.Event()
@@ -240,6 +246,7 @@ def _references(spec: Spec, workload: Workload, indices: Sequence[int]) -> tuple
     from fleetlm_runtime.models import builtin  # noqa: PLC0415
 
     started = time.monotonic()
+    tokenizer: transformers.PreTrainedTokenizerBase
     if builtin.is_builtin(spec.model):
         model, tokenizer = builtin.build(spec.model.removeprefix(builtin.BUILTIN_PREFIX))
     else:
@@ -252,7 +259,7 @@ def _references(spec: Spec, workload: Workload, indices: Sequence[int]) -> tuple
     with torch.inference_mode():
         for i in indices:
             ids = torch.tensor([workload.prompts[i]])
-            out = model.generate(
+            out = model.generate(  # type: ignore[operator]  # PreTrainedModel's type lacks generate(): GenerationMixin's
                 ids,
                 attention_mask=torch.ones_like(ids),
                 do_sample=False,

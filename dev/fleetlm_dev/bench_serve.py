@@ -638,7 +638,9 @@ def build_parser() -> argparse.ArgumentParser:
 
 def configs_from_args(args: argparse.Namespace) -> tuple[BenchConfig, DatasetConfig]:
     low, _, high = args.token_id_range.partition(":")
-    prompt_format = args.prompt_format or ("token-ids" if args.endpoint == "completions" else "text")
+    prompt_format: Literal["token-ids", "text"] = args.prompt_format or (
+        "token-ids" if args.endpoint == "completions" else "text"
+    )
     mix = [(name, float(w)) for name, w in _parse_pairs(args.class_mix, "--class-mix")]
     class_slos = []
     for item in args.class_goodput:

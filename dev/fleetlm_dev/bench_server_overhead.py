@@ -55,6 +55,13 @@ def _workload(num: int, seed: int) -> list[bench_serve.RequestSpec]:
     return bench_serve.build_dataset(ds, num=num, seed=seed)
 
 
+def _token_ids(spec: bench_serve.RequestSpec) -> list[int]:
+    """The engine takes token ids; `_workload`'s dataset (prompt_format token-ids) gives only those."""
+    if isinstance(spec.prompt, str):
+        raise TypeError("bench_server_overhead needs token-id prompts, got a text prompt")
+    return list(spec.prompt)
+
+
 def core_run(core: core_mod.EngineCore, specs: list[bench_serve.RequestSpec], concurrency: int) -> dict[str, float]:
     queue = list(reversed(specs))
     tokens = 0
@@ -63,7 +70,7 @@ def core_run(core: core_mod.EngineCore, specs: list[bench_serve.RequestSpec], co
         spec = queue.pop()
         params = request_mod.SamplingParams(max_tokens=spec.output_len, temperature=0.0, ignore_eos=True)
         core.add_request(
-            core.make_request(req_id=uuid.uuid4().hex, prompt_token_ids=list(spec.prompt), sampling_params=params)
+            core.make_request(req_id=uuid.uuid4().hex, prompt_token_ids=_token_ids(spec), sampling_params=params)
         )
 
     started = time.perf_counter()
@@ -90,7 +97,7 @@ async def engine_run(
         while queue:
             spec = queue.pop()
             params = request_mod.SamplingParams(max_tokens=spec.output_len, temperature=0.0, ignore_eos=True)
-            async for out in engine.submit(list(spec.prompt), params):
+            async for out in engine.submit(_token_ids(spec), params):
                 tokens += len(out.new_token_ids)
 
     started = time.perf_counter()

@@ -117,7 +117,7 @@ class Service:
         script = pathlib.Path(sys.executable).parent / "fleetlm-operator"
         for index in range(operators):
             identity = f"operator-{index}"  # a pod keeps its name across container restarts
-            port = cluster.free_port()
+            port = testing.free_port()
             env = supervise.console_script_env(
                 KUBECONFIG=str(plane.kubeconfig),
                 FLEETLM_OPERATOR_NAMESPACE=namespace,

@@ -456,7 +456,7 @@ def check_nvml(device: Any) -> CheckResult:
         used = (
             [
                 s
-                for s in families.get(contract.GPU_MEMORY_USED_BYTES, []).samples
+                for s in families[contract.GPU_MEMORY_USED_BYTES].samples
                 if s.labels.get(contract.LABEL_GPU) == str(index)
             ]
             if contract.GPU_MEMORY_USED_BYTES in families

@@ -34,6 +34,8 @@ import pathlib
 import time
 from typing import TYPE_CHECKING, Protocol
 
+from fleetlm_runtime import contract
+
 if TYPE_CHECKING:  # the client is imported on first use only (local runs without a cluster never import it)
     from kubernetes.client import CustomObjectsApi
 
@@ -42,7 +44,7 @@ log = logging.getLogger(__name__)
 GROUP = "fleetlm.dev"
 VERSION = "v1alpha1"
 PLURAL = "llmservices"
-ANNOTATION_LAST_REQUEST = "fleetlm.dev/last-request-at"
+ANNOTATION_LAST_REQUEST = contract.ANNOTATION_LAST_REQUEST  # its home: the contract the operator reads it by
 
 
 def _stamp() -> str:

@@ -1,4 +1,5 @@
-"""The names the runtime and the operator share: metrics, labels, HTTP paths, headers, config version.
+"""The names the runtime, the router and the operator share: metrics, labels, HTTP paths, headers, config
+version, and the one annotation the router writes for the operator.
 
 This is the single source of these strings. The runtime declares its Prometheus families from the
 constants here and the operator reads /metrics by the same constants, so renaming a metric breaks a
@@ -18,6 +19,13 @@ from typing import Final
 
 CONFIG_SCHEMA_VERSION: Final = "v1"
 CONFIG_SCHEMA_VERSION_KEY: Final = "schemaVersion"
+
+# ------------------------------------------------------------------------------------------------
+# The LLMService annotation that fleetlm-router stamps on each request it serves or holds (at most once
+# per activity interval); the operator's idle handler scales to zero from it. Here because the router
+# imports nothing of the operator: both import this module (the operator's api/names.py re-exports it).
+
+ANNOTATION_LAST_REQUEST: Final = "fleetlm.dev/last-request-at"
 
 # ------------------------------------------------------------------------------------------------
 # HTTP surface

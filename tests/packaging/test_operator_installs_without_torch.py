@@ -3,11 +3,13 @@
 Builds a wheel of this checkout and installs `fleetlm[operator]` into a fresh venv (pip's cache keeps
 this fast), then imports every module of the operator package, none skipped (dev tooling such as the
 simulator lives in dev/, not in it), checks that none loads torch or a dev-only package, and runs the
-console script.
+console script. The wheel is the one both images install: it must not carry the developer tools
+(fleetlm_dev, `fleetlm-dev`), which are a project of their own (dev/pyproject.toml).
 """
 
 from __future__ import annotations
 
+import os
 import pathlib
 import subprocess
 import sys
@@ -19,8 +21,12 @@ REPO_ROOT = pathlib.Path(__file__).resolve().parents[2]
 pytestmark = pytest.mark.slow
 
 
+# Without the checkout on PYTHONPATH (as the tests run), so that the fresh venv sees only what it installed.
+_ENV = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
+
+
 def _run(*cmd: str, cwd: pathlib.Path | None = None) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(list(cmd), capture_output=True, text=True, check=False, cwd=cwd, timeout=600)
+    return subprocess.run(list(cmd), capture_output=True, text=True, check=False, cwd=cwd, timeout=600, env=_ENV)
 
 
 def test_operator_extra_has_no_torch(tmp_path: pathlib.Path) -> None:
@@ -34,7 +40,13 @@ def test_operator_extra_has_no_torch(tmp_path: pathlib.Path) -> None:
         python,
         "-c",
         (
-            "import importlib, pkgutil, sys\n"
+            "import importlib, importlib.metadata, importlib.util, pkgutil, sys\n"
+            "shipped = {f.parts[0] for f in importlib.metadata.files('fleetlm') or ()}\n"
+            "assert {'fleetlm_operator', 'fleetlm_runtime', 'fleetlm_router'} <= shipped, shipped\n"
+            "assert 'fleetlm_dev' not in shipped, 'the shipped wheel carries the dev tools (fleetlm_dev)'\n"
+            "scripts = {e.name for e in importlib.metadata.entry_points(group='console_scripts')}\n"
+            "assert 'fleetlm-dev' not in scripts, 'the shipped wheel installs the fleetlm-dev command'\n"
+            "assert importlib.util.find_spec('fleetlm_dev') is None, 'fleetlm_dev is importable'\n"
             "import fleetlm_operator\n"
             "for module in pkgutil.walk_packages(fleetlm_operator.__path__, 'fleetlm_operator.'):\n"
             "    importlib.import_module(module.name)\n"
@@ -55,6 +67,7 @@ def test_operator_extra_has_no_torch(tmp_path: pathlib.Path) -> None:
 def test_dockerfiles_run_as_non_root_and_install_the_right_extra(dockerfile: str) -> None:
     text = (REPO_ROOT / dockerfile).read_text()
     assert "USER 1000:1000" in text
+    assert "COPY dev" not in text  # the developer tools are no part of either image
     if dockerfile.startswith("operator"):
         assert "'.[operator]'" in text and "[runtime]" not in text and "[dev]" not in text
         assert "FROM python:3.11-slim" in text

@@ -14,7 +14,7 @@ import logging
 import threading
 import time
 from collections.abc import Mapping
-from typing import Any
+from typing import Any, cast
 
 from kubernetes import client, dynamic
 from kubernetes.client import exceptions
@@ -130,13 +130,13 @@ class Applier:
 
     def read_llmservice(self, name: str, namespace: str) -> dict[str, Any] | None:
         try:
-            return dict(
-                self._custom.get_namespaced_custom_object(names.GROUP, names.VERSION, namespace, names.PLURAL, name)
-            )
+            found = self._custom.get_namespaced_custom_object(names.GROUP, names.VERSION, namespace, names.PLURAL, name)
         except exceptions.ApiException as error:
             if error.status == 404:
                 return None
             raise
+        # The client types a custom object as `object`; it is the resource's JSON, a dict.
+        return dict(cast(dict[str, Any], found))
 
     def patch_llmservice_status(
         self, name: str, namespace: str, status: Mapping[str, Any], *, resource_version: str | None = None

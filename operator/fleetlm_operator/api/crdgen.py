@@ -159,11 +159,16 @@ def _convert(node: dict[str, Any], defs: Mapping[str, Any], *, nullable_optional
             raise SchemaError("uniqueItems is not allowed in a CRD; use a CEL rule")
         else:
             schema[key] = copy.deepcopy(value)
+    _check_structural(schema, node)
+    return schema
+
+
+def _check_structural(schema: Mapping[str, Any], node: Mapping[str, Any]) -> None:
+    """Refuse a converted node that the API server would reject as not structural."""
     if "properties" in schema and "additionalProperties" in schema:
         raise SchemaError("properties and additionalProperties together are not structural")
     if "type" not in schema and not schema.get("x-kubernetes-int-or-string"):
         raise SchemaError(f"schema node without a type: {node!r}")
-    return schema
 
 
 def model_schema(model: type[pydantic.BaseModel], *, nullable_optionals: bool) -> dict[str, Any]:

@@ -2,18 +2,23 @@
 
 This module decides the strings that the CRD, the builders, the handlers and the tests share, so that a
 renamed label or condition breaks a test instead of a running cluster. It holds constants only: it never
-imports anything beyond the standard library and never computes a name from a spec (child-object names
-live with the builders).
+imports anything beyond the standard library and the runtime's contract (standard library only itself),
+and never computes a name from a spec (child-object names live with the builders).
 """
 
 from __future__ import annotations
 
 import enum
+from typing import Final
+
+from fleetlm_runtime import contract
 
 GROUP = "fleetlm.dev"
 VERSION = "v1alpha1"
-API_VERSION = f"{GROUP}/{VERSION}"
-KIND = "LLMService"
+# Final literals, so that the models' `Literal[...]` fields accept them as defaults; GROUP/VERSION written
+# out for the same reason (a type checker reads an f-string as any str).
+API_VERSION: Final = "fleetlm.dev/v1alpha1"
+KIND: Final = "LLMService"
 LIST_KIND = "LLMServiceList"
 PLURAL = "llmservices"
 SINGULAR = "llmservice"
@@ -50,9 +55,9 @@ COMPONENT_MODEL_CACHE = "model-cache"
 ANNOTATION_GENERATED_BY = f"{GROUP}/generated-by"
 # Annotation on the LLMService: the tuner's state (JSON), so a restarted operator resumes where it was.
 ANNOTATION_TUNER_STATE = f"{GROUP}/tuner-state"
-# Annotation on the LLMService that fleetlm-router writes on each request it serves or holds
-# (fleetlm_router.scale spells the same name): the idle handler scales to zero from it.
-ANNOTATION_LAST_REQUEST = f"{GROUP}/last-request-at"
+# Annotation on the LLMService that fleetlm-router writes on each request it serves or holds: the idle
+# handler scales to zero from it. Its home is the runtime's contract, which the router imports too.
+ANNOTATION_LAST_REQUEST = contract.ANNOTATION_LAST_REQUEST
 # kopf's finalizer on LLMServices: the deletion handler runs before the object goes.
 FINALIZER = f"{GROUP}/kopf-finalizer"
 

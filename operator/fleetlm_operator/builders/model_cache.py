@@ -243,7 +243,8 @@ def build_job(svc: models.LLMService, *, default_image: str) -> dict[str, Any]:
 
 
 def _job_condition(job: Mapping[str, Any], *types: str) -> Mapping[str, Any] | None:
-    for condition in (job.get("status") or {}).get("conditions") or []:
+    conditions: list[Mapping[str, Any]] = (job.get("status") or {}).get("conditions") or []
+    for condition in conditions:
         if condition.get("type") in types and condition.get("status") == "True":
             return condition
     return None
@@ -265,16 +266,22 @@ def _count(value: Any) -> int | None:
 
 def cache_status(svc: models.LLMService, job: Mapping[str, Any] | None) -> status_models.ModelCacheStatus:
     """The cache's phase from its fill Job (None: not created yet) and the fill's own progress report."""
-    base = {"claim_name": claim_name(svc), "job_name": job_name(svc)}
+
+    def status(
+        phase: status_models.CachePhase, reason: str, message: str, *, done: int | None = None, total: int | None = None
+    ) -> status_models.ModelCacheStatus:
+        return status_models.ModelCacheStatus(
+            phase=phase, reason=reason, message=message, bytes_done=done, bytes_total=total,
+            claim_name=claim_name(svc), job_name=job_name(svc),
+        )  # fmt: skip
+
     if job is None:
-        return status_models.ModelCacheStatus(phase="Pending", reason="JobNotCreated", message="creating the fill Job",
-                                       **base)  # fmt: skip
+        return status("Pending", "JobNotCreated", "creating the fill Job")
     progress = read_progress(job)
     done, total = _count(progress.get("bytesDone")), _count(progress.get("bytesTotal"))
-    bytes_ = {"bytes_done": done, "bytes_total": total}
     if _job_condition(job, "Complete", "SuccessCriteriaMet") is not None:
         message = f"filled: {total} bytes" if total is not None else "filled"
-        return status_models.ModelCacheStatus(phase="Ready", reason="Filled", message=message, **bytes_, **base)
+        return status("Ready", "Filled", message, done=done, total=total)
     failed = _job_condition(job, "Failed", "FailureTarget")
     if failed is not None:
         # The fill's own reason (SourceNotFound, VolumeTooSmall...) says more than the Job's
@@ -283,24 +290,19 @@ def cache_status(svc: models.LLMService, job: Mapping[str, Any] | None) -> statu
         reason = str(progress.get("reason") or job_reason) if progress.get("phase") == "Failed" else job_reason
         message = str(progress.get("message") or "") if progress.get("phase") == "Failed" else ""
         message = "; ".join(part for part in (message, f"Job {job_reason}: {failed.get('message', '')}") if part)
-        return status_models.ModelCacheStatus(
-            phase="Failed", reason=reason[:128], message=message[:4096], **bytes_, **base
-        )
-    status = job.get("status") or {}
-    attempts_failed = int(status.get("failed") or 0)
+        return status("Failed", reason[:128], message[:4096], done=done, total=total)
+    job_status = job.get("status") or {}
+    attempts_failed = int(job_status.get("failed") or 0)
     if progress.get("phase") == "Failed" or (attempts_failed and not progress):
         why = str(progress.get("reason") or "AttemptFailed")
-        return status_models.ModelCacheStatus(
-            phase="Filling", reason="Retrying",
-            message=f"attempt {attempts_failed} failed ({why}: {progress.get('message', '')}); the Job retries",
-            **bytes_, **base)  # fmt: skip
+        message = f"attempt {attempts_failed} failed ({why}: {progress.get('message', '')}); the Job retries"
+        return status("Filling", "Retrying", message, done=done, total=total)
     # An active pod may still wait for its node, image or volume: only a report or a running (ready) pod fills.
-    if progress.get("phase") in ("Filling", "Ready") or int(status.get("ready") or 0) > 0:
+    if progress.get("phase") in ("Filling", "Ready") or int(job_status.get("ready") or 0) > 0:
         message = f"{done} of {total} bytes" if done is not None and total is not None else "the fill Job runs"
-        return status_models.ModelCacheStatus(phase="Filling", reason="Filling", message=message, **bytes_, **base)
-    waiting = int(status.get("active") or 0)
-    message = f"the fill Job's pod is not running yet ({waiting} waiting)"
-    return status_models.ModelCacheStatus(phase="Pending", reason="JobPending", message=message, **base)
+        return status("Filling", "Filling", message, done=done, total=total)
+    waiting = int(job_status.get("active") or 0)
+    return status("Pending", "JobPending", f"the fill Job's pod is not running yet ({waiting} waiting)")
 
 
 def pods_allowed(spec: spec_models.LLMServiceSpec, cache: status_models.ModelCacheStatus | None) -> bool:

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import dataclasses
 import datetime
-import logging
 import time
 from typing import Any
 
@@ -48,7 +47,7 @@ def parse_stamp(value: str | None) -> float | None:
 
 @kopf.timer(names.GROUP, names.VERSION, names.PLURAL, interval=TICK_S, initial_delay=TICK_S,
             field="spec.replicas.idleTimeout", value=kopf.PRESENT)  # fmt: skip
-async def scale_to_zero(body: kopf.Body, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def scale_to_zero(body: kopf.Body, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     try:
         svc = models.load_stored(reconcile.plain_body(body))
     except ValueError:

@@ -61,7 +61,7 @@ def login(**kwargs: Any) -> kopf.ConnectionInfo | None:
 
 
 @kopf.on.startup()
-async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def startup(settings: kopf.OperatorSettings, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     operator_settings = settings_module.OperatorSettings.from_env()
     # Keep kopf's bookkeeping under our own group rather than kopf.zalando.org.
     settings.persistence.finalizer = names.FINALIZER

@@ -34,7 +34,7 @@ def _owned_by(obj: Mapping[str, Any], uid: str) -> bool:
 
 
 def _sync_claim_owner(
-    claim: Mapping[str, Any], *, body: Mapping[str, Any], delete_with_owner: bool, api: client.CoreV1Api
+    claim: Mapping[str, Any], *, body: kopf.Body, delete_with_owner: bool, api: client.CoreV1Api
 ) -> None:
     """Add or drop the LLMService's owner reference on an existing claim when whenDeleted changes."""
     uid = str(body["metadata"]["uid"])
@@ -63,7 +63,7 @@ def read_job(api: client.BatchV1Api, name: str, namespace: str) -> dict[str, Any
 
 
 def ensure(
-    svc: models.LLMService, *, body: Mapping[str, Any], ctx: context.OperatorContext
+    svc: models.LLMService, *, body: kopf.Body, ctx: context.OperatorContext
 ) -> status_models.ModelCacheStatus | None:
     """Create what the cache needs if missing; returns its state (None when the spec has no cache)."""
     if not svc.spec.model.cached or svc.spec.model.cache is None:
@@ -100,18 +100,17 @@ def stored_cache(body: Mapping[str, Any]) -> status_models.ModelCacheStatus | No
 
 
 def post_transition_event(
-    body: Mapping[str, Any], *, before: status_models.ModelCacheStatus | None, after: status_models.ModelCacheStatus
+    body: kopf.Body, *, before: status_models.ModelCacheStatus | None, after: status_models.ModelCacheStatus
 ) -> None:
     """One Event per phase change of the cache."""
     if before is not None and before.phase == after.phase:
         return
-    target = dict(body)
     if after.phase == "Failed":
-        kopf.warn(target, reason="ModelCacheFailed", message=f"{after.reason}: {after.message}"[:1000])
+        kopf.warn(body, reason="ModelCacheFailed", message=f"{after.reason}: {after.message}"[:1000])
     elif after.phase == "Ready":
-        kopf.info(target, reason="ModelCacheReady", message=f"{after.claim_name}: {after.message}")
+        kopf.info(body, reason="ModelCacheReady", message=f"{after.claim_name}: {after.message}")
     elif after.phase == "Filling":
-        kopf.info(target, reason="ModelCacheFilling", message=f"{after.job_name} fills {after.claim_name}")
+        kopf.info(body, reason="ModelCacheFilling", message=f"{after.job_name} fills {after.claim_name}")
 
 
 def _dump(cache: status_models.ModelCacheStatus) -> dict[str, Any]:
@@ -143,14 +142,14 @@ def _refresh(namespace: str, owner: str, *, memo: kopf.Memo) -> None:
     if before is not None and _dump(before) == _dump(after):
         return
     if before is None or before.phase != after.phase:
-        status = reconcile.reconcile(stored, ctx=ctx, logger=logger, cause="model-cache")
+        status = reconcile.reconcile(context.as_body(stored), ctx=ctx, logger=logger, cause="model-cache")
         for _ in range(3):  # the tuner moved the limits since the read: reconcile the fresh object
             if reconcile.write_tuning(stored, status.pop("tuning"), ctx=ctx):
                 break
             stored = ctx.applier.read_llmservice(owner, namespace)
             if stored is None:
                 return
-            status = reconcile.reconcile(stored, ctx=ctx, logger=logger, cause="model-cache")
+            status = reconcile.reconcile(context.as_body(stored), ctx=ctx, logger=logger, cause="model-cache")
         else:
             raise kopf.TemporaryError("status.tuning kept changing during the reconcile")
         # Conditions go by server-side apply as their writer, never in a merge patch of the whole list.

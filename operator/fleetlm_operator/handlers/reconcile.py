@@ -142,7 +142,7 @@ def _remove_disabled_router(svc: models.LLMService, ctx: context.OperatorContext
         ctx.applier.delete_if_present(child["apiVersion"], child["kind"], child["metadata"]["name"], svc.namespace)
 
 
-def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: logging.Logger, cause: str) -> dict[str, Any]:
+def reconcile(body: kopf.Body, *, ctx: context.OperatorContext, logger: kopf.Logger, cause: str) -> dict[str, Any]:
     """Apply every child of `body`; returns the status to write (its "tuning" through `write_tuning`)."""
     started = time.monotonic()
     try:
@@ -339,7 +339,7 @@ def apply_conditions(
 @kopf.on.resume(names.GROUP, names.VERSION, names.PLURAL)
 @kopf.on.create(names.GROUP, names.VERSION, names.PLURAL)
 @kopf.on.update(names.GROUP, names.VERSION, names.PLURAL, field="spec")
-def on_spec(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, reason: str, **_: Any) -> None:
+def on_spec(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, reason: str, **_: Any) -> None:
     ctx = context.get(memo)
     status = reconcile(body, ctx=ctx, logger=logger, cause=str(reason))
     if not write_tuning(body, status.pop("tuning"), ctx=ctx):

@@ -17,7 +17,6 @@ import asyncio
 import dataclasses
 import datetime
 import json
-import logging
 import time
 from collections.abc import Mapping
 from typing import Any
@@ -68,7 +67,7 @@ def _ready_endpoints(pods: list[dict[str, Any]]) -> dict[str, str]:
     return endpoints
 
 
-def _load_state(body: kopf.Body, logger: logging.Logger) -> state_mod.TunerState:
+def _load_state(body: kopf.Body, logger: kopf.Logger) -> state_mod.TunerState:
     raw = body.get("metadata", {}).get("annotations", {}).get(names.ANNOTATION_TUNER_STATE)
     if not raw:
         return state_mod.TunerState()
@@ -129,7 +128,7 @@ async def tune_once(
     patch: kopf.Patch,
     ctx: context.OperatorContext,
     memory: TunerMemory,
-    logger: logging.Logger,
+    logger: kopf.Logger,
     now_s: float,
 ) -> decide_mod.Decision | None:
     """One tick: read (the Deployment, the pods, their metrics), plan (the policy's decision and every write
@@ -200,7 +199,7 @@ async def _observe(
     endpoints: dict[str, str],
     *,
     memory: TunerMemory,
-    logger: logging.Logger,
+    logger: kopf.Logger,
     now_s: float,
 ) -> Observation:
     """Collect the ready pods' metrics into a window against the last reading, and the tick's other inputs."""
@@ -308,7 +307,7 @@ async def _execute(
     patch: kopf.Patch,
     ctx: context.OperatorContext,
     memory: TunerMemory,
-    logger: logging.Logger,
+    logger: kopf.Logger,
     now_s: float,
 ) -> None:
     """The plan's writes, in this order: metrics, status.tuning and the ConfigMap and its Event, the live
@@ -367,7 +366,7 @@ def _write_status(
     record: status_models.DecisionRecord | None,
     *,
     ctx: context.OperatorContext,
-    logger: logging.Logger,
+    logger: kopf.Logger,
 ) -> None:
     """Merge-patch the tick's status sections, appending `record` to status.decisions.
 
@@ -429,7 +428,7 @@ async def _push_live(
     endpoints: dict[str, str],
     memory: TunerMemory,
     ctx: context.OperatorContext,
-    logger: logging.Logger,
+    logger: kopf.Logger,
 ) -> None:
     """Every tick: each ready pod that has not taken the live part of the config in force (the tuner's
     limits and shedding, the spec's classes, default class and SLO targets) gets it pushed, so a spec change
@@ -457,7 +456,7 @@ async def _push_live(
 
 
 @kopf.timer(names.GROUP, names.VERSION, names.PLURAL, interval=TICK_S, initial_delay=TICK_S)
-async def tune(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: logging.Logger, **_: Any) -> None:
+async def tune(body: kopf.Body, patch: kopf.Patch, memo: kopf.Memo, logger: kopf.Logger, **_: Any) -> None:
     ctx = context.get(memo)
     memory = memo.get(MEMO_KEY)
     if not isinstance(memory, TunerMemory):

@@ -44,7 +44,7 @@ def clamp(limits: BatchLimits, batching: spec_mod.BatchingBounds) -> BatchLimits
     return BatchLimits(max_batch_size=size, max_batch_tokens=tokens)
 
 
-def decide_batch_limits(
+def decide_batch_limits(  # noqa: PLR0911, PLR0912 - a ladder of rules in priority order, each returning with its reason
     spec: spec_mod.PolicySpec,
     window: window_mod.ObservedWindow,
     *,

@@ -206,7 +206,7 @@ def wanted_replicas(demand: Demand, *, max_batch_size: int, tuning: spec_mod.Tun
     )
 
 
-def decide_replicas(
+def decide_replicas(  # noqa: PLR0911 - the named steps in order; each return is the step that decided
     policy_input: spec_mod.PolicyInput,
     window: window_mod.ObservedWindow,
     *,

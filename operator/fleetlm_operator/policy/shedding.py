@@ -25,7 +25,7 @@ class ShedDecision:
     reasons: tuple[str, ...]
 
 
-def decide_shedding(
+def decide_shedding(  # noqa: PLR0911, PLR0912 - a ladder of rules in priority order, each returning with its reason
     spec: spec_mod.PolicySpec,
     window: window_mod.ObservedWindow,
     *,

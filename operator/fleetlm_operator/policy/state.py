@@ -62,7 +62,8 @@ class CostSums:
     def from_list(cls, row: Any) -> CostSums:
         if not isinstance(row, list | tuple) or len(row) != 7:
             raise ValueError(f"cost curve sums must be a list of 7 numbers, got {row!r}")
-        return cls(*(float(v) for v in row[:6]), updated_s=_opt_float(row[6]))
+        weight, mean_batch, mean_tpot_s, ss_batch, sp_batch_tpot, ss_tpot = (float(v) for v in row[:6])
+        return cls(weight, mean_batch, mean_tpot_s, ss_batch, sp_batch_tpot, ss_tpot, updated_s=_opt_float(row[6]))
 
 
 @dataclasses.dataclass(frozen=True, slots=True)

@@ -365,7 +365,7 @@ def _restarted(before: PodSample, now: PodSample) -> bool:
     )
 
 
-def from_scrapes(
+def from_scrapes(  # noqa: PLR0912, PLR0915 - one pass over the pods that sums a dozen accumulators the window is built from
     previous: Mapping[str, PodSample],
     current: Mapping[str, PodSample],
     *,

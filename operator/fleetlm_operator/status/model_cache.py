@@ -42,7 +42,9 @@ def cache_conditions(cache: status_models.ModelCacheStatus, *, ready_replicas: i
     return found
 
 
-def phase(rollout_phase: str, cache: status_models.ModelCacheStatus, *, ready_replicas: int) -> str:
+def phase(
+    rollout_phase: status_models.Phase, cache: status_models.ModelCacheStatus, *, ready_replicas: int
+) -> status_models.Phase:
     if cache.phase == "Ready" or ready_replicas > 0:
         return rollout_phase if cache.phase != "Failed" else "Degraded"
     return "Failed" if cache.phase == "Failed" else "Pending"

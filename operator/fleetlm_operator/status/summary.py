@@ -11,13 +11,13 @@ import dataclasses
 from collections.abc import Mapping, Sequence
 from typing import Any
 
-from fleetlm_operator.api import names
+from fleetlm_operator.api import names, status_models
 from fleetlm_operator.status import conditions
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class RolloutSummary:
-    phase: str
+    phase: status_models.Phase
     replicas: int  # pods that exist (what /scale reports as current)
     ready_replicas: int
     updated_replicas: int
@@ -68,68 +68,23 @@ def summarize(
     updated = int(status.get("updatedReplicas", 0) or 0)
     generation_seen = int(status.get("observedGeneration", 0) or 0) >= int(deployment["metadata"].get("generation", 0))
     rolled_out = generation_seen and updated >= desired and replicas == desired and ready >= desired
-
-    found: list[conditions.Condition] = []
-    need = max(1, min(min_ready, desired)) if desired else 0
-    if desired == 0:
-        found.append(conditions.Condition(names.ConditionType.READY, "False", "ScaledToZero", "no replicas requested"))
-    elif ready >= need:
-        found.append(
-            conditions.Condition(
-                names.ConditionType.READY, "True", "ReplicasReady", f"{ready}/{desired} runtime pods ready"
-            )
-        )
-    else:
-        found.append(
-            conditions.Condition(
-                names.ConditionType.READY, "False", "ReplicasNotReady", f"{ready}/{desired} runtime pods ready"
-            )
-        )
-
     progress = _deployment_condition(deployment, "Progressing")
-    if progress and progress.get("status") == "False":
-        found.append(
-            conditions.Condition(
-                names.ConditionType.PROGRESSING,
-                "False",
-                str(progress.get("reason", "ProgressDeadlineExceeded")),
-                str(progress.get("message", "")),
-            )
-        )
-    elif rolled_out:
-        found.append(
-            conditions.Condition(
-                names.ConditionType.PROGRESSING, "False", "RolloutComplete", f"{desired} replicas up to date"
-            )
-        )
-    else:
-        found.append(
-            conditions.Condition(
-                names.ConditionType.PROGRESSING,
-                "True",
-                "RollingOut",
-                f"{updated}/{desired} replicas updated, {ready} ready",
-            )
-        )
-
+    deadline_exceeded = progress is not None and progress.get("status") == "False"
     unschedulable = _unschedulable(pods)
-    if unschedulable:
-        found.append(
-            conditions.Condition(
-                names.ConditionType.CAPACITY_UNAVAILABLE,
-                "True",
-                "Unschedulable",
-                f"{len(unschedulable)} pod(s) cannot be scheduled: {unschedulable[0]}",
-            )
-        )
-    else:
-        found.append(
-            conditions.Condition(
-                names.ConditionType.CAPACITY_UNAVAILABLE, "False", "Scheduled", "every runtime pod is placed"
-            )
-        )
+    found = [
+        _ready_condition(desired=desired, ready=ready, min_ready=min_ready),
+        _progressing_condition(
+            progress if deadline_exceeded else None,
+            rolled_out=rolled_out,
+            desired=desired,
+            updated=updated,
+            ready=ready,
+        ),
+        _capacity_condition(unschedulable),
+    ]
 
-    if progress and progress.get("status") == "False":
+    phase: status_models.Phase
+    if deadline_exceeded:
         phase = "Failed"  # the Deployment gave up: progress deadline exceeded
     elif desired and ready >= desired and rolled_out:
         phase = "Ready"
@@ -146,4 +101,50 @@ def summarize(
         updated_replicas=updated,
         desired_replicas=desired,
         conditions=tuple(found),
+    )
+
+
+def _ready_condition(*, desired: int, ready: int, min_ready: int) -> conditions.Condition:
+    need = max(1, min(min_ready, desired)) if desired else 0
+    if desired == 0:
+        return conditions.Condition(names.ConditionType.READY, "False", "ScaledToZero", "no replicas requested")
+    if ready >= need:
+        return conditions.Condition(
+            names.ConditionType.READY, "True", "ReplicasReady", f"{ready}/{desired} runtime pods ready"
+        )
+    return conditions.Condition(
+        names.ConditionType.READY, "False", "ReplicasNotReady", f"{ready}/{desired} runtime pods ready"
+    )
+
+
+def _progressing_condition(
+    exceeded: Mapping[str, Any] | None, *, rolled_out: bool, desired: int, updated: int, ready: int
+) -> conditions.Condition:
+    """`exceeded`: the Deployment's own Progressing condition once it has given up (status False), else None."""
+    if exceeded is not None:
+        return conditions.Condition(
+            names.ConditionType.PROGRESSING,
+            "False",
+            str(exceeded.get("reason", "ProgressDeadlineExceeded")),
+            str(exceeded.get("message", "")),
+        )
+    if rolled_out:
+        return conditions.Condition(
+            names.ConditionType.PROGRESSING, "False", "RolloutComplete", f"{desired} replicas up to date"
+        )
+    return conditions.Condition(
+        names.ConditionType.PROGRESSING, "True", "RollingOut", f"{updated}/{desired} replicas updated, {ready} ready"
+    )
+
+
+def _capacity_condition(unschedulable: Sequence[str]) -> conditions.Condition:
+    if unschedulable:
+        return conditions.Condition(
+            names.ConditionType.CAPACITY_UNAVAILABLE,
+            "True",
+            "Unschedulable",
+            f"{len(unschedulable)} pod(s) cannot be scheduled: {unschedulable[0]}",
+        )
+    return conditions.Condition(
+        names.ConditionType.CAPACITY_UNAVAILABLE, "False", "Scheduled", "every runtime pod is placed"
     )

@@ -17,7 +17,7 @@ from aiohttp import web
 
 from fleetlm_runtime import contract
 from fleetlm_runtime.caches import response_store
-from fleetlm_runtime.engine import async_engine
+from fleetlm_runtime.engine import async_engine, outputs
 from fleetlm_runtime.engine import request as request_mod
 from fleetlm_runtime.server import answer, response_cache
 from fleetlm_runtime.server import logprobs as logprobs_mod
@@ -100,6 +100,56 @@ class ChunkWriter:
         return b"data: " + json.dumps(body).encode() + b"\n\n"
 
 
+class _Choices:
+    """Per-choice state of one stream: what the stream interval holds back (an answer.ChoiceState per
+    choice, emptied at each chunk), the logprob builders, the tool-call parsers and the output counts."""
+
+    def __init__(self, state: state_mod.ServerState, p: answer.Prepared, n: int) -> None:
+        self._p = p
+        self._want_logprobs = p.params.logprobs is not None
+        self._token_str = answer.make_token_str(state) if self._want_logprobs else answer.no_token_str
+        self._builders = [
+            logprobs_mod.CompletionLogprobs(self._token_str) if p.kind == "completion" else None for _ in range(n)
+        ]
+        self._held = [answer.ChoiceState() for _ in range(n)]
+        self._parsers = (
+            [tools_mod.StreamParser(p.tool_plan) for _ in range(n)] if p.parses_tools and p.tool_plan else None
+        )
+        self._echo = answer.echo_text(state, p) if p.echo else ""
+        self.num_output = [0] * n
+
+    def chunk(
+        self, writer: ChunkWriter, index: int, out: outputs.RequestOutput, *, first: bool, interval: int
+    ) -> bytes | None:
+        """Add `out` to its choice; the chunk to send now, or None (held back by the interval, or empty)."""
+        p = self._p
+        self.num_output[index] = out.num_output_tokens
+        h = self._held[index]
+        h.add(out)
+        reason = answer.finish_reason_of(out)
+        if reason is None and not first and len(h.token_ids) < interval:
+            return None
+        self._held[index] = answer.ChoiceState()
+        text = "".join(h.parts)
+        if first and self._echo:
+            text = self._echo + text
+        lp = None
+        if self._want_logprobs:
+            lp = answer.choice_logprobs(p, h, self._token_str, self._builders[index], with_prompt=first and p.echo)
+        if self._parsers is not None:
+            delta = self._parsers[index].feed(text, final=reason is not None)
+            if reason is not None and self._parsers[index].num_calls:
+                reason = answer.tool_finish(reason, p.tool_plan)
+            if delta.content or delta.tool_calls or reason is not None or (lp is not None and h.token_ids):
+                return writer.tool_delta(delta, reason, index, lp)
+            return None
+        # Empty deltas (text held back at a possible stop string) are not sent, so every chunk a
+        # client times is a real one, except the closing chunk that carries the finish reason.
+        if text or reason is not None or (lp is not None and h.token_ids):
+            return writer.delta(text, reason, index, lp)
+        return None
+
+
 async def stream(
     request: web.Request,
     state: state_mod.ServerState,
@@ -109,18 +159,8 @@ async def stream(
 ) -> web.StreamResponse:
     writer = ChunkWriter(p, state.model_name)
     resp = web.StreamResponse(status=200, headers={**SSE_HEADERS, **answer.cache_headers(recorder)})
-    n = len(streams)
-    want_logprobs = p.params.logprobs is not None
-    token_str = answer.make_token_str(state) if want_logprobs else answer.no_token_str
-    builders = [logprobs_mod.CompletionLogprobs(token_str) if p.kind == "completion" else None for _ in streams]
-    # What the stream interval keeps back per choice (nothing when it is 1): a answer.ChoiceState per choice,
-    # emptied at each chunk.
-    held = [answer.ChoiceState() for _ in streams]
-    parsers = [tools_mod.StreamParser(p.tool_plan) for _ in streams] if p.parses_tools and p.tool_plan else None
-    started = [False] * n
-    finished = [False] * n
-    num_output = [0] * n
-    echo = answer.echo_text(state, p) if p.echo else ""
+    choices = _Choices(state, p, len(streams))
+    started = [False] * len(streams)
     try:
         await resp.prepare(request)
         interval = state.config.server.stream_interval_tokens
@@ -139,36 +179,13 @@ async def stream(
                 await resp.write(writer.error(f"generation failed: {out.error or 'engine error'}"))
                 failed = True
                 break
-            num_output[index] = out.num_output_tokens
-            h = held[index]
-            h.add(out)
-            reason = answer.finish_reason_of(out)
-            if reason is not None:
-                finished[index] = True
-            if reason is None and not first and len(h.token_ids) < interval:
-                continue
-            text = "".join(h.parts)
-            if first and echo:
-                text = echo + text
-            lp = None
-            if want_logprobs:
-                lp = answer.choice_logprobs(p, h, token_str, builders[index], with_prompt=first and p.echo)
-            if parsers is not None:
-                delta = parsers[index].feed(text, final=reason is not None)
-                if reason is not None and parsers[index].num_calls:
-                    reason = answer.tool_finish(reason, p.tool_plan)
-                if delta.content or delta.tool_calls or reason is not None or (lp is not None and h.token_ids):
-                    await resp.write(writer.tool_delta(delta, reason, index, lp))
-            # Empty deltas (text held back at a possible stop string) are not sent, so every chunk a
-            # client times is a real one, except the closing chunk that carries the finish reason.
-            elif text or reason is not None or (lp is not None and h.token_ids):
-                await resp.write(writer.delta(text, reason, index, lp))
-            held[index] = answer.ChoiceState()
+            if (chunk := choices.chunk(writer, index, out, first=first, interval=interval)) is not None:
+                await resp.write(chunk)
         if not failed:
             if not all(started):
                 await resp.write(writer.error("the engine ended the request without output"))
             elif p.body.include_usage:
-                await resp.write(writer.usage(p.num_prompt_tokens, sum(num_output)))
+                await resp.write(writer.usage(p.num_prompt_tokens, sum(choices.num_output)))
         await resp.write(DONE)
         await resp.write_eof()
     except ConnectionResetError:

