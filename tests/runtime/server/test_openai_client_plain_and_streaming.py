@@ -171,4 +171,6 @@ async def test_stream_interval_sends_fewer_chunks_with_the_same_text(
     stream = await client.completions.create(**kwargs, stream=True)
     chunks = [c.choices[0].text async for c in stream if c.choices]
     assert "".join(chunks) == plain.choices[0].text
-    assert 2 <= len(chunks) <= 1 + 3  # the first token at once, then one chunk per 4 tokens
+    # At most the first token at once, then one chunk per 4 tokens; fewer when the writer lags and merges
+    # (on a machine loaded to 11 the whole answer came as one chunk), never more.
+    assert 1 <= len(chunks) <= 1 + 3
