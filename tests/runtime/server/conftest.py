@@ -216,20 +216,3 @@ def start_runtime(tmp_path: pathlib.Path) -> Iterator[Callable[..., RuntimeProce
 @pytest.fixture
 def process_config() -> Callable[..., dict[str, Any]]:
     return _process_config
-
-
-@pytest.fixture(scope="module")
-def runtime_process(tmp_path_factory: pytest.TempPathFactory) -> Iterator[RuntimeProcess]:
-    """One real runtime process for a whole module (starting one costs a few seconds of CPU)."""
-    # Clients may only lower their class by header: the default is the top class, so both can be chosen.
-    qos = {
-        "classes": [{"name": "interactive", "priority": 0}, {"name": "batch", "priority": 1}],
-        "defaultClass": "interactive",
-        "allowClassHeader": True,
-    }
-    proc = RuntimeProcess(tmp_path_factory.mktemp("runtime"), config_data=_process_config(qos=qos))
-    try:
-        proc.wait_ready()
-        yield proc
-    finally:
-        proc.stop()

@@ -4,12 +4,7 @@ cache answer, with the hit-vs-miss speedup; per class it gives the success rate 
 
 from __future__ import annotations
 
-from collections.abc import Awaitable, Callable
-from typing import Any
-
-from aiohttp import test_utils
-
-from fleetlm_dev import bench_serve
+from fleetlm_dev import bench_router, bench_serve
 
 
 def test_repeats_follow_their_originals_and_are_deterministic() -> None:
@@ -27,10 +22,8 @@ def test_repeats_follow_their_originals_and_are_deterministic() -> None:
     assert bench_serve.build_dataset(plain, num=50, seed=4) == bench_serve.build_dataset(plain, num=50, seed=4)
 
 
-async def test_report_splits_hits_from_computed(make_server: Callable[..., Awaitable[test_utils.TestServer]],
-                                                small_config: Any) -> None:  # fmt: skip
-    server = await make_server(small_config(caching={"responseCache": {"enabled": True}}))
-    url = f"http://127.0.0.1:{server.port}"
+async def test_report_splits_hits_from_computed(cached_runtime_process: bench_router.Process) -> None:
+    url = cached_runtime_process.url
     cfg = bench_serve.BenchConfig(url=url, num_prompts=12, max_concurrency=1, progress=False, seed=2)
     ds = bench_serve.DatasetConfig(input_len=8, output_len=24, repeat_fraction=0.5)
     ((outcome, _),) = await bench_serve.run(cfg, ds)
