@@ -21,6 +21,16 @@ THREE_CLASSES = (
     spec_mod.ClassSpec(name="bulk", priority=20, sheddable=True),
 )
 
+# The batch bounds `fleetlm-dev demo` deploys: batches of 4 within 2..8 sequences, as its small CPU pods run.
+DEMO_BATCHING = spec_mod.BatchingBounds(
+    max_batch_size=4,
+    max_batch_tokens=512,
+    min_max_batch_size=2,
+    max_max_batch_size=8,
+    min_max_batch_tokens=128,
+    max_max_batch_tokens=1024,
+)
+
 MakeSpec = Callable[..., spec_mod.PolicySpec]
 MakeWindow = Callable[..., window.ObservedWindow]
 

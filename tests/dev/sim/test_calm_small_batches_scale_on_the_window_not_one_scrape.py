@@ -14,8 +14,8 @@ import dataclasses
 
 import numpy as np
 
+from fleetlm_dev import policy_inputs
 from fleetlm_dev.sim import calibration, run, workload
-from fleetlm_operator.policy import spec as spec_mod
 
 CALM = workload.Trace(
     name="calm",
@@ -33,14 +33,7 @@ CALM = workload.Trace(
 def test_a_full_batch_at_one_scrape_buys_no_pods() -> None:
     spec = dataclasses.replace(
         run.default_spec(CALM),
-        batching=spec_mod.BatchingBounds(
-            max_batch_size=4,
-            max_batch_tokens=512,
-            min_max_batch_size=2,
-            max_max_batch_size=8,
-            min_max_batch_tokens=128,
-            max_max_batch_tokens=1024,
-        ),
+        batching=policy_inputs.DEMO_BATCHING,
         interval_s=5.0,
         scale_down_stabilization_s=30.0,
     )

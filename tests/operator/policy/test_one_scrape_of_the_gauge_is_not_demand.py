@@ -12,6 +12,7 @@ from __future__ import annotations
 import dataclasses
 import math
 
+from fleetlm_dev import policy_inputs
 from fleetlm_dev.policy_inputs import MakeSpec, MakeWindow
 from fleetlm_operator.policy import decide, replicas, slo, state
 from fleetlm_operator.policy import spec as spec_mod
@@ -24,14 +25,7 @@ def _demo_spec(make_spec: MakeSpec) -> spec_mod.PolicySpec:
         max_replicas=3,
         interval_s=5.0,
         scale_down_stabilization_s=30.0,
-        batching=spec_mod.BatchingBounds(
-            max_batch_size=4,
-            max_batch_tokens=512,
-            min_max_batch_size=2,
-            max_max_batch_size=8,
-            min_max_batch_tokens=128,
-            max_max_batch_tokens=1024,
-        ),
+        batching=policy_inputs.DEMO_BATCHING,
     )
 
 
