@@ -9,12 +9,14 @@ the load it sees):
   for requests without a known key). So nobody raises their own class by adding a header.
 - `admit(...)`: admit, or refuse with 429 and why. In order: a class no longer in the table (removed
   live while the request was being read); the operator's `qos.shedClasses`; the global
-  queue bound (`batching.maxQueueLen`); the class's `queueLimit`; then, for sheddable classes only, SLO
+  queue bound (`batching.maxQueueLen`: a full queue displaces the newest waiting request of a lower class
+  rather than refuse a higher one); the class's `queueLimit`; then, for sheddable classes only, SLO
   pressure: the whole queue at `shedding.queueFraction` of its bound, or a protected class (not sheddable,
   with a TTFT target) whose oldest waiting request has waited, or whose recent TTFT p90 has reached,
   `shedding.ttftFraction` of its target. Sheddable traffic is thus turned away while the classes above it
   still meet their targets, not after. With `qos.policy: fifo` only the global bound applies (the plain
-  batcher, kept as a baseline).
+  batcher, kept as a baseline). A refusal that sheds a class also evicts that class's waiting requests
+  (`Verdict.evict`): the server answers them 429 too, since their responses begin only with a first token.
 
 `RecentTTFT` keeps the bounded per-class samples the pressure rule reads. Imports only `config` and
 `contract`; it must never import the engine, aiohttp or prometheus-client.
@@ -64,10 +66,23 @@ class ClassLoad:
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
+class Eviction:
+    """Requests of `qos_class` still waiting for a batch slot to refuse now, with a 429 of `code`: the newest
+    `count` of them, or all (None). Their response has not begun (it begins with the first token), so each
+    client gets the same 429 and Retry-After a refusal at the door gives, not a stream cut short."""
+
+    qos_class: str
+    count: int | None
+    code: str
+    message: str
+
+
+@dataclasses.dataclass(frozen=True, slots=True)
 class Verdict:
     admit: bool
     code: str | None = None  # contract.CODE_*: queue_full, class_shed, slo_shed
     message: str = ""
+    evict: Eviction | None = None  # waiting requests to refuse with this decision (admitted or not)
 
     @classmethod
     def ok(cls) -> Verdict:
@@ -93,11 +108,9 @@ def admit(
     fifo = qos.policy == contract.QOS_POLICY_FIFO
 
     if not fifo and qos_class in qos.shed_classes:
-        return Verdict(
-            False, contract.CODE_CLASS_SHED, f"class {qos_class!r} is being shed: the service is at capacity"
-        )
+        return _refuse_and_evict(qos_class, mine, contract.CODE_CLASS_SHED, shed_message(qos_class))
     if total_waiting >= max_queue_len:
-        return Verdict(False, contract.CODE_QUEUE_FULL, f"the queue is full ({max_queue_len} waiting)")
+        return _full_queue(cls, qos=qos, max_queue_len=max_queue_len, load=load)
     if fifo:
         return Verdict.ok()
     if cls.queue_limit is not None and mine.num_waiting >= cls.queue_limit:
@@ -105,6 +118,45 @@ def admit(
             False, contract.CODE_QUEUE_FULL, f"the queue for class {qos_class!r} is full ({cls.queue_limit} waiting)"
         )
     return _shed_early(cls, qos=qos, max_queue_len=max_queue_len, total_waiting=total_waiting, load=load)
+
+
+def shed_message(qos_class: str) -> str:
+    """Why a request of a class the operator sheds (`qos.shedClasses`) is refused."""
+    return f"class {qos_class!r} is being shed: the service is at capacity"
+
+
+def _refuse_and_evict(qos_class: str, mine: ClassLoad, code: str, message: str) -> Verdict:
+    """Refuse a request of a class being shed, and the ones of that class still waiting: they would be
+    served only after every class above them (aged, long after the client gave up), and meanwhile hold a
+    place in the queue."""
+    evict = Eviction(qos_class, None, code, message) if mine.num_waiting else None
+    return Verdict(False, code, message, evict=evict)
+
+
+def _full_queue(
+    cls: config_mod.QoSClass, *, qos: config_mod.QoSSettings, max_queue_len: int, load: Mapping[str, ClassLoad]
+) -> Verdict:
+    """At the queue's bound: room is made for a higher class, the newest waiting request of the lowest class
+    below it refused instead, so a backlog of standard requests never turns critical ones away. Otherwise
+    (nothing lower waits, or `fifo`) the new request is refused."""
+    full = f"the queue is full ({max_queue_len} waiting)"
+    lowest = None if qos.policy == contract.QOS_POLICY_FIFO else _displaceable(cls, qos=qos, load=load)
+    if lowest is None:
+        return Verdict(False, contract.CODE_QUEUE_FULL, full)
+    message = f"{full}; displaced by a request of class {cls.name!r}"
+    return Verdict(True, evict=Eviction(lowest, 1, contract.CODE_QUEUE_FULL, message))
+
+
+def _displaceable(
+    arriving: config_mod.QoSClass, *, qos: config_mod.QoSSettings, load: Mapping[str, ClassLoad]
+) -> str | None:
+    """The class whose newest waiting request a full queue refuses to admit one of `arriving`: the lowest
+    priority (largest value) strictly below it with a request waiting, sheddable before protected at equal
+    priority; None when no class below it waits."""
+    below = [c for c in qos.classes if c.priority > arriving.priority and load.get(c.name, ClassLoad()).num_waiting > 0]
+    if not below:
+        return None
+    return max(below, key=lambda c: (c.priority, c.sheddable)).name
 
 
 def _shed_early(
@@ -121,9 +173,11 @@ def _shed_early(
     if not cls.sheddable or not qos.shedding.enabled:
         return Verdict.ok()
     shedding = qos.shedding
+    mine = load.get(qos_class, ClassLoad())
     if total_waiting >= shedding.queue_fraction * max_queue_len:
-        return Verdict(
-            False,
+        return _refuse_and_evict(
+            qos_class,
+            mine,
             contract.CODE_SLO_SHED,
             f"class {qos_class!r} is shed: {total_waiting} requests wait "
             f"(>= {shedding.queue_fraction:.0%} of the queue)",
@@ -135,8 +189,9 @@ def _shed_early(
         seen = load.get(other.name, ClassLoad())
         delay = max(seen.oldest_wait_s, seen.recent_ttft_s or 0.0)
         if delay >= shedding.ttft_fraction * target:
-            return Verdict(
-                False,
+            return _refuse_and_evict(
+                qos_class,
+                mine,
                 contract.CODE_SLO_SHED,
                 f"class {qos_class!r} is shed to keep class {other.name!r} within its TTFT target "
                 f"({delay * 1000:.0f} ms of {target * 1000:.0f} ms)",

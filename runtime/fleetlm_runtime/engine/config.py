@@ -39,7 +39,7 @@ class EngineConfig:
     # Priority policy only: a waiting request gains one priority level per `priority_aging_s` seconds of
     # waiting (None: strict priority, lower classes may starve), and a higher class that finds the batch
     # or the KV full preempts (recompute) the lowest-priority, most recently admitted running request.
-    priority_aging_s: float | None = 5.0
+    priority_aging_s: float | None = 30.0  # as the runtime config's qos.priorityAgingS, which says why
     enable_preemption: bool = True
     # Structured outputs: build the grammar library's tokenizer tables (about 0.8 s with its import for a 49k
     # vocabulary) at start, beside the pool's allocation, rather than between the steps around the first

@@ -151,6 +151,26 @@ class ChoiceState:
         self.last = out
 
 
+def too_many_requests(state: state_mod.ServerState, code: str, message: str) -> schemas.APIError:
+    """The 429 of a refusal (at the door, or of a waiting request evicted), with its cause and Retry-After."""
+    return schemas.APIError(
+        429,
+        f"{message}; retry later",
+        type="rate_limit_error",
+        code=code,
+        reason=code,
+        headers={"Retry-After": str(state.config.server.retry_after_s)},
+    )
+
+
+def refuse_if_evicted(state: state_mod.ServerState, p: Prepared) -> None:
+    """Before a response begins: raise the 429 of `p`'s eviction from the queue, if it was evicted."""
+    eviction = state.take_eviction(p.req_id)
+    if eviction is not None:
+        state.metrics.record_rejection(eviction.code, p.qos_class)
+        raise too_many_requests(state, eviction.code, eviction.message)
+
+
 async def merged(streams: list[async_engine.RequestStream]) -> AsyncIterator[tuple[int, outputs.RequestOutput]]:
     """(choice index, output) from all of a request's sequences, in arrival order."""
     if len(streams) == 1:
@@ -228,11 +248,13 @@ async def complete(
     first = True
     async for index, out in merged(streams):
         if first:
+            refuse_if_evicted(state, p)
             state.unmark_waiting(p.req_id, p.qos_class)
             first = False
         choices[index].add(out)
         if recorder is not None:
             recorder.add(out)
+    refuse_if_evicted(state, p)  # evicted with no output at all
     for c in choices:
         last = c.last
         if last is None or last.finish_reason is request_mod.FinishReason.ERROR:

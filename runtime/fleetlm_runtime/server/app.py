@@ -48,6 +48,7 @@ def engine_config_from(cfg: config_mod.RuntimeConfig, *, device: str = "cpu") ->
         kv_block_size=cfg.kv_cache.block_size,
         # The FIFO policy is the plain batcher kept as a baseline: arrival order whatever the class.
         scheduling_policy="fcfs" if cfg.qos.policy == contract.QOS_POLICY_FIFO else "priority",
+        priority_aging_s=cfg.qos.priority_aging_s,
         # None: the cache is bounded by the KV pool alone.
         prefix_cache_max_tokens=cfg.caching.prefix_cache.max_tokens if cfg.caching.prefix_cache.enabled else 0,
         # Where the engine has a process of its own (every deployment): its first schema must not stall streams.

@@ -240,7 +240,7 @@ async def _compute(
         raise
     if p.structured_kind is not None:
         state.metrics.record_structured(p.structured_kind)
-    state.mark_waiting(p.req_id, p.qos_class)
+    state.mark_waiting(p.req_id, p.qos_class, streams)
     try:
         if p.body.stream:
             return await sse.stream(request, state, p, streams, recorder)
@@ -475,15 +475,10 @@ def _check_context(kind: Kind, num_prompt_tokens: int, max_tokens: int | None, m
 
 def _admit(state: state_mod.ServerState, qos_class: str) -> None:
     verdict = state.admit(qos_class)
+    if verdict.evict is not None:
+        state.evict(verdict.evict)
     if not verdict.admit:
-        raise schemas.APIError(
-            429,
-            f"{verdict.message}; retry later",
-            type="rate_limit_error",
-            code=verdict.code,
-            reason=verdict.code or contract.REJECT_QUEUE_FULL,
-            headers={"Retry-After": str(state.config.server.retry_after_s)},
-        )
+        raise answer.too_many_requests(state, verdict.code or contract.REJECT_QUEUE_FULL, verdict.message)
 
 
 def _request_id(kind: Kind) -> str:

@@ -162,14 +162,17 @@ async def stream(
     choices = _Choices(state, p, len(streams))
     started = [False] * len(streams)
     try:
-        await resp.prepare(request)
         interval = state.config.server.stream_interval_tokens
         failed = False
         async for index, out in answer.merged(streams):
             first = not started[index]
             if first:
                 if not any(started):
+                    # The response begins with the first output, not at admission: a request evicted from
+                    # the queue before it (its class shed, or displaced by a higher one) still gets a 429.
+                    answer.refuse_if_evicted(state, p)
                     state.unmark_waiting(p.req_id, p.qos_class)
+                    await resp.prepare(request)
                 started[index] = True
                 if role := writer.role(index):
                     await resp.write(role)
@@ -181,6 +184,9 @@ async def stream(
                 break
             if (chunk := choices.chunk(writer, index, out, first=first, interval=interval)) is not None:
                 await resp.write(chunk)
+        if not resp.prepared:  # no output at all
+            answer.refuse_if_evicted(state, p)
+            await resp.prepare(request)
         if not failed:
             if not all(started):
                 await resp.write(writer.error("the engine ended the request without output"))

@@ -68,6 +68,10 @@ class ServerState:
     # SCHEDULED/FINISHED events (or the request's end), so a burst between two engine steps is counted too,
     # which a gauge read from the last step would miss. Insertion order is arrival order.
     waiting: dict[str, dict[str, float]] = field(default_factory=dict)
+    # The engine streams of the waiting requests (by req_id), so that an eviction can end them, and the
+    # evictions their handlers have not answered yet (a 429 each).
+    waiting_streams: dict[str, list[async_engine.RequestStream]] = field(default_factory=dict)
+    evicted: dict[str, qos_mod.Eviction] = field(default_factory=dict)
     recent_ttft: qos_mod.RecentTTFT = field(default_factory=qos_mod.RecentTTFT)
     response_cache: response_store.ResponseCache | None = None  # None: switched off
     idle: asyncio.Event = field(default_factory=asyncio.Event)
@@ -121,12 +125,14 @@ class ServerState:
         self.inflight.add(req_id)
         self.idle.clear()
 
-    def mark_waiting(self, req_id: str, qos_class: str) -> None:
-        """`req_id` is in the engine and waits for a batch slot."""
+    def mark_waiting(self, req_id: str, qos_class: str, streams: list[async_engine.RequestStream]) -> None:
+        """`req_id` is in the engine (as `streams`) and waits for a batch slot."""
         self.waiting.setdefault(qos_class, {})[req_id] = self.clock()
+        self.waiting_streams[req_id] = streams
 
     def request_finished(self, req_id: str, qos_class: str) -> None:
         self.unmark_waiting(req_id, qos_class)
+        self.evicted.pop(req_id, None)
         self.inflight.discard(req_id)
         if not self.inflight:
             self.idle.set()
@@ -144,6 +150,26 @@ class ServerState:
         ids = self.waiting.get(qos_class)
         if ids is not None:
             ids.pop(req_id, None)
+        self.waiting_streams.pop(req_id, None)
+
+    def evict(self, eviction: qos_mod.Eviction) -> int:
+        """End the waiting requests `eviction` names (the newest first) in the engine, their KV freed before
+        its next step; each handler then answers its client 429 (`take_eviction`). How many were evicted."""
+        ids = list(self.waiting.get(eviction.qos_class, {}))
+        chosen = ids if eviction.count is None else ids[len(ids) - eviction.count :]
+        for req_id in chosen:
+            streams = self.waiting_streams.get(req_id, [])
+            self.unmark_waiting(req_id, eviction.qos_class)
+            self.evicted[req_id] = eviction
+            for stream in streams:
+                stream.abort()
+        if chosen:
+            log.info("evicted %d waiting %s requests: %s", len(chosen), eviction.qos_class, eviction.message)
+        return len(chosen)
+
+    def take_eviction(self, req_id: str) -> qos_mod.Eviction | None:
+        """The eviction of `req_id`, once: its handler answers 429 instead of the output."""
+        return self.evicted.pop(req_id, None)
 
     def num_waiting(self, qos_class: str | None = None) -> int:
         if qos_class is not None:
@@ -237,6 +263,9 @@ class ServerState:
                 max_batch_tokens=new_config.batching.max_batch_tokens,
             )
         self.config = new_config
+        for name in set(new_config.qos.shed_classes) - set(old.qos.shed_classes):
+            # Shed from now on: the ones still waiting are refused too (see qos.admit).
+            self.evict(qos_mod.Eviction(name, None, contract.CODE_CLASS_SHED, qos_mod.shed_message(name)))
         if new_config.model != old.model or new_config.caching.response_cache != old.caching.response_cache:
             if self.response_cache is not None:
                 self.response_cache.clear()

@@ -166,3 +166,74 @@ async def test_the_operator_push_sheds_a_class_live(
     assert status == 200 and (await _config_info(server))["shed_classes"] == ""
     async with aiohttp.ClientSession() as session, session.post(url, json=SHORT, headers=_as("sheddable")) as resp:
         assert resp.status == 200
+
+
+async def _open(session: aiohttp.ClientSession, url: str, body: dict[str, Any], qos_class: str) -> asyncio.Task[Any]:
+    return asyncio.create_task(session.post(url, json=body, headers=_as(qos_class)))
+
+
+async def test_waiting_requests_of_a_class_shed_live_get_429_not_a_cut_stream(
+    make_server: Callable[..., Awaitable[test_utils.TestServer]], small_config: Any, wait_until: Any
+) -> None:
+    """A sheddable request still waiting when the operator sheds its class is refused like one at the door:
+    its response had not begun (it begins with the first token), so the client gets 429 with Retry-After and
+    the cause, streamed or not, and nothing of it stays in the engine."""
+    cfg = small_config(qos=QOS, batching={"maxBatchSize": 1, "maxBatchTokens": 64})
+    server = await make_server(cfg, engine_factory=_slowed_engine(cfg))
+    state = server.app[state_mod.state_key]
+    url = f"http://127.0.0.1:{server.port}/v1/completions"
+    async with aiohttp.ClientSession() as session:
+        holder = await session.post(url, json=LONG, headers=_as("critical"))
+        await holder.content.readline()  # it holds the only slot
+        waiting = [await _open(session, url, {**SHORT, "stream": stream}, "sheddable") for stream in (True, False)]
+        await wait_until("both sheddable requests to queue", lambda: state.num_waiting("sheddable") == 2)
+        status, _ = await _admin(server, "PUT", {"qos": {"shedClasses": ["sheddable"]}})
+        assert status == 200
+        for task in waiting:
+            async with await task as resp:
+                assert resp.status == 429, await resp.text()
+                assert resp.headers["Retry-After"] == str(cfg.server.retry_after_s)
+                error = (await resp.json())["error"]
+                assert error["code"] == contract.CODE_CLASS_SHED and "sheddable" in error["message"]
+        assert state.num_waiting() == 0 and not state.waiting_streams and not state.evicted
+        holder.close()
+    await wait_until("the engine to be idle", lambda: state.engine is not None and state.engine.num_unfinished == 0)
+    assert await _rejected(server) == {("sheddable", contract.REJECT_SHED_TUNER): 2}
+
+
+async def test_a_full_queue_displaces_the_newest_lower_class_request_for_a_critical_one(
+    make_server: Callable[..., Awaitable[test_utils.TestServer]], small_config: Any, wait_until: Any
+) -> None:
+    """With the queue at its bound, a critical request is admitted and the newest waiting request of the
+    lowest class below it is refused (429 queue_full, saying it was displaced); an equal or lower class
+    arriving at the full queue is refused as before, and every admitted request completes."""
+    cfg = small_config(qos=QOS, batching={"maxBatchSize": 1, "maxBatchTokens": 64, "maxQueueLen": 2})
+    server = await make_server(cfg, engine_factory=_slowed_engine(cfg))
+    state = server.app[state_mod.state_key]
+    url = f"http://127.0.0.1:{server.port}/v1/completions"
+    async with aiohttp.ClientSession() as session:
+        holder = await session.post(url, json=LONG, headers=_as("critical"))
+        await holder.content.readline()
+        older = await _open(session, url, {**SHORT, "stream": True}, "standard")
+        await wait_until("one standard request to queue", lambda: state.num_waiting("standard") == 1)
+        newer = await _open(session, url, {**SHORT, "stream": True}, "standard")
+        await wait_until("the queue to be full", lambda: state.num_waiting() == 2)
+        async with session.post(url, json=SHORT, headers=_as("standard")) as refused:
+            assert refused.status == 429  # nothing below standard waits: refused at the door
+            assert "displaced" not in (await refused.json())["error"]["message"]
+        critical = await _open(session, url, SHORT, "critical")
+        async with await newer as resp:
+            assert resp.status == 429 and resp.headers["Retry-After"]
+            error = (await resp.json())["error"]
+            assert (
+                error["code"] == contract.CODE_QUEUE_FULL
+                and "displaced by a request of class 'critical'" in error["message"]
+            )
+        assert state.num_waiting("critical") == 1 and state.num_waiting("standard") == 1
+        holder.close()
+        async with await critical as resp:
+            assert resp.status == 200 and (await resp.json())["usage"]["completion_tokens"] == 2
+        async with await older as resp:
+            assert resp.status == 200 and (await resp.text()).rstrip().endswith("data: [DONE]")
+    await wait_until("the engine to be idle", lambda: state.engine is not None and state.engine.num_unfinished == 0)
+    assert await _rejected(server) == {("standard", contract.REJECT_QUEUE_FULL): 2}

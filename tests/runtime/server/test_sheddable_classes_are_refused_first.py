@@ -1,7 +1,9 @@
 """The admission rule (`qos.admit`) as a table: the operator's shed classes first, then the global and
 per-class queue bounds, then SLO pressure, which refuses sheddable classes only, as soon as a protected
 class's queueing delay or recent TTFT reaches the configured fraction of its target, and never a class
-that is not sheddable. `fifo` keeps only the global bound. `RecentTTFT` is the windowed, bounded input."""
+that is not sheddable. A shed evicts the class's waiting requests too, and a full queue displaces the
+newest request of a lower class rather than refuse a higher one. `fifo` keeps only the global bound.
+`RecentTTFT` is the windowed, bounded input."""
 
 from __future__ import annotations
 
@@ -58,8 +60,12 @@ CASES = [
     ("class queue limit", "standard", {"standard": (5, 0.0, None)}, {}, contract.CODE_QUEUE_FULL),
     ("class queue limit of a sheddable class", "sheddable", {"sheddable": (20, 0.0, None)},
      {"shedding": {"queueFraction": 1.0}}, contract.CODE_QUEUE_FULL),
-    ("global bound refuses every class", "critical", {"standard": (5, 0.0, None), "sheddable": (20, 0.0, None),
+    ("global bound refuses the lowest class", "bulk", {"standard": (5, 0.0, None), "sheddable": (20, 0.0, None),
      "bulk": (15, 0.0, None)}, {}, contract.CODE_QUEUE_FULL),
+    ("global bound: critical displaces a lower one", "critical", {"standard": (5, 0.0, None),
+     "sheddable": (20, 0.0, None), "bulk": (15, 0.0, None)}, {}, None),
+    ("global bound full of critical refuses critical", "critical", {"critical": (40, 0.0, None)},
+     {"shedding": {"ttftFraction": 1.0}}, contract.CODE_QUEUE_FULL),
     ("operator's shed list, idle", "bulk", IDLE, {"shedClasses": ["bulk"]}, contract.CODE_CLASS_SHED),
     ("operator's shed list spares others", "sheddable", IDLE, {"shedClasses": ["bulk"]}, None),
     ("fifo: class limits ignored", "standard", {"standard": (5, 0.0, None)}, {"policy": "fifo"}, None),
@@ -81,6 +87,42 @@ def test_admission_table(
     assert verdict.code == expected
     if expected is not None:
         assert qos_class in verdict.message or "queue" in verdict.message
+
+
+EVICTIONS = [
+    # (name, class, load, qos overrides, expected eviction as (class, count, code) or None)
+    ("a full queue displaces the newest of the lowest class", "critical",
+     {"standard": (5, 0.0, None), "sheddable": (20, 0.0, None), "bulk": (15, 0.0, None)}, {},
+     ("bulk", 1, contract.CODE_QUEUE_FULL)),
+    ("standard displaces sheddable, never critical", "standard",
+     {"critical": (30, 0.0, None), "sheddable": (10, 0.0, None)}, {}, ("sheddable", 1, contract.CODE_QUEUE_FULL)),
+    ("nothing lower waits: no displacement", "standard", {"critical": (35, 0.0, None), "standard": (5, 0.0, None)},
+     {}, None),
+    ("fifo never displaces", "critical", {"bulk": (40, 0.0, None)}, {"policy": "fifo"}, None),
+    ("the tuner's shed: that class's waiting requests go too", "bulk", {"bulk": (3, 9.0, None)},
+     {"shedClasses": ["bulk"]}, ("bulk", None, contract.CODE_CLASS_SHED)),
+    ("the SLO guard's shed: that class's waiting requests go too", "sheddable",
+     {"critical": (1, 0.5, None), "sheddable": (4, 2.0, None)}, {}, ("sheddable", None, contract.CODE_SLO_SHED)),
+    ("a shed with none of that class waiting evicts nothing", "sheddable", {"critical": (1, 0.5, None)}, {}, None),
+    ("a class's own queue limit refuses without evicting", "standard", {"standard": (5, 0.0, None)}, {}, None),
+    ("no shed, no eviction", "sheddable", {"sheddable": (4, 2.0, None)}, {}, None),
+]  # fmt: skip
+
+
+@pytest.mark.parametrize(
+    ("qos_class", "load", "overrides", "expected"), [c[1:] for c in EVICTIONS], ids=[c[0] for c in EVICTIONS]
+)
+def test_evictions_go_with_sheds_and_full_queues(
+    qos_class: str,
+    load: dict[str, tuple[int, float, float | None]],
+    overrides: dict[str, Any],
+    expected: tuple[str, int | None, str] | None,
+) -> None:
+    verdict = qos.admit(qos_class, qos=_qos(**overrides), max_queue_len=MAX_QUEUE, load=_load(**load))
+    evict = verdict.evict
+    assert (evict.qos_class, evict.count, evict.code) == expected if evict else expected is None, verdict
+    if evict is not None and evict.count == 1:
+        assert verdict.admit and f"displaced by a request of class {qos_class!r}" in evict.message
 
 
 def test_sheddable_goes_before_any_protected_class_misses_its_target() -> None:
