@@ -9,7 +9,7 @@ critical preempts running standard requests (which recompute later), as under th
 class with full batches and an empty queue said 66 req/s where the same replicas then served 42 under the
 mixed load (server TTFT from the runtime's histogram matched the client's; the load generator's lag was
 p99 14 ms), and at a rest of 0.78x the standard backlog admitted before the shed never drained: the queue's
-aging (5 s a level) then gave aged standard requests critical's turn, and critical's p90 reached 3 to 7 s.
+aging (then 5 s a level; 30 s since) gave aged standard requests critical's turn, and critical's p90 reached 3 to 7 s.
 `sheddable` is made sheddable only after a tuner window that began after the probe, so that only the load
 makes the tuner shed it (the probe's deep queue would have).
 
