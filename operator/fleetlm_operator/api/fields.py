@@ -58,6 +58,12 @@ INTERVAL_AT_LEAST_1S = CelRule(
     rule=f"!{well_formed('self')} || duration(self) >= duration('1s')", message="must be at least 1s"
 )
 
+# The runtime's qos.priorityAgingS bounds: under 1s every wait outranks the classes; past 1h aging is moot.
+AGING_1S_TO_1H = CelRule(
+    rule=f"!{well_formed('self')} || (duration(self) >= duration('1s') && duration(self) <= duration('1h'))",
+    message="must be from 1s to 1h",
+)
+
 
 def _positive_duration(value: str) -> str:
     if parse_duration_s(value) <= 0:
@@ -71,9 +77,16 @@ def _interval_at_least_1s(value: str) -> str:
     return value
 
 
+def _aging_1s_to_1h(value: str) -> str:
+    if not 1 <= parse_duration_s(value) <= 3600:
+        raise ValueError(AGING_1S_TO_1H.message)
+    return value
+
+
 Duration = Annotated[str, pydantic.StringConstraints(pattern=DURATION_PATTERN, max_length=32)]
 PositiveDuration = Annotated[Duration, pydantic.AfterValidator(_positive_duration), Cel((POSITIVE_DURATION,))]
 IntervalDuration = Annotated[Duration, pydantic.AfterValidator(_interval_at_least_1s), Cel((INTERVAL_AT_LEAST_1S,))]
+AgingDuration = Annotated[Duration, pydantic.AfterValidator(_aging_1s_to_1h), Cel((AGING_1S_TO_1H,))]
 
 # Kubernetes resource quantities ("4", 4, "500m", "24Gi"), as controller-gen renders resource.Quantity.
 QUANTITY_PATTERN = (

@@ -16,7 +16,13 @@ import pydantic
 
 from fleetlm_operator.api import names
 from fleetlm_operator.api.cel import STORED, CelRule, require
-from fleetlm_operator.api.fields import INTERVAL_AT_LEAST_1S, MODEL_SOURCE, POSITIVE_DURATION, camel_config
+from fleetlm_operator.api.fields import (
+    AGING_1S_TO_1H,
+    INTERVAL_AT_LEAST_1S,
+    MODEL_SOURCE,
+    POSITIVE_DURATION,
+    camel_config,
+)
 from fleetlm_operator.api.spec_models import (
     BATCH_SIZE_IN_RANGE,
     BATCH_SIZE_RANGE_ORDERED,
@@ -126,6 +132,7 @@ OBJECT_RULES: tuple[CelRule, ...] = (
     MODEL_CACHE_NEEDS_SOURCE,
     POSITIVE_DURATION,
     INTERVAL_AT_LEAST_1S,
+    AGING_1S_TO_1H,
 )
 
 

@@ -14,6 +14,7 @@ import pydantic
 
 from fleetlm_operator.api.cel import Cel, CelRule, cel_extra, is_stored, require
 from fleetlm_operator.api.fields import (
+    AgingDuration,
     ByteQuantity,
     ClassName,
     Duration,
@@ -624,6 +625,15 @@ class QoSSpec(_SpecModel):
         description=(
             "Secret whose key holds a YAML map from API key to class name, mounted read-only into the runtime. "
             "A request's class comes from its key, so clients cannot raise their own class."
+        ),
+    )
+    priority_aging: AgingDuration | None = pydantic.Field(
+        default=None,
+        description=(
+            "How long a waiting request takes to gain one priority level, so that a lower class is never "
+            "starved (1s to 1h; default 30s, the runtime's). Keep it long beside the TTFT targets and the time a new "
+            "replica takes to start: a lower class's backlog aged past a higher class takes its turns. "
+            "Read when a pod starts, so a change rolls the pods."
         ),
     )
     allow_header_class: bool = pydantic.Field(

@@ -90,6 +90,8 @@ def runtime_config(
         "defaultClass": spec.qos.default_class or DEFAULT_CLASS_NAME,
         "allowClassHeader": spec.qos.allow_header_class,
     }
+    if spec.qos.priority_aging is not None:
+        qos["priorityAgingS"] = fields.parse_duration_s(spec.qos.priority_aging)
     if current.shed_classes:
         # Pods that start while the tuner sheds a class must shed it too, not wait for the next push.
         qos["shedClasses"] = list(current.shed_classes)

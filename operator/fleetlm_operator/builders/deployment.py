@@ -39,9 +39,9 @@ def config_hash(spec: spec_models.LLMServiceSpec, *, image: str) -> str:
 
     Left out on purpose, because the operator pushes them to the running runtimes (act/push.py) and none
     of them may restart a pod: spec.batching (batch limits), spec.qos but its API-keys Secret reference
-    (the class table with priorities, weights, queue limits and sheddable flags, the default class, class
-    headers), spec.slo (its targets reach the runtime inside the class table; percentile and window are
-    the operator's own), spec.replicas, spec.autoscaling, and all of status.tuning.
+    and its priority aging (the class table with priorities, weights, queue limits and sheddable flags,
+    the default class, class headers), spec.slo (its targets reach the runtime inside the class table;
+    percentile and window are the operator's own), spec.replicas, spec.autoscaling, and all of status.tuning.
     """
     restart_inputs = {
         "image": image,
@@ -54,6 +54,8 @@ def config_hash(spec: spec_models.LLMServiceSpec, *, image: str) -> str:
             spec.qos.api_keys_secret_ref.model_dump(mode="json") if spec.qos.api_keys_secret_ref else None
         ),
         "configSchemaVersion": contract.CONFIG_SCHEMA_VERSION,
+        # The engine's scheduler reads it at start.
+        "priorityAging": spec.qos.priority_aging,
     }
     canonical = json.dumps(restart_inputs, sort_keys=True, separators=(",", ":"))
     return hashlib.sha256(canonical.encode()).hexdigest()[:16]

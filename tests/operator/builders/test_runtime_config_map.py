@@ -112,3 +112,11 @@ def test_shed_classes_reach_pods_that_start_later() -> None:
     assert rendered["qos"]["shedClasses"] == sheddable
     plain = yaml.safe_load(configmap.build_config_map(svc)["data"]["runtime.yaml"])
     assert "shedClasses" not in plain["qos"]
+
+
+def test_priority_aging_reaches_the_engine_and_defaults_to_the_runtimes() -> None:
+    aged = {**MULTICLASS, "qos": {**MULTICLASS["qos"], "priorityAging": "1m30s"}}
+    parsed = config.parse_config(runtime_yaml(configmap.build_config_map(service(aged))))
+    assert parsed.qos.priority_aging_s == 90.0
+    default = config.parse_config(runtime_yaml(configmap.build_config_map(service(MULTICLASS))))
+    assert default.qos.priority_aging_s == config.QoSSettings.model_fields["priority_aging_s"].default == 30.0

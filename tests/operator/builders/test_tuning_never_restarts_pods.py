@@ -112,6 +112,7 @@ def test_spec_changes_the_runtime_takes_live_leave_the_pod_template_alone(path: 
         ("caching.prefixCache", {"enabled": False}),
         ("runtime.gpus", 2),
         ("runtime.env", [{"name": "LOG_LEVEL", "value": "debug"}]),
+        ("qos.priorityAging", "1m"),  # the engine's scheduler reads it at start
     ],
 )
 def test_changes_that_need_new_pods_change_the_hash(path: str, value: Any) -> None:

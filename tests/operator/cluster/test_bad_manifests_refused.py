@@ -107,6 +107,8 @@ CASES: tuple[Case, ...] = (
         "spec.autoscaling.prometheusUrl",
     ),
     Case("interval-below-1s", set_("spec.autoscaling.interval", "500ms"), "spec.autoscaling.interval"),
+    Case("priority-aging-below-1s", set_("spec.qos.priorityAging", "500ms"), "spec.qos.priorityAging"),
+    Case("priority-aging-above-1h", set_("spec.qos.priorityAging", "1h1s"), "spec.qos.priorityAging"),
     Case(
         "malformed-memory",
         set_("spec.runtime.resources.requests.memory", "lots"),
