@@ -11,6 +11,7 @@ decision history in status stays intact.
 from __future__ import annotations
 
 import asyncio
+import collections
 import json
 import threading
 import time
@@ -109,6 +110,8 @@ def test_standby_takes_over_mid_surge_and_tuning_goes_on(
     figures["decisions_after_takeover"] = len(new)
     figures["actions"] = [d.get("action") for d in after if d.get("action") != "hold"]
     figures["failed_requests"] = sum(not r.success for r in load.records)
+    # By status: 429s are the queue bound's refusals at 2.5x (one class, nothing to shed); anything else is news.
+    figures["failed_by_status"] = dict(collections.Counter(r.status for r in load.records if not r.success))
     print(f"d figures: {figures}")
 
     assert figures["takeover_s"] is not None and figures["takeover_s"] <= LEASE_S + 3, figures
