@@ -6,7 +6,9 @@
                          [--calibrate-from BENCH.json [--model builtin:tiny]]
 
 Every run puts the FleetLM policy beside the plain queue-depth HPA baseline (unless `--policy` picks one) on
-the same arrivals, prints a table of outcomes, then each bar with PASS/FAIL per policy: issue #8's and #14's,
+the same arrivals, prints a table of outcomes (`recovery`: the intervals from the step until attainment is
+back at target for good, i.e. the attainment of the requests sent since stays at target over the rest of the
+plateau, `run.recovery_intervals`), then each bar with PASS/FAIL per policy: issue #8's and #14's,
 then the tighter ones of issue #18 (marked `#18`). Each policy runs twice (`--routing both`, the default):
 behind the plain Service (random spread) and behind FleetLM's router (`spec.router.enabled`: least loaded), as
 two scenarios with a column each (`fleetlm`, `fleetlm+router`); a bar holds for the service as it is deployed,

@@ -1,7 +1,10 @@
 """The bars of issue #8 (point 4), judged on simulator outcomes. Decides nothing about tuning; no I/O.
 
 - step: per-interval SLO attainment (requests by arrival time) back at or above target within 3 tuning
-  intervals of the 1x -> 4x step, and staying there for the rest of the trace;
+  intervals of the 1x -> 4x step, and staying there for the rest of the trace: from the interval it is back,
+  the attainment of the requests sent since is at target at every later point of the plateau
+  (`run.recovery_intervals`: a lone dip the service since absorbs is not the step still being recovered
+  from; a run of poor intervals is);
 - steady: zero replica changes over the 30 minutes of steady 4x load that follow 15 minutes of settling;
 - diurnal: SLO attainment >= target (95%) over the whole day, with replica-minutes (starting and
   draining pods included) at most 1.25x the oracle's.

@@ -41,15 +41,13 @@ NOT_MET = {
     (
         "gpu",
         "tight-step-recovery",
-    ): "3 intervals: the 3 old pods' queues of 32 hold the first interval the new pods serve",
-    ("gpu", "tight-step-cost"): "1.19x: one window's TPOT dip at 11 replicas shrinks the batch and adds a 12th",
-    ("cpu-tiny", "tight-step-recovery"): "3 intervals, as on the GPU profile",
+    ): "3 intervals: the 3 old pods' queues of 32 hold the first interval the new pods serve (80% met)",
+    ("cpu-tiny", "tight-step-recovery"): "3 intervals, as on the GPU profile (86% met in the third)",
+    ("cpu-tiny", "tight-startup60-recovery"): "7 intervals (bar 6)",
     (
         "cpu-tiny",
-        "tight-step-cost",
-    ): "1.30x: batch limits stay ~35-44 (the oracle runs 96), so 12 pods where it runs 10",
-    ("cpu-tiny", "tight-startup60-recovery"): "7 intervals (bar 6)",
-    ("cpu-tiny", "tight-diurnal-cost"): "1.21x, for the same small batch limits",
+        "tight-diurnal-cost",
+    ): "1.23x: on the way down the fleet rests 1-3 pods above the oracle at the ~37-seq batch's 52% scale-down edge",
 }
 
 
@@ -86,6 +84,30 @@ def test_tight_bar(profile: str, routing: str, key: str) -> None:
 
 def _bar(key: str) -> bars.Bar:
     return next(bar for bar in bars.TIGHT_BARS if bar.key == key)
+
+
+@pytest.mark.parametrize(
+    ("profile", "routing", "key"),
+    [
+        pytest.param(
+            profile,
+            routing,
+            key,
+            marks=[] if (profile, routing) == ("gpu", "service") else [pytest.mark.slow],
+            id=f"{profile}-{routing}-{key}",
+        )
+        for profile in PROFILES
+        for routing in ROUTINGS
+        for key in ("steady-changes", "startup60-steady")
+    ],
+)
+def test_zero_replica_changes_at_steady_load(profile: str, routing: str, key: str) -> None:
+    # Issue #18 asks for zero replica changes at steady load on the three profiles too (the #8 and #14 bars,
+    # whose own tests judge the GPU profile). On cpu-tiny behind the Service the batch rule's token-budget
+    # ratchet, cut on every marginal TPOT miss, once made three on the step's plateau.
+    bar = next(bar for bar in bars.BARS if bar.key == key)
+    verdict = bar.judge(_outcome(profile, bar.trace, routing))
+    assert verdict.passed, f"{profile} {routing} {key}: {verdict.value}"
 
 
 @pytest.fixture(scope="module")

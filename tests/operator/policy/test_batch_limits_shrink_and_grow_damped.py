@@ -1,5 +1,6 @@
-"""Batch limits: shrink (x0.75) on a TPOT miss with a short queue, grow by a step with predicted headroom and
-a queue, within the spec's bounds, one change per cooldown, no regrowth soon after a shrink."""
+"""Batch limits: shrink (x0.75; the size only where that can change the step time, nothing on a marginal miss
+where it would not) on a TPOT miss with a short queue, grow by a step with predicted headroom and a queue,
+within the spec's bounds, one change per cooldown, no regrowth soon after a shrink."""
 
 from __future__ import annotations
 
@@ -28,9 +29,33 @@ class Case:
 
 
 MISS = {"tpot_attainment": 0.8, "tpot_mean_s": 0.06}
+MARGINAL = {"tpot_attainment": 0.93, "tpot_mean_s": 0.045}
 CASES = {
-    # TPOT missed, short queue: multiplicative decrease of both limits.
-    "shrink-on-tpot-miss": Case((64, 4096), MISS, (48, 3072), -1, "shrink"),
+    # TPOT missed, short queue, batches running at the smaller size or above: multiplicative decrease of both.
+    "shrink-on-tpot-miss": Case((64, 4096), {**MISS, "running_per_pod": 60.0}, (48, 3072), -1, "shrink"),
+    # ... with batches running under the smaller size (40 of 64, where 48 would be the limit) a smaller size
+    # would not bind: only the token budget (the prefill riding in each step) shrinks.
+    "shrink-tokens-only": Case((64, 4096), {**MISS, "running_per_pod": 40.0}, (64, 3072), -1, "would not bind"),
+    # ... unless the last cut was less than the regrow hold ago and the miss is back (it did not cure it) ...
+    "shrink-again-cuts-the-size": Case(
+        (64, 3072),
+        {**MISS, "running_per_pod": 40.0},
+        (48, 2304),
+        -1,
+        "of the last cut",
+        changed_ago_s=45.0,
+        last_direction=-1,
+    ),
+    # ... or the token budget is at its bound.
+    "shrink-tokens-at-bound": Case((64, 256), {**MISS, "running_per_pod": 40.0}, (48, 256), -1, "at its bound"),
+    # A marginal miss (93% met of 95%: under twice the misses the SLO allows) where a smaller size would not
+    # bind changes nothing: it is the batch's swing at the load per pod, the replica rule's to answer. Cutting
+    # the token budget on each such window ratcheted it to its bound, and then the size went too.
+    "marginal-miss-holds": Case((64, 4096), {**MARGINAL, "running_per_pod": 40.0}, (64, 4096), 0, "marginal miss"),
+    # ... where the size binds, a marginal miss shrinks both as a deep one does.
+    "marginal-miss-where-the-size-binds": Case(
+        (64, 4096), {**MARGINAL, "running_per_pod": 60.0}, (48, 3072), -1, "shrink"
+    ),
     # ... but never below the bounds.
     "shrink-bounded": Case((8, 256), MISS, (8, 256), 0, "lower bounds"),
     # TPOT missed with a long queue: load, not the batch; the replica rule answers, the batch holds.
@@ -98,11 +123,12 @@ def test_a_tpot_miss_while_new_pods_settle_holds_the_limit(make_spec: MakeSpec, 
     # Just after a scale-up the queue is short (the new pods took it) but the window's misses are of the
     # requests the overloaded fleet ran before them: shrinking then cut the limit the fleet was sized for.
     common = {"spec": make_spec(), "current": batching.BatchLimits(64, 4096), "changed_s": None, "direction": 0}
-    settling = batching.decide_batch_limits(window=make_window(**MISS), now=NOW, settling=True, **common)
+    miss = {**MISS, "running_per_pod": 60.0}  # near-full batches: the smaller size would bind
+    settling = batching.decide_batch_limits(window=make_window(**miss), now=NOW, settling=True, **common)
     assert settling.limits == batching.BatchLimits(64, 4096)
     assert settling.direction == 0
     assert any("from before the new pods served" in r for r in settling.reasons), settling.reasons
-    settled = batching.decide_batch_limits(window=make_window(**MISS), now=NOW, **common)
+    settled = batching.decide_batch_limits(window=make_window(**miss), now=NOW, **common)
     assert settled.limits == batching.BatchLimits(48, 3072)
 
 
