@@ -86,8 +86,15 @@ class RouterState:
         self.session: aiohttp.ClientSession | None = None
         self.scraper = scrape_mod.LoadScraper(
             endpoints, lambda: self.session, self.in_flight, self.started, interval_s=settings.scrape_interval_s,
-            timeout_s=settings.scrape_timeout_s, on_result=self.metrics.record_scrape,
+            timeout_s=settings.scrape_timeout_s, on_result=self._on_scrape,
         )  # fmt: skip
+
+    def _on_scrape(self, name: str, reported: scrape_mod.Reported | None) -> None:
+        # The replica set is synced here too, not only at the next pick: a replica's load gauges are series
+        # of the replicas listed, and before the first pick (or between picks) the list would lag the
+        # endpoints, so a scrape's figures would be dropped (seen in CI: no waiting series for a queuing one).
+        self.sync_replicas()
+        self.metrics.record_scrape(name, reported)
 
     # -- picking ------------------------------------------------------------------------------------
 

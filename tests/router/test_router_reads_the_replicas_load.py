@@ -82,3 +82,17 @@ async def test_load_from_elsewhere_steers_new_prompts_and_a_queue_spills_prefixe
     )
     blind = {picker.pick_affinity(ring, key=None, in_flight={}, tie_break=i).replica for i in range(2)}  # type: ignore[union-attr]
     assert blind == {busy_name, idle_name}
+
+
+async def test_each_listed_replicas_load_is_exported_before_any_request(replicas, make_router) -> None:
+    """The load series of every listed replica appear from the first scrapes, not only once a pick has
+    synced the router's replica list (before, the figures of scrapes between two picks could be dropped)."""
+    router = await make_router([r.url for r in replicas], scrape_interval_s=0.05)
+    names = [bench_router.endpoints_name(r.url) for r in replicas]
+    for _ in range(100):
+        text = router.state.metrics.render().decode()
+        if all(f'fleetlm_router_replica_waiting{{replica="{name}"}} 0.0' in text for name in names):
+            break
+        await asyncio.sleep(0.05)
+    else:
+        raise AssertionError(f"no load series for {names} after 5 s of scrapes:\n{text}")
