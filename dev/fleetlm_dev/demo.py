@@ -126,10 +126,9 @@ def main(*, dir: pathlib.Path, keep: bool) -> int:
             service.ready_urls()[0], concurrency=PROBE_STREAMS, shape=SHAPE, seconds=8,
             keys=("demo-critical-key", "demo-standard-key"),
         )  # fmt: skip
-        cpu = llmservice()["spec"]["runtime"]["resources"]["limits"]["cpu"]
         say(
-            f"    one replica ({cpu} CPU): {capacity:.1f} requests/s of critical and standard "
-            f"({SHAPE.output_tokens} tokens each, batches of {BATCH})"
+            f"    one replica ({closed_loop.pod_cpu_limit(MAX_REPLICAS)} CPU): {capacity:.1f} requests/s of critical "
+            f"and standard ({SHAPE.output_tokens} tokens each, batches of {BATCH})"
         )
         # Autoscaling goes on once the tuner judges a window that began after the probe: acting on the
         # probe's saturation, it would scale out before the surge and flatter the verdicts.

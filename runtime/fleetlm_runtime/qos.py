@@ -117,7 +117,7 @@ def admit(
         return Verdict(
             False, contract.CODE_QUEUE_FULL, f"the queue for class {qos_class!r} is full ({cls.queue_limit} waiting)"
         )
-    return _shed_early(cls, qos=qos, max_queue_len=max_queue_len, total_waiting=total_waiting, load=load)
+    return _shed_early(cls, mine, qos=qos, max_queue_len=max_queue_len, total_waiting=total_waiting, load=load)
 
 
 def shed_message(qos_class: str) -> str:
@@ -161,6 +161,7 @@ def _displaceable(
 
 def _shed_early(
     cls: config_mod.QoSClass,
+    mine: ClassLoad,
     *,
     qos: config_mod.QoSSettings,
     max_queue_len: int,
@@ -173,7 +174,6 @@ def _shed_early(
     if not cls.sheddable or not qos.shedding.enabled:
         return Verdict.ok()
     shedding = qos.shedding
-    mine = load.get(qos_class, ClassLoad())
     if total_waiting >= shedding.queue_fraction * max_queue_len:
         return _refuse_and_evict(
             qos_class,

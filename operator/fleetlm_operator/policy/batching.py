@@ -229,9 +229,8 @@ def _shrink(
     batching, tuning = spec.batching, spec.tuning
     size, tokens = current.max_batch_size, current.max_batch_tokens
     smaller = math.floor(size * tuning.batch_shrink_factor)
-    fewer_tokens = clamp(
-        BatchLimits(max_batch_size=size, max_batch_tokens=math.floor(tokens * tuning.batch_shrink_factor)), batching
-    )
+    cut_tokens = math.floor(tokens * tuning.batch_shrink_factor)
+    fewer_tokens = clamp(BatchLimits(max_batch_size=size, max_batch_tokens=cut_tokens), batching)
     mean_running = window.mean_running_per_pod if window.mean_running_per_pod is not None else window.running_per_pod
     recently_cut = (
         direction < 0
@@ -254,8 +253,7 @@ def _shrink(
     else:
         return current, f"{_MARGINAL}, {_num(mean_running)} running/pod: a smaller size would not bind"
 
-    both = BatchLimits(max_batch_size=smaller, max_batch_tokens=math.floor(tokens * tuning.batch_shrink_factor))
-    return clamp(both, batching), cut
+    return clamp(BatchLimits(max_batch_size=smaller, max_batch_tokens=cut_tokens), batching), cut
 
 
 def _hold_why(cut: str) -> str:
