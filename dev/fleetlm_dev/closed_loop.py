@@ -485,6 +485,13 @@ def arrival_rate(records: Sequence[Record], start_s: float, end_s: float) -> flo
     return sent / (end_s - start_s) if end_s > start_s else 0.0
 
 
+def completion_rate(records: Sequence[Record], url: str, start_s: float, end_s: float) -> float:
+    """Requests/s that `url` served to completion between `start_s` and `end_s` (by when they ended): what
+    a saturated replica serves is its capacity under the conditions of the moment."""
+    served = sum(1 for r in records if r.url == url and r.success and start_s <= r.end_s < end_s)
+    return served / (end_s - start_s) if end_s > start_s else 0.0
+
+
 def quantile(values: Sequence[float], q: float) -> float | None:
     if not values:
         return None
