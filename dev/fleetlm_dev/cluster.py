@@ -343,26 +343,26 @@ class ControlPlane:
     # Stop
 
     def stop(self, *, grace_s: float = 15) -> list[str]:
-        """Stop the processes this control plane started (newest first) and return once they are gone."""
+        """Stop the processes this control plane started, newest first, each gone before the next is
+        signalled, and return once all are. In that order the API server shuts down in about a second; with
+        etcd signalled at the same time it waited on its storage past the whole grace period (15 s of every
+        end-to-end run, then SIGKILL)."""
         stopped: list[str] = []
-        signalled: list[ProcessRecord] = []
         for record in reversed(self.processes):
             # Identity is checked once, before signalling: an exiting process loses its /proc/PID/exe link
             # while it still runs, so from here on only "has it gone" is asked.
-            if _alive(record):
-                with contextlib.suppress(ProcessLookupError):
-                    os.kill(record.pid, signal.SIGTERM)
-                stopped.append(f"{record.name} (pid {record.pid})")
-                signalled.append(record)
-        deadline = time.monotonic() + grace_s
-        for record in signalled:
+            if not _alive(record):
+                continue
+            with contextlib.suppress(ProcessLookupError):
+                os.kill(record.pid, signal.SIGTERM)
+            stopped.append(f"{record.name} (pid {record.pid})")
+            deadline = time.monotonic() + grace_s
             while not _gone(record.pid) and time.monotonic() < deadline:
-                time.sleep(0.1)
+                time.sleep(0.05)
             if not _gone(record.pid) and _maybe_ours(record):
                 with contextlib.suppress(ProcessLookupError):
                     os.kill(record.pid, signal.SIGKILL)
-        kill_deadline = time.monotonic() + 10
-        for record in signalled:
+            kill_deadline = time.monotonic() + 10
             while not _gone(record.pid) and time.monotonic() < kill_deadline:
                 time.sleep(0.05)
         self.processes = []
