@@ -63,7 +63,8 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument(
         "--queue-limit",
         default=str(run.FleetOptions().queue_limit),
-        help="per-class queue limit per replica (429 past it), or 'none' for unbounded queues",
+        help="per-class queue limit per replica (429 past it; the spec's queueLimit, a cap on the bound the "
+        "FleetLM tuner sizes in time), or 'none' for no cap",
     )
     return parser
 

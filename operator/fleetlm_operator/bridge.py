@@ -34,6 +34,7 @@ def policy_spec_of(spec: spec_models.LLMServiceSpec) -> policy_spec.PolicySpec:
             sheddable=qos_class.sheddable,
             ttft_s=_seconds(qos_class.slo.ttft) if qos_class.slo is not None else None,
             tpot_s=_seconds(qos_class.slo.tpot) if qos_class.slo is not None else None,
+            queue_limit=qos_class.queue_limit,
         )
         for qos_class in spec.qos.classes
     )

@@ -15,7 +15,7 @@ from __future__ import annotations
 import bisect
 import collections
 import heapq
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 
 from fleetlm_dev.sim import calibration
 from fleetlm_operator.policy import histogram, window
@@ -102,7 +102,7 @@ class Replica:
         "plan_prefill_tokens",
         "plan_steps",
         "prefilling",
-        "queue_limit",
+        "queue_limits",
         "ready_s",
         "rejected",
         "running_by_class",
@@ -129,7 +129,8 @@ class Replica:
         queue_limit: int | None = None,
     ) -> None:
         self.name = name
-        self.queue_limit = queue_limit  # per class, like the runtime's qos queue limit; None: unbounded
+        # Per class, like the runtime's qos.classes[].queueLimit; None: unbounded. Live tuning may move them.
+        self.queue_limits: list[int | None] = [queue_limit] * len(class_names)
         self.calib = calib
         self.class_names = class_names
         self.max_batch_size = max_batch_size
@@ -176,7 +177,8 @@ class Replica:
 
     def submit(self, seq: Seq, t: float) -> bool:
         """A request arrives at `t` (call `advance_to(t)` first); False: refused, its class's queue is full (429)."""
-        if self.queue_limit is not None and len(self.waiting[seq.cls]) >= self.queue_limit:
+        limit = self.queue_limits[seq.cls]
+        if limit is not None and len(self.waiting[seq.cls]) >= limit:
             self.rejected[seq.cls] += 1
             return False
         self.waiting[seq.cls].append(seq)
@@ -190,6 +192,13 @@ class Replica:
 
     def reject(self, seq: Seq) -> None:
         self.rejected[seq.cls] += 1
+
+    def set_queue_limits(self, limits: Sequence[int | None]) -> None:
+        """Live tuning of the per-class queue limits: arrivals from now on see them; a queue already longer
+        keeps what it holds (the runtime refuses new requests past the limit, it drops none it took)."""
+        if len(limits) != len(self.class_names):
+            raise ValueError(f"queue limits: {len(limits)} given for {len(self.class_names)} classes")
+        self.queue_limits = list(limits)
 
     def set_limits(self, max_batch_size: int, max_batch_tokens: int, t: float) -> None:
         """Live tuning: applies from the next step boundary (call `advance_to(t)` first)."""

@@ -162,6 +162,7 @@ class _Fleet:
     ) -> None:
         self.calib = calib
         self.queue_limit = queue_limit
+        self.queue_limits: list[int | None] = [queue_limit] * len(names)  # in force now (the tuner may move them)
         self.names = names
         self.sink = sink
         self.ready: list[replica.Replica] = []
@@ -183,6 +184,7 @@ class _Fleet:
             sink=self.sink,
             queue_limit=self.queue_limit,
         )
+        pod.set_queue_limits(self.queue_limits)
         (self.ready if ready_s <= now else self.starting).append(pod)
 
     def promote(self, t: float) -> None:
@@ -226,6 +228,15 @@ def simulate(
     seed: int = 1,
 ) -> Outcome:
     spec = spec or default_spec(trace)
+    if options.queue_limit is not None:
+        # The runtime's class queueLimit is the spec's: a cap on the tuner's time-sized bound too.
+        spec = dataclasses.replace(
+            spec,
+            classes=tuple(
+                c if c.queue_limit is not None else dataclasses.replace(c, queue_limit=options.queue_limit)
+                for c in spec.classes
+            ),
+        )
     capacity = oracle.replica_capacity(trace.classes, calib, spec)
     startup_s = trace.startup_for(calib.startup_s)
     arrivals = workload.generate(trace, rate_per_replica=capacity.rate_per_s, seed=seed)
@@ -356,6 +367,12 @@ def simulate(
                 for pod in (*fleet.ready, *fleet.starting):
                     pod.advance_to(tick_s)
                     pod.set_limits(limits.max_batch_size, limits.max_batch_tokens, tick_s)
+            queue_limits = [decision.queue_limits.get(n, options.queue_limit) for n in names]
+            if queue_limits != fleet.queue_limits:
+                # Pushed with the rest of the live config: pods that start later get it too.
+                fleet.queue_limits = queue_limits
+                for pod in (*fleet.ready, *fleet.starting):
+                    pod.set_queue_limits(queue_limits)
             if decision.replicas > before:
                 for _ in range(decision.replicas - before):
                     fleet.add(

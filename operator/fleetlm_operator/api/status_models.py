@@ -109,6 +109,15 @@ class TuningStatus(_StatusModel):
         max_length=16,
         description="Current fair-share weight per class, where the tuner moved it from spec.qos.classes.",
     )
+    queue_limits: dict[str, int] = pydantic.Field(
+        default_factory=dict,
+        max_length=16,
+        description=(
+            "Current per-replica queue limit per class, sized by the tuner to about one TTFT target of a full "
+            "replica's completions (never above the class's spec.qos.classes[].queueLimit); absent classes use "
+            "the spec's."
+        ),
+    )
 
 
 class StartupStatus(_StatusModel):

@@ -36,15 +36,17 @@ def _classes(spec: spec_models.LLMServiceSpec, tuning: status_models.TuningStatu
     service_ttft = service_slo.ttft if service_slo is not None else None
     service_tpot = service_slo.tpot if service_slo is not None else None
     if not spec.qos.classes:
-        return [
-            {
-                "name": DEFAULT_CLASS_NAME,
-                "priority": 0,
-                "weight": 1,
-                "sheddable": False,
-                **_targets(service_ttft, service_tpot),
-            }
-        ]
+        default: dict[str, Any] = {
+            "name": DEFAULT_CLASS_NAME,
+            "priority": 0,
+            "weight": 1,
+            "sheddable": False,
+            **_targets(service_ttft, service_tpot),
+        }
+        tuned = tuning.queue_limits.get(DEFAULT_CLASS_NAME)
+        if tuned is not None:
+            default["queueLimit"] = tuned
+        return [default]
     rendered: list[dict[str, Any]] = []
     for qos_class in spec.qos.classes:
         entry: dict[str, Any] = {
@@ -53,8 +55,10 @@ def _classes(spec: spec_models.LLMServiceSpec, tuning: status_models.TuningStatu
             "weight": tuning.class_weights.get(qos_class.name, qos_class.weight),
             "sheddable": qos_class.sheddable,
         }
-        if qos_class.queue_limit is not None:
-            entry["queueLimit"] = qos_class.queue_limit
+        # The tuner's bound sized in time (status.tuning.queueLimits) within the class's own limit.
+        limits = [v for v in (qos_class.queue_limit, tuning.queue_limits.get(qos_class.name)) if v is not None]
+        if limits:
+            entry["queueLimit"] = min(limits)
         # A class target overrides the service target; the runtime gets the effective ones.
         class_slo = qos_class.slo
         entry.update(

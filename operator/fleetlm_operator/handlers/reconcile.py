@@ -78,12 +78,20 @@ def current_tuning(svc: models.LLMService) -> status_models.TuningStatus:
         size = min(max(stored.max_batch_size or size or 1, size_range.min), size_range.max)
         tokens = min(max(stored.max_batch_tokens or tokens or 1, tokens_range.min), tokens_range.max)
     class_names = {qos_class.name for qos_class in svc.spec.qos.classes}
+    # The tuner's queue bounds, for classes that still exist, never above a class's queueLimit as edited.
+    caps = {qos_class.name: qos_class.queue_limit for qos_class in svc.spec.qos.classes}
+    queue_limits = {
+        name: min(limit, caps.get(name) or limit)
+        for name, limit in stored.queue_limits.items()
+        if name in class_names or (not class_names and name == configmap.DEFAULT_CLASS_NAME)
+    }
     return status_models.TuningStatus(
         max_batch_size=size,
         max_batch_tokens=tokens,
         shed_classes=[name for name in stored.shed_classes if name in class_names],
         # The spec's weights as edited: no policy moves weights, and a stored copy would undo a reweight.
         class_weights=dict(initial.class_weights or {}),
+        queue_limits=queue_limits,
     )
 
 

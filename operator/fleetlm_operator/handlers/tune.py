@@ -243,7 +243,11 @@ def plan(svc: models.LLMService, spec: policy_spec.PolicySpec, seen: Observation
         max_batch_tokens=decision.max_batch_tokens,
         shed_classes=list(decision.shed_classes),
         class_weights=tuning_now.class_weights,
+        queue_limits=dict(decision.queue_limits),
     )
+    # A new queue bound alone changes no replica, batch or shed class (no decision action to record), but the
+    # runtime must get it: it goes out with the rest of the tuning (ConfigMap and live push).
+    queue_bound_moved = decided.queue_limits != tuning_now.queue_limits
     reason_text = "; ".join(decision.reasons)[:1000]
     config_tuning: status_models.TuningStatus | None = None
     tuning_event: tuple[str, str] | None = None
@@ -255,14 +259,16 @@ def plan(svc: models.LLMService, spec: policy_spec.PolicySpec, seen: Observation
             f"{decision.max_batch_size} seqs / {decision.max_batch_tokens} tokens, shed "
             f"{list(decision.shed_classes)}: {reason_text}",
         )
-    elif any(a in actions for a in ("batch_grow", "batch_shrink", "shed", "unshed")):
+    elif (queue_bound_moved and not spec.advise) or any(
+        a in actions for a in ("batch_grow", "batch_shrink", "shed", "unshed")
+    ):
         # New pods read the ConfigMap; running pods get the same values pushed live (no restart, _push_live).
         config_tuning = decided
         tuning_event = (
             "Tuned",
-            f"{','.join(actions)}: batch {decision.max_batch_size} seqs / "
-            f"{decision.max_batch_tokens} tokens, shed {list(decision.shed_classes)}: "
-            f"{reason_text}",
+            f"{','.join(actions) or 'queue bound'}: batch {decision.max_batch_size} seqs / "
+            f"{decision.max_batch_tokens} tokens, shed {list(decision.shed_classes)}, queue limits "
+            f"{dict(decision.queue_limits)}: {reason_text}",
         )
     scale_to: int | None = None
     scale_event: tuple[str, str] | None = None

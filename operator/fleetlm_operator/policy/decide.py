@@ -12,8 +12,9 @@ kopf, a Kubernetes client, aiohttp, or collect/act/handlers.
 from __future__ import annotations
 
 import dataclasses
+from collections.abc import Mapping
 
-from fleetlm_operator.policy import batching, costcurve, replicas, shedding, slo, startup
+from fleetlm_operator.policy import batching, costcurve, queuebound, replicas, shedding, slo, startup
 from fleetlm_operator.policy import spec as spec_mod
 from fleetlm_operator.policy import state as state_mod
 from fleetlm_operator.policy import window as window_mod
@@ -33,6 +34,9 @@ class Decision:
     recommended_replicas: int | None  # what this tick's data asked for, before stabilization
     startup_s: float | None = None  # the pods' learnt start-up time (None: no pod seen starting yet)
     loading: startup.Loading | None = None  # the not-ready pods as this tick counted them
+    # Per class, the per-replica queue limit to push as the runtime's qos.classes[].queueLimit (`queuebound`);
+    # a class absent keeps the spec's.
+    queue_limits: Mapping[str, int] = dataclasses.field(default_factory=dict)
 
 
 def current_limits(spec: spec_mod.PolicySpec, state: state_mod.TunerState) -> batching.BatchLimits:
@@ -80,6 +84,7 @@ def decide(
         settling=settling,
     )
     limits = batch.limits
+    bound = queuebound.decide_queue_bound(spec, window, max_batch_size=limits.max_batch_size, held=state.queue_limits)
     assessment = slo.assess(window, spec=spec, ignore_classes=state.shed_classes)
     demand = replicas.estimate_demand(window, tuning=tuning, shed_classes=state.shed_classes)
     demand_up = replicas.estimate_demand(window, tuning=tuning, shed_classes=state.shed_classes, beyond_swing=True)
@@ -124,6 +129,7 @@ def decide(
         reasons.append(f"metrics incomplete: {window.reason}")
     reasons.extend(rep.reasons)
     reasons.extend(batch.reasons)
+    reasons.extend(bound.reasons)
     reasons.extend(shed.reasons)
     reasons.append(
         fitted.describe()
@@ -149,6 +155,7 @@ def decide(
         updated_s=now,
         cost=cost,
         startup=learnt,
+        queue_limits=bound.limits,
     )
     if spec.advise:
         # Nothing of this decision will be applied: carry forward what is in force (the limits, the shed
@@ -170,6 +177,7 @@ def decide(
             last_replicas=state.last_replicas,
             last_scale_s=state.last_scale_s,
             surge=state.surge,
+            queue_limits=state.queue_limits,
         )
     return Decision(
         replicas=rep.replicas,
@@ -184,4 +192,5 @@ def decide(
         recommended_replicas=rep.recommendation,
         startup_s=learnt.mean_s,
         loading=loading,
+        queue_limits=bound.limits,
     )

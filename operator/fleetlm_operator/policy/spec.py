@@ -21,6 +21,7 @@ class ClassSpec:
     sheddable: bool = False
     ttft_s: float | None = None
     tpot_s: float | None = None
+    queue_limit: int | None = None  # the class's own per-replica queue limit (spec queueLimit): a cap on the tuner's
 
 
 @dataclasses.dataclass(frozen=True, slots=True)
@@ -124,6 +125,12 @@ class Tuning:
     # twice or three times the replicas a step needs. Clients that do not retry are then under-counted,
     # and the next tick once the new pods are ready asks for the rest.
     refusal_attempts: float = 3.0
+    # Queue bound in time (`queuebound`): a class's per-replica queue limit is its TTFT target times what a
+    # full replica completes per second, at least `queue_bound_min`; it moves only when the new figure is
+    # more than `queue_bound_band` times (or less than 1/band of) the one in force, so service-time noise
+    # does not push a new runtime config every tick.
+    queue_bound_min: int = 2
+    queue_bound_band: float = 1.5
     # Start-up: pods not ready yet are capacity on its way for `startup_stuck_factor` x the learnt start-up
     # time (creation -> Ready of this service's own pods, smoothed with weight `startup_smoothing` per new
     # pod); `startup_prior_s` stands in until a pod of the service has been seen starting. While pods load,

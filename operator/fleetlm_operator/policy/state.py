@@ -105,6 +105,7 @@ class TunerState:
     updated_s: float | None = None
     cost: CostSums = CostSums()  # the engine's TPOT-vs-batch observations, for the fitted cost curve
     startup: startup_mod.StartupStats = dataclasses.field(default_factory=startup_mod.StartupStats)  # learnt start-up
+    queue_limits: Mapping[str, int] = dataclasses.field(default_factory=dict)  # per class, in force (`queuebound`)
 
     def to_dict(self) -> dict[str, Any]:
         return {
@@ -124,6 +125,7 @@ class TunerState:
             "updatedS": self.updated_s,
             "costCurve": self.cost.to_list(),
             "startup": self.startup.to_dict(),
+            "queueLimits": dict(self.queue_limits),
         }
 
     @classmethod
@@ -162,6 +164,7 @@ class TunerState:
                     if data.get("startup") is not None
                     else startup_mod.StartupStats()
                 ),
+                queue_limits={str(k): int(v) for k, v in dict(data.get("queueLimits") or {}).items()},
             )
         except (TypeError, ValueError) as error:
             raise ValueError(f"malformed tuner state: {error}") from error

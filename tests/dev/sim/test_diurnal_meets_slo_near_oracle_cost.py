@@ -11,7 +11,10 @@ pytestmark = pytest.mark.slow
 
 def test_attainment_meets_the_target(diurnal_run: run.Outcome) -> None:
     assert diurnal_run.attainment >= 0.95
-    assert diurnal_run.num_failed == 0
+    # The queue bound sized in time (`policy.queuebound`) refuses a request that finds its pod's queue holding a
+    # TTFT target's worth of work; a Poisson burst on one pod can refuse the same request three times (it would
+    # have missed its target in a queue of 32 too). A handful in a day, not a fleet that falls behind.
+    assert diurnal_run.num_failed <= 1e-4 * diurnal_run.num_requests
 
 
 def test_replica_minutes_within_a_quarter_of_the_oracle(diurnal_run: run.Outcome) -> None:

@@ -42,8 +42,12 @@ def test_the_routed_run_says_so_and_its_step_refills_on_the_new_pods(step_run: r
     )
     assert (service.router, service.variant) == (False, "fleetlm")
     assert (routed.router, routed.variant) == (True, "fleetlm+router")
-    # Same arrivals, same policy: the router's run recovers from the step sooner (the old pods' queues are
-    # not topped up while the new pods sit half empty).
+    # Same arrivals, same policy: the router's run serves the first interval of the new pods better (the old
+    # pods' queues are not topped up while the new pods sit half empty). Both recover within the #18 bar of 2
+    # intervals since the tuner bounds the queues in time (`policy.queuebound`: the Service's old pods no
+    # longer hold a backlog of 32 each when the new ones turn ready), so the recovery no longer tells them apart.
     assert routed.num_requests == service.num_requests
     assert service.recovery_intervals is not None and routed.recovery_intervals is not None
-    assert routed.recovery_intervals < service.recovery_intervals
+    assert routed.recovery_intervals <= service.recovery_intervals
+    first_served = int(workload.TRACES["step"].step_at_s // service.interval_s) + 2  # pods asked at the step's tick
+    assert routed.interval_attainment[first_served] > service.interval_attainment[first_served]

@@ -63,6 +63,28 @@ def test_queue_limit_refuses_past_the_limit() -> None:
     assert pod.rejected == [2]
 
 
+def test_the_tuners_queue_limits_apply_to_arrivals_from_then_on() -> None:
+    pod = replica.Replica(
+        "r",
+        calib=calibration.GPU_LIKE,
+        class_names=("interactive", "batch"),
+        max_batch_size=1,
+        max_batch_tokens=512,
+        created_s=0.0,
+        ready_s=0.0,
+        sink=lambda seq: None,
+        queue_limit=32,
+    )
+    assert [pod.submit(replica.Seq(0.0, 16, 16, 0), 0.0) for _ in range(4)] == [True] * 4  # 1 running, 3 waiting
+    pod.set_queue_limits([2, None])
+    # The queue already past the new limit keeps what it holds; new arrivals of that class are refused.
+    assert pod.submit(replica.Seq(0.0, 16, 16, 0), 0.0) is False
+    assert pod.num_waiting == 3
+    assert all(pod.submit(replica.Seq(0.0, 16, 16, 1), 0.0) for _ in range(40))  # unbounded class
+    with pytest.raises(ValueError, match="2 classes"):
+        pod.set_queue_limits([2])
+
+
 def test_sim_buckets_mirror_the_runtime_contract() -> None:
     assert replica.TTFT_BUCKETS_S == contract.TTFT_BUCKETS_S
     assert replica.TPOT_BUCKETS_S == contract.ITL_BUCKETS_S

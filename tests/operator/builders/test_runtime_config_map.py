@@ -120,3 +120,20 @@ def test_priority_aging_reaches_the_engine_and_defaults_to_the_runtimes() -> Non
     assert parsed.qos.priority_aging_s == 90.0
     default = config.parse_config(runtime_yaml(configmap.build_config_map(service(MULTICLASS))))
     assert default.qos.priority_aging_s == config.QoSSettings.model_fields["priority_aging_s"].default == 30.0
+
+
+def test_the_tuners_queue_bound_reaches_the_runtime_within_each_classs_own_limit() -> None:
+    # status.tuning.queueLimits (the tuner's bound sized in time) goes out with the class table: the ConfigMap
+    # for pods that start later and the live push (`act.push.live_body` cuts the push out of this config).
+    tuning = models.initial_tuning(service(MULTICLASS).spec).model_copy(
+        update={"queue_limits": {"critical": 5, "batch": 100}}
+    )
+    parsed = config.parse_config(runtime_yaml(configmap.build_config_map(service(MULTICLASS), tuning=tuning)))
+    classes = parsed.qos.by_name()
+    assert classes["critical"].queue_limit == 5
+    assert classes["standard"].queue_limit is None  # no bound from the tuner, none in the spec
+    assert classes["batch"].queue_limit == 64  # the spec's queueLimit caps the tuner's
+    plain = {"model": {"source": "builtin:tiny"}, "slo": {"ttft": "2s"}}
+    tuned = status_models.TuningStatus(queue_limits={configmap.DEFAULT_CLASS_NAME: 3})
+    [only] = config.parse_config(runtime_yaml(configmap.build_config_map(service(plain), tuning=tuned))).qos.classes
+    assert only.queue_limit == 3

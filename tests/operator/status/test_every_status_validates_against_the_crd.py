@@ -179,3 +179,20 @@ def test_a_field_the_crd_does_not_declare_is_refused() -> None:
     assert crd_schema.errors(VALIDATOR, {"decisions": [{"time": "2026-01-01T00:00:00Z", "action": "ScaleUp",
                                                         "reason": "r"}]})  # fmt: skip
     assert crd_schema.errors(VALIDATOR, {"tuning": {"maxBatchSize": 0}})
+
+
+def test_the_tuners_queue_bounds_survive_the_reconcile_for_classes_that_exist() -> None:
+    # status.tuning.queueLimits is what the pods were pushed: the reconcile renders it again (ConfigMap), for
+    # classes still in the spec, never above a class's queueLimit as edited since.
+    svc = _service(
+        qos={
+            "classes": [{"name": "critical", "priority": 10}, {"name": "batch", "priority": 1, "queueLimit": 4}],
+            "defaultClass": "critical",
+        }
+    )
+    body = svc.model_dump(by_alias=True, exclude_none=True, mode="json")
+    body["status"] = {"tuning": {"queueLimits": {"critical": 6, "batch": 9, "gone": 3}}}
+    tuning = reconcile.current_tuning(models.load_stored(body))
+    assert tuning.queue_limits == {"critical": 6, "batch": 4}
+    _valid({"tuning": status_models.status_json(tuning)})
+    assert crd_schema.errors(VALIDATOR, {"tuning": {"queueLimits": {"critical": "six"}}})
