@@ -50,6 +50,15 @@ def full_batch_rate(window: window_mod.ObservedWindow, *, max_batch_size: int, t
     return max_batch_size / full_service_s
 
 
+def bounded(qos_class: spec_mod.ClassSpec, *, num_classes: int) -> bool:
+    """Whether the tuner bounds this class's queue. Where a service has classes, only the sheddable ones: the
+    others queue, as the Gateway API Inference Extension's Critical and Standard requests do under saturation
+    (only Sheddable ones are dropped), and a user who marked a class not sheddable expects its requests served,
+    late if need be, not refused (the demo's standard class, e2e b). A service with one class has nobody else
+    to protect: refusing what would wait past the target keeps it for those already waiting."""
+    return num_classes == 1 or qos_class.sheddable
+
+
 def decide_queue_bound(
     spec: spec_mod.PolicySpec,
     window: window_mod.ObservedWindow,
@@ -65,9 +74,10 @@ def decide_queue_bound(
         return QueueBound(limits=dict(held), reasons=())
     limits: dict[str, int] = {}
     moved: list[str] = []
-    for qos_class in spec.classes or (spec_mod.ClassSpec(name=DEFAULT_CLASS_NAME),):
+    classes = spec.classes or (spec_mod.ClassSpec(name=DEFAULT_CLASS_NAME),)
+    for qos_class in classes:
         ttft_s, _ = spec.targets_for(qos_class.name)
-        if ttft_s is None:
+        if ttft_s is None or not bounded(qos_class, num_classes=len(classes)):
             continue
         wanted = max(tuning.queue_bound_min, round(ttft_s * rate))
         if qos_class.queue_limit is not None:

@@ -90,12 +90,32 @@ def test_without_a_service_time_or_enough_finishes_the_bound_in_force_stays(
 def test_classes_without_a_ttft_target_keep_the_specs_queue_limit(make_spec: MakeSpec, make_window: MakeWindow) -> None:
     spec = make_spec(
         slo=spec_mod.SLOTargets(ttft_s=None, tpot_s=0.05, percentile=95.0),
-        classes=(spec_mod.ClassSpec("interactive", ttft_s=0.25), spec_mod.ClassSpec("batch")),
+        classes=(
+            spec_mod.ClassSpec("interactive", ttft_s=0.25, sheddable=True),
+            spec_mod.ClassSpec("batch", sheddable=True),
+        ),
     )
     observed = make_window(pods=4, running_per_pod=30.0, service_s=4.0)
     bound = queuebound.decide_queue_bound(spec, observed, max_batch_size=64, held={})
     rate = _rate(4.0, 30.0, 64, spec.tuning.batch_half_cost_seqs)
     assert bound.limits == {"interactive": round(0.25 * rate)}
+
+
+def test_with_several_classes_only_the_sheddable_ones_are_bounded(make_spec: MakeSpec, make_window: MakeWindow) -> None:
+    """Critical and standard requests queue (the Inference Extension drops only Sheddable ones under saturation):
+    the demo's standard class must be served, late if need be; a lone class has nobody else to protect."""
+    classes = (
+        spec_mod.ClassSpec("critical", priority=0),
+        spec_mod.ClassSpec("standard", priority=1),
+        spec_mod.ClassSpec("sheddable", priority=2, sheddable=True),
+    )
+    spec = make_spec(classes=classes)
+    observed = make_window(pods=4, running_per_pod=30.0, service_s=4.0)
+    bound = queuebound.decide_queue_bound(spec, observed, max_batch_size=64, held={})
+    rate = _rate(4.0, 30.0, 64, spec.tuning.batch_half_cost_seqs)
+    assert bound.limits == {"sheddable": round(spec.slo.ttft_s * rate)}  # type: ignore[operator]
+    lone = make_spec(classes=(spec_mod.ClassSpec("standard", priority=1),))
+    assert set(queuebound.decide_queue_bound(lone, observed, max_batch_size=64, held={}).limits) == {"standard"}
 
 
 def test_the_bound_survives_an_operator_restart_and_advice_applies_none(
