@@ -1,7 +1,12 @@
 """Scenario b: overload at max replicas with critical, standard and sheddable traffic (classes from API keys).
 
-The service runs at its maximum of two replicas; the load is 1.3x what both serve together, 25% of it
-critical, 25% standard and 50% sheddable, so that once sheddable is shed the rest is 0.65x capacity.
+The service runs at its maximum of two replicas; the load is 1.3x what both serve together, 20% of it
+critical, 20% standard and 60% sheddable, so that once sheddable is shed the rest is 0.52x capacity. It was
+25/25/50 (a rest of 0.65x) until a CI-equivalent run where the probe said 60 req/s and the replicas then
+served 42 under the load (this machine's speed drifts by 20-30% within a minute: probes of one replica
+gave 20 to 49 req/s): the rest was the whole capacity, standard waited 7.5 s at p90 (15 preemptions/s),
+and a request failed otherwise than with 429 (the assertion then printed the refusals first; it now prints
+the failed requests).
 
 The capacity is measured first, both replicas at once (on a shared machine less than twice one), with
 critical and standard streams in turn, four times as many as a batch holds: the queue stays deep and
@@ -43,7 +48,7 @@ JUDGED_S = 25.0  # seconds of load judged
 DURATION_S = 20.0  # the load's rate is reported over its first seconds
 MAX_DURATION_S = 60.0
 OVERLOAD = 1.3  # times what both replicas serve together
-MIX = (("critical", 0.25), ("standard", 0.25), ("sheddable", 0.5))
+MIX = (("critical", 0.2), ("standard", 0.2), ("sheddable", 0.6))
 BATCH = 4  # maxBatchSize, fixed
 PROBE_STREAMS = 4 * BATCH  # per replica: the queue stays deep, as once an overload has built a backlog
 
@@ -152,7 +157,8 @@ def test_overload_sheds_sheddable_keeps_critical_serves_standard(
     print(f"b figures: {figures}")
 
     assert not [r for r in load.records if r.status >= 500], "a request got a 5xx"
-    assert all(r.success or r.status == 429 for r in load.records), [r.error for r in load.records if not r.success]
+    failed = [r for r in load.records if not r.success and r.status != 429]
+    assert not failed, [(r.qos_class, r.status, round(r.start_s - load.began_s, 1), r.error[:120]) for r in failed][:5]
     shed = [r for r in by_class["sheddable"] if r.status == 429]
     assert shed, f"no sheddable request was shed at {OVERLOAD}x the service's capacity"
     assert all(r.retry_after and int(r.retry_after) >= 1 for r in shed)
