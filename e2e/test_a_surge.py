@@ -113,8 +113,8 @@ def test_surge_scales_out_recovers_the_slo_and_scales_back(
         if "surge" not in ends:
             if "ready" not in ends:
                 calibrate(t)
-            if "ready" not in ends and last and last.desired >= 2 and last.ready >= last.desired:
-                ends["ready"] = t
+                if last and last.desired >= 2 and last.ready >= last.desired:
+                    ends["ready"] = t
             if ("ready" in ends and t >= ends["ready"] + JUDGED * INTERVAL_S) or t >= MAX_SURGE_S:
                 ends["surge"] = t
         elif "min" not in ends and last and last.desired == 1 and last.t_s - load.began_s > ends["surge"]:

@@ -16,10 +16,8 @@ import yaml
 
 from fleetlm_operator.api import fields, models, spec_models, status_models
 from fleetlm_operator.builders import meta, model_cache
+from fleetlm_operator.policy.spec import DEFAULT_CLASS_NAME  # of requests when none are named
 from fleetlm_runtime import config, contract
-
-# The class every request belongs to when spec.qos.classes is empty.
-DEFAULT_CLASS_NAME = "default"
 
 
 def _targets(ttft: str | None, tpot: str | None) -> dict[str, float]:

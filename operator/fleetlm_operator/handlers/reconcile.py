@@ -37,6 +37,7 @@ from fleetlm_operator.builders import (
 )
 from fleetlm_operator.handlers import context
 from fleetlm_operator.handlers import model_cache as model_cache_handler
+from fleetlm_operator.policy import spec as policy_spec
 from fleetlm_operator.status import conditions, summary
 from fleetlm_operator.status import model_cache as model_cache_status
 
@@ -83,7 +84,7 @@ def current_tuning(svc: models.LLMService) -> status_models.TuningStatus:
     queue_limits = {
         name: min(limit, caps.get(name) or limit)
         for name, limit in stored.queue_limits.items()
-        if name in class_names or (not class_names and name == configmap.DEFAULT_CLASS_NAME)
+        if name in class_names or (not class_names and name == policy_spec.DEFAULT_CLASS_NAME)
     }
     return status_models.TuningStatus(
         max_batch_size=size,

@@ -25,9 +25,6 @@ from collections.abc import Mapping
 from fleetlm_operator.policy import spec as spec_mod
 from fleetlm_operator.policy import window as window_mod
 
-# The class every request belongs to when the spec names none (the runtime config's default class).
-DEFAULT_CLASS_NAME = "default"
-
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class QueueBound:
@@ -74,7 +71,7 @@ def decide_queue_bound(
         return QueueBound(limits=dict(held), reasons=())
     limits: dict[str, int] = {}
     moved: list[str] = []
-    classes = spec.classes or (spec_mod.ClassSpec(name=DEFAULT_CLASS_NAME),)
+    classes = spec.classes or (spec_mod.ClassSpec(name=spec_mod.DEFAULT_CLASS_NAME),)
     for qos_class in classes:
         ttft_s, _ = spec.targets_for(qos_class.name)
         if ttft_s is None or not bounded(qos_class, num_classes=len(classes)):

@@ -11,6 +11,10 @@ from __future__ import annotations
 import dataclasses
 import math
 
+# The class every request belongs to when the spec names none (the runtime config's default class; the
+# ConfigMap builder renders it under this name).
+DEFAULT_CLASS_NAME = "default"
+
 
 @dataclasses.dataclass(frozen=True, slots=True)
 class ClassSpec:
