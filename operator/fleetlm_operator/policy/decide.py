@@ -74,6 +74,29 @@ def decide(
     # loading do not count: they serve nothing, so the window's misses are of the fleet as it is.
     just_ready = any(p.ready_for_s is not None and p.ready_for_s < 2 * spec.interval_s for p in policy_input.started)
     settling = just_ready or window.num_pods_with_delta < window.num_pods_sampled
+    assessment = slo.assess(window, spec=spec, ignore_classes=state.shed_classes)
+    demand = replicas.estimate_demand(window, tuning=tuning, shed_classes=state.shed_classes)
+    demand_up = replicas.estimate_demand(window, tuning=tuning, shed_classes=state.shed_classes, beyond_swing=True)
+
+    def replicas_for_size(max_batch_size: int) -> replicas.ReplicaDecision:
+        return replicas.decide_replicas(
+            policy_input,
+            window,
+            demand=demand,
+            assessment=assessment,
+            max_batch_size=max_batch_size,
+            recommendations=state.recommendations,
+            history_start_s=state.history_start_s,
+            shedding=bool(state.shed_classes),
+            now=now,
+            loading=loading,
+            surge=state.surge,
+            demand_up=demand_up,
+        )
+
+    # The replica rule at the limits in force first: where it adds pods, the batch rule leaves a TPOT miss
+    # to them. The replica decision stands where the batch size stays; a new size re-runs it on that size.
+    rep_at_held = replicas_for_size(held.max_batch_size)
     batch = batching.decide_batch_limits(
         spec,
         window,
@@ -82,26 +105,11 @@ def decide(
         direction=state.batch_direction,
         now=now,
         settling=settling,
+        adding_replicas=rep_at_held.replicas > policy_input.current_replicas,
     )
     limits = batch.limits
+    rep = rep_at_held if limits.max_batch_size == held.max_batch_size else replicas_for_size(limits.max_batch_size)
     bound = queuebound.decide_queue_bound(spec, window, max_batch_size=limits.max_batch_size, held=state.queue_limits)
-    assessment = slo.assess(window, spec=spec, ignore_classes=state.shed_classes)
-    demand = replicas.estimate_demand(window, tuning=tuning, shed_classes=state.shed_classes)
-    demand_up = replicas.estimate_demand(window, tuning=tuning, shed_classes=state.shed_classes, beyond_swing=True)
-    rep = replicas.decide_replicas(
-        policy_input,
-        window,
-        demand=demand,
-        assessment=assessment,
-        max_batch_size=limits.max_batch_size,
-        recommendations=state.recommendations,
-        history_start_s=state.history_start_s,
-        shedding=bool(state.shed_classes),
-        now=now,
-        loading=loading,
-        surge=state.surge,
-        demand_up=demand_up,
-    )
 
     load_at_max_with_shed: float | None = None
     if state.shed_classes:

@@ -141,3 +141,16 @@ def test_limit_for_running_inverts_the_occupancy_band() -> None:
         slots = replicas.band(max_batch_size=limit, tuning=tuning).target * limit
         above = replicas.band(max_batch_size=limit + 1, tuning=tuning).target * (limit + 1)
         assert slots <= running + 1e-9 < above, (running, limit, slots, above)
+
+
+def test_a_tpot_miss_while_the_replica_rule_adds_pods_holds_the_limit(
+    make_spec: MakeSpec, make_window: MakeWindow
+) -> None:
+    common = {"spec": make_spec(), "current": batching.BatchLimits(64, 4096), "changed_s": None, "direction": 0}
+    miss = {**MISS, "running_per_pod": 60.0}
+    adding = batching.decide_batch_limits(window=make_window(**miss), now=NOW, adding_replicas=True, **common)
+    assert adding.limits == batching.BatchLimits(64, 4096)
+    assert adding.direction == 0
+    assert any("while the replica rule adds pods" in r for r in adding.reasons), adding.reasons
+    alone = batching.decide_batch_limits(window=make_window(**miss), now=NOW, **common)
+    assert alone.limits == batching.BatchLimits(48, 3072)

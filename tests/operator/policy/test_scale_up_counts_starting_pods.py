@@ -96,3 +96,31 @@ def test_scale_up_is_capped_at_max_replicas(make_spec: MakeSpec, make_window: Ma
         now=1000.0,
     )
     assert decision.replicas == 6
+
+
+@pytest.mark.parametrize("max_replicas", [64, 4], ids=["room-to-grow", "at-max"])
+def test_a_tpot_miss_on_an_overloaded_fleet_adds_pods_and_keeps_the_batch(
+    make_spec: MakeSpec, make_window: MakeWindow, max_replicas: int
+) -> None:
+    # Near-full batches on every pod, no queue yet, TPOT missed deeply: the pods are too few. The replica rule
+    # adds pods and the batch rule leaves the miss to them (cutting both sized the new fleet for a smaller
+    # batch). At max replicas no pod comes, and the batch rule answers as before.
+    spec = make_spec(max_replicas=max_replicas)
+    observed = make_window(
+        pods=4, running_per_pod=62.0, arrival_per_s=80.0, service_s=4.0, tpot_attainment=0.8, tpot_mean_s=0.06
+    )
+    held = batching_limits(spec)
+    decision = decide.decide(
+        spec_mod.PolicyInput(spec, current_replicas=4, ready_replicas=4), observed, state.TunerState(), now=1000.0
+    )
+    if max_replicas > 4:
+        assert decision.replicas > 4
+        assert (decision.max_batch_size, decision.max_batch_tokens) == held
+        assert any("while the replica rule adds pods" in r for r in decision.reasons), decision.reasons
+    else:
+        assert decision.replicas == 4
+        assert decision.max_batch_size < held[0]
+
+
+def batching_limits(spec: spec_mod.PolicySpec) -> tuple[int, int]:
+    return spec.batching.max_batch_size, spec.batching.max_batch_tokens
