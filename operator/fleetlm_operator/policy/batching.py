@@ -57,8 +57,9 @@ def decide_batch_limits(  # noqa: PLR0911, PLR0912 - a ladder of rules in priori
 ) -> BatchDecision:
     """The batch limits for the next interval, with the numbers that chose them.
 
-    `settling`: pods just turned ready; `adding_replicas`: the replica rule adds pods this tick. Either way
-    a TPOT miss is the fleet's as it was, and the batch limits hold.
+    `settling`: pods just turned ready; `adding_replicas`: the replica rule adds pods this tick, enough to
+    cure the miss (`pods_relieve_tpot`). Either way a TPOT miss is the fleet's as it was, and the batch
+    limits hold.
     """
     batching, tuning = spec.batching, spec.tuning
     if not batching.autotune:
@@ -274,6 +275,24 @@ def _shrink(
 
 def _hold_why(cut: str) -> str:
     return "" if cut.startswith(_MARGINAL) else " at the lower bounds"
+
+
+def pods_relieve_tpot(
+    spec: spec_mod.PolicySpec, window: window_mod.ObservedWindow, *, replicas_now: int, replicas_next: int
+) -> bool:
+    """Whether the pods the replica rule adds bring the mean TPOT under `scale_down_tpot_headroom` of the
+    target, along the cost curve: the running batch per pod falls by replicas_now / replicas_next and a
+    step costs t0 (1 + b/h). Batches too slow per token at any load the new fleet gives them (a TPOT many
+    times the target) are the batch rule's to cut, pods or not.
+    """
+    target_s, tpot_mean_s = spec.slo.tpot_s, window.tpot_mean_s
+    running = window.mean_running_per_pod if window.mean_running_per_pod is not None else window.running_per_pod
+    if replicas_next <= replicas_now or replicas_now <= 0 or target_s is None or tpot_mean_s is None or running is None:
+        return False
+    half = spec.tuning.batch_half_cost_seqs
+    after = running * replicas_now / replicas_next
+    predicted_s = tpot_mean_s * (1.0 + after / half) / (1.0 + running / half)
+    return predicted_s <= spec.tuning.scale_down_tpot_headroom * target_s
 
 
 def limit_for_running(running: float, *, tuning: spec_mod.Tuning) -> int:

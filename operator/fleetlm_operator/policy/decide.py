@@ -94,8 +94,9 @@ def decide(
             demand_up=demand_up,
         )
 
-    # The replica rule at the limits in force first: where it adds pods, the batch rule leaves a TPOT miss
-    # to them. The replica decision stands where the batch size stays; a new size re-runs it on that size.
+    # The replica rule at the limits in force first: where the pods it adds bring the mean TPOT back under
+    # target, the batch rule leaves a TPOT miss to them. The replica decision stands where the batch size
+    # stays; a new size re-runs it on that size.
     rep_at_held = replicas_for_size(held.max_batch_size)
     batch = batching.decide_batch_limits(
         spec,
@@ -105,7 +106,9 @@ def decide(
         direction=state.batch_direction,
         now=now,
         settling=settling,
-        adding_replicas=rep_at_held.replicas > policy_input.current_replicas,
+        adding_replicas=batching.pods_relieve_tpot(
+            spec, window, replicas_now=policy_input.current_replicas, replicas_next=rep_at_held.replicas
+        ),
     )
     limits = batch.limits
     rep = rep_at_held if limits.max_batch_size == held.max_batch_size else replicas_for_size(limits.max_batch_size)

@@ -98,29 +98,29 @@ def test_scale_up_is_capped_at_max_replicas(make_spec: MakeSpec, make_window: Ma
     assert decision.replicas == 6
 
 
-@pytest.mark.parametrize("max_replicas", [64, 4], ids=["room-to-grow", "at-max"])
+@pytest.mark.parametrize(
+    ("max_replicas", "tpot_mean_s", "batch_holds"),
+    [(64, 0.055, True), (4, 0.055, False), (64, 0.3, False)],
+    ids=["pods-relieve-it", "at-max", "too-slow-for-pods"],
+)
 def test_a_tpot_miss_on_an_overloaded_fleet_adds_pods_and_keeps_the_batch(
-    make_spec: MakeSpec, make_window: MakeWindow, max_replicas: int
+    make_spec: MakeSpec, make_window: MakeWindow, max_replicas: int, tpot_mean_s: float, batch_holds: bool
 ) -> None:
-    # Near-full batches on every pod, no queue yet, TPOT missed deeply: the pods are too few. The replica rule
-    # adds pods and the batch rule leaves the miss to them (cutting both sized the new fleet for a smaller
-    # batch). At max replicas no pod comes, and the batch rule answers as before.
+    # Near-full batches on every pod, no queue yet, TPOT missed: the pods are too few. The replica rule adds
+    # pods and, where they bring the mean TPOT back under target along the cost curve, the batch rule leaves
+    # the miss to them (cutting both sized the new fleet for a smaller batch). At max replicas no pod comes,
+    # and a TPOT many times the target is too slow at any load the new pods leave: the batch rule cuts.
     spec = make_spec(max_replicas=max_replicas)
     observed = make_window(
-        pods=4, running_per_pod=62.0, arrival_per_s=80.0, service_s=4.0, tpot_attainment=0.8, tpot_mean_s=0.06
+        pods=4, running_per_pod=62.0, arrival_per_s=80.0, service_s=4.0, tpot_attainment=0.8, tpot_mean_s=tpot_mean_s
     )
-    held = batching_limits(spec)
+    held = spec.batching.max_batch_size, spec.batching.max_batch_tokens
     decision = decide.decide(
         spec_mod.PolicyInput(spec, current_replicas=4, ready_replicas=4), observed, state.TunerState(), now=1000.0
     )
-    if max_replicas > 4:
-        assert decision.replicas > 4
+    assert (decision.replicas > 4) == (max_replicas > 4)
+    if batch_holds:
         assert (decision.max_batch_size, decision.max_batch_tokens) == held
         assert any("while the replica rule adds pods" in r for r in decision.reasons), decision.reasons
     else:
-        assert decision.replicas == 4
         assert decision.max_batch_size < held[0]
-
-
-def batching_limits(spec: spec_mod.PolicySpec) -> tuple[int, int]:
-    return spec.batching.max_batch_size, spec.batching.max_batch_tokens
