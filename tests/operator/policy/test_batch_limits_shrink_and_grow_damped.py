@@ -119,17 +119,24 @@ def test_limits_outside_new_bounds_are_clamped_at_once(make_spec: MakeSpec, make
     assert decision.limits.max_batch_size == 64
 
 
-def test_a_tpot_miss_while_new_pods_settle_holds_the_limit(make_spec: MakeSpec, make_window: MakeWindow) -> None:
+@pytest.mark.parametrize(
+    ("flag", "why"),
+    [("settling", "from before the new pods served"), ("adding_replicas", "while the replica rule adds pods")],
+)
+def test_a_tpot_miss_while_new_pods_settle_or_come_holds_the_limit(
+    make_spec: MakeSpec, make_window: MakeWindow, flag: str, why: str
+) -> None:
     # Just after a scale-up the queue is short (the new pods took it) but the window's misses are of the
     # requests the overloaded fleet ran before them: shrinking then cut the limit the fleet was sized for.
+    # Likewise on the tick the replica rule adds pods that relieve the miss: one cure at a time.
     common = {"spec": make_spec(), "current": batching.BatchLimits(64, 4096), "changed_s": None, "direction": 0}
     miss = {**MISS, "running_per_pod": 60.0}  # near-full batches: the smaller size would bind
-    settling = batching.decide_batch_limits(window=make_window(**miss), now=NOW, settling=True, **common)
-    assert settling.limits == batching.BatchLimits(64, 4096)
-    assert settling.direction == 0
-    assert any("from before the new pods served" in r for r in settling.reasons), settling.reasons
-    settled = batching.decide_batch_limits(window=make_window(**miss), now=NOW, **common)
-    assert settled.limits == batching.BatchLimits(48, 3072)
+    held = batching.decide_batch_limits(window=make_window(**miss), now=NOW, **{flag: True}, **common)
+    assert held.limits == batching.BatchLimits(64, 4096)
+    assert held.direction == 0
+    assert any(why in r for r in held.reasons), held.reasons
+    alone = batching.decide_batch_limits(window=make_window(**miss), now=NOW, **common)
+    assert alone.limits == batching.BatchLimits(48, 3072)
 
 
 def test_limit_for_running_inverts_the_occupancy_band() -> None:
@@ -141,16 +148,3 @@ def test_limit_for_running_inverts_the_occupancy_band() -> None:
         slots = replicas.band(max_batch_size=limit, tuning=tuning).target * limit
         above = replicas.band(max_batch_size=limit + 1, tuning=tuning).target * (limit + 1)
         assert slots <= running + 1e-9 < above, (running, limit, slots, above)
-
-
-def test_a_tpot_miss_while_the_replica_rule_adds_pods_holds_the_limit(
-    make_spec: MakeSpec, make_window: MakeWindow
-) -> None:
-    common = {"spec": make_spec(), "current": batching.BatchLimits(64, 4096), "changed_s": None, "direction": 0}
-    miss = {**MISS, "running_per_pod": 60.0}
-    adding = batching.decide_batch_limits(window=make_window(**miss), now=NOW, adding_replicas=True, **common)
-    assert adding.limits == batching.BatchLimits(64, 4096)
-    assert adding.direction == 0
-    assert any("while the replica rule adds pods" in r for r in adding.reasons), adding.reasons
-    alone = batching.decide_batch_limits(window=make_window(**miss), now=NOW, **common)
-    assert alone.limits == batching.BatchLimits(48, 3072)
