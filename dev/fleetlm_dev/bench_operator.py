@@ -67,7 +67,7 @@ def run(*, plane: cluster.ControlPlane, count: int, timeout_s: float) -> dict[st
     namespace = "bench-operator"
     plane.kubectl("create", "namespace", namespace, check=False)
     plane.kubectl("apply", "--server-side", "-f", str(paths.repo_root() / "crds" / "llmservices.fleetlm.dev.yaml"))
-    plane.kubectl("wait", "--for=condition=Established", "crd/llmservices.fleetlm.dev", "--timeout=60s")
+    plane.wait_established("crd/llmservices.fleetlm.dev")
     log_path = plane.directory / "logs" / "bench-operator.log"
     log_path.parent.mkdir(parents=True, exist_ok=True)
     env = {

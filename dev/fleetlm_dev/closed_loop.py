@@ -63,17 +63,7 @@ def install_crd(plane: cluster.ControlPlane) -> None:
 
     plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", "-",
                   input=crdgen.dump_yaml(crdgen.render_crd()))  # fmt: skip
-    # Right after the apply the CRD may have no conditions yet, and `kubectl wait` then fails at once
-    # ("accessor error") instead of waiting: ask again until it is Established.
-    deadline = time.monotonic() + 60
-    while True:
-        waited = plane.kubectl("wait", "--for=condition=Established", "crd/llmservices.fleetlm.dev",
-                               "--timeout=60s", check=False)  # fmt: skip
-        if waited.returncode == 0:
-            return
-        if time.monotonic() > deadline:
-            raise cluster.ClusterError(f"the LLMService CRD was not Established in 60s: {waited.stderr.strip()}")
-        time.sleep(0.5)
+    plane.wait_established("crd/llmservices.fleetlm.dev")
 
 
 # --------------------------------------------------------------------------------------------------

@@ -92,6 +92,19 @@ class ControlPlane:
             raise ClusterError(f"kubectl {' '.join(args)} failed ({proc.returncode}): {proc.stderr.strip()}")
         return proc
 
+    def wait_established(self, crd: str, *, timeout_s: float = 60.0) -> None:
+        """Until the CRD `crd` (e.g. `crd/llmservices.fleetlm.dev`) is Established. Right after its apply it
+        may have no conditions yet, and `kubectl wait` then fails at once ("accessor error", seen in CI)
+        instead of waiting: ask again until it holds."""
+        deadline = time.monotonic() + timeout_s
+        while True:
+            waited = self.kubectl("wait", "--for=condition=Established", crd, f"--timeout={timeout_s:g}s", check=False)
+            if waited.returncode == 0:
+                return
+            if time.monotonic() > deadline:
+                raise ClusterError(f"{crd} was not Established in {timeout_s:g}s: {waited.stderr.strip()}")
+            time.sleep(0.5)
+
     def helm(self, *args: str, check: bool = True, timeout: float = 300) -> subprocess.CompletedProcess[str]:
         """Run the helm built from its Go module against this control plane, with private helm dirs."""
         helm_home = self.directory / "helm"

@@ -25,7 +25,7 @@ CRD_PATH = REPO_ROOT / "crds" / "llmservices.fleetlm.dev.yaml"
 @pytest.fixture(scope="session")
 def llmservice_crd(control_plane: cluster.ControlPlane) -> pathlib.Path:
     control_plane.kubectl("apply", "--server-side", "--force-conflicts", "-f", str(CRD_PATH))
-    control_plane.kubectl("wait", "--for=condition=Established", "crd/llmservices.fleetlm.dev", "--timeout=60s")
+    control_plane.wait_established("crd/llmservices.fleetlm.dev")
     return CRD_PATH
 
 
